@@ -1,0 +1,9 @@
+"""lrpc: compile a transformer (ONNX or torch) into an ONNX explainer that computes AttnLRP relevance."""
+
+__version__ = "0.1.0"
+
+from lrpc.errors import LrpcError  # noqa: E402
+from lrpc.compiler import compile, plan_model  # noqa: E402,A004
+from lrpc.runtime import Explainer, Explanation  # noqa: E402
+
+__all__ = ["compile", "plan_model", "Explainer", "Explanation", "LrpcError", "__version__"]

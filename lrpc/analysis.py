@@ -1,0 +1,99 @@
+"""Which tensors carry relevance, and where each attributed input enters the graph.
+
+A tensor carries relevance when it depends differentiably on an attributed input: the output of
+an embedding lookup on token ids, or a float model input (DESIGN.md, "analyse"). Weights, masks,
+positions, shapes and rotary tables do not: for the rules they are constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from lrpc.errors import LrpcError
+from lrpc.graph import const_array, is_float
+
+# Ops whose float outputs have zero derivative: they never pass relevance on.
+NON_DIFFERENTIABLE = {
+    "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
+    "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
+    "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
+    "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "Mod", "TopK_indices",
+}
+# Ops that carry integer ids unchanged in value from a model input to an embedding lookup.
+ID_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity", "Expand", "CastLike"}
+
+
+@dataclass
+class Attribution:
+    """One attributed model input and the tensors whose relevance becomes its relevance."""
+
+    input: ir.Value
+    kind: str  # "token": ids feeding embedding lookups; "float": the input itself
+    points: list[ir.Value] = field(default_factory=list)
+
+
+def embedding_lookups(graph: ir.Graph, ids: ir.Value) -> list[ir.Value]:
+    """Outputs of the Gathers from a float constant table reached from `ids` along an id path."""
+    found, frontier, seen = [], [ids], set()
+    while frontier:
+        value = frontier.pop()
+        for node, index in value.uses():
+            if node in seen:
+                continue
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
+                table = node.inputs[0]
+                if is_float(table) and const_array_is_known(table):
+                    seen.add(node)
+                    found.append(node.outputs[0])
+            elif node.op_type in ID_PATH_OPS and index == 0 and node.domain in ("", "ai.onnx"):
+                seen.add(node)
+                frontier.append(node.outputs[0])
+    return found
+
+
+def const_array_is_known(value: ir.Value) -> bool:
+    """True for initializers (inline or external) and Constant outputs, without reading the data."""
+    if value.is_initializer() or value.const_value is not None:
+        return True
+    return value.producer() is not None and value.producer().op_type == "Constant" and const_array(value) is not None
+
+
+def find_attributions(graph: ir.Graph, names: list[str] | None = None) -> list[Attribution]:
+    """Every float input and every integer input feeding an embedding lookup, or exactly `names`."""
+    by_name = {v.name: v for v in graph.inputs}
+    if names:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise LrpcError(f"--attribute names unknown input(s) {', '.join(unknown)}; the model's inputs are "
+                            f"{', '.join(by_name)}")
+        candidates = [by_name[n] for n in names]
+    else:
+        candidates = [v for v in graph.inputs if not v.is_initializer()]
+    attributions = []
+    for value in candidates:
+        if is_float(value):
+            attributions.append(Attribution(value, "float", [value]))
+            continue
+        points = embedding_lookups(graph, value)
+        if points:
+            attributions.append(Attribution(value, "token", points))
+        elif names:
+            raise LrpcError(f"input '{value.name}' is neither a float input nor token ids feeding an embedding "
+                            "lookup, so it carries no relevance; drop it from --attribute")
+    if not attributions:
+        raise LrpcError("no input can be attributed: the model has no float input and no token ids feeding an "
+                        "embedding table (a Gather from a float initializer); name one with --attribute")
+    return attributions
+
+
+def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Value] = frozenset()) -> set[ir.Value]:
+    """Forward closure: float outputs of differentiable ops with a carrying input. `cut` values are constants."""
+    carrying = set(sources)
+    for node in graph:  # graph nodes are kept in topological order
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        if any(i is not None and i in carrying for i in node.inputs):
+            carrying.update(o for o in node.outputs if is_float(o) and o not in cut)
+    return carrying

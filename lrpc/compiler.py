@@ -1,0 +1,138 @@
+"""The pipeline: load → canonicalise → analyse → assign rules → emit relevance → optimise → save."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from lrpc import __version__, contract
+from lrpc.analysis import find_attributions, relevance_carrying
+from lrpc.canonicalize import canonicalize
+from lrpc.emitter import Emitter
+from lrpc.errors import LrpcError
+from lrpc.graph import Builder
+from lrpc.loading import check_writable, read_proto, save_model, to_ir
+from lrpc.plan import Plan
+from lrpc.presets import Options, assign_rules
+
+ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
+
+
+def load(model) -> ir.Model:
+    """Any accepted model form → canonical onnx-ir model (opset ≥ 18, shapes inferred, nodes sorted)."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        proto, base = read_proto(path), path.parent
+    elif isinstance(model, onnx.ModelProto):
+        proto, base = model, None
+    elif isinstance(model, ir.Model):
+        proto, base = ir.to_proto(model), None
+    else:
+        raise LrpcError(f"cannot compile a {type(model).__name__}: pass an ONNX path, an onnx.ModelProto, or a "
+                        "torch.nn.Module with example_inputs")
+    if contract.read_metadata({p.key: p.value for p in proto.metadata_props}) is not None:
+        raise LrpcError("this model is already an lrpc explainer; compile the original model instead")
+    ir_model = to_ir(canonicalize(proto), base)
+    ir_model.graph.sort()
+    return ir_model
+
+
+def analyse_and_plan(ir_model: ir.Model, preset: str, attribute=None, options: Options = Options()):
+    graph = ir_model.graph
+    attributions = find_attributions(graph, attribute)
+    sources = {p for a in attributions for p in a.points}
+    carrying = relevance_carrying(graph, sources)
+    plan = assign_rules(graph, carrying, preset, options)
+    if plan.cut:
+        carrying = relevance_carrying(graph, sources, plan.cut)
+    return attributions, carrying, plan
+
+
+def plan_model(model, preset: str = "attnlrp", attribute=None, options: Options = Options()) -> Plan:
+    """The rule assignment alone (what `lrpc plan` prints), without emitting anything."""
+    ir_model = load(model)
+    return analyse_and_plan(ir_model, preset, attribute, options)[2]
+
+
+def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name: str | None = None,
+                    attribute: list[str] | None = None, seed: str = "target", latent: str | None = None,
+                    options: Options = Options()) -> ir.Model:
+    graph = ir_model.graph
+    y = contract.explained_output(graph, output_name)
+    attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
+    if y not in carrying:
+        raise LrpcError(f"output '{y.name}' does not depend on any attributed input "
+                        f"({', '.join(a.input.name for a in attributions)}); choose another --output or --attribute")
+    latents = _latent_tensors(graph, carrying, latent)
+    b = Builder(graph)
+    emitter = Emitter(graph, plan, carrying, b)
+    wanted = {p for a in attributions for p in a.points} | set(latents)
+    grads = emitter.run({y: contract.seed(graph, b, y, seed)}, wanted)
+    for a in attributions:
+        contract.add_output(graph, b, contract.relevance_of(b, emitter, a, grads),
+                            contract.RELEVANCE_PREFIX + a.input.name, list(a.input.shape or []))
+    for value in latents:
+        contract.add_output(graph, b, contract.latent_relevance(b, emitter, value, grads),
+                            contract.RELEVANCE_PREFIX + value.name, list(value.shape or []))
+    _optimise(ir_model)
+    contract.write_metadata(ir_model, {
+        "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
+        "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
+        "latent": [v.name for v in latents],
+        "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
+    })
+    return ir_model
+
+
+def _latent_tensors(graph: ir.Graph, carrying: set[ir.Value], pattern: str | None) -> list[ir.Value]:
+    if not pattern:
+        return []
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise LrpcError(f"--latent {pattern!r} is not a valid regular expression ({exc})") from None
+    found = [v for node in graph for v in node.outputs if v in carrying and v.name and regex.search(v.name)]
+    if not found:
+        raise LrpcError(f"--latent {pattern!r} matches no relevance-carrying tensor; `lrpc plan --tensors` "
+                        "lists their names")
+    return found
+
+
+def _optimise(ir_model: ir.Model) -> None:
+    common_passes.RemoveUnusedNodesPass()(ir_model)
+    common_passes.CommonSubexpressionEliminationPass()(ir_model)
+    common_passes.RemoveUnusedNodesPass()(ir_model)
+
+
+def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str | os.PathLike | None = None,
+            output_name: str | None = None, attribute: list[str] | None = None, seed: str = "target",
+            latent: str | None = None, force: bool = False, epsilon: float | None = None,
+            gamma_linear: float | None = None, gamma_conv: float | None = None, layers: str | None = None,
+            **frontend_options) -> onnx.ModelProto:
+    """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
+
+    `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
+    named tensors), which is exported with torch.export first.
+    """
+    if output is not None:
+        check_writable(output, force)
+    if example_inputs is not None or _is_torch_module(model):
+        from lrpc.frontend import torch_to_onnx
+        model = torch_to_onnx(model, example_inputs, **frontend_options)
+    ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
+                               seed=seed, latent=latent,
+                               options=Options(epsilon=epsilon, gamma_linear=gamma_linear,
+                                               gamma_conv=gamma_conv, layers=layers))
+    if output is not None:
+        save_model(ir_model, output, force=force)
+    return ir.to_proto(ir_model)
+
+
+def _is_torch_module(model) -> bool:
+    return type(model).__module__.startswith("torch") or any(
+        c.__module__.startswith("torch.nn") for c in type(model).__mro__)

@@ -1,0 +1,105 @@
+"""The explainer's input/output contract (DESIGN.md, "The explainer").
+
+Added inputs: `lrp_target` int64 [batch] (or `lrp_seed` float [batch, classes] with a vector seed)
+and, for rank-3 explained outputs, `lrp_position` int64 [batch]. Added outputs: one
+`relevance.<name>` per attributed input (and per latent tensor). Everything else is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+
+from lrpc.analysis import Attribution
+from lrpc.errors import LrpcError
+from lrpc.graph import Builder
+
+TARGET, POSITION, SEED = "lrp_target", "lrp_position", "lrp_seed"
+RELEVANCE_PREFIX = "relevance."
+METADATA_KEY = "lrpc.explainer"
+F32, I64 = ir.DataType.FLOAT, ir.DataType.INT64
+
+
+def explained_output(graph: ir.Graph, name: str | None) -> ir.Value:
+    outputs = {v.name: v for v in graph.outputs}
+    if name is None:
+        value = graph.outputs[0]
+    elif name not in outputs:
+        raise LrpcError(f"--output {name}: the model has no output of that name; its outputs are "
+                        f"{', '.join(outputs)}")
+    else:
+        value = outputs[name]
+    r = value.shape.rank() if value.shape is not None else None
+    if r not in (2, 3):
+        raise LrpcError(f"output '{value.name}' has rank {r}; lrpc explains outputs shaped [batch, classes] or "
+                        "[batch, seq, classes]: choose one with --output")
+    return value
+
+
+def add_input(graph: ir.Graph, builder: Builder, name: str, dtype, shape) -> ir.Value:
+    if name in builder.taken:
+        raise LrpcError(f"the model already has a tensor named '{name}'; is it already an explainer? "
+                        "compile the original model instead")
+    builder.taken.add(name)
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    graph.inputs.append(value)
+    return value
+
+
+def add_output(graph: ir.Graph, builder: Builder, value: ir.Value, name: str, shape) -> None:
+    if name in builder.taken:
+        raise LrpcError(f"the model already has a tensor named '{name}'; is it already an explainer? "
+                        "compile the original model instead")
+    builder.taken.add(name)
+    out = builder.Identity(value)
+    out.name, out.type, out.shape = name, ir.TensorType(F32), ir.Shape(shape)
+    graph.outputs.append(out)
+
+
+def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str) -> ir.Value:
+    """ĝ at the explained output: one-hot at (row, [position,] target), or the seed vector."""
+    batch, classes = y.shape[0], y.shape[-1]
+    if mode == "vector":
+        per_class = add_input(graph, b, SEED, F32, [batch, classes])
+    elif mode == "target":
+        target = add_input(graph, b, TARGET, I64, [batch])
+        per_class = b.OneHot(target, b.Shape(y, start=-1), b.f32([0.0, 1.0]), axis=-1)
+    else:
+        raise LrpcError(f"unknown seed mode '{mode}': use 'target' or 'vector'")
+    if y.shape.rank() == 2:
+        return per_class
+    position = add_input(graph, b, POSITION, I64, [batch])
+    at_position = b.OneHot(position, b.Shape(y, start=1, end=2), b.f32([0.0, 1.0]), axis=-1)  # negative: from end
+    return b.Mul(b.Unsqueeze(at_position, b.i64([-1])), b.Unsqueeze(per_class, b.i64([1])))
+
+
+def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.Value, ir.Value]) -> ir.Value:
+    """R = x ⊙ ĝ_x; for token ids, taken at each embedding lookup and summed over the hidden axis."""
+    x = attribution.input
+    parts = []
+    for point in attribution.points:
+        if point not in grads:
+            continue
+        r = b.Mul(emitter.as_f32(point), grads[point])
+        if attribution.kind == "token":
+            r = b.Reshape(b.ReduceSum(r, b.i64([-1]), keepdims=0), b.Shape(x))
+        parts.append(r)
+    if not parts:  # the explained output does not depend on this input
+        return b.ConstantOfShape(b.Shape(x), value=ir.tensor([0.0], dtype=F32))
+    return parts[0] if len(parts) == 1 else b.Sum(*parts)
+
+
+def latent_relevance(b: Builder, emitter, value: ir.Value, grads: dict[ir.Value, ir.Value]) -> ir.Value:
+    if value not in grads:
+        return b.ConstantOfShape(b.Shape(value), value=ir.tensor([0.0], dtype=F32))
+    return b.Mul(emitter.as_f32(value), grads[value])
+
+
+def write_metadata(model: ir.Model, info: dict) -> None:
+    model.metadata_props[METADATA_KEY] = json.dumps(info, sort_keys=True)
+
+
+def read_metadata(metadata: dict[str, str]) -> dict | None:
+    raw = metadata.get(METADATA_KEY)
+    return json.loads(raw) if raw else None

@@ -1,0 +1,442 @@
+"""The rule table: op type → local rule, in the style of a reverse-mode autodiff transpose table.
+
+A local rule receives `n` (the node's forward values in float32, the builder, its attributes) and
+`g`, the modified gradient ĝ of its first output (all outputs' in `n.grads`). It returns one entry
+per input: a thunk that emits ĝ for that input, or None where nothing flows. The emitter calls a
+thunk only for inputs that carry relevance, and undoes broadcasting for ops in BROADCASTING.
+
+`VJP` holds the exact vector–Jacobian products (the ε-rule with ε → 0 and structural ops, DESIGN.md
+"Relevance semantics"); `LRP_RULES` holds the AttnLRP rules the passes assign to single nodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lrpc.errors import LrpcError
+
+ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
+
+BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Expand", "Sum", "Max", "Min", "PRelu",
+                "BitwiseAnd", "Mean"}
+
+
+# ---- small shared pieces ---------------------------------------------------------------------
+
+def _same(g):
+    return (lambda: g,)
+
+
+def _reshape_back(n, g):
+    return (lambda: n.b.Reshape(g, n.b.Shape(n.raw(0))),)
+
+
+def _pointwise(derivative):
+    """Rows for y = f(x): ĝ_x = ĝ_y ⊙ f'(x), with f' written in terms of n (x = n.x(0), y = n.y())."""
+    return lambda n, g: (lambda: n.b.Mul(g, derivative(n)),)
+
+
+def _reduce(n, g, scale=None):
+    """ĝ of a reduction: unsqueeze the reduced axes back (if dropped), broadcast to x, scale by ∂y/∂x."""
+    b, x = n.b, n.raw(0)
+    axes = n.raw(1) if len(n.inputs) > 1 and n.inputs[1] is not None else None
+    keep = n.attr("keepdims", 1)
+    if not keep and axes is not None:
+        g = b.Unsqueeze(g, b.Cast(axes, to=7))
+    grad = b.Expand(g, b.Shape(x))
+    return grad if scale is None else b.Mul(grad, scale(n, keep, axes))
+
+
+def _kept(n, value, keep, axes):
+    """A reduction output reshaped so it broadcasts against the input (keepdims=1 form)."""
+    return value if keep or axes is None else n.b.Unsqueeze(value, n.b.Cast(axes, to=7))
+
+
+def _mean_scale(n, keep, axes):
+    b = n.b  # 1/N with N = |x| / |y|, the number of elements averaged into each output
+    return b.Div(b.Cast(b.Size(n.raw_out(0)), to=1), b.Cast(b.Size(n.raw(0)), to=1))
+
+
+def _swap_last(n, v, r):
+    perm = list(range(r - 2)) + [r - 1, r - 2]
+    return n.b.Transpose(v, perm=perm)
+
+
+def _matmul(n, g):
+    """y = a @ b (numpy matmul semantics, rank-1 operands promoted)."""
+    b = n.b
+    ra, rb = n.rank(0), n.rank(1)
+    if ra is None or rb is None:
+        raise LrpcError(f"node '{n.node.name}' (MatMul): operand ranks unknown after shape inference; "
+                        "re-export the model with static ranks")
+    if rb == 1:   # y[..., m] = a[..., m, k] · b[k]
+        return (lambda: b.Mul(b.Unsqueeze(g, b.i64([-1])), n.x(1)),
+                lambda: b.ReduceSum(b.Mul(n.x(0), b.Unsqueeze(g, b.i64([-1]))),
+                                    b.i64(list(range(ra - 1))), keepdims=0) if ra > 1 else b.Mul(n.x(0), g))
+    if ra == 1:   # y[..., n] = a[k] · b[..., k, n]
+        return (lambda: b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([-2])), n.x(1)),
+                                    b.i64(list(range(rb - 2)) + [rb - 1]), keepdims=0),
+                lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
+    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), rb)), 0),
+            lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), ra), g), 1))
+
+
+def _gemm(n, g):
+    b = n.b
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    ta, tb = n.attr("transA", 0), n.attr("transB", 0)
+    grad_a = (lambda: b.Gemm(n.x(1), g, alpha=alpha, transA=tb, transB=1)) if ta else \
+        (lambda: b.Gemm(g, n.x(1), alpha=alpha, transB=0 if tb else 1))
+    grad_b = (lambda: b.Gemm(g, n.x(0), alpha=alpha, transA=1, transB=ta)) if tb else \
+        (lambda: b.Gemm(n.x(0), g, alpha=alpha, transA=0 if ta else 1))
+    grad_c = lambda: n.unbroadcast_to(b.Mul(g, b.f32(beta)), n.raw(2), n.raw_out(0))
+    return (grad_a, grad_b, grad_c)
+
+
+def _conv(n, g):
+    b = n.b
+    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise LrpcError(f"node '{n.node.name}' (Conv): auto_pad={n.attr('auto_pad')} is not supported; "
+                        "re-export with explicit pads")
+    kw = dict(strides=n.attr("strides"), pads=n.attr("pads"), dilations=n.attr("dilations"),
+              group=n.attr("group", 1))
+    x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
+    out_pad = None
+    if x.shape is not None and y.shape is not None and w.shape is not None and x.shape.is_static() \
+            and y.shape.is_static() and w.shape.is_static():
+        spatial = x.shape.rank() - 2
+        strides = kw["strides"] or [1] * spatial
+        pads = kw["pads"] or [0] * (2 * spatial)
+        dil = kw["dilations"] or [1] * spatial
+        out_pad = []
+        for i in range(spatial):
+            full = (y.shape[i + 2] - 1) * strides[i] - pads[i] - pads[i + spatial] + dil[i] * (w.shape[i + 2] - 1) + 1
+            out_pad.append(int(x.shape[i + 2] - full))
+        out_pad = out_pad if any(out_pad) else None
+    return (lambda: b.ConvTranspose(g, n.x(1), output_padding=out_pad, **kw),
+            lambda: (_ for _ in ()).throw(LrpcError(f"node '{n.node.name}' (Conv): weights that depend on the "
+                                                    "input are not supported")),
+            lambda: b.ReduceSum(g, b.i64([0] + list(range(2, n.rank(0)))), keepdims=0))
+
+
+def _concat(n, g):
+    b, axis = n.b, n.attr("axis")
+    end = axis + 1 if axis + 1 != 0 else None
+    sizes = b.Concat(*[b.Shape(i, start=axis, end=end) for i in n.inputs], axis=0)
+    pieces = n.cached("split", lambda: b.Split(g, sizes, axis=axis, _outputs=len(n.inputs)))
+    one = lambda i: (pieces() if len(n.inputs) > 1 else (pieces(),))[i]
+    return tuple((lambda i=i: one(i)) for i in range(len(n.inputs)))
+
+
+def _split(n, g):
+    b = n.b
+    parts = [gi if gi is not None else n.zeros_like_out(i) for i, gi in enumerate(n.grads)]
+    return (lambda: b.Concat(*parts, axis=n.attr("axis", 0)),)
+
+
+def _slice(n, g):
+    b = n.b
+    x = n.raw(0)
+    starts, ends = b.Cast(n.raw(1), to=7), b.Cast(n.raw(2), to=7)
+    if len(n.inputs) > 3 and n.inputs[3] is not None:
+        axes = b.Cast(n.raw(3), to=7)
+    else:
+        count = n.const(1)
+        if count is None:
+            raise LrpcError(f"node '{n.node.name}' (Slice): run-time starts without axes are not supported")
+        axes = b.i64(list(range(len(count))))
+    steps = n.const(4) if len(n.inputs) > 4 and n.inputs[4] is not None else np.ones(1, np.int64)
+    if steps is None or np.any(steps != 1):
+        return (lambda: _slice_scatter(n, g, starts, ends, axes),)
+
+    def pad():  # y = x[s:e] along each axis: ĝ_x is ĝ_y padded with s zeros before and d − e after
+        dims = b.Gather(b.Shape(x), axes)
+        zero = b.i64([0])
+        s = _clamp_index(b, starts, dims, zero)
+        e = b.Max(_clamp_index(b, ends, dims, zero), s)
+        return b.Pad(g, b.Concat(s, b.Sub(dims, e), axis=0), None, axes, mode="constant")
+    return (pad,)
+
+
+def _clamp_index(b, index, dims, zero):
+    index = b.Min(index, dims)  # INT64_MAX style "to the end" sentinels
+    index = b.Where(b.Less(index, zero), b.Add(index, dims), index)
+    return b.Max(b.Min(index, dims), zero)
+
+
+def _slice_scatter(n, g, starts, ends, axes):
+    """Strided slices: scatter ĝ_y back into zeros at the positions the slice read, axis by axis."""
+    raise LrpcError(f"node '{n.node.name}' (Slice): strided slices (steps ≠ 1) on relevance-carrying tensors "
+                    "are not supported yet")
+
+
+def _gather(n, g):
+    b = n.b
+    axis, r = n.attr("axis", 0), n.rank(0)
+    if r is None:
+        raise LrpcError(f"node '{n.node.name}' (Gather): data rank unknown; re-export with static ranks")
+    axis = axis % r
+
+    def scatter():
+        flat = b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1]))
+        shape_x = b.Shape(n.raw(0))
+        pieces = ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + [b.Shape(flat)] + \
+                 ([b.Shape(n.raw(0), start=axis + 1)] if axis + 1 < r else [])
+        g_r = b.Reshape(g, b.Concat(*pieces, axis=0))
+        index = b.Expand(b.Reshape(flat, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
+        return b.ScatterElements(n.zeros_like(shape_x), index, g_r, axis=axis, reduction="add")
+    return (scatter, None)
+
+
+def _gather_elements(n, g):
+    b = n.b
+    return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw(1), g, axis=n.attr("axis", 0),
+                                      reduction="add"), None)
+
+
+def _where(n, g):
+    b, zero = n.b, n.b.f32(0.0)
+    return (None, lambda: b.Where(n.raw(0), g, zero), lambda: b.Where(n.raw(0), zero, g))
+
+
+def _pow(n, g):
+    b = n.b
+
+    def exponent_grad():
+        raise LrpcError(f"node '{n.node.name}' (Pow): an exponent that carries relevance is not supported")
+    p = n.x(1)
+    return (lambda: b.Mul(g, b.Mul(p, b.Pow(n.x(0), b.Sub(p, b.f32(1.0))))), exponent_grad)
+
+
+def _softmax(n, g):
+    """y = softmax(x): ĝ_x = y ⊙ (ĝ_y − Σ ĝ_y ⊙ y). Equals the AttnLRP softmax rule (Prop. 3.1) times x."""
+    b, y = n.b, n.y()
+    axis = b.i64([n.attr("axis", -1)])
+    return (lambda: b.Mul(y, b.Sub(g, b.ReduceSum(b.Mul(g, y), axis, keepdims=1))),)
+
+
+def _log_softmax(n, g):
+    b = n.b
+    return (lambda: b.Sub(g, b.Mul(b.Exp(n.y()), b.ReduceSum(g, b.i64([n.attr("axis", -1)]), keepdims=1))),)
+
+
+def layer_norm_grad(n, g, frozen_std: bool):
+    """LayerNormalization: y = (x − μ)/σ · w + β over axes [axis, rank). With the std frozen (Prop. 3.4)
+    only the centring is differentiated: ĝ_x = (h − mean h)/σ, h = ĝ_y·w; exactly, also − x̂·mean(h·x̂)/σ."""
+    b = n.b
+    r = n.rank(0)
+    axis = n.attr("axis", -1)
+    if r is None and axis >= 0:
+        raise LrpcError(f"node '{n.node.name}' (LayerNormalization): input rank unknown")
+    axes = b.i64(list(range(axis, r)) if axis >= 0 else list(range(axis, 0)))
+    x = n.x(0)
+    mean = lambda v: b.ReduceMean(v, axes, keepdims=1)
+    centred = b.Sub(x, mean(x))
+    inv_std = b.Reciprocal(b.Sqrt(b.Add(mean(b.Mul(centred, centred)), b.f32(n.attr("epsilon", 1e-5)))))
+    h = b.Mul(g, n.x(1))
+    grad = b.Sub(h, mean(h))
+    if not frozen_std:
+        x_hat = b.Mul(centred, inv_std)
+        grad = b.Sub(grad, b.Mul(x_hat, mean(b.Mul(h, x_hat))))
+    return b.Mul(grad, inv_std)
+
+
+def _layer_norm(n, g):
+    b = n.b
+    return (lambda: layer_norm_grad(n, g, frozen_std=False),
+            lambda: n.unbroadcast_to(b.Mul(g, _normalised(n)), n.raw(1), n.raw_out(0)),
+            lambda: n.unbroadcast_to(g, n.raw(2), n.raw_out(0)))
+
+
+def _normalised(n):
+    b = n.b
+    r, axis = n.rank(0), n.attr("axis", -1)
+    axes = b.i64(list(range(axis, r)) if axis >= 0 else list(range(axis, 0)))
+    x = n.x(0)
+    centred = b.Sub(x, b.ReduceMean(x, axes, keepdims=1))
+    var = b.ReduceMean(b.Mul(centred, centred), axes, keepdims=1)
+    return b.Div(centred, b.Sqrt(b.Add(var, b.f32(n.attr("epsilon", 1e-5)))))
+
+
+def _lp_norm(n, g):
+    """y = x / ‖x‖₂ along axis: ĝ_x = (ĝ_y − y·Σ ĝ_y·y)/‖x‖."""
+    b = n.b
+    if n.attr("p", 2) != 2:
+        raise LrpcError(f"node '{n.node.name}' (LpNormalization): only p = 2 is supported")
+    axis = b.i64([n.attr("axis", -1)])
+    y = n.y()
+    norm = b.ReduceL2(n.x(0), axis, keepdims=1)
+    return (lambda: b.Div(b.Sub(g, b.Mul(y, b.ReduceSum(b.Mul(g, y), axis, keepdims=1))), norm),)
+
+
+def _einsum(n, g):
+    eq = n.attr("equation").replace(" ", "")
+    lhs, out = eq.split("->") if "->" in eq else (eq, None)
+    terms = lhs.split(",")
+    if out is None or len(terms) != 2 or "." in eq:
+        raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): only explicit two-operand equations without "
+                        "ellipsis are supported")
+    a, c = terms
+
+    def grad(i):
+        own, other = (a, c) if i == 0 else (c, a)
+        if not set(own) <= set(out) | set(other):
+            raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): an index summed inside one operand is not "
+                            "supported")
+        return n.b.Einsum(g, n.x(1 - i), equation=f"{out},{other}->{own}")
+    return (lambda: grad(0), lambda: grad(1))
+
+
+def _clip(n, g):
+    b = n.b
+    x = n.x(0)
+    keep = b.f32(1.0)
+    if len(n.inputs) > 1 and n.inputs[1] is not None:
+        keep = b.Mul(keep, b.Cast(b.GreaterOrEqual(x, n.x(1)), to=1))
+    if len(n.inputs) > 2 and n.inputs[2] is not None:
+        keep = b.Mul(keep, b.Cast(b.LessOrEqual(x, n.x(2)), to=1))
+    return (lambda: b.Mul(g, keep), None, None)
+
+
+def _extremum(n, g):
+    """Elementwise Max/Min: the gradient goes to the operand(s) equal to the result."""
+    b = n.b
+    return tuple((lambda i=i: b.Mul(g, b.Cast(b.Equal(n.x(i), n.y()), to=1))) for i in range(len(n.inputs)))
+
+
+def _reduce_extremum(n, g):
+    b = n.b
+    keep, axes = n.attr("keepdims", 1), (n.raw(1) if len(n.inputs) > 1 else None)
+    mask = b.Cast(b.Equal(n.x(0), _kept(n, n.y(), keep, axes)), to=1)
+    return (lambda: b.Mul(_reduce(n, g), mask),)
+
+
+def _gelu_derivative(n):
+    b, x = n.b, n.x(0)
+    if n.attr("approximate", "none") == "tanh":
+        c = math.sqrt(2 / math.pi)
+        inner = b.Mul(b.f32(c), b.Add(x, b.Mul(b.f32(0.044715), b.Mul(x, b.Mul(x, x)))))
+        t = b.Tanh(inner)
+        d_inner = b.Mul(b.f32(c), b.Add(b.f32(1.0), b.Mul(b.f32(3 * 0.044715), b.Mul(x, x))))
+        return b.Add(b.Mul(b.f32(0.5), b.Add(b.f32(1.0), t)),
+                     b.Mul(b.Mul(b.f32(0.5), x), b.Mul(b.Sub(b.f32(1.0), b.Mul(t, t)), d_inner)))
+    cdf = b.Mul(b.f32(0.5), b.Add(b.f32(1.0), b.Erf(b.Mul(x, b.f32(1 / math.sqrt(2))))))
+    pdf = b.Mul(b.f32(1 / math.sqrt(2 * math.pi)), b.Exp(b.Mul(b.f32(-0.5), b.Mul(x, x))))
+    return b.Add(cdf, b.Mul(x, pdf))
+
+
+def _mish_derivative(n):
+    b, x = n.b, n.x(0)
+    t = b.Tanh(b.Softplus(x))
+    return b.Add(t, b.Mul(b.Mul(x, b.Sigmoid(x)), b.Sub(b.f32(1.0), b.Mul(t, t))))
+
+
+def _elu_derivative(n):
+    b, x, alpha = n.b, n.x(0), n.attr("alpha", 1.0)
+    return b.Where(b.Greater(x, b.f32(0.0)), b.f32(1.0), b.Add(n.y(), b.f32(alpha)))
+
+
+def _hard_sigmoid_derivative(n):
+    b, x = n.b, n.x(0)
+    alpha, beta = n.attr("alpha", 0.2), n.attr("beta", 0.5)
+    z = b.Add(b.Mul(x, b.f32(alpha)), b.f32(beta))
+    inside = b.And(b.Greater(z, b.f32(0.0)), b.Less(z, b.f32(1.0)))
+    return b.Mul(b.Cast(inside, to=1), b.f32(alpha))
+
+
+# ---- the table ---------------------------------------------------------------------------------
+# One row per op type: the exact VJP.
+
+VJP = {
+    # structural and linear
+    "Identity": lambda n, g: _same(g), "Cast": lambda n, g: _same(g), "CastLike": lambda n, g: (lambda: g, None),
+    "Dropout": lambda n, g: _same(g),
+    "Add": lambda n, g: (lambda: g, lambda: g),
+    "Sub": lambda n, g: (lambda: g, lambda: n.b.Neg(g)),
+    "Sum": lambda n, g: tuple((lambda: g) for _ in n.inputs),
+    "Neg": lambda n, g: (lambda: n.b.Neg(g),),
+    "Mul": lambda n, g: (lambda: n.b.Mul(g, n.x(1)), lambda: n.b.Mul(g, n.x(0))),
+    "Div": lambda n, g: (lambda: n.b.Div(g, n.x(1)), lambda: n.b.Neg(n.b.Div(n.b.Mul(g, n.y()), n.x(1)))),
+    "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "Einsum": _einsum,
+    "Reshape": _reshape_back, "Flatten": _reshape_back, "Squeeze": _reshape_back, "Unsqueeze": _reshape_back,
+    "Expand": lambda n, g: (lambda: g, None),
+    "Transpose": lambda n, g: (lambda: n.b.Transpose(g, perm=list(np.argsort(n.attr("perm")))) if n.attr("perm")
+                               else n.b.Transpose(g),),
+    "Concat": _concat, "Split": _split, "Slice": _slice,
+    "Gather": _gather, "GatherElements": _gather_elements, "Where": _where,
+    "Trilu": lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None, upper=n.attr("upper", 1)),),
+    # reductions
+    "ReduceSum": lambda n, g: (lambda: _reduce(n, g),),
+    "ReduceMean": lambda n, g: (lambda: _reduce(n, g, _mean_scale),),
+    "ReduceL2": lambda n, g: (lambda: n.b.Div(n.b.Mul(_reduce(n, g), n.x(0)),
+                                              _kept(n, n.y(), n.attr("keepdims", 1), n.raw(1) if len(n.inputs) > 1 else None)),),
+    "ReduceSumSquare": lambda n, g: (lambda: n.b.Mul(_reduce(n, g), n.b.Mul(n.b.f32(2.0), n.x(0))),),
+    "ReduceMax": _reduce_extremum, "ReduceMin": _reduce_extremum,
+    "Max": _extremum, "Min": _extremum,
+    # normalisations
+    "Softmax": _softmax, "LogSoftmax": _log_softmax, "LayerNormalization": _layer_norm,
+    "LpNormalization": _lp_norm,
+    # pointwise
+    "Pow": _pow,
+    "Sqrt": _pointwise(lambda n: n.b.Div(n.b.f32(0.5), n.y())),
+    "Reciprocal": _pointwise(lambda n: n.b.Neg(n.b.Mul(n.y(), n.y()))),
+    "Exp": _pointwise(lambda n: n.y()),
+    "Log": _pointwise(lambda n: n.b.Reciprocal(n.x(0))),
+    "Tanh": _pointwise(lambda n: n.b.Sub(n.b.f32(1.0), n.b.Mul(n.y(), n.y()))),
+    "Sigmoid": _pointwise(lambda n: n.b.Mul(n.y(), n.b.Sub(n.b.f32(1.0), n.y()))),
+    "Relu": _pointwise(lambda n: n.b.Cast(n.b.Greater(n.x(0), n.b.f32(0.0)), to=1)),
+    "LeakyRelu": _pointwise(lambda n: n.b.Where(n.b.Greater(n.x(0), n.b.f32(0.0)), n.b.f32(1.0),
+                                                n.b.f32(n.attr("alpha", 0.01)))),
+    "Elu": _pointwise(_elu_derivative),
+    "HardSigmoid": _pointwise(_hard_sigmoid_derivative),
+    "Erf": _pointwise(lambda n: n.b.Mul(n.b.f32(2 / math.sqrt(math.pi)), n.b.Exp(n.b.Neg(n.b.Mul(n.x(0), n.x(0)))))),
+    "Gelu": _pointwise(_gelu_derivative),
+    "Softplus": _pointwise(lambda n: n.b.Sigmoid(n.x(0))),
+    "Mish": _pointwise(_mish_derivative),
+    "Abs": _pointwise(lambda n: n.b.Sign(n.x(0))),
+    "Sin": _pointwise(lambda n: n.b.Cos(n.x(0))),
+    "Cos": _pointwise(lambda n: n.b.Neg(n.b.Sin(n.x(0)))),
+    "Clip": _clip,
+}
+
+
+# ---- AttnLRP rules, assigned to single nodes by the passes (lrpc.passes) -------------------------
+
+def _uniform(n, g):
+    """Bilinear product of two relevance-carrying operands, uniform rule (Prop. 3.2/3.3): ½ of each VJP."""
+    return VJP[n.node.op_type](n, n.b.Mul(g, n.b.f32(0.5)))
+
+
+def _frozen(n, g, frozen: int):
+    """One operand is a normalisation statistic (identity rule on it, Prop. 3.4): a constant for ĝ."""
+    return tuple(None if i == frozen else t for i, t in enumerate(VJP[n.node.op_type](n, g)))
+
+
+def _layer_norm_frozen_std(n, g):
+    """LayerNormalization with σ frozen (Prop. 3.4): ĝ_x = (h − mean h)/σ, h = ĝ_y ⊙ w."""
+    return (lambda: layer_norm_grad(n, g, frozen_std=True), None, None)
+
+
+def _identity_region(n, g, input: str):
+    """Elementwise region u → v, identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1."""
+    b = n.b
+    u = n.em.as_f32(n.value(input))
+    eps = b.Where(b.GreaterOrEqual(u, b.f32(0.0)), b.f32(ACTIVATION_EPS), b.f32(-ACTIVATION_EPS))
+    return {n.value(input): lambda: b.Mul(g, b.Div(n.y(), b.Add(u, eps)))}
+
+
+def _no_relevance(n, g):
+    """CP-LRP: the tensor is treated as a constant; nothing flows into this node."""
+    return ()
+
+
+LRP_RULES = {
+    "uniform": _uniform,
+    "frozen": _frozen,
+    "layernorm-frozen-std": _layer_norm_frozen_std,
+    "identity": _identity_region,
+    "none": _no_relevance,
+    "gated": _frozen,   # CP-LRP gating product: the activation-side operand takes none
+}

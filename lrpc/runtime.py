@@ -1,0 +1,205 @@
+"""Running explainers with onnxruntime: input checks, target selection, and the result object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lrpc import contract
+from lrpc.errors import LrpcError
+
+ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": np.float32}
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
+    available = ort.get_available_providers()
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+@dataclass
+class Explanation:
+    outputs: dict[str, np.ndarray]          # the model's own outputs
+    relevance: dict[str, np.ndarray]        # relevance.<name> without the prefix
+    target: np.ndarray | None               # explained class index per row (None with a seed vector)
+    position: np.ndarray | None             # explained sequence position per row (rank-3 outputs)
+    logit: np.ndarray                       # the explained scalar s per row
+    meta: dict = field(default_factory=dict)
+
+    def conservation(self, name: str | None = None) -> np.ndarray:
+        """Σ relevance per row (of one attributed input, or all), to compare with `logit`."""
+        names = [name] if name else [n for n in self.relevance if n in self.meta.get("attributed", {})]
+        return sum(self.relevance[n].reshape(len(self.logit), -1).sum(axis=1) for n in names)
+
+
+class Explainer:
+    """An explainer loaded into an onnxruntime session. `.provider` says where it runs."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, providers: list[str] | None = None,
+                 threads: int | None = None, graph_optimization: bool = True):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if not graph_optimization:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        self._source = model
+        if isinstance(model, onnx.ModelProto):
+            source = model.SerializeToString()
+        else:
+            if not Path(model).is_file():
+                raise LrpcError(f"{model} does not exist: give the path of an explainer made by `lrpc compile`")
+            source = str(model)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers or default_providers())
+        except Exception as exc:
+            raise LrpcError(f"onnxruntime cannot load {model if not isinstance(model, onnx.ModelProto) else 'the model'}"
+                            f": {str(exc).splitlines()[0][:300]}") from None
+        self.meta = contract.read_metadata(self.session.get_modelmeta().custom_metadata_map)
+        if self.meta is None:
+            raise LrpcError("this model is not an lrpc explainer; make one with `lrpc compile MODEL -o OUT`")
+        self.provider = self.session.get_providers()[0]
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.model_inputs = [n for n in self.inputs if not n.startswith("lrp_")]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.model_outputs = [n for n in self.outputs if not n.startswith(contract.RELEVANCE_PREFIX)]
+        self.explained = self.meta["output"]
+        self._forward_session = None
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
+        missing = [n for n in self.model_inputs if n not in inputs]
+        unknown = [n for n in inputs if n not in self.model_inputs]
+        if missing or unknown:
+            raise LrpcError("wrong inputs: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) +
+                ([f"unknown {', '.join(unknown)}"] if unknown else [])) +
+                f"; the model takes {', '.join(self.model_inputs)}")
+        feed = {}
+        for name in self.model_inputs:
+            spec, array = self.inputs[name], np.asarray(inputs[name])
+            want = np.dtype(ORT_TO_NUMPY.get(spec.type, np.float32))
+            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
+                raise LrpcError(f"input '{name}' has dtype {array.dtype}, the model expects {want}")
+            if len(spec.shape) != array.ndim:
+                raise LrpcError(f"input '{name}' has rank {array.ndim} (shape {list(array.shape)}), the model "
+                                f"expects rank {len(spec.shape)} ({spec.shape})")
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, int) and dim != array.shape[axis]:
+                    raise LrpcError(f"input '{name}' has size {array.shape[axis]} on axis {axis}, the model "
+                                    f"expects {dim}")
+            feed[name] = array.astype(want, copy=False)
+        return feed
+
+    def forward(self, inputs: dict) -> dict[str, np.ndarray]:
+        """The model's own outputs, without the relevance pass."""
+        feed = self._check_inputs(inputs)
+        session = self._forward()
+        return dict(zip(self.model_outputs, session.run(self.model_outputs, feed)))
+
+    def _forward(self):
+        if self._forward_session is None:
+            import onnx_ir as ir
+            import onnx_ir.passes.common as common_passes
+            proto = self._source if isinstance(self._source, onnx.ModelProto) else onnx.load(str(self._source))
+            model = ir.serde.deserialize_model(proto)
+            graph = model.graph
+            keep = [o for o in graph.outputs if o.name in self.model_outputs]
+            graph.outputs.clear()
+            graph.outputs.extend(keep)
+            common_passes.RemoveUnusedNodesPass()(model)
+            for value in list(graph.inputs):
+                if value.name.startswith("lrp_"):
+                    graph.inputs.remove(value)
+            self._forward_session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                                         providers=self.session.get_providers())
+        return self._forward_session
+
+    # ---- explaining ----------------------------------------------------------------------------
+    def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
+        """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c])."""
+        feed = self._check_inputs(inputs)
+        rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
+        forward = None
+        batch = self._batch(feed)
+        if rank == 3:
+            position = np.full(batch, -1, np.int64) if position is None else _per_row(position, batch, "position")
+        elif position is not None:
+            raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
+        if vector:
+            if seed is None:
+                raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, classes]")
+            seed = np.asarray(seed, np.float32)
+            if seed.ndim == 1:
+                seed = np.broadcast_to(seed, (batch, seed.shape[0])).copy()
+            if seed.shape[0] != batch:
+                raise LrpcError(f"seed has {seed.shape[0]} rows for a batch of {batch}")
+        elif target is None:
+            forward = self.forward(inputs)
+            logits = forward[self.explained]
+            logits = logits[np.arange(batch), position] if rank == 3 else logits
+            target = logits.argmax(axis=-1).astype(np.int64)
+        else:
+            target = _per_row(target, batch, "target")
+        if rank == 3 or not vector:
+            seq, classes = self._output_dims(feed, forward)
+            if rank == 3 and seq is not None and np.any((position < -seq) | (position >= seq)):
+                raise LrpcError(f"position {position.tolist()} out of range for a sequence of {seq} "
+                                f"(use {-seq}..{seq - 1})")
+            if not vector and classes is not None and np.any((target < 0) | (target >= classes)):
+                raise LrpcError(f"target {target.tolist()} out of range for {classes} classes (use 0..{classes - 1})")
+            if vector and classes is not None and seed.shape[-1] != classes:
+                raise LrpcError(f"seed has {seed.shape[-1]} columns, output '{self.explained}' has {classes}")
+        feed = dict(feed)
+        if vector:
+            feed[contract.SEED] = seed
+        else:
+            feed[contract.TARGET] = target
+        if rank == 3:
+            feed[contract.POSITION] = position
+        results = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        y = results[self.explained].astype(np.float32)
+        rows = y[np.arange(batch), position] if rank == 3 else y
+        logit = (rows * seed).sum(-1) if vector else rows[np.arange(batch), target]
+        return Explanation(
+            outputs={n: results[n] for n in self.model_outputs},
+            relevance={n[len(contract.RELEVANCE_PREFIX):]: results[n] for n in self.outputs
+                       if n.startswith(contract.RELEVANCE_PREFIX)},
+            target=None if vector else target, position=position if rank == 3 else None,
+            logit=logit, meta=self.meta)
+
+    def _batch(self, feed) -> int:
+        first = next(iter(feed.values()))
+        return int(first.shape[0])
+
+    def _output_dims(self, feed, forward) -> tuple[int | None, int | None]:
+        """Sequence length and class count of the explained output, from symbolic dims or a forward run."""
+        spec = next(o for o in self.session.get_outputs() if o.name == self.explained)
+        known = {}
+        for name, array in feed.items():
+            for dim, size in zip(self.inputs[name].shape, array.shape):
+                if isinstance(dim, str):
+                    known[dim] = size
+        dims = [d if isinstance(d, int) else known.get(d) for d in spec.shape]
+        if any(d is None for d in dims[1:]):
+            forward = forward or self.forward({k: v for k, v in feed.items()})
+            dims = list(forward[self.explained].shape)
+        seq = dims[1] if len(dims) == 3 else None
+        return seq, dims[-1]
+
+
+def _per_row(value, batch: int, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise LrpcError(f"{what} must be an integer index (or one per batch row), got {value!r}")
+    array = np.broadcast_to(array.astype(np.int64), (batch,)) if array.ndim == 0 else array.astype(np.int64)
+    if array.shape != (batch,):
+        raise LrpcError(f"{what} has {array.shape[0]} entries for a batch of {batch}")
+    return array

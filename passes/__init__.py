@@ -1,0 +1,1 @@
+"""lrpc.passes: rule-assignment passes (norms -> activations -> softmax -> bilinear -> linear)."""
