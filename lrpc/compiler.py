@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lrpc import __version__, contract
-from lrpc.analysis import find_attributions, relevance_carrying
+from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
 from lrpc.emitter import Emitter
 from lrpc.errors import LrpcError
@@ -46,10 +46,7 @@ def analyse_and_plan(ir_model: ir.Model, preset: str, attribute=None, options: O
     graph = ir_model.graph
     attributions = find_attributions(graph, attribute)
     sources = {p for a in attributions for p in a.points}
-    carrying = relevance_carrying(graph, sources)
-    plan = assign_rules(graph, carrying, preset, options)
-    if plan.cut:
-        carrying = relevance_carrying(graph, sources, plan.cut)
+    plan, carrying = assign_rules(graph, sources, preset, options)
     return attributions, carrying, plan
 
 

@@ -13,7 +13,8 @@ import onnx_ir as ir
 class RuleRecord:
     rule: str                 # a key of lrpc.rules.LRP_RULES, or "inside" for ops covered by a region
     claimed_by: str           # the pass that recorded it
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)   # arguments of the rule
+    notes: dict[str, Any] = field(default_factory=dict)    # what the pass found, for `lrpc plan`
 
 
 @dataclass
@@ -24,11 +25,11 @@ class Plan:
     records: dict[ir.Node, RuleRecord] = field(default_factory=dict)
     cut: set[ir.Value] = field(default_factory=set)  # tensors the preset declares constant (cp-lrp)
 
-    def claim(self, node: ir.Node, rule: str, claimed_by: str, **params) -> bool:
+    def claim(self, node: ir.Node, rule: str, claimed_by: str, notes: dict | None = None, **params) -> bool:
         """Record a rule unless an earlier pass claimed the node; returns whether it took."""
         if node in self.records:
             return False
-        self.records[node] = RuleRecord(rule, claimed_by, params)
+        self.records[node] = RuleRecord(rule, claimed_by, params, notes or {})
         return True
 
     def get(self, node: ir.Node) -> RuleRecord | None:

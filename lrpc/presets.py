@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from lrpc.analysis import relevance_carrying
 from lrpc.errors import LrpcError
 from lrpc.plan import Plan
 
@@ -23,14 +24,22 @@ class Options:
     extra: dict = field(default_factory=dict)
 
 
-def assign_rules(graph: ir.Graph, carrying: set[ir.Value], preset: str, options: Options = Options()) -> Plan:
-    """Run the preset's passes (norms → activations → softmax → bilinear → linear) into one plan."""
+def assign_rules(graph: ir.Graph, sources: set[ir.Value], preset: str,
+                 options: Options = Options()) -> tuple[Plan, set[ir.Value]]:
+    """Run the preset's passes (norms → activations → softmax → bilinear → linear) into one plan.
+
+    Returns the plan and the relevance-carrying tensors, recomputed whenever a pass declares a
+    tensor constant (CP-LRP's softmax), so later passes see what really carries relevance."""
     if preset not in PRESETS:
         raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
     plan = Plan(preset)
+    carrying = relevance_carrying(graph, sources)
     if preset == "gxi":
-        return plan
+        return plan, carrying
     from lrpc import passes  # the passes live in passes/, installed as lrpc.passes
     for run_pass in passes.ORDER:
+        cut_before = len(plan.cut)
         run_pass(graph, carrying, plan, options)
-    return plan
+        if len(plan.cut) != cut_before:
+            carrying = relevance_carrying(graph, sources, plan.cut)
+    return plan, carrying

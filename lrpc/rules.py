@@ -440,3 +440,51 @@ LRP_RULES = {
     "none": _no_relevance,
     "gated": _frozen,   # CP-LRP gating product: the activation-side operand takes none
 }
+
+
+def _softmax_rule(n, g):
+    """AttnLRP softmax rule (Prop. 3.1): in Gradient×Input form it is the exact VJP."""
+    return _softmax(n, g)
+
+
+def _rms_norm_frozen(n, g):
+    """RMSNormalization with the rms frozen (Prop. 3.4): ĝ_x = ĝ_y ⊙ w / rms(x)."""
+    b, r, axis = n.b, n.rank(0), n.attr("axis", -1)
+    axes = b.i64(list(range(axis, r)) if axis >= 0 else list(range(axis, 0)))
+    x = n.x(0)
+    rms = b.Sqrt(b.Add(b.ReduceMean(b.Mul(x, x), axes, keepdims=1), b.f32(n.attr("epsilon", 1e-5))))
+    return (lambda: b.Div(b.Mul(g, n.x(1)), rms), None)
+
+
+def _lp_norm_frozen(n, g):
+    """LpNormalization with the norm frozen (Prop. 3.4): ĝ_x = ĝ_y / ‖x‖."""
+    b = n.b
+    return (lambda: b.Div(g, b.ReduceL2(n.x(0), b.i64([n.attr("axis", -1)]), keepdims=1)),)
+
+
+def _linear_epsilon(n, g, epsilon: float):
+    """ε-rule (Eq. 8): ĝ_x = Wᵀ (ĝ_z ⊙ z / (z + ε·sign z)), z the layer's output."""
+    b, z = n.b, n.y()
+    stab = b.Add(z, b.Where(b.GreaterOrEqual(z, b.f32(0.0)), b.f32(epsilon), b.f32(-epsilon)))
+    return VJP[n.node.op_type](n, b.Mul(g, b.Div(z, stab)))[:1]
+
+
+def _linear_gamma(n, g, gamma: float):
+    """γ-rule: ĝ_x = W_γᵀ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + γ·W⁺ (and b + γ·b⁺), z_γ = x W_γ."""
+    b, node = n.b, n.node
+    boosted = [v if i == 0 or v is None else b.Add(v, b.Mul(b.f32(gamma), b.Relu(n.x(i))))
+               for i, v in enumerate(node.inputs)]
+    z_gamma = b.op(node.op_type, *[n.x(0)] + boosted[1:], **{k: a.value for k, a in node.attributes.items()})
+    stab = b.Add(z_gamma, b.Where(b.GreaterOrEqual(z_gamma, b.f32(0.0)), b.f32(1e-6), b.f32(-1e-6)))
+    from lrpc.emitter import Local
+    boosted_node = Local(n.em, z_gamma.producer(), [None])
+    return VJP[node.op_type](boosted_node, b.Mul(g, b.Div(n.y(), stab)))[:1]
+
+
+LRP_RULES.update({
+    "softmax": _softmax_rule,
+    "rmsnorm-frozen-rms": _rms_norm_frozen,
+    "lpnorm-frozen-norm": _lp_norm_frozen,
+    "epsilon": _linear_epsilon,
+    "gamma": _linear_gamma,
+})

@@ -1,0 +1,377 @@
+"""Export a PyTorch module to ONNX with dynamic batch / sequence axes.
+
+``export_onnx(module, example_inputs)`` wraps ``torch.onnx.export`` for the two exporters
+torch ships:
+
+- ``"dynamo"`` (default): ``torch.export`` + the onnxscript translator, at the exporter's
+  default opset (or ``opset=18``). Dynamic shapes are declared with ``torch.export.Dim``.
+- ``"legacy"``: the TorchScript tracer at opset 17 (``opset`` overrides), with
+  ``dynamic_axes``.
+
+Axis 0 of every input is the dynamic ``batch`` axis. For token inputs (integer tensors, or any
+input of rank 2 whose second axis matches the token length) axis 1 is the dynamic
+``sequence`` axis; image / float inputs of rank ≥ 3 keep every axis but the batch static.
+Symbolic dims in the returned model are named ``batch`` and ``sequence`` for both exporters.
+
+The module's ``forward`` must take the example inputs as keyword arguments (in the dict's
+order) and return a tensor, or a tuple / list / dict of tensors, or an object with a
+``logits`` / ``last_hidden_state`` attribute (Hugging Face ``ModelOutput``): it is wrapped so
+that the exported graph has plain tensor outputs, named ``output_names`` (default: ``logits``
+for one output, ``output_0``, ``output_1``, … for several).
+
+If ``path`` is given the model is written there (weights in ``<path>.data`` beside it when
+the model is large or ``external_data=True``) and the returned ``ModelProto`` is re-loaded
+from disk with its external data.
+
+Errors raised by either exporter become one ``ExportError`` whose one-line message names the
+module class, the exporter and, when visible, the failing aten op.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import onnx
+
+__all__ = ["ExportError", "export_onnx", "EXPORTERS", "BATCH_DIM", "SEQ_DIM"]
+
+EXPORTERS = ("dynamo", "legacy")
+BATCH_DIM = "batch"
+SEQ_DIM = "sequence"
+LEGACY_DEFAULT_OPSET = 17
+#: save weights as external data above this many bytes when ``external_data`` is None
+EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
+
+
+class ExportError(Exception):
+    """The torch → ONNX exporter failed; the message is one line and names module and op."""
+
+    def __init__(self, message: str, *, module: str | None = None, op: str | None = None,
+                 exporter: str | None = None):
+        super().__init__(message)
+        self.module = module
+        self.op = op
+        self.exporter = exporter
+
+
+# --------------------------------------------------------------------------------------------
+# output flattening wrapper
+# --------------------------------------------------------------------------------------------
+
+def _flatten_outputs(out: Any) -> tuple:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    for attr in ("logits", "last_hidden_state"):
+        val = getattr(out, attr, None)
+        if isinstance(val, torch.Tensor):
+            return (val,)
+    if isinstance(out, Mapping):
+        return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        flat: list = []
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                flat.append(o)
+        return tuple(flat)
+    raise TypeError(f"cannot turn a {type(out).__name__} output into tensors")
+
+
+def _make_wrapper(module, names: Sequence[str]):
+    """An nn.Module whose forward takes ``names`` positionally and returns plain tensors."""
+    import torch
+
+    class _PlainOutputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    # Build a forward with an explicit signature so both exporters see named parameters.
+    params = ", ".join(names)
+    src = (
+        f"def forward(self, {params}):\n"
+        f"    out = self.inner({', '.join(f'{n}={n}' for n in names)})\n"
+        f"    flat = _flatten(out)\n"
+        f"    return flat[0] if len(flat) == 1 else flat\n"
+    )
+    ns: dict = {"_flatten": _flatten_outputs}
+    exec(compile(src, "<lrpc.torch_export wrapper>", "exec"), ns)
+    _PlainOutputs.forward = ns["forward"]
+    wrapper = _PlainOutputs(module)
+    wrapper.eval()
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic axes
+# --------------------------------------------------------------------------------------------
+
+def _token_length(example_inputs: Mapping[str, Any]) -> int | None:
+    import torch
+
+    for t in example_inputs.values():
+        if t.dtype in (torch.int32, torch.int64) and t.dim() >= 2:
+            return int(t.shape[1])
+    return None
+
+
+def _dynamic_axes_for(example_inputs: Mapping[str, Any], dynamic: bool) -> dict[str, dict[int, str]]:
+    """{input name: {axis: dim name}}: batch everywhere, sequence on token-shaped inputs."""
+    import torch
+
+    if not dynamic:
+        return {}
+    seq = _token_length(example_inputs)
+    axes: dict[str, dict[int, str]] = {}
+    for name, t in example_inputs.items():
+        a: dict[int, str] = {}
+        if t.dim() >= 1:
+            a[0] = BATCH_DIM
+        is_token_like = t.dim() == 2 and (
+            t.dtype in (torch.int32, torch.int64, torch.bool) or (seq is not None and t.shape[1] == seq)
+        )
+        if is_token_like and t.dim() >= 2:
+            a[1] = SEQ_DIM
+        axes[name] = a
+    return axes
+
+
+def _output_axes(outputs: Sequence[Any], example_inputs: Mapping[str, Any], axes_in) -> list[dict[int, str]]:
+    batch = next(iter(example_inputs.values())).shape[0] if example_inputs else None
+    seq = _token_length(example_inputs)
+    has_seq = any(SEQ_DIM in a.values() for a in axes_in.values())
+    res = []
+    for o in outputs:
+        a: dict[int, str] = {}
+        if axes_in and o.dim() >= 1 and o.shape[0] == batch:
+            a[0] = BATCH_DIM
+        if has_seq and o.dim() >= 3 and seq is not None and o.shape[1] == seq:
+            a[1] = SEQ_DIM
+        res.append(a)
+    return res
+
+
+def _rename_dims(model: onnx.ModelProto, wanted: Mapping[str, Mapping[int, str]]) -> None:
+    """Rename the exporter's symbols (s0, s1, …) to the dim names in ``wanted``, everywhere."""
+    graph = model.graph
+    mapping: dict[str, str] = {}
+    for vi in list(graph.input) + list(graph.output):
+        for axis, name in wanted.get(vi.name, {}).items():
+            dims = vi.type.tensor_type.shape.dim
+            if axis < len(dims) and dims[axis].dim_param and dims[axis].dim_param != name:
+                mapping.setdefault(dims[axis].dim_param, name)
+    if not mapping:
+        return
+
+    def fix(vis: Iterable[onnx.ValueInfoProto]):
+        for vi in vis:
+            if not vi.type.HasField("tensor_type"):
+                continue
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param in mapping:
+                    d.dim_param = mapping[d.dim_param]
+
+    def walk(g: onnx.GraphProto):
+        fix(g.input)
+        fix(g.output)
+        fix(g.value_info)
+        for n in g.node:
+            for at in n.attribute:
+                if at.type == onnx.AttributeProto.GRAPH:
+                    walk(at.g)
+                elif at.type == onnx.AttributeProto.GRAPHS:
+                    for sg in at.graphs:
+                        walk(sg)
+
+    walk(graph)
+
+
+# --------------------------------------------------------------------------------------------
+# error condensation
+# --------------------------------------------------------------------------------------------
+
+_OP_PATTERNS = (
+    re.compile(r"(aten::[A-Za-z_0-9.]+)"),
+    re.compile(r"(aten\.[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)"),
+    re.compile(r"operator '?([A-Za-z_:0-9.]+)'?"),
+    re.compile(r"target[= ]'?([A-Za-z_:0-9.]+)'?"),
+)
+
+
+def _failing_op(msg: str) -> str | None:
+    for pat in _OP_PATTERNS:
+        m = pat.search(msg)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    chain = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 6:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    # the innermost error usually says what really went wrong
+    text = ""
+    for e in reversed(chain):
+        s = str(e).strip()
+        if s:
+            text = s
+            break
+    full = "\n".join(str(e) for e in chain)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    if len(first) > 300:
+        first = first[:297] + "..."
+    return first, full, type(chain[-1]).__name__
+
+
+def _raise_export_error(module, exporter: str, opset, exc: BaseException):
+    cls = type(module).__name__
+    first, full, etype = _one_line(exc)
+    op = _failing_op(full)
+    where = f" at op {op}" if op else ""
+    msg = f"{cls}: {exporter} ONNX export (opset {opset if opset else 'default'}) failed{where}: {etype}: {first}"
+    raise ExportError(msg, module=cls, op=op, exporter=exporter) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# main entry point
+# --------------------------------------------------------------------------------------------
+
+def export_onnx(
+    module,
+    example_inputs: Mapping[str, Any],
+    path: str | os.PathLike | None = None,
+    *,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+    dynamic: bool = True,
+    output_names: Sequence[str] | None = None,
+    external_data: bool | None = None,
+    optimize: bool = True,
+) -> onnx.ModelProto:
+    """Export ``module`` called as ``module(**example_inputs)`` to an ONNX ``ModelProto``.
+
+    exporter: ``"dynamo"`` (torch.export; opset = exporter default unless given) or
+    ``"legacy"`` (TorchScript; opset 17 unless given). dynamic: batch axis 0 of every input,
+    sequence axis 1 of token inputs. output_names: names of the flattened outputs.
+    path: also write the model there (external data when large / ``external_data=True``);
+    the returned proto then holds the weights loaded back from disk.
+    Raises ExportError (one line, names module class and failing op) if the exporter fails.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    names = list(example_inputs)
+    if not names:
+        raise ValueError("example_inputs is empty")
+    was_training = module.training
+    module.eval()
+    wrapper = _make_wrapper(module, names)
+
+    with torch.no_grad():
+        ref = wrapper(**example_inputs)
+    ref_outs = ref if isinstance(ref, tuple) else (ref,)
+    if output_names is None:
+        output_names = ["logits"] if len(ref_outs) == 1 else [f"output_{i}" for i in range(len(ref_outs))]
+    output_names = list(output_names)
+    if len(output_names) != len(ref_outs):
+        raise ValueError(f"{len(output_names)} output_names for {len(ref_outs)} outputs")
+
+    in_axes = _dynamic_axes_for(example_inputs, dynamic)
+    out_axes = _output_axes(ref_outs, example_inputs, in_axes) if dynamic else [{} for _ in ref_outs]
+    wanted = dict(in_axes)
+    wanted.update({n: a for n, a in zip(output_names, out_axes)})
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                proto = _export_dynamo(wrapper, example_inputs, names, output_names, in_axes, opset, optimize)
+            else:
+                proto = _export_legacy(wrapper, example_inputs, names, output_names, in_axes,
+                                       dict(zip(output_names, out_axes)), opset or LEGACY_DEFAULT_OPSET)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one ExportError
+        _raise_export_error(module, exporter, opset, exc)
+    finally:
+        if was_training:
+            module.train()
+    if dynamic:
+        _rename_dims(proto, wanted)
+    proto.doc_string = (proto.doc_string + "\n" if proto.doc_string else "") + (
+        f"lrpc.torch_export: {type(module).__name__} via {exporter} in {time.perf_counter() - t0:.1f}s"
+    )
+
+    if path is None:
+        return proto
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = _weights_nbytes(proto) >= EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    if (path.parent / data_name).exists():
+        (path.parent / data_name).unlink()  # onnx appends to an existing data file
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save_model(proto, str(tmp), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    os.replace(tmp, path)
+    return onnx.load_model(str(path), load_external_data=True)
+
+
+def _weights_nbytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for init in proto.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else init.ByteSize()
+    return total
+
+
+def _export_dynamo(wrapper, example_inputs, names, output_names, in_axes, opset, optimize) -> onnx.ModelProto:
+    import torch
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    dynamic_shapes = None
+    if in_axes:
+        dynamic_shapes = {}
+        for name in names:
+            spec = {}
+            for axis, dname in in_axes[name].items():
+                if dname not in dims:
+                    # min=1 so batch / sequence 1 stay legal at run time
+                    dims[dname] = Dim(dname, min=1, max=1 << 16) if dname == BATCH_DIM else Dim(dname, min=1, max=1 << 16)
+                spec[axis] = dims[dname]
+            dynamic_shapes[name] = spec or None
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    prog = torch.onnx.export(
+        wrapper, (), None, kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
+        input_names=names, output_names=output_names, optimize=optimize, verbose=False, **kwargs,
+    )
+    return prog.model_proto
+
+
+def _export_legacy(wrapper, example_inputs, names, output_names, in_axes, out_axes, opset) -> onnx.ModelProto:
+    import torch
+
+    dynamic_axes = {**in_axes, **{k: v for k, v in out_axes.items() if v}} or None
+    buf = io.BytesIO()
+    torch.onnx.export(
+        wrapper, tuple(example_inputs[n] for n in names), buf, dynamo=False, opset_version=opset,
+        input_names=names, output_names=output_names, dynamic_axes=dynamic_axes,
+        do_constant_folding=True, verbose=False,
+    )
+    return onnx.load_model_from_string(buf.getvalue())

@@ -1,0 +1,82 @@
+"""Dataflow facts the passes share: which ops are elementwise, and the DAG of relevance-carrying tensors
+with its dominator and post-dominator trees (networkx)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import onnx_ir as ir
+
+# Ops that act elementwise (with broadcasting) on their float operands.
+ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log", "Cast", "CastLike",
+    "Identity", "Clip", "Max", "Min", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "Softplus", "Mish", "Elu",
+    "LeakyRelu", "HardSigmoid", "HardSwish", "Sin", "Cos", "Where", "Expand", "Sign", "Softsign", "Selu",
+    "Celu", "ThresholdedRelu", "PRelu", "Sum", "Mean", "Dropout",
+}
+# Nonlinear elementwise ops that start an activation region (DESIGN.md, "Activation regions").
+NONLINEAR = {"Sigmoid", "Tanh", "Erf", "Gelu", "Relu", "Exp", "Softplus", "Mish", "Elu", "LeakyRelu",
+             "HardSigmoid", "HardSwish", "Selu", "Celu", "Softsign", "ThresholdedRelu", "PRelu"}
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceL1", "ReduceLogSumExp",
+              "ReduceMax", "ReduceMin"}
+
+ROOT, SINK = "<sources>", "<outputs>"
+
+
+def is_default_domain(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def elementwise(node: ir.Node | None) -> bool:
+    return node is not None and is_default_domain(node) and node.op_type in ELEMENTWISE
+
+
+def carrying_inputs(node: ir.Node, carrying: set[ir.Value]) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and v in carrying]
+
+
+def elementwise_ancestry(start: ir.Value, carrying: set[ir.Value]) -> set[ir.Value]:
+    """`start` and every carrying tensor reached from it upwards through elementwise ops only."""
+    seen, stack = set(), [start]
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if elementwise(producer):
+            stack.extend(carrying_inputs(producer, carrying))
+    return seen
+
+
+class CarryingDAG:
+    """Tensors that carry relevance as a DAG (edges through the nodes that relate them), rooted at a
+    virtual source before every attribution point and closed by a virtual sink after every output."""
+
+    def __init__(self, graph: ir.Graph, carrying: set[ir.Value]):
+        dag = nx.DiGraph()
+        dag.add_node(ROOT)
+        dag.add_node(SINK)
+        for node in graph:
+            outs = [o for o in node.outputs if o in carrying]
+            ins = carrying_inputs(node, carrying)
+            for o in outs:
+                for i in ins:
+                    dag.add_edge(i, o)
+        for value in list(dag.nodes):
+            if value in (ROOT, SINK):
+                continue
+            if dag.in_degree(value) == 0:
+                dag.add_edge(ROOT, value)
+            if dag.out_degree(value) == 0 or value.is_graph_output():
+                dag.add_edge(value, SINK)
+        self.dag = dag
+        self.order = {v: i for i, v in enumerate(nx.topological_sort(dag))}
+        self.idom = nx.immediate_dominators(dag, ROOT)
+        self.ipdom = nx.immediate_dominators(dag.reverse(copy=False), SINK)
+
+    def between(self, top: ir.Value, bottom: ir.Value) -> set[ir.Node]:
+        """Producers of the tensors on paths top → bottom (excluding top's own producer)."""
+        below_top = nx.descendants(self.dag, top)
+        above_bottom = nx.ancestors(self.dag, bottom)
+        values = (below_top & above_bottom) | {bottom}
+        return {v.producer() for v in values if isinstance(v, ir.Value) and v.producer() is not None}

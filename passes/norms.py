@@ -1,0 +1,66 @@
+"""Normalisations get the identity rule on their statistic (AttnLRP Prop. 3.4): the std / rms / norm is a
+constant for relevance, which flows through the centring x − mean(x) and the affine part only.
+
+Found by dataflow, not by op sequence: a Mul or Div whose operands a, b both carry relevance is a
+normalisation when b is made, through elementwise ops only, from a reduction whose input is
+elementwise-derived from the same tensors as a. That covers RMSNorm in every exported variant, a
+hand-written LayerNorm, Gemma's (1 + w) scale, query/key norms and a final L2 normalisation, and leaves
+mean pooling (Σ h·m / Σ m: the denominator carries nothing) linear.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .dataflow import REDUCTIONS, carrying_inputs, elementwise, elementwise_ancestry, is_default_domain
+
+NAME = "norms"
+# Normalisation ops with their own frozen-statistic rule (see lrpc.rules.LRP_RULES).
+NORM_OPS = {"LayerNormalization": "layernorm-frozen-std", "RMSNormalization": "rmsnorm-frozen-rms",
+            "LpNormalization": "lpnorm-frozen-norm", "GroupNormalization": "groupnorm-frozen-std",
+            "InstanceNormalization": "groupnorm-frozen-std"}
+
+
+def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] | None:
+    """The reductions b is made from through elementwise ops only, or None if b is not such a statistic."""
+    reductions, stack, seen = [], [b], set()
+    while stack:
+        value = stack.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if producer is not None and is_default_domain(producer) and producer.op_type in REDUCTIONS:
+            reductions.append(producer)
+        elif elementwise(producer):
+            stack.extend(carrying_inputs(producer, carrying))
+        else:
+            return None  # a non-elementwise op on the way: b is not a pure statistic
+    return reductions or None
+
+
+def check_statistic(node: ir.Node, index: int, carrying: set[ir.Value]) -> str | None:
+    """Why operand `index` of `node` is not a normalisation statistic (None when it is one)."""
+    a, b = node.inputs[1 - index], node.inputs[index]
+    reductions = statistic_reductions(b, carrying)
+    if reductions is None:
+        return "the operand is not made from a reduction through elementwise ops only"
+    a_side = elementwise_ancestry(a, carrying)
+    for reduction in reductions:
+        if elementwise_ancestry(reduction.inputs[0], carrying) & a_side:
+            return None
+    return "the reduction's input does not share elementwise ancestry with the other operand"
+
+
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+    for node in graph:
+        if not is_default_domain(node):
+            continue
+        if node.op_type in NORM_OPS and node.inputs[0] in carrying:
+            plan.claim(node, NORM_OPS[node.op_type], NAME)
+        elif node.op_type in ("Mul", "Div") and len(carrying_inputs(node, carrying)) == 2:
+            candidates = (1,) if node.op_type == "Div" else (1, 0)
+            for index in candidates:
+                if check_statistic(node, index, carrying) is None:
+                    plan.claim(node, "frozen", NAME, notes={"statistic": node.inputs[index].name}, frozen=index)
+                    break

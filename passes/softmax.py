@@ -1,0 +1,20 @@
+"""Softmax: under AttnLRP the softmax rule (Prop. 3.1), R_in,i = x_i (R_out,i − s_i Σ_j R_out,j), which is
+the exact VJP in Gradient×Input form; under CP-LRP no relevance flows into it (its output is a constant)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .dataflow import is_default_domain
+
+NAME = "softmax"
+
+
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+    for node in graph:
+        if is_default_domain(node) and node.op_type == "Softmax" and node.inputs[0] in carrying:
+            if plan.preset == "cp-lrp":
+                if plan.claim(node, "none", NAME):
+                    plan.cut.add(node.outputs[0])
+            else:
+                plan.claim(node, "softmax", NAME)
