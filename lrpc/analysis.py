@@ -88,6 +88,11 @@ def find_attributions(graph: ir.Graph, names: list[str] | None = None) -> list[A
     return attributions
 
 
+def _maybe_float(value: ir.Value) -> bool:
+    """Float, or of unknown type (a custom op's output): assume it carries, so a missing rule is reported."""
+    return value.dtype is None or is_float(value)
+
+
 def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Value] = frozenset()) -> set[ir.Value]:
     """Forward closure: float outputs of differentiable ops with a carrying input. `cut` values are constants."""
     carrying = set(sources)
@@ -95,5 +100,5 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
         if node.op_type in NON_DIFFERENTIABLE:
             continue
         if any(i is not None and i in carrying for i in node.inputs):
-            carrying.update(o for o in node.outputs if is_float(o) and o not in cut)
+            carrying.update(o for o in node.outputs if _maybe_float(o) and o not in cut)
     return carrying

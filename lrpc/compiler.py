@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc import __version__, contract
+from lrpc import __version__, contract, planio
 from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
 from lrpc.emitter import Emitter
@@ -51,9 +51,17 @@ def analyse_and_plan(ir_model: ir.Model, preset: str, attribute=None, options: O
 
 
 def plan_model(model, preset: str = "attnlrp", attribute=None, options: Options = Options()) -> Plan:
-    """The rule assignment alone (what `lrpc plan` prints), without emitting anything."""
+    """The rule assignment alone, without emitting anything."""
     ir_model = load(model)
     return analyse_and_plan(ir_model, preset, attribute, options)[2]
+
+
+def plan_document(model, preset: str = "attnlrp", attribute=None, options: Options = Options(),
+                  source: str = "") -> dict:
+    """The plan as `lrpc plan --format json` writes it (rows in graph order and a summary)."""
+    ir_model = load(model)
+    plan = analyse_and_plan(ir_model, preset, attribute, options)[2]
+    return planio.to_json(plan, ir_model.graph, source)
 
 
 def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name: str | None = None,

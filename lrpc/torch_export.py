@@ -29,7 +29,7 @@ module class, the exporter and, when visible, the failing aten op.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import io
 import os
 import re
@@ -159,6 +159,25 @@ def _output_axes(outputs: Sequence[Any], example_inputs: Mapping[str, Any], axes
     return res
 
 
+def _fix_static_output_dims(model: onnx.ModelProto, output_names, ref_outs, out_axes) -> None:
+    """Give graph outputs their static sizes where the exporter left a symbol (legacy: ``[batch,
+    'Divembedding_dim_1']``), and the declared names where it left none."""
+    for vi in model.graph.output:
+        if vi.name not in output_names:
+            continue
+        i = output_names.index(vi.name)
+        ref, axes = ref_outs[i], out_axes[i]
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != ref.dim():
+            continue
+        for axis, d in enumerate(dims):
+            if axis in axes:
+                if not d.dim_param and not d.HasField("dim_value"):
+                    d.dim_param = axes[axis]
+            elif d.dim_param:
+                d.dim_value = int(ref.shape[axis])
+
+
 def _rename_dims(model: onnx.ModelProto, wanted: Mapping[str, Mapping[int, str]]) -> None:
     """Rename the exporter's symbols (s0, s1, …) to the dim names in ``wanted``, everywhere."""
     graph = model.graph
@@ -234,8 +253,17 @@ def _one_line(exc: BaseException) -> str:
     return first, full, type(chain[-1]).__name__
 
 
-def _raise_export_error(module, exporter: str, opset, exc: BaseException):
+def _module_label(module) -> str:
+    """``Outer(Inner)`` for a thin wrapper around one model, else the class name."""
     cls = type(module).__name__
+    children = list(module.children())
+    if len(children) == 1:
+        cls += f"({type(children[0]).__name__})"
+    return cls
+
+
+def _raise_export_error(module, exporter: str, opset, exc: BaseException):
+    cls = _module_label(module)
     first, full, etype = _one_line(exc)
     op = _failing_op(full)
     where = f" at op {op}" if op else ""
@@ -309,8 +337,10 @@ def export_onnx(
     finally:
         if was_training:
             module.train()
+    _check_unique_names(proto, type(module).__name__, exporter)
     if dynamic:
         _rename_dims(proto, wanted)
+    _fix_static_output_dims(proto, output_names, ref_outs, out_axes)
     proto.doc_string = (proto.doc_string + "\n" if proto.doc_string else "") + (
         f"lrpc.torch_export: {type(module).__name__} via {exporter} in {time.perf_counter() - t0:.1f}s"
     )
@@ -357,11 +387,47 @@ def _export_dynamo(wrapper, example_inputs, names, output_names, in_axes, opset,
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
-    prog = torch.onnx.export(
-        wrapper, (), None, kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
-        input_names=names, output_names=output_names, optimize=optimize, verbose=False, **kwargs,
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        prog = torch.onnx.export(
+            wrapper, (), None, kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=dynamic_shapes,
+            input_names=names, output_names=output_names, optimize=optimize, verbose=False, **kwargs,
+        )
+    _free_output_names(prog.model.graph)
     return prog.model_proto
+
+
+def _free_output_names(graph) -> None:
+    """The dynamo exporter names internal values after their op (``embedding``, ``linear_4``…);
+    one may carry a requested output name and make the model invalid ("Duplicate definition").
+    Rename every such internal value (onnx-ir graph) so the graph outputs own their names."""
+    out_names = {v.name for v in graph.outputs}
+    taken: set[str] = set()
+    values = list(graph.inputs) + list(graph.initializers.values())
+    for node in graph.all_nodes() if hasattr(graph, "all_nodes") else graph:
+        values.extend(node.outputs)
+    for v in values:
+        if v.name:
+            taken.add(v.name)
+    outputs = set(id(v) for v in graph.outputs)
+    for v in values:
+        if v.name in out_names and id(v) not in outputs and not v.is_graph_input() and not v.is_initializer():
+            k = 1
+            while f"{v.name}_{k}" in taken:
+                k += 1
+            v.name = f"{v.name}_{k}"
+            taken.add(v.name)
+
+
+def _check_unique_names(proto: onnx.ModelProto, module_cls: str, exporter: str) -> None:
+    seen: set[str] = set()
+    defined = [i.name for i in proto.graph.input] + [i.name for i in proto.graph.initializer]
+    defined += [o for n in proto.graph.node for o in n.output if o]
+    for name in defined:
+        if name in seen:
+            raise ExportError(f"{module_cls}: {exporter} ONNX export produced an invalid model: "
+                              f"value {name!r} is defined twice (rename the output)", module=module_cls,
+                              exporter=exporter)
+        seen.add(name)
 
 
 def _export_legacy(wrapper, example_inputs, names, output_names, in_axes, out_axes, opset) -> onnx.ModelProto:

@@ -1,0 +1,283 @@
+"""An independent PyTorch reference for AttnLRP (Achtibat et al. 2024), used as an oracle by the tests.
+
+The rules are written as torch.autograd.Functions, so that input × (modified) gradient of a module run
+with `lrp=True` is the AttnLRP relevance of its input (Gradient×Input form, DESIGN.md):
+
+- identity rule for elementwise activations (Eq. 9): ĝ_x = ĝ_y ⊙ y / (x + ε·sign(x)), ε = 1e-10, sign(0) = 1;
+- uniform rule for a product of two relevance-carrying operands (Prop. 3.2/3.3): each operand gets ½ of
+  its exact VJP;
+- identity rule on a normalisation statistic (Prop. 3.4): the rms / std is `.detach()`ed;
+- softmax rule (Prop. 3.1): in Gradient×Input form it is plain autograd through the softmax.
+
+Linear layers keep their exact gradient (the ε-rule with ε → 0). The blocks below take `lrp=False` for
+the plain forward (what is exported to ONNX) and `lrp=True` for the rule-modified forward; both compute
+the same values. Nothing here imports lrpc.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATION_EPS = 1e-10
+
+
+# ---- rules as autograd Functions -----------------------------------------------------------------
+
+class _IdentityRule(torch.autograd.Function):
+    """y = f(x); backward ĝ_x = ĝ_y ⊙ y / (x + ε·sign(x)) with sign(0) = 1 (AttnLRP Eq. 9)."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        eps = torch.where(x >= 0, torch.full_like(x, ACTIVATION_EPS), torch.full_like(x, -ACTIVATION_EPS))
+        return grad * y / (x + eps), None
+
+
+def identity_rule(fn, x):
+    return _IdentityRule.apply(x, fn)
+
+
+def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
+    """Undo broadcasting: sum `grad` down to `shape`."""
+    return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+
+class _UniformMatMul(torch.autograd.Function):
+    """y = a @ b with both operands carrying relevance: ĝ_a = ½ ĝ_y bᵀ, ĝ_b = ½ aᵀ ĝ_y (Prop. 3.2/3.3)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = 0.5 * grad
+        return _sum_to(grad @ b.transpose(-1, -2), a.shape), _sum_to(a.transpose(-1, -2) @ grad, b.shape)
+
+
+class _UniformMul(torch.autograd.Function):
+    """y = a ⊙ b with both operands carrying relevance: each gets ½ of its exact VJP (Prop. 3.3)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = 0.5 * grad
+        return _sum_to(grad * b, a.shape), _sum_to(grad * a, b.shape)
+
+
+def matmul(a, b, lrp: bool):
+    return _UniformMatMul.apply(a, b) if lrp else a @ b
+
+
+def mul(a, b, lrp: bool):
+    return _UniformMul.apply(a, b) if lrp else a * b
+
+
+def gelu(x, lrp: bool, approximate: str = "none"):
+    fn = lambda v: F.gelu(v, approximate=approximate)  # noqa: E731
+    return identity_rule(fn, x) if lrp else fn(x)
+
+
+def silu(x, lrp: bool):
+    return identity_rule(F.silu, x) if lrp else F.silu(x)
+
+
+# ---- blocks ----------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x · 1/sqrt(mean(x²) + eps) · w; with lrp the rms is frozen (Prop. 3.4)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.2 * torch.randn(d))
+        self.eps = eps
+
+    def forward(self, x, lrp: bool = False):
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * (inv.detach() if lrp else inv) * self.weight
+
+
+class LayerNorm(nn.Module):
+    """(x − μ)/σ · w + b; exported plainly as F.layer_norm (the LayerNormalization op). With lrp σ is frozen:
+    relevance flows through the centring x − μ only (Prop. 3.4)."""
+
+    def __init__(self, d: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.2 * torch.randn(d))
+        self.bias = nn.Parameter(0.1 * torch.randn(d)) if bias else None
+        self.eps = eps
+
+    def forward(self, x, lrp: bool = False):
+        if not lrp:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        centred = x - x.mean(-1, keepdim=True)
+        std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps).detach()
+        y = centred / std * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: softmax(q kᵀ/√d_h + causal −inf mask) v, optional rotary embedding.
+    With lrp, both q·kᵀ and A·v use the uniform rule (so q, k end with ¼, v with ½) and the softmax is
+    plain autograd (the softmax rule)."""
+
+    def __init__(self, d: int, heads: int, causal: bool = True, rotary: bool = False, bias: bool = True):
+        super().__init__()
+        self.d, self.heads, self.dh = d, heads, d // heads
+        self.causal, self.rotary = causal, rotary
+        self.q, self.k = nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias)
+        self.v, self.o = nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.dh, 2).float() / self.dh))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.captured: dict[str, torch.Tensor] = {}
+        self.capture = False
+
+    def _rope(self, x, seq: int):
+        t = torch.arange(seq, dtype=torch.float32, device=x.device)
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return x * emb.cos() + _rotate_half(x) * emb.sin()
+
+    def forward(self, x, lrp: bool = False):
+        b, s, _ = x.shape
+        split = lambda t: t.view(b, s, self.heads, self.dh).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.rotary:
+            q, k = self._rope(q, s), self._rope(k, s)
+        scores = matmul(q, k.transpose(-1, -2), lrp) * (1.0 / math.sqrt(self.dh))
+        if self.capture:
+            scores.retain_grad()
+            self.captured["scores"] = scores
+        if self.causal:
+            keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if self.capture:
+            probs.retain_grad()
+            self.captured["probs"] = probs
+        out = matmul(probs, v, lrp).transpose(1, 2).reshape(b, s, self.d)
+        return self.o(out)
+
+
+class GatedMLP(nn.Module):
+    """down(SiLU(gate(x)) ⊙ up(x)): identity rule on the SiLU, uniform rule on the gating product."""
+
+    def __init__(self, d: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate, self.up = nn.Linear(d, hidden, bias=bias), nn.Linear(d, hidden, bias=bias)
+        self.down = nn.Linear(hidden, d, bias=bias)
+
+    def forward(self, x, lrp: bool = False):
+        return self.down(mul(silu(self.gate(x), lrp), self.up(x), lrp))
+
+
+class GeluMLP(nn.Module):
+    """fc2(GELU(fc1(x))): identity rule on the GELU (its input includes fc1's bias)."""
+
+    def __init__(self, d: int, hidden: int, bias: bool = True, approximate: str = "none"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden, bias=bias), nn.Linear(hidden, d, bias=bias)
+        self.approximate = approximate
+
+    def forward(self, x, lrp: bool = False):
+        return self.fc2(gelu(self.fc1(x), lrp, self.approximate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int, rotary: bool, bias: bool):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.attn = Attention(d, heads, causal=True, rotary=rotary, bias=bias)
+        self.mlp = GatedMLP(d, hidden, bias=bias)
+
+    def forward(self, x, lrp: bool = False):
+        x = x + self.attn(self.norm1(x, lrp), lrp)
+        return x + self.mlp(self.norm2(x, lrp), lrp)
+
+
+class TinyDecoder(nn.Module):
+    """embedding → [RMSNorm → attention → residual → RMSNorm → gated MLP → residual] × L → RMSNorm → lm head."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, heads: int = 2, hidden: int = 24, layers: int = 2,
+                 rotary: bool = True, bias: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(DecoderLayer(d, heads, hidden, rotary, bias) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def from_embeddings(self, h, lrp: bool = False):
+        for layer in self.layers:
+            h = layer(h, lrp)
+        return self.head(self.norm(h, lrp))
+
+    def forward(self, input_ids, lrp: bool = False):
+        return self.from_embeddings(self.embed(input_ids), lrp)
+
+
+class _Lrp(nn.Module):
+    """Wraps a block so that its plain forward (lrp=False) is what torch.onnx.export sees."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, False)
+
+
+def exportable(block: nn.Module) -> nn.Module:
+    return _Lrp(block).eval()
+
+
+# ---- reference relevance ----------------------------------------------------------------------------
+
+def _seed(y: torch.Tensor, target, position=None) -> torch.Tensor:
+    """One-hot ĝ at y[b, (position,) target] for every row b; negative positions count from the end."""
+    seed = torch.zeros_like(y)
+    for row, t in enumerate(target):
+        if y.dim() == 3:
+            seed[row, int(position[row]), int(t)] = 1.0
+        else:
+            seed[row, int(t)] = 1.0
+    return seed
+
+
+def relevance(block: nn.Module, x: torch.Tensor, target, position=None, lrp: bool = True):
+    """(R_x = x ⊙ ĝ_x, explained values) for a block that takes a float tensor."""
+    x = x.detach().clone().requires_grad_(True)
+    y = block(x, lrp)
+    seed = _seed(y, target, position)
+    (grad,) = torch.autograd.grad(y, x, seed)
+    return (x * grad).detach(), (y * seed).flatten(1).sum(1).detach()
+
+
+def token_relevance(model: TinyDecoder, ids: torch.Tensor, target, position, lrp: bool = True):
+    """(one relevance per token = embedding-output relevance summed over hidden, explained values)."""
+    h = model.embed(ids).detach().requires_grad_(True)
+    y = model.from_embeddings(h, lrp)
+    seed = _seed(y, target, position)
+    (grad,) = torch.autograd.grad(y, h, seed)
+    return (h * grad).sum(-1).detach(), (y * seed).flatten(1).sum(1).detach()
