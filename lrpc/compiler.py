@@ -38,6 +38,7 @@ def load(model) -> ir.Model:
     if contract.read_metadata({p.key: p.value for p in proto.metadata_props}) is not None:
         raise LrpcError("this model is already an lrpc explainer; compile the original model instead")
     ir_model = to_ir(canonicalize(proto), base)
+    common_passes.NameFixPass()(ir_model)  # every node named, so errors and plans can point at it
     ir_model.graph.sort()
     return ir_model
 

@@ -65,22 +65,26 @@ def _swap_last(n, v, r):
 
 
 def _matmul(n, g):
-    """y = a @ b (numpy matmul semantics, rank-1 operands promoted)."""
+    """y = a @ b (numpy matmul semantics, rank-1 operands promoted). Each thunk needs only the rank of
+    the operand it transposes, so a weight of known rank suffices when the activation's rank is unknown."""
     b = n.b
     ra, rb = n.rank(0), n.rank(1)
-    if ra is None or rb is None:
-        raise LrpcError(f"node '{n.node.name}' (MatMul): operand ranks unknown after shape inference; "
-                        "re-export the model with static ranks")
+
+    def known(r, i):
+        if r is None:
+            raise LrpcError(f"node '{n.node.name}' (MatMul): rank of operand {i} unknown after shape inference; "
+                            "re-export the model with static ranks")
+        return r
     if rb == 1:   # y[..., m] = a[..., m, k] · b[k]
         return (lambda: b.Mul(b.Unsqueeze(g, b.i64([-1])), n.x(1)),
                 lambda: b.ReduceSum(b.Mul(n.x(0), b.Unsqueeze(g, b.i64([-1]))),
-                                    b.i64(list(range(ra - 1))), keepdims=0) if ra > 1 else b.Mul(n.x(0), g))
+                                    b.i64(list(range(known(ra, 0) - 1))), keepdims=0) if ra != 1 else b.Mul(n.x(0), g))
     if ra == 1:   # y[..., n] = a[k] · b[..., k, n]
         return (lambda: b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([-2])), n.x(1)),
-                                    b.i64(list(range(rb - 2)) + [rb - 1]), keepdims=0),
+                                    b.i64(list(range(known(rb, 1) - 2)) + [rb - 1]), keepdims=0),
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
-    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), rb)), 0),
-            lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), ra), g), 1))
+    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0),
+            lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1))
 
 
 def _gemm(n, g):

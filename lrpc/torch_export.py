@@ -333,7 +333,7 @@ def export_onnx(
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one ExportError
-        _raise_export_error(module, exporter, opset, exc)
+        _raise_export_error(module, exporter, opset or (LEGACY_DEFAULT_OPSET if exporter == "legacy" else None), exc)
     finally:
         if was_training:
             module.train()
