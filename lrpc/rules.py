@@ -177,21 +177,29 @@ def _slice_scatter(n, g, starts, ends, axes):
 
 
 def _gather(n, g):
+    """y = take(x, idx, axis): ĝ_x scatter-adds ĝ_y back to the positions read (indices may repeat)."""
     b = n.b
     axis, r = n.attr("axis", 0), n.rank(0)
-    if r is None:
-        raise LrpcError(f"node '{n.node.name}' (Gather): data rank unknown; re-export with static ranks")
-    axis = axis % r
+    axis = axis % r if r is not None else axis
+    flat = lambda: b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1]))
 
-    def scatter():
-        flat = b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1]))
-        shape_x = b.Shape(n.raw(0))
-        pieces = ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + [b.Shape(flat)] + \
-                 ([b.Shape(n.raw(0), start=axis + 1)] if axis + 1 < r else [])
-        g_r = b.Reshape(g, b.Concat(*pieces, axis=0))
-        index = b.Expand(b.Reshape(flat, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
-        return b.ScatterElements(n.zeros_like(shape_x), index, g_r, axis=axis, reduction="add")
-    return (scatter, None)
+    def rows(flat_idx):  # ĝ_y with the index axes flattened into one: [*x.shape[:axis], n, *x.shape[axis+1:]]
+        pieces = ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + [b.Shape(flat_idx)] + \
+                 [b.Shape(n.raw(0), start=axis + 1)]
+        return b.Reshape(g, b.Concat(*pieces, axis=0))
+
+    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k
+        idx = flat()
+        return b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
+
+    def scatter_elements():
+        if r is None:
+            raise LrpcError(f"node '{n.node.name}' (Gather): data rank unknown; re-export with static ranks")
+        idx = flat()
+        g_r = rows(idx)
+        index = b.Expand(b.Reshape(idx, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
+        return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g_r, axis=axis, reduction="add")
+    return (scatter_rows if axis == 0 else scatter_elements, None)
 
 
 def _gather_elements(n, g):

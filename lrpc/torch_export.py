@@ -30,6 +30,7 @@ module class, the exporter and, when visible, the failing aten op.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import re
@@ -85,9 +86,30 @@ def _flatten_outputs(out: Any) -> tuple:
     raise TypeError(f"cannot turn a {type(out).__name__} output into tensors")
 
 
-def _make_wrapper(module, names: Sequence[str]):
-    """An nn.Module whose forward takes ``names`` positionally and returns plain tensors."""
+def _takes_names_positionally(module, names: Sequence[str]) -> bool:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    pos = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if pos[: len(names)] != list(names):
+        return False
+    # every later parameter must have a default
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params[len(names):])
+
+
+def _make_wrapper(module, names: Sequence[str], out: Any = None):
+    """An nn.Module whose forward takes ``names`` positionally and returns plain tensors.
+
+    The module itself when it already does (so initializer names keep their state-dict keys),
+    else a thin wrapper (initializers then start with ``inner.``)."""
     import torch
+
+    if isinstance(out, torch.Tensor) and _takes_names_positionally(module, names):
+        return module
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ValueError(f"input names must be Python identifiers to wrap the module, got {bad}")
 
     class _PlainOutputs(torch.nn.Module):
         def __init__(self, inner):
@@ -233,7 +255,7 @@ def _failing_op(msg: str) -> str | None:
     return None
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> tuple[str, str, str]:
     chain = []
     e: BaseException | None = exc
     while e is not None and len(chain) < 6:
@@ -305,11 +327,10 @@ def export_onnx(
         raise ValueError("example_inputs is empty")
     was_training = module.training
     module.eval()
-    wrapper = _make_wrapper(module, names)
-
     with torch.no_grad():
-        ref = wrapper(**example_inputs)
-    ref_outs = ref if isinstance(ref, tuple) else (ref,)
+        raw = module(**example_inputs)
+    wrapper = _make_wrapper(module, names, raw)
+    ref_outs = _flatten_outputs(raw)
     if output_names is None:
         output_names = ["logits"] if len(ref_outs) == 1 else [f"output_{i}" for i in range(len(ref_outs))]
     output_names = list(output_names)

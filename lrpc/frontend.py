@@ -1,0 +1,107 @@
+"""Frontends: PyTorch modules (through torch.export) and local Hugging Face folders become ONNX models
+that then run through the same pipeline as any ONNX file. Offline only: local folders and the zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+
+from lrpc.errors import LrpcError
+
+TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
+         "image-classification")
+# transformers Auto class per task
+AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
+              "feature-extraction": "AutoModel", "sentence-similarity": "AutoModel",
+              "image-classification": "AutoModelForImageClassification"}
+
+
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise LrpcError("this needs PyTorch and transformers: pip install 'lrpc[torch]'") from None
+
+
+def torch_to_onnx(module, example_inputs, *, exporter: str = "dynamo", opset: int | None = None,
+                  dynamic: bool = True, output_names=None) -> onnx.ModelProto:
+    """Trace `module(**example_inputs)` with torch.export (dynamic batch and sequence axes) into ONNX."""
+    _require_torch()
+    from lrpc.torch_export import ExportError, export_onnx
+    if example_inputs is None:
+        raise LrpcError(f"compiling a {type(module).__name__} needs example_inputs: a dict of named tensors")
+    if not isinstance(example_inputs, dict):
+        raise LrpcError("example_inputs must be a dict {input name: tensor}, the keyword arguments of forward()")
+    try:
+        return export_onnx(module, example_inputs, exporter=exporter, opset=opset, dynamic=dynamic,
+                           output_names=output_names)
+    except ExportError as exc:
+        raise LrpcError(str(exc)) from None
+
+
+def infer_task(config: dict) -> str:
+    archs = " ".join(config.get("architectures") or [])
+    if config.get("model_type") == "vit" or "ImageClassification" in archs:
+        return "image-classification"
+    if "CausalLM" in archs or "LMHead" in archs:
+        return "causal-lm"
+    if "SequenceClassification" in archs:
+        return "sequence-classification"
+    return "feature-extraction"
+
+
+def hf_module(model_dir: Path, task: str | None = None):
+    """A local Hugging Face folder as a torch module with plain tensor outputs, and example inputs."""
+    _require_torch()
+    import transformers
+
+    from lrpc.models import zoo
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise LrpcError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
+    config = json.loads(config_path.read_text())
+    task = task or infer_task(config)
+    if task not in TASKS:
+        raise LrpcError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    auto = getattr(transformers, AUTO_CLASS[task])
+    try:
+        hf = auto.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    except Exception as exc:
+        raise LrpcError(f"transformers cannot load {model_dir} as {task}: {str(exc).splitlines()[0][:200]}") from None
+    if task == "image-classification":
+        size = getattr(hf.config, "image_size", 224)
+        return zoo.HFImageModel(hf), zoo.image_inputs(2, size=size)
+    vocab = getattr(hf.config, "vocab_size", 100)
+    inputs = zoo.token_inputs(2, 7, vocab=vocab)
+    if task == "sentence-similarity":
+        return zoo.HFSentenceEmbedder(hf), inputs
+    output = "last_hidden_state" if task == "feature-extraction" else "logits"
+    return zoo.HFTokenModel(hf, output=output), inputs
+
+
+def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str | os.PathLike | None = None,
+              opset: int | None = None, force: bool = False) -> onnx.ModelProto:
+    """Export a local Hugging Face folder or a zoo name to ONNX (written atomically when `output` is given)."""
+    from lrpc import models
+    path = Path(model)
+    if path.is_dir():
+        module, inputs = hf_module(path, task)
+        names = ["logits" if (task or "") != "feature-extraction" else "last_hidden_state"]
+    elif str(model) in models.names():
+        entry = models.get(str(model))
+        module, inputs = entry.build()
+        names = [entry.output_name]
+    else:
+        raise LrpcError(f"{model} is neither a local Hugging Face folder nor a zoo model (`lrpc zoo` lists them)")
+    proto = torch_to_onnx(module, inputs, opset=opset, output_names=names)
+    if output is not None:
+        import onnx_ir as ir
+
+        from lrpc.loading import save_model
+        save_model(ir.serde.deserialize_model(proto), output, force=force)
+    return proto
