@@ -76,6 +76,7 @@ class Emitter:
     def __init__(self, graph: ir.Graph, plan: Plan, carrying: set[ir.Value], builder: Builder):
         self.graph, self.plan, self.carrying, self.b = graph, plan, carrying, builder
         self.values = {v.name: v for v in carrying}
+        self.nodes = {n.name: n for n in graph}
         self._f32: dict[ir.Value, ir.Value] = {}
 
     def as_f32(self, value: ir.Value) -> ir.Value:

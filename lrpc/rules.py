@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from lrpc.errors import LrpcError
+from lrpc.graph import const_array
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
 
@@ -474,23 +475,48 @@ def _lp_norm_frozen(n, g):
     return (lambda: b.Div(g, b.ReduceL2(n.x(0), b.i64([n.attr("axis", -1)]), keepdims=1)),)
 
 
-def _linear_epsilon(n, g, epsilon: float):
-    """ε-rule (Eq. 8): ĝ_x = Wᵀ (ĝ_z ⊙ z / (z + ε·sign z)), z the layer's output."""
-    b, z = n.b, n.y()
-    stab = b.Add(z, b.Where(b.GreaterOrEqual(z, b.f32(0.0)), b.f32(epsilon), b.f32(-epsilon)))
-    return VJP[n.node.op_type](n, b.Mul(g, b.Div(z, stab)))[:1]
-
-
-def _linear_gamma(n, g, gamma: float):
-    """γ-rule: ĝ_x = W_γᵀ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + γ·W⁺ (and b + γ·b⁺), z_γ = x W_γ."""
-    b, node = n.b, n.node
-    boosted = [v if i == 0 or v is None else b.Add(v, b.Mul(b.f32(gamma), b.Relu(n.x(i))))
-               for i, v in enumerate(node.inputs)]
-    z_gamma = b.op(node.op_type, *[n.x(0)] + boosted[1:], **{k: a.value for k, a in node.attributes.items()})
-    stab = b.Add(z_gamma, b.Where(b.GreaterOrEqual(z_gamma, b.f32(0.0)), b.f32(1e-6), b.f32(-1e-6)))
+def _layer(n, name: str):
+    """The linear layer node a rule record refers to (the node itself, or the MatMul before its bias Add)."""
     from lrpc.emitter import Local
-    boosted_node = Local(n.em, z_gamma.producer(), [None])
-    return VJP[node.op_type](boosted_node, b.Mul(g, b.Div(n.y(), stab)))[:1]
+    if n.node.name == name:
+        return n
+    return Local(n.em, n.em.nodes[name], [None])
+
+
+def _stabilised(b, z, eps: float):
+    return b.Add(z, b.Where(b.GreaterOrEqual(z, b.f32(0.0)), b.f32(eps), b.f32(-eps)))
+
+
+def _linear_epsilon(n, g, epsilon: float, layer: str):
+    """ε-rule (Eq. 8): ĝ_x = Wᵀ (ĝ_z ⊙ z / (z + ε·sign z)), z the layer's output including its bias."""
+    b, z = n.b, n.y()
+    layer_node = _layer(n, layer)
+    scaled = b.Mul(g, b.Div(z, _stabilised(b, z, epsilon)))
+    return {layer_node.raw(0): VJP[layer_node.node.op_type](layer_node, scaled)[0]}
+
+
+def _linear_gamma(n, g, gamma: float, layer: str):
+    """γ-rule: ĝ_x = W_γᵀ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + γ·W⁺ and b_γ = b + γ·b⁺ folded at compile time,
+    z_γ = x W_γ + b_γ."""
+    from lrpc.emitter import Local
+    b = n.b
+    layer_node = _layer(n, layer)
+    node = layer_node.node
+
+    def boosted(value):
+        array = const_array(value)
+        if array is None:
+            raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
+        array = array.astype(np.float32)
+        return b.const(array + gamma * np.maximum(array, 0), hint="gamma_weight")
+    inputs = [layer_node.x(0)] + [None if v is None else boosted(v) for v in node.inputs[1:]]
+    z_gamma = b.op(node.op_type, *inputs, **{k: a.value for k, a in node.attributes.items()})
+    boosted_layer = Local(n.em, z_gamma.producer(), [None])
+    if n.node is not node:  # the bias Add after a MatMul
+        bias = n.raw(1) if n.raw(0) is node.outputs[0] else n.raw(0)
+        z_gamma = b.Add(z_gamma, boosted(bias))
+    scaled = b.Mul(g, b.Div(n.y(), _stabilised(b, z_gamma, 1e-6)))
+    return {layer_node.raw(0): VJP[node.op_type](boosted_layer, scaled)[0]}
 
 
 LRP_RULES.update({

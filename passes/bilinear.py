@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .dataflow import carrying_inputs, is_default_domain
+from .dataflow import carrying_inputs, is_default_domain, live_values, single_path_source
 
 NAME = "bilinear"
 PRODUCTS = {"MatMul", "Mul", "Einsum"}
@@ -18,12 +18,14 @@ def activation_outputs(plan) -> set[str]:
 
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
     gated = activation_outputs(plan) if plan.preset == "cp-lrp" else set()
+    live = live_values(graph, carrying, plan)  # products inside a frozen statistic get no relevance
     for node in graph:
         if not (is_default_domain(node) and node.op_type in PRODUCTS) or node in plan.records:
             continue
-        if len(node.inputs) != 2 or len(carrying_inputs(node, carrying)) != 2:
+        if len(node.inputs) != 2 or len(carrying_inputs(node, carrying)) != 2 or node.outputs[0] not in live:
             continue
-        activated = [i for i, v in enumerate(node.inputs) if v.name in gated]
+        activated = [i for i, v in enumerate(node.inputs)
+                     if any(u.name in gated for u in single_path_source(v, carrying))]
         if len(activated) == 1:
             plan.claim(node, "gated", NAME, frozen=activated[0])
         else:

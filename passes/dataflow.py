@@ -80,3 +80,32 @@ class CarryingDAG:
         above_bottom = nx.ancestors(self.dag, bottom)
         values = (below_top & above_bottom) | {bottom}
         return {v.producer() for v in values if isinstance(v, ir.Value) and v.producer() is not None}
+
+
+def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]:
+    """Carrying tensors that relevance actually reaches from the graph outputs under the plan so far:
+    a frozen statistic, the blocked side of a gating product and a CP-LRP softmax receive none."""
+    live = {v for v in graph.outputs if v in carrying}
+    for node in reversed(list(graph)):
+        if not any(o in live for o in node.outputs):
+            continue
+        record = plan.get(node)
+        if record is not None and record.rule == "none":
+            continue
+        blocked = {record.params["frozen"]} if record is not None and "frozen" in record.params else set()
+        live.update(v for i, v in enumerate(node.inputs) if v is not None and v in carrying and i not in blocked)
+        if record is not None and "input" in record.params:  # an identity region sends to its input directly
+            live.update(v for v in carrying if v.name == record.params["input"])
+    return live
+
+
+def single_path_source(value: ir.Value, carrying: set[ir.Value]) -> list[ir.Value]:
+    """`value` and the tensors above it along ops with one carrying input (casts, reshapes, scalings)."""
+    chain = [value]
+    producer = value.producer()
+    while producer is not None and len(carrying_inputs(producer, carrying)) == 1 and \
+            (elementwise(producer) or producer.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze")):
+        value = carrying_inputs(producer, carrying)[0]
+        chain.append(value)
+        producer = value.producer()
+    return chain

@@ -1,6 +1,10 @@
 """Linear layers (MatMul / Gemm / Conv with constant weights): the ε-rule with ε → 0 is the exact VJP and
 needs no record. With options, the explicit ε-rule (Eq. 8), ĝ_x = Wᵀ(ĝ_z ⊙ z / (z + E·sign z)), or the
-γ-rule, ĝ_x = W_γᵀ(ĝ_z ⊙ z / stab(z_γ)) with W_γ = W + γ·W⁺, on layers whose node name matches `layers`."""
+γ-rule, ĝ_x = W_γᵀ(ĝ_z ⊙ z / stab(z_γ)) with W_γ = W + γ·W⁺, on layers whose node name matches `layers`.
+
+z is the layer's pre-activation including its bias: when the exporter writes nn.Linear as MatMul then
+Add(bias), the Add carries the rule and the MatMul is inside the layer.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,18 @@ NAME = "linear"
 LINEAR_OPS = {"MatMul", "Gemm", "Conv"}
 
 
+def bias_add(node: ir.Node, carrying: set[ir.Value]) -> ir.Node | None:
+    """The Add of a constant bias that is the layer output's only consumer, if any."""
+    uses = list(node.outputs[0].uses())
+    if len(uses) != 1:
+        return None
+    consumer = uses[0][0]
+    if consumer.op_type != "Add" or not is_default_domain(consumer):
+        return None
+    other = consumer.inputs[1 - uses[0][1]]
+    return consumer if other not in carrying and const_array_is_known(other) else None
+
+
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
     if options.epsilon is None and options.gamma_linear is None and options.gamma_conv is None:
         return
@@ -28,7 +44,13 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
         if len(carrying_inputs(node, carrying)) != 1 or (selected and not selected.search(node.name or "")):
             continue
         gamma = options.gamma_conv if node.op_type == "Conv" else options.gamma_linear
-        if gamma is not None:
-            plan.claim(node, "gamma", NAME, gamma=gamma)
-        elif options.epsilon is not None:
-            plan.claim(node, "epsilon", NAME, epsilon=options.epsilon)
+        rule, params = ("gamma", {"gamma": gamma}) if gamma is not None else \
+            ("epsilon", {"epsilon": options.epsilon}) if options.epsilon is not None else (None, None)
+        if rule is None:
+            continue
+        add = bias_add(node, carrying)
+        if add is not None and add not in plan.records:
+            plan.claim(add, rule, NAME, layer=node.name, **params)
+            plan.claim(node, "inside", NAME, notes={"layer_output": add.outputs[0].name})
+        else:
+            plan.claim(node, rule, NAME, layer=node.name, **params)

@@ -17,10 +17,9 @@ EXPORTS = [(name, exporter, opset) for name in models.names() for exporter, opse
 
 
 @pytest.mark.parametrize("name,exporter,opset", EXPORTS, ids=[f"{n}-{e}{o or ''}" for n, e, o in EXPORTS])
-def test_gxi_equals_autograd(name, exporter, opset, tmp_path):
+def test_gxi_equals_autograd(name, exporter, opset, tmp_path, zoo_export):
     entry = models.get(name)
-    module, example = entry.build()
-    proto = entry.export(exporter=exporter, opset=opset, module=module)
+    module, proto = zoo_export(name, exporter, opset)
     path = tmp_path / "explainer.onnx"
     lrpc.compile(proto, preset="gxi", output=path)
     explainer = lrpc.Explainer(path)
