@@ -34,13 +34,31 @@ def torch_to_onnx(module, example_inputs, *, exporter: str = "dynamo", opset: in
     from lrpc.torch_export import ExportError, export_onnx
     if example_inputs is None:
         raise LrpcError(f"compiling a {type(module).__name__} needs example_inputs: a dict of named tensors")
-    if not isinstance(example_inputs, dict):
-        raise LrpcError("example_inputs must be a dict {input name: tensor}, the keyword arguments of forward()")
+    example_inputs = named_inputs(module, example_inputs)
     try:
         return export_onnx(module, example_inputs, exporter=exporter, opset=opset, dynamic=dynamic,
                            output_names=output_names)
     except ExportError as exc:
         raise LrpcError(str(exc)) from None
+
+
+def named_inputs(module, example_inputs) -> dict:
+    """Example inputs as {forward() parameter name: tensor}; a tensor or a tuple is matched by position."""
+    import inspect
+
+    import torch
+    if isinstance(example_inputs, dict):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise LrpcError("example_inputs must be a dict {name: tensor}, a tuple of tensors, or one tensor")
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(example_inputs) > len(params):
+        raise LrpcError(f"{type(module).__name__}.forward takes {len(params)} positional inputs, "
+                        f"{len(example_inputs)} example inputs were given")
+    return {p.name: x for p, x in zip(params, example_inputs)}
 
 
 def infer_task(config: dict) -> str:
