@@ -5,5 +5,9 @@ __version__ = "0.1.0"
 from lrpc.errors import LrpcError  # noqa: E402
 from lrpc.compiler import compile, plan_model  # noqa: E402,A004
 from lrpc.runtime import Explainer, Explanation  # noqa: E402
+from lrpc.explain import Attribution, Attributions, Attributor, explain  # noqa: E402  (lrpc.explain: the function)
 
-__all__ = ["compile", "plan_model", "Explainer", "Explanation", "LrpcError", "__version__"]
+LRP = Attributor  # Captum's spelling: lrpc.LRP(model).attribute(inputs, target=...)
+
+__all__ = ["compile", "plan_model", "Explainer", "Explanation", "LrpcError", "__version__",
+           "explain", "Attributor", "LRP", "Attribution", "Attributions"]

@@ -37,7 +37,26 @@ def canonicalize(proto: onnx.ModelProto) -> onnx.ModelProto:
             raise LrpcError(f"could not upgrade the model from opset {opset} to {MIN_OPSET} ({first_line}); "
                             f"re-export it at opset {MIN_OPSET} or newer") from None
     try:
+        return shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as exc:  # noqa: BLE001
+        _refuse_contradictions(exc)
+    try:
         proto = shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:
         pass  # shapes are an aid: the emitter falls back to run-time shape arithmetic without them
     return proto
+
+
+def _refuse_contradictions(exc: Exception) -> None:
+    """A declared shape or type that contradicts what the ops compute would make lrpc explain the wrong
+    tensor (e.g. a rank-3 output declared rank 2): refuse. Other inference failures (custom ops, data-
+    dependent shapes) are not errors."""
+    text = str(exc)
+    for marker in ("Inferred shape and existing shape differ", "Inferred elem type differs from existing",
+                   "Incompatible dimensions"):
+        at = text.find(marker)
+        if at >= 0:
+            start = text.rfind("(op_type:", 0, at)
+            detail = " ".join(text[start if start >= 0 else at:].split())[:240]
+            raise LrpcError(f"the model's declared shapes or types contradict its ops ({detail}); "
+                            "re-export the model") from None

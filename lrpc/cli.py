@@ -19,6 +19,16 @@ EXAMPLES = """examples:
 """
 
 
+EXPLAIN_EXAMPLES_HINT = """examples:
+  lrpc explain llama --text "the cat sat on the"            # the predicted next token
+  lrpc explain bert --text "a great movie" --top-k 3 --html report.html
+  lrpc explain llama --text "the cat sat on the" --target mat --contrast dog
+  lrpc explain llama --text "the cat sat on the" --layers --png layers.png
+  lrpc explain hf-vit --image cat.png --png cat-lrp.png
+  lrpc explain model.onnx --file inputs.jsonl --json        # one {"text": ...} per line
+"""
+
+
 def _add_rule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="attnlrp", choices=["attnlrp", "cp-lrp", "gxi"],
                    help="rule set: attnlrp (default), cp-lrp, or gxi (plain Input×Gradient)")
@@ -47,12 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="target", choices=["target", "vector"],
                    help="target: explain y[target] (input lrp_target); vector: explain Σ seed·y (input lrp_seed)")
     p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
+    p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
+                   "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
+                   "methods); relevance is still relevance.<ids>")
     p.add_argument("--task", help="task for a Hugging Face folder (causal-lm, sequence-classification, "
                    "feature-extraction, sentence-similarity, image-classification)")
     p.add_argument("--force", action="store_true", help="overwrite -o if it exists")
+    p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
+                   "during the relevance pass: memory grows like √layers for one extra forward")
+    p.add_argument("--reuse-weights", action="store_true", help="reference the model's external-data weights "
+                   "file from the explainer instead of copying it (-o must be in that file's folder or above)")
 
     p = sub.add_parser("plan", help="print the rule assignment of a model")
     p.add_argument("model")
+    p.add_argument("--tensors", action="store_true", help="list the relevance-carrying tensors (names for --latent)")
     _add_rule_options(p)
     p.add_argument("--format", default="text", choices=["text", "json"])
     p.add_argument("-o", "--out", help="write the plan to a file instead of stdout")
@@ -81,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sentence_b", nargs="?")
     p.add_argument("--html", default="lrpc-demo.html", help="where to write the HTML report")
     p.add_argument("--cache", default=None, help="folder for the compiled explainer (default ~/.cache/lrpc)")
+
+    p = sub.add_parser("evaluate", help="faithfulness: MoRF/LeRF perturbation curves, ABPC and AOPC of AttnLRP "
+                       "and baselines (gxi, Integrated Gradients, cp-lrp, attention rollout, random)")
+    from lrpc.evaluate import add_arguments
+    add_arguments(p)
+    p = sub.add_parser("explain", help="explain inputs: terminal heatmap, HTML report, PNG, JSON (compiles and "
+                       "caches the explainer on the way)", epilog=EXPLAIN_EXAMPLES_HINT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from lrpc.explain import add_arguments as add_explain_arguments
+    add_explain_arguments(p)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -117,12 +146,16 @@ def cmd_compile(args) -> int:
     model = _model_source(args.model, args)
     lrpc.compile(model, preset=args.preset, output=args.out, output_name=args.output, attribute=args.attribute,
                  seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
-                 gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers)
+                 gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers,
+                 embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
+                 checkpoint=args.checkpoint)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0
 
 
 def cmd_plan(args) -> int:
+    if getattr(args, "tensors", False):
+        return cmd_plan_tensors(args)
     from lrpc import planio
     doc = _load_plan(args.model, args)
     text = json.dumps(doc, indent=1) if args.format == "json" else planio.to_text(doc)
@@ -178,13 +211,68 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from lrpc.explain import run_cli
+    return run_cli(args)
+
+
+def cmd_plan_tensors(args) -> int:
+    from lrpc.explain import carrying_tensors
+    for name, op, shape in carrying_tensors(_model_source(args.model, args)):
+        print(f"{name:<32} {op:<20} {shape}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lrpc.demo import run_demo
     return run_demo(args.sentence_a, args.sentence_b, html=args.html, cache=args.cache)
 
 
-COMMANDS = {"compile": cmd_compile, "plan": cmd_plan, "diff": cmd_diff, "ops": cmd_ops, "zoo": cmd_zoo,
+def cmd_evaluate(args) -> int:
+    from lrpc.evaluate import run_cli
+    return run_cli(args)
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "compile": cmd_compile, "plan": cmd_plan, "diff": cmd_diff, "ops": cmd_ops, "zoo": cmd_zoo,
             "export": cmd_export, "demo": cmd_demo}
+
+COMMANDS["explain"] = cmd_explain
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time and peak memory: onnxruntime forward vs explainer vs torch autograd "
+                       "Input×Gradient vs token occlusion, side by side")
+    p.add_argument("model", help="ONNX file or zoo name (llama-bench: the issue-6 workload)")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--layers", type=int, help="llama-bench only: number of layers (default 8)")
+    p.add_argument("--checkpoint", metavar="auto|N", help="compile the explainer with --checkpoint")
+    p.add_argument("--occlusion", default="sample", choices=["sample", "full", "off"],
+                   help="sample: time 2 batches of occluded sequences and extrapolate; full: all of them")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--workdir", help="keep the exported model and explainer here")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_bench(args) -> int:
+    from lrpc.bench import bench, format_result
+    result = bench(args.model, seq=args.seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
+                   occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
+                   workdir=args.workdir, layers=args.layers)
+    print(json.dumps(result, indent=1) if args.json else format_result(result))
+    return 0
+
+
+COMMANDS["bench"] = cmd_bench
+
+
+def _printable(message: str) -> str:
+    """One line, whatever the stream's encoding: undecodable path bytes (surrogates) shown as \\xNN escapes."""
+    message = " ".join(message.splitlines())
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return message.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LrpcError as exc:
-        print(f"lrpc: error: {exc}", file=sys.stderr)
+        print(_printable(f"lrpc: error: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lrpc: interrupted", file=sys.stderr)
@@ -206,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LRPC_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"lrpc: error: {type(exc).__name__}: {first} (unexpected; rerun with LRPC_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(_printable(f"lrpc: error: {type(exc).__name__}: {first} (unexpected; rerun with LRPC_DEBUG=1 for "
+                         "details)"), file=sys.stderr)
         return 2
 
 

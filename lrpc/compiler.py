@@ -13,6 +13,7 @@ import onnx_ir.passes.common as common_passes
 from lrpc import __version__, contract, planio
 from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
+from lrpc.decompose import decompose_fused, protect_nonstandard_ops
 from lrpc.emitter import Emitter
 from lrpc.errors import LrpcError
 from lrpc.graph import Builder
@@ -37,7 +38,9 @@ def load(model) -> ir.Model:
                         "torch.nn.Module with example_inputs")
     if contract.read_metadata({p.key: p.value for p in proto.metadata_props}) is not None:
         raise LrpcError("this model is already an lrpc explainer; compile the original model instead")
+    proto = protect_nonstandard_ops(proto)  # onnxruntime's default-domain fused norms survive opset conversion
     ir_model = to_ir(canonicalize(proto), base)
+    decompose_fused(ir_model)
     common_passes.NameFixPass()(ir_model)  # every node named, so errors and plans can point at it
     ir_model.graph.sort()
     return ir_model
@@ -67,10 +70,17 @@ def plan_document(model, preset: str = "attnlrp", attribute=None, options: Optio
 
 def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name: str | None = None,
                     attribute: list[str] | None = None, seed: str = "target", latent: str | None = None,
-                    options: Options = Options()) -> ir.Model:
+                    options: Options = Options(), embeddings_input: bool = False,
+                    checkpoint: int | str | None = None) -> ir.Model:
     graph = ir_model.graph
     y = contract.explained_output(graph, output_name)
+    exposed = {}
+    if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
+        from lrpc import embeddings
+        exposed, attribute = embeddings.expose(graph, attribute)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
+    if exposed:
+        attributions = embeddings.as_token_attributions(graph, attributions, exposed)
     if y not in carrying:
         raise LrpcError(f"output '{y.name}' does not depend on any attributed input "
                         f"({', '.join(a.input.name for a in attributions)}); choose another --output or --attribute")
@@ -85,11 +95,14 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     for value in latents:
         contract.add_output(graph, b, contract.latent_relevance(b, emitter, value, grads),
                             contract.RELEVANCE_PREFIX + value.name, list(value.shape or []))
+    if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
+        from lrpc.checkpoint import rematerialise
+        rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
     _optimise(ir_model)
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
-        "latent": [v.name for v in latents],
+        "latent": [v.name for v in latents], **({"embeddings_input": exposed} if exposed else {}),
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
     })
     return ir_model
@@ -119,11 +132,14 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             output_name: str | None = None, attribute: list[str] | None = None, seed: str = "target",
             latent: str | None = None, force: bool = False, epsilon: float | None = None,
             gamma_linear: float | None = None, gamma_conv: float | None = None, layers: str | None = None,
+            embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
-    named tensors), which is exported with torch.export first.
+    named tensors), which is exported with torch.export first. With `reuse_weights=True` and `output=`, the
+    explainer's copies of the model's external-data weights are references to the original weights file
+    (which must lie in the explainer's folder or below it) instead of copies.
     """
     if output is not None:
         check_writable(output, force)
@@ -133,9 +149,10 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
                                seed=seed, latent=latent,
                                options=Options(epsilon=epsilon, gamma_linear=gamma_linear,
-                                               gamma_conv=gamma_conv, layers=layers))
+                                               gamma_conv=gamma_conv, layers=layers),
+                               embeddings_input=embeddings_input, checkpoint=checkpoint)
     if output is not None:
-        save_model(ir_model, output, force=force)
+        save_model(ir_model, output, force=force, reuse_weights=reuse_weights)
     return ir.to_proto(ir_model)
 
 

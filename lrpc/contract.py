@@ -81,7 +81,7 @@ def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.V
     for point in attribution.points:
         if point not in grads:
             continue
-        r = b.Mul(emitter.as_f32(point), grads[point])
+        r = _times(b, emitter.as_f32(point), grads[point])
         if attribution.kind == "token":
             r = b.Reshape(b.ReduceSum(r, b.i64([-1]), keepdims=0), b.Shape(x))
         parts.append(r)
@@ -93,7 +93,13 @@ def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.V
 def latent_relevance(b: Builder, emitter, value: ir.Value, grads: dict[ir.Value, ir.Value]) -> ir.Value:
     if value not in grads:
         return b.ConstantOfShape(b.Shape(value), value=ir.tensor([0.0], dtype=F32))
-    return b.Mul(emitter.as_f32(value), grads[value])
+    return _times(b, emitter.as_f32(value), grads[value])
+
+
+def _times(b: Builder, x: ir.Value, grad: ir.Value) -> ir.Value:
+    """x ⊙ ĝ with 0 where ĝ = 0, so a −inf mask value (or masked score) that receives nothing has relevance 0,
+    not −inf · 0 = NaN."""
+    return b.Where(b.Equal(grad, b.f32(0.0)), b.f32(0.0), b.Mul(x, grad))
 
 
 def write_metadata(model: ir.Model, info: dict) -> None:

@@ -33,7 +33,21 @@ def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise LrpcError(f"{path} is not a valid ONNX model (it has no graph); re-export the model")
     _check_external_data(proto, path.parent)
+    check_structure(path)
     return proto
+
+
+def check_structure(path: Path) -> None:
+    """onnx's checker (SSA names, topological order, defined inputs, tensor sizes, op schemas), as one line.
+    Given the path, it resolves external data beside the file without reading the weights."""
+    what = str(path)
+    try:
+        onnx.checker.check_model(what)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()[:300]
+        if any(m in first for m in ("No Op registered", "No opset import for domain", "is not a registered")):
+            return  # ops onnx does not know (onnxruntime's fused ops): decomposed later, or a clear no-rule error
+        raise LrpcError(f"{what} is not a valid ONNX model ({first}); re-export the model") from None
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
@@ -41,7 +55,11 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
-        location = base / info.get("location", "")
+        relative = info.get("location", "")
+        if not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise LrpcError(f"weights of '{tensor.name}' point at {relative!r}, outside the model's folder; "
+                            "external-data locations must be relative paths inside it (re-save the model)")
+        location = base / relative
         if not location.is_file():
             raise LrpcError(f"external-data file {location} (weights of '{tensor.name}') is missing: "
                             "copy it next to the .onnx file")
@@ -73,20 +91,69 @@ def check_writable(output: str | os.PathLike, force: bool) -> Path:
     return output
 
 
-def save_model(model: ir.Model, output: str | os.PathLike, force: bool = False) -> Path:
-    """Write atomically: into a temporary folder beside the target, then move into place."""
+def save_model(model: ir.Model, output: str | os.PathLike, force: bool = False,
+               reuse_weights: bool = False) -> Path:
+    """Write atomically: into a temporary folder beside the target, then move into place.
+
+    With `reuse_weights`, initializers still stored in the original model's external-data file(s) keep
+    pointing at them (relative to the explainer's folder) instead of being copied; new constants are
+    written inline, or into `<output>.data` when they are large."""
     output = check_writable(output, force)
     data_name = output.name + ".data"
+    if reuse_weights and _reused(model):
+        return _save_reusing_weights(model, output, data_name)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+    def write(path: Path) -> None:
+        if size > INLINE_LIMIT_BYTES:  # every weight, the original external ones included, is copied
+            ir.save(model, path, external_data=data_name)
+        else:  # inline: weights still in the original model's external-data file are read in and copied
+            ir.external_data.load_to_model(model)
+            ir.save(model, path)
+    return _write_atomically(output, data_name, write)
+
+
+def _write_atomically(output: Path, data_name: str, write) -> Path:
+    """`write(path)` into a temporary folder beside `output`, then move the model (and its .data) into place."""
     tmp = Path(tempfile.mkdtemp(prefix=".lrpc-", dir=output.parent))
     try:
-        if size > INLINE_LIMIT_BYTES:
-            ir.save(model, tmp / output.name, external_data=data_name)
-        else:
-            ir.save(model, tmp / output.name)
+        write(tmp / output.name)
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, output.parent / data_name)
         os.replace(tmp / output.name, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
+
+
+def _reused(model: ir.Model) -> list[ir.Value]:
+    return [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+
+
+def _save_reusing_weights(model: ir.Model, output: Path, data_name: str) -> Path:
+    folder = output.parent.resolve()
+    relocated = {}
+    for value in _reused(model):
+        tensor = value.const_value
+        target = (Path(tensor.base_dir) / tensor.location).resolve()
+        relative = Path(os.path.relpath(target, folder))
+        if relative.is_absolute() or ".." in relative.parts:
+            raise LrpcError(f"--reuse-weights: {target} is outside the explainer's folder {folder}, and onnxruntime "
+                            "refuses external data outside a model's folder; write the explainer (-o) into "
+                            f"{target.parent} or a folder above it")
+        relocated[value.name] = relative.as_posix()
+    proto = ir.to_proto(model)  # external tensors stay references: no weight is read
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in relocated:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = relocated[tensor.name]
+    inline = sum(len(t.raw_data) for t in onnx.external_data_helper._get_all_tensors(proto) if t.HasField("raw_data"))
+
+    def write(path: Path) -> None:
+        if inline > INLINE_LIMIT_BYTES:  # the new constants alone are large: they go to the explainer's own file
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(path))
+    return _write_atomically(output, data_name, write)

@@ -1,8 +1,9 @@
 """Plans as rows: printing (`lrpc plan`), saving as JSON (golden plans), and structural diffs (`lrpc diff`).
 
-Node names differ between exports, so a row's identity for diffing is its structure — op type, rule,
-rule arguments that are not tensor names, and what the pass found (region size, statistic op) — and
-rows are aligned in graph order with difflib, the way `diff` aligns lines.
+Node names, op counts and topological orders differ between exporters, so a row's identity for diffing
+is semantic — its rule, the rule's arguments that are not tensor names, what feeds a region and which
+reduction makes a frozen statistic — and rows are put in a canonical order before difflib aligns them:
+by rule depth (how many rule-bearing nodes lie on the longest path above the node), then by rule.
 """
 
 from __future__ import annotations
@@ -18,26 +19,59 @@ from lrpc.errors import LrpcError
 from lrpc.plan import Plan
 
 CATEGORY = {"frozen": "norm", "layernorm-frozen-std": "norm", "rmsnorm-frozen-rms": "norm",
-            "lpnorm-frozen-norm": "norm", "groupnorm-frozen-std": "norm", "identity": "activation",
+            "lpnorm-frozen-norm": "norm", "identity": "activation",
             "softmax": "softmax", "none": "softmax (no relevance)", "uniform": "bilinear",
             "gated": "bilinear (gated)", "epsilon": "linear", "gamma": "linear"}
-PLAN_FORMAT = "lrpc-plan/1"
+PLAN_FORMAT = "lrpc-plan/2"
+
+
+NAME_PARAMS = {"input", "layer"}  # rule arguments that are tensor/node names, not structure
+
+
+def _rule_depths(plan: Plan, graph: ir.Graph) -> dict[ir.Node, int]:
+    """Rule-bearing nodes on the longest path above each node (its own rule not counted)."""
+    value_depth: dict[ir.Value, int] = {}
+    depths = {}
+    for node in graph:
+        depth = max((value_depth.get(v, 0) for v in node.inputs if v is not None), default=0)
+        depths[node] = depth
+        record = plan.get(node)
+        out = depth + (1 if record is not None and record.rule != "inside" else 0)
+        for v in node.outputs:
+            value_depth[v] = out
+    return depths
+
+
+def _statistic_reduction(node: ir.Node, index: int) -> str | None:
+    """The reduction op a frozen statistic is made from (ReduceMean for RMS, ReduceL2 for L2, …)."""
+    stack, seen = [node.inputs[index]], set()
+    while stack:
+        value = stack.pop()
+        producer = value.producer() if value is not None else None
+        if producer is None or producer in seen:
+            continue
+        seen.add(producer)
+        if producer.op_type.startswith("Reduce"):
+            return producer.op_type
+        stack.extend(producer.inputs)
+    return None
 
 
 def plan_rows(plan: Plan, graph: ir.Graph) -> list[dict]:
+    depths = _rule_depths(plan, graph)
+    order = {node: i for i, node in enumerate(graph)}
+    producer_op = {o.name: n.op_type for n in graph for o in n.outputs}
     rows = []
-    for node in graph:
+    for node in sorted((n for n in graph if plan.get(n) is not None and plan.get(n).rule != "inside"),
+                       key=lambda n: (depths[n], plan.get(n).rule, order[n])):
         record = plan.get(node)
-        if record is None or record.rule == "inside":
-            continue
-        structure = {"op": node.op_type, "rule": record.rule,
-                     "params": {k: v for k, v in record.params.items() if k != "input"}}
+        structure = {"rule": record.rule, "depth": depths[node],
+                     "params": {k: v for k, v in record.params.items() if k not in NAME_PARAMS}}
         if record.rule == "identity":
-            structure["region_ops"] = record.notes.get("ops")
+            structure["region_input_op"] = producer_op.get(record.params["input"], "input")
         if record.rule == "frozen":
-            stat = node.inputs[record.params["frozen"]].producer()
-            structure["statistic_op"] = stat.op_type if stat is not None else None
-        rows.append({"node": node.name, "claimed_by": record.claimed_by, **structure,
+            structure["statistic"] = _statistic_reduction(node, record.params["frozen"])
+        rows.append({"node": node.name, "op": node.op_type, "claimed_by": record.claimed_by, **structure,
                      "notes": record.notes, "input": record.params.get("input")})
     return rows
 
@@ -80,7 +114,7 @@ def read_plan_json(path: Path) -> dict | None:
 
 
 def structure_key(row: dict) -> str:
-    keep = {k: row.get(k) for k in ("op", "rule", "params", "region_ops", "statistic_op")}
+    keep = {k: row.get(k) for k in ("rule", "depth", "params", "region_input_op", "statistic")}
     return json.dumps(keep, sort_keys=True)
 
 
@@ -90,8 +124,9 @@ def diff(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> list[str]:
     out = []
     if a["preset"] != b["preset"]:
         out.append(f"preset: {name_a} {a['preset']} vs {name_b} {b['preset']}")
-    describe = lambda r: f"{r['node']} ({r['op']} → {r['rule']}" + (
-        f", {r['region_ops']} ops" if r.get("region_ops") else "") + ")"
+    describe = lambda r: f"{r['node']} ({r['op']} → {r['rule']}, depth {r['depth']}" + (
+        f", region from {r['region_input_op']}" if r.get("region_input_op") else "") + (
+        f", statistic from {r['statistic']}" if r.get("statistic") else "") + ")"
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ka, b=kb, autojunk=False).get_opcodes():
         if tag == "equal":
             continue

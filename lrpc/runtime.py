@@ -94,8 +94,29 @@ class Explainer:
                 if isinstance(dim, int) and dim != array.shape[axis]:
                     raise LrpcError(f"input '{name}' has size {array.shape[axis]} on axis {axis}, the model "
                                     f"expects {dim}")
+            if array.size == 0:
+                raise LrpcError(f"input '{name}' is empty (shape {list(array.shape)}): give at least one row and "
+                                "one token / feature")
+            if array.dtype.kind == "f" and np.isnan(array).any():
+                raise LrpcError(f"input '{name}' contains NaN; relevance is undefined for it")
             feed[name] = array.astype(want, copy=False)
+        sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
+        for name, array in feed.items():
+            for axis, dim in enumerate(self.inputs[name].shape):
+                if isinstance(dim, str) and dim:
+                    first = sizes.setdefault(dim, (name, array.shape[axis]))
+                    if first[1] != array.shape[axis]:
+                        raise LrpcError(f"inputs '{first[0]}' and '{name}' disagree on dimension '{dim}' "
+                                        f"({first[1]} vs {array.shape[axis]})")
         return feed
+
+    def _run(self, names: list[str], feed: dict) -> list[np.ndarray]:
+        try:
+            return self.session.run(names, feed)
+        except Exception as exc:  # noqa: BLE001  (onnxruntime raises its own exception types)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise LrpcError(f"onnxruntime failed on these inputs (token ids beyond the vocabulary? sizes the "
+                            f"model cannot take?): {first}") from None
 
     def forward(self, inputs: dict) -> dict[str, np.ndarray]:
         """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
@@ -111,7 +132,7 @@ class Explainer:
         if contract.SEED in feed:  # the seed's class axis must match the output's
             seq_classes = self._output_dims(feed, None, allow_forward=False)[1]
             feed[contract.SEED] = np.zeros((batch, seq_classes or 1), np.float32)
-        return dict(zip(self.model_outputs, self.session.run(self.model_outputs, feed)))
+        return dict(zip(self.model_outputs, self._run(self.model_outputs, feed)))
 
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
@@ -155,7 +176,7 @@ class Explainer:
             feed[contract.TARGET] = target
         if rank == 3:
             feed[contract.POSITION] = position
-        results = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        results = dict(zip(self.outputs, self._run(self.outputs, feed)))
         y = results[self.explained].astype(np.float32)
         rows = y[np.arange(batch), position] if rank == 3 else y
         logit = (rows * seed).sum(-1) if vector else rows[np.arange(batch), target]

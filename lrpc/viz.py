@@ -51,18 +51,26 @@ def terminal(rows: list[TokenRow], console=None) -> None:
         console.print(text)
         values = "  ".join(f"{t}:{r:+.3f}" for t, r in zip(display_tokens(row.tokens), row.relevance))
         console.print(f"[dim]{values}[/dim]")
-        total = float(row.relevance.sum())
-        conservation = f"Σ relevance = {total:+.4f}"
-        if row.value is not None:
-            conservation += f"  vs explained value {row.value:+.4f}"
-            if row.value != 0:
-                conservation += f" (ratio {total / row.value:.3f})"
-        console.print(conservation + "\n")
+        console.print(conservation_line(row, digits=4) + "\n")
 
 
-def html_report(rows: list[TokenRow], title: str, summary: str = "") -> str:
+def conservation_line(row: TokenRow, digits: int) -> str:
+    """Σ relevance against the explained value, shown with every explanation."""
+    total = float(row.relevance.sum())
+    line = f"Σ relevance = {total:+.{digits}f}"
+    if row.value is not None:
+        line += f"  vs explained value {row.value:+.{digits}f}"
+        if row.value != 0:
+            line += f" (ratio {total / row.value:.3f})"
+    return line
+
+
+def html_report(rows: list[TokenRow], title: str, summary: str = "", images=(), layers=()) -> str:
     """One self-contained HTML page (inline CSS, no scripts, no network): tokens coloured by relevance,
-    exact values on hover, the explained target and value, and conservation per row."""
+    exact values on hover, the explained target and value, and conservation per row.
+
+    images: (caption, PNG bytes, Σ relevance, explained value) shown inline as data: URIs;
+    layers: (caption, layer labels, tokens, matrix [layers, tokens]) shown as per-layer pictures."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
              ".tok{display:inline-block;padding:2px 4px;margin:2px;border-radius:3px;font-family:monospace}"
@@ -86,13 +94,166 @@ def html_report(rows: list[TokenRow], title: str, summary: str = "") -> str:
                          f"title='{html.escape(token)}: {float(r):+.6f}' data-relevance='{float(r):.8g}'>"
                          f"{html.escape(shown)}</span>")
         parts.append("<div>" + "".join(spans) + "</div>")
-        total = float(row.relevance.sum())
-        conservation = f"Σ relevance = {total:+.5f}"
-        if row.value is not None:
-            conservation += f"; explained value = {row.value:+.5f}"
-        parts.append(f"<p class='meta'>{conservation}</p>")
+        parts.append(f"<p class='meta'>{html.escape(conservation_line(row, digits=5))}</p>")
         parts.append("<table><tr><th>token</th><th>relevance</th></tr>" + "".join(
             f"<tr><td>{html.escape(t)}</td><td>{float(r):+.6f}</td></tr>" for t, r in zip(row.tokens, row.relevance))
             + "</table></div>")
+    import base64
+    for caption, png, total, value in images:
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<div class='row'><h2>{html.escape(caption)}</h2><img alt='relevance heatmap' "
+                     f"style='image-rendering:pixelated;max-width:100%' src='data:image/png;base64,{data}'>"
+                     f"<p class='meta'>{html.escape(_conservation(total, value))}</p></div>")
+    for caption, labels, tokens, matrix in layers:
+        data = base64.b64encode(layers_png_bytes(labels, tokens, matrix, caption)).decode("ascii")
+        parts.append(f"<div class='row'><h2>relevance per layer: {html.escape(caption)}</h2>"
+                     f"<img alt='relevance per layer' style='max-width:100%' src='data:image/png;base64,{data}'>"
+                     "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# layers, images and PNGs (matplotlib with the Agg backend: no display needed)
+# ------------------------------------------------------------------------------------------------
+
+def _symmetric(values: np.ndarray) -> float:
+    scale = float(np.abs(values).max()) if np.size(values) else 0.0
+    return scale or 1.0
+
+
+def terminal_layers(labels: list[str], tokens: list[str], matrix: np.ndarray, console=None) -> None:
+    """Relevance per token per layer: one coloured row per layer, each row scaled to its own max |R|
+    (the Σ column says how much relevance the layer holds)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+    console = console or Console()
+    shown = display_tokens(tokens)
+    table = Table(title="relevance per layer (rows scaled separately)", show_lines=False, box=None, pad_edge=False)
+    table.add_column("layer", style="bold")
+    table.add_column("tokens")
+    table.add_column("Σ", justify="right")
+    for label, row in zip(labels, matrix):
+        scale = float(np.abs(row).max()) if row.size else 0.0
+        text = Text()
+        for token, r in zip(shown, row):
+            red, green, blue = _rgb(float(r), scale)
+            text.append(f" {token} ", style=f"black on rgb({red},{green},{blue})")
+        table.add_row(label, text, f"{float(row.sum()):+.4f}")
+    console.print(table)
+
+
+def terminal_image(heat: np.ndarray, title: str, total: float, value: float | None, console=None,
+                   width: int = 16) -> None:
+    """A coarse block picture of an image relevance map (two terminal cells per block)."""
+    from rich.console import Console
+    from rich.text import Text
+    console = console or Console()
+    h, w = heat.shape
+    step = max(1, int(np.ceil(max(h, w) / width)))
+    hb, wb = h // step, w // step
+    blocks = heat[:hb * step, :wb * step].reshape(hb, step, wb, step).sum(axis=(1, 3))
+    scale = float(np.abs(blocks).max()) if blocks.size else 0.0
+    console.print(f"[bold]{title}[/bold]")
+    for row in blocks:
+        text = Text()
+        for r in row:
+            red, green, blue = _rgb(float(r), scale)
+            text.append("  ", style=f"on rgb({red},{green},{blue})")
+        console.print(text)
+    console.print(_conservation(total, value) + "\n")
+
+
+def _conservation(total: float, value: float | None) -> str:
+    line = f"Σ relevance = {total:+.4f}"
+    if value is not None:
+        line += f"  vs explained value {value:+.4f}"
+        if value != 0:
+            line += f" (ratio {total / value:.3f})"
+    return line
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_layers_png(path, labels: list[str], tokens: list[str], matrix: np.ndarray, title: str = ""):
+    """Relevance per token (columns) per layer (rows) as a PNG; diverging colours centred at zero, each
+    row normalised by its own max |R| so deep and shallow layers are both readable."""
+    from pathlib import Path
+    plt = _figure()
+    matrix = np.asarray(matrix, np.float64)
+    norm = matrix / np.maximum(np.abs(matrix).max(axis=1, keepdims=True), 1e-30)
+    shown = display_tokens(tokens)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(shown) + 2.5), max(2.0, 0.42 * len(labels) + 1.4)), dpi=100)
+    ax.imshow(norm, cmap="bwr", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), [f"{lab}  (Σ {s:+.2f})" for lab, s in zip(labels, matrix.sum(axis=1))],
+                  fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def image_overlay(heat: np.ndarray, picture: np.ndarray | None, scale: int = 1) -> np.ndarray:
+    """H×W×3 uint8: the relevance map (bwr, centred at zero, opacity growing with |R|) over the
+    greyscale picture. The result has the picture's size, or the map's size × scale without one."""
+    from PIL import Image
+    import matplotlib
+    heat = np.asarray(heat, np.float32)
+    if picture is not None:
+        size = (picture.shape[1], picture.shape[0])
+    else:
+        size = (heat.shape[1] * scale, heat.shape[0] * scale)
+    resized = np.asarray(Image.fromarray(heat, mode="F").resize(size, Image.BILINEAR), np.float32)
+    t = np.clip(resized / _symmetric(heat), -1, 1)
+    colours = matplotlib.colormaps["bwr"]((t + 1) / 2)[..., :3]
+    if picture is None:
+        return (colours * 255).round().astype(np.uint8)
+    grey = np.asarray(Image.fromarray(picture.astype(np.uint8)).convert("L"), np.float32)[..., None] / 255.0
+    alpha = np.minimum(1.0, 1.5 * np.abs(t))[..., None] * 0.8
+    out = (1 - alpha) * (0.25 + 0.75 * grey) + alpha * colours
+    return (out * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def save_image_overlay(path, heat: np.ndarray, picture: np.ndarray | None, scale: int = 1, title: str = ""):
+    """Write the overlay as a PNG exactly the picture's size (pixels, no axes or margins)."""
+    from pathlib import Path
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    path = Path(path)
+    info = PngInfo()
+    if title:
+        info.add_text("Description", f"lrpc relevance: {title}")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(image_overlay(heat, picture, scale)).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def image_overlay_png(heat: np.ndarray, picture: np.ndarray | None, scale: int = 4) -> bytes:
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image_overlay(heat, picture, scale if picture is None else 1)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def layers_png_bytes(labels, tokens, matrix, title: str = "") -> bytes:
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_layers_png(Path(folder) / "layers.png", labels, tokens, matrix, title)
+        return path.read_bytes()

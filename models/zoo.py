@@ -376,12 +376,38 @@ _ENTRIES = [
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
 
+# --------------------------------------------------------------------------------------------
+# benchmark-only entries (not in names() / ZOO: no golden plans, no CI parametrisation)
+# --------------------------------------------------------------------------------------------
+
+BENCH_VOCAB = 4000
+
+
+def _bench_tok(b, s, *, seed=1234):
+    return token_inputs(b, s, vocab=BENCH_VOCAB, seed=seed, pad_last_row=False)
+
+
+def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
+    """The issue-6 performance workload: LLaMA-style, hidden 512, 8 heads / 4 KV heads, MLP 2048 (4×hidden),
+    vocabulary 4000, positions up to 8192; `layers`/`hidden` vary it for the memory-scaling runs."""
+    name = "llama-bench" if (layers, hidden) == (8, 512) else f"llama-bench-l{layers}-h{hidden}"
+    return ZooEntry(name, "llama", _DEC,
+                    _decoder("LlamaForCausalLM", "LlamaConfig", vocab_size=BENCH_VOCAB, hidden_size=hidden,
+                             intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=8192, initializer_range=0.02),
+                    _bench_tok, hf_dir_maker=_save_hf, hf_class="LlamaForCausalLM", example_shape=(1, 16),
+                    exporters=("dynamo",), notes="benchmark workload (issue 6); not part of the CI zoo")
+
+
+BENCH: dict[str, ZooEntry] = {e.name: e for e in [llama_bench()]}
+
+
 def names() -> list[str]:
     return list(ZOO)
 
 
 def get(name: str) -> ZooEntry:
     try:
-        return ZOO[name]
+        return ZOO[name] if name in ZOO else BENCH[name]
     except KeyError:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None

@@ -1,0 +1,214 @@
+"""`lrpc bench`: time and peak memory of an explainer next to the model's own forward pass.
+
+In one run, side by side (interleaved repetitions, so machine noise hits every method alike):
+
+- ``forward``: the original model in onnxruntime;
+- ``explainer``: the compiled explainer (outputs + relevance) in onnxruntime;
+- ``torch``: eager PyTorch autograd Input×Gradient on the same weights (zoo models only);
+- ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
+
+Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
+runs it once: it includes the interpreter, onnxruntime and the weights. Times are the minimum and the
+median over the repetitions; the ratios use the medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+OCCLUSION_CHUNK = 16  # sequences per occlusion forward
+
+
+def _session(path, threads: int, optimise: bool = True):
+    import onnxruntime as ort
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.inter_op_num_threads = 1
+    o.log_severity_level = 3
+    # no spin-waiting after a run: it would steal the cores from the next method timed (torch, occlusion)
+    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimise:
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def _feeds(inputs: dict, explainer_session) -> dict:
+    names = {i.name for i in explainer_session.get_inputs()}
+    batch = next(iter(inputs.values())).shape[0]
+    feed = dict(inputs)
+    if "lrp_target" in names:
+        feed["lrp_target"] = np.full(batch, 1, np.int64)
+    if "lrp_position" in names:
+        feed["lrp_position"] = np.full(batch, -1, np.int64)
+    return feed
+
+
+def token_inputs(entry_or_none, batch: int, seq: int) -> dict[str, np.ndarray]:
+    if entry_or_none is not None:
+        return {k: v.numpy() for k, v in entry_or_none.inputs(batch, seq).items()}
+    rng = np.random.default_rng(0)
+    return {"input_ids": rng.integers(3, 100, (batch, seq), dtype=np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64)}
+
+
+def _occlusion_feeds(inputs: dict, chunk: int):
+    """Batches of occluded copies of row 0: copy t has token t replaced by id 0."""
+    ids = inputs["input_ids"][:1]
+    seq = ids.shape[1]
+    for start in range(0, seq, chunk):
+        rows = np.repeat(ids, min(chunk, seq - start), axis=0)
+        rows[np.arange(len(rows)), np.arange(start, start + len(rows))] = 0
+        feed = {"input_ids": rows}
+        if "attention_mask" in inputs:
+            feed["attention_mask"] = np.repeat(inputs["attention_mask"][:1], len(rows), axis=0)
+        yield feed
+
+
+def _torch_gxi(module, inputs: dict, threads: int):
+    """Eager autograd Input×Gradient at the embedding output, explaining logits[:, -1, 1]."""
+    import torch
+    torch.set_num_threads(threads)
+    hf = getattr(module, "hf_model", module)
+    ids = torch.from_numpy(inputs["input_ids"])
+    mask = torch.from_numpy(inputs["attention_mask"]) if "attention_mask" in inputs else None
+
+    def run():
+        emb = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=emb, attention_mask=mask, use_cache=False).logits
+        logits[:, -1, 1].sum().backward()
+        return (emb * emb.grad).sum(-1)
+    return run
+
+
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    times = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (allocations, prepacking)
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def peak_rss_mb(kind: str, path: str, seq: int, batch: int, threads: int, zoo: str | None) -> float:
+    """Peak RSS (MiB) of a fresh process that loads `path` and runs it once on [batch, seq] tokens."""
+    code = ("import sys, json; from lrpc.bench import _child_peak; "
+            "print(json.dumps(_child_peak(*json.loads(sys.argv[1]))))")
+    args = json.dumps([kind, path, seq, batch, threads, zoo])
+    out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child_peak(kind, path, seq, batch, threads, zoo):
+    entry = None
+    if zoo:
+        from lrpc import models
+        entry = models.get(zoo)
+    inputs = token_inputs(entry, batch, seq)
+    s = _session(path, threads)
+    feed = _feeds(inputs, s) if kind == "explainer" else inputs
+    s.run(None, feed)
+    return _vm_hwm_mb()
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the parent's, inherited across fork/exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = None):
+    """(zoo entry or None, torch module or None, model path, explainer path)."""
+    import lrpc
+    from lrpc import models
+    entry = module = None
+    if Path(model).is_file():
+        path = Path(model)
+    else:
+        entry = models.zoo.llama_bench(layers) if model == "llama-bench" and layers else models.get(model)
+        module, _ = entry.build()
+        path = workdir / f"{entry.name}.onnx"
+        if not path.exists():
+            entry.export(path, module=module, external_data=True)
+    explainer = workdir / (path.stem + f".explainer{'-ckpt' + str(checkpoint) if checkpoint else ''}.onnx")
+    kw = {"checkpoint": checkpoint} if checkpoint else {}
+    t = time.perf_counter()
+    lrpc.compile(str(path), output=explainer, force=True, **kw)
+    compile_s = time.perf_counter() - t
+    return entry, module, path, explainer, compile_s
+
+
+def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats: int = 7,
+          occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
+          layers: int | None = None) -> dict:
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="lrpc-bench-"))
+    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers)
+    inputs = token_inputs(entry, batch, seq)
+    fwd, exp = _session(path, threads), _session(explainer, threads)
+    feed = _feeds(inputs, exp)
+    fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
+    if module is not None:
+        import torch
+        gxi = _torch_gxi(module, inputs, threads)
+        fns["torch"] = gxi
+    times = _time_interleaved(fns, repeats)
+    result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
+              "compile_s": compile_s, "checkpoint": checkpoint,
+              "ms": {k: {"min": 1e3 * min(v), "median": 1e3 * float(np.median(v))} for k, v in times.items()}}
+    if occlusion != "off":
+        chunks = list(_occlusion_feeds(inputs, OCCLUSION_CHUNK))
+        measured = chunks if occlusion == "full" else chunks[:2]
+        fwd.run(None, measured[0])
+        t = time.perf_counter()
+        for c in measured:
+            fwd.run(None, c)
+        spent = time.perf_counter() - t
+        per_row = spent / sum(len(c["input_ids"]) for c in measured)
+        result["ms"]["occlusion"] = {"min": 1e3 * per_row * seq, "median": 1e3 * per_row * seq,
+                                     "measured_rows": sum(len(c["input_ids"]) for c in measured)}
+    med = {k: v["median"] for k, v in result["ms"].items()}
+    result["ratios"] = {"explainer/forward": med["explainer"] / med["forward"]}
+    if "torch" in med:
+        result["ratios"]["torch/explainer"] = med["torch"] / med["explainer"]
+    if "occlusion" in med:
+        result["ratios"]["occlusion/explainer"] = med["occlusion"] / med["explainer"]
+    if memory:
+        zoo = entry.name if entry is not None and entry.name in _zoo_names() else None
+        result["peak_rss_mb"] = {"forward": peak_rss_mb("forward", str(path), seq, batch, threads, zoo),
+                                 "explainer": peak_rss_mb("explainer", str(explainer), seq, batch, threads, zoo)}
+    return result
+
+
+def _zoo_names():
+    from lrpc import models
+    return set(models.names()) | set(models.zoo.BENCH)
+
+
+def format_result(r: dict) -> str:
+    lines = [f"lrpc bench {r['model']}  seq {r['seq']}  batch {r['batch']}  threads {r['threads']}  "
+             f"({r['repeats']} interleaved repetitions; compile {r['compile_s']:.1f} s"
+             f"{', checkpoint ' + str(r['checkpoint']) if r['checkpoint'] else ''})"]
+    for k, v in r["ms"].items():
+        extra = f"  (extrapolated from {v['measured_rows']} occluded sequences)" if "measured_rows" in v else ""
+        lines.append(f"  {k:<10} median {v['median']:9.1f} ms   min {v['min']:9.1f} ms{extra}")
+    for k, v in r["ratios"].items():
+        lines.append(f"  {k:<22} {v:7.2f}x")
+    for k, v in r.get("peak_rss_mb", {}).items():
+        lines.append(f"  peak RSS {k:<10} {v:8.0f} MiB")
+    return "\n".join(lines)
