@@ -69,7 +69,7 @@ def test_html_report_is_offline_and_holds_every_token_with_its_value():
         assert attrs["title"] == f"{token}: {r:+.6f}"                    # the value on hover
         assert shown == viz.display_tokens([token])[0]
     assert "row &lt;1&gt;" in page and "explained: &#x27;mat&#x27; (7): logit +1.2" in page
-    assert "Σ relevance = +0.75000; explained value = +1.20000" in page
+    assert "Σ relevance = +0.75000  vs explained value +1.20000" in page
 
 
 def test_html_report_embeds_images_inline():
