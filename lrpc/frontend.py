@@ -35,11 +35,16 @@ def torch_to_onnx(module, example_inputs, *, exporter: str = "dynamo", opset: in
     if example_inputs is None:
         raise LrpcError(f"compiling a {type(module).__name__} needs example_inputs: a dict of named tensors")
     example_inputs = named_inputs(module, example_inputs)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # explanations are of the inference graph: no dropout, running norm statistics
     try:
         return export_onnx(module, example_inputs, exporter=exporter, opset=opset, dynamic=dynamic,
                            output_names=output_names)
     except ExportError as exc:
         raise LrpcError(str(exc)) from None
+    finally:
+        for m, training in modes.items():  # each submodule back to its own mode
+            m.training = training
 
 
 def named_inputs(module, example_inputs) -> dict:
