@@ -28,9 +28,15 @@ import numpy as np
 OCCLUSION_CHUNK = 16  # sequences per occlusion forward
 
 
-def _session(path, threads: int, optimise: bool = True):
+def _session(path, threads: int, optimise: bool = True, low_memory: bool | None = None):
+    """low_memory None: as lrpc.Explainer does (no weight pre-packing for --checkpoint explainers)."""
     import onnxruntime as ort
+    from lrpc import contract
+    if low_memory is None:
+        low_memory = contract.wants_low_memory(contract.peek_metadata(path))
     o = ort.SessionOptions()
+    if low_memory:
+        o.add_session_config_entry("session.disable_prepacking", "1")
     o.intra_op_num_threads = threads
     o.inter_op_num_threads = 1
     o.log_severity_level = 3

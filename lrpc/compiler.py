@@ -95,15 +95,17 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     for value in latents:
         contract.add_output(graph, b, contract.latent_relevance(b, emitter, value, grads),
                             contract.RELEVANCE_PREFIX + value.name, list(value.shape or []))
+    remat = None
     if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
         from lrpc.checkpoint import rematerialise
-        rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
+        remat = rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
     _optimise(ir_model)
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
         "latent": [v.name for v in latents], **({"embeddings_input": exposed} if exposed else {}),
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
+        **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
     })
     return ir_model
 

@@ -109,3 +109,54 @@ def write_metadata(model: ir.Model, info: dict) -> None:
 def read_metadata(metadata: dict[str, str]) -> dict | None:
     raw = metadata.get(METADATA_KEY)
     return json.loads(raw) if raw else None
+
+
+def peek_metadata(path) -> dict | None:
+    """The explainer metadata of an ONNX file, read without loading its graph or weights: the ModelProto's
+    top-level fields are walked and only metadata_props (field 14) is parsed. None if absent or unreadable."""
+    import onnx
+    found = {}
+    try:
+        with open(path, "rb") as f:
+            def varint():
+                shift = value = 0
+                while True:
+                    byte = f.read(1)
+                    if not byte:
+                        raise EOFError
+                    value |= (byte[0] & 0x7F) << shift
+                    if byte[0] < 0x80:
+                        return value
+                    shift += 7
+            while True:
+                try:
+                    tag = varint()
+                except EOFError:
+                    break
+                field, wire = tag >> 3, tag & 7
+                if wire == 0:
+                    varint()
+                elif wire == 1:
+                    f.seek(8, 1)
+                elif wire == 5:
+                    f.seek(4, 1)
+                elif wire == 2:
+                    size = varint()
+                    if field == 14:
+                        entry = onnx.StringStringEntryProto()
+                        entry.ParseFromString(f.read(size))
+                        found[entry.key] = entry.value
+                    else:
+                        f.seek(size, 1)
+                else:
+                    return None
+    except Exception:  # not an ONNX file, truncated, …: no metadata
+        return None
+    return read_metadata(found)
+
+
+def wants_low_memory(meta: dict | None) -> bool:
+    """Explainers compiled with --checkpoint run without onnxruntime's weight pre-packing by default:
+    pre-packed copies of every MatMul/Gemm weight (forward, rematerialised and relevance nodes each hold
+    one) would otherwise dominate memory, which --checkpoint was asked to bound."""
+    return bool(meta and (meta.get("checkpoint") or {}).get("segments"))

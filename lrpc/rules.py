@@ -84,8 +84,23 @@ def _matmul(n, g):
         return (lambda: b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([-2])), n.x(1)),
                                     b.i64(list(range(known(rb, 1) - 2)) + [rb - 1]), keepdims=0),
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
+    if rb == 2 and ra is not None and ra >= 2 and n.raw(1) not in n.em.carrying:
+        return (lambda: _matmul_weight_grad(n, g), None)
     return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0),
             lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1))
+
+
+def _matmul_weight_grad(n, g):
+    """ĝ_a of y = a @ W for a rank-2 weight W [K, N] that carries no relevance: ĝ_y · Wᵀ as a Gemm with
+    transB=1 on ĝ_y flattened to [-1, N], so no transposed copy of W is ever stored (onnxruntime's constant
+    folding would keep one per Transpose(W)). The Reshape back to [..., K] also keeps the Gemm's output
+    from feeding a Sum directly (GemmSumFusion crashes on that pattern)."""
+    b, w = n.b, n.raw(1)
+    dims = list(w.shape) if w.shape is not None else [None, None]
+    cols = b.i64([-1, dims[1]]) if isinstance(dims[1], int) else b.Concat(b.i64([-1]), b.Shape(w, start=1), axis=0)
+    rows = b.i64([dims[0]]) if isinstance(dims[0], int) else b.Shape(w, start=0, end=1)
+    flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
+    return b.Reshape(flat, b.Concat(b.Shape(g, start=0, end=-1), rows, axis=0))
 
 
 def _gemm(n, g):
@@ -146,26 +161,35 @@ def _split(n, g):
 
 
 def _slice(n, g):
+    """y = x[starts:ends:steps] along `axes`. Unit steps: ĝ_x is ĝ_y zero-padded (s before, d − e after);
+    other steps: ĝ_y is scattered back, axis by axis, to the indices the slice read."""
     b = n.b
-    x = n.raw(0)
+    x, r = n.raw(0), n.rank(0)
     starts, ends = b.Cast(n.raw(1), to=7), b.Cast(n.raw(2), to=7)
-    if len(n.inputs) > 3 and n.inputs[3] is not None:
-        axes = b.Cast(n.raw(3), to=7)
-    else:
-        count = n.const(1)
-        if count is None:
-            raise LrpcError(f"node '{n.node.name}' (Slice): run-time starts without axes are not supported")
-        axes = b.i64(list(range(len(count))))
-    steps = n.const(4) if len(n.inputs) > 4 and n.inputs[4] is not None else np.ones(1, np.int64)
+    has = lambda i: len(n.inputs) > i and n.inputs[i] is not None  # noqa: E731
+    count = len(n.const(1)) if n.const(1) is not None else None
+    axes_const = n.const(3) if has(3) else (np.arange(count) if count is not None else None)
+    if axes_const is None and not has(3):
+        raise LrpcError(f"node '{n.node.name}' (Slice): run-time starts without axes are not supported")
+    axes = b.Cast(n.raw(3), to=7) if has(3) else b.i64(list(axes_const))
+    steps = n.const(4) if has(4) else np.ones(1, np.int64)
     if steps is None or np.any(steps != 1):
-        return (lambda: _slice_scatter(n, g, starts, ends, axes),)
+        if r is None or axes_const is None:
+            raise LrpcError(f"node '{n.node.name}' (Slice): a strided slice needs a known rank and constant axes")
+        return (lambda: _slice_scatter(n, g, starts, ends, [int(a) % r for a in axes_const]),)
 
-    def pad():  # y = x[s:e] along each axis: ĝ_x is ĝ_y padded with s zeros before and d − e after
+    def pad():
         dims = b.Gather(b.Shape(x), axes)
         zero = b.i64([0])
         s = _clamp_index(b, starts, dims, zero)
-        e = b.Max(_clamp_index(b, ends, dims, zero), s)
-        return b.Pad(g, b.Concat(s, b.Sub(dims, e), axis=0), None, axes, mode="constant")
+        after = b.Sub(dims, b.Max(_clamp_index(b, ends, dims, zero), s))
+        if r is None or axes_const is None:
+            return b.Pad(g, b.Concat(s, after, axis=0), None, axes, mode="constant")
+        # full-rank pads without the `axes` input (onnxruntime's transpose optimizer mishandles that form)
+        where = {int(a) % r: i for i, a in enumerate(axes_const)}
+        pick = lambda v, d: b.Slice(v, b.i64([where[d]]), b.i64([where[d] + 1])) if d in where else zero  # noqa
+        return b.Pad(g, b.Concat(*[pick(s, d) for d in range(r)], *[pick(after, d) for d in range(r)], axis=0),
+                     mode="constant")
     return (pad,)
 
 
@@ -175,10 +199,21 @@ def _clamp_index(b, index, dims, zero):
     return b.Max(b.Min(index, dims), zero)
 
 
-def _slice_scatter(n, g, starts, ends, axes):
-    """Strided slices: scatter ĝ_y back into zeros at the positions the slice read, axis by axis."""
-    raise LrpcError(f"node '{n.node.name}' (Slice): strided slices (steps ≠ 1) on relevance-carrying tensors "
-                    "are not supported yet")
+def _slice_scatter(n, g, starts, ends, axes: list[int]):
+    """Strided slices: the indices read along each axis are the same Slice applied to Range(0, d)."""
+    b, r = n.b, n.rank(0)
+    steps = b.Cast(n.raw(4), to=7)
+    grad = g
+    for i, axis in enumerate(axes):
+        one = lambda v: b.Slice(v, b.i64([i]), b.i64([i + 1]))  # noqa: E731
+        dim = b.Shape(n.raw(0), start=axis, end=axis + 1)
+        read = b.Slice(b.Range(b.i64(0), b.Squeeze(dim, b.i64([0])), b.i64(1)), one(starts), one(ends), b.i64([0]),
+                       one(steps))
+        index = b.Expand(b.Reshape(read, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(grad))
+        target = b.Concat(*([b.Shape(grad, end=axis)] if axis > 0 else []), dim,
+                          *([b.Shape(grad, start=axis + 1)] if axis + 1 < r else []), axis=0)
+        grad = b.ScatterElements(n.zeros_like(target), index, grad, axis=axis)
+    return grad
 
 
 def _gather(n, g):
@@ -211,6 +246,15 @@ def _gather_elements(n, g):
     b = n.b
     return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw(1), g, axis=n.attr("axis", 0),
                                       reduction="add"), None)
+
+
+def _gather_nd(n, g):
+    """GatherND: ĝ_data scatter-adds ĝ_y back to the slices read (batch_dims = 0)."""
+    b = n.b
+    if n.attr("batch_dims", 0) != 0:
+        raise LrpcError(f"node '{n.node.name}' (GatherND): batch_dims ≠ 0 on a relevance-carrying tensor is not "
+                        "supported")
+    return (lambda: b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Cast(n.raw(1), to=7), g, reduction="add"), None)
 
 
 def _where(n, g):
@@ -387,7 +431,7 @@ VJP = {
     "Transpose": lambda n, g: (lambda: n.b.Transpose(g, perm=list(np.argsort(n.attr("perm")))) if n.attr("perm")
                                else n.b.Transpose(g),),
     "Concat": _concat, "Split": _split, "Slice": _slice,
-    "Gather": _gather, "GatherElements": _gather_elements, "Where": _where,
+    "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd, "Where": _where,
     "Trilu": lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None, upper=n.attr("upper", 1)),),
     # reductions
     "ReduceSum": lambda n, g: (lambda: _reduce(n, g),),

@@ -60,6 +60,35 @@ def test_checkpointed_explainer_equals_plain(name, every, tmp_path, zoo_export):
         assert recomputed
     inputs = entry.inputs(2, entry.example_shape[1] + 2, seed=3)
     _close(_explain(plain, inputs), _explain(ckpt, inputs))
+    if every == "1":  # recorded in the metadata; such explainers run without weight pre-packing by default
+        meta = Explainer(ckpt).meta
+        assert meta["checkpoint"]["segments"] >= 1 and meta["checkpoint"]["requested"] == "1"
+        assert Explainer(ckpt).low_memory and not Explainer(plain).low_memory
+        assert not Explainer(ckpt, low_memory=False).low_memory
+
+
+def test_metadata_peek_reads_no_weights(tmp_path, zoo_export):
+    from lrpc import contract
+    _, proto = zoo_export("llama", "dynamo", None)
+    path = tmp_path / "e.onnx"
+    lrpc.compile(proto, output=path, checkpoint="1")
+    stored = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert contract.peek_metadata(path) == contract.read_metadata(stored)
+    assert contract.peek_metadata(tmp_path / "missing.onnx") is None
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff not onnx")
+    assert contract.peek_metadata(tmp_path / "junk.onnx") is None
+
+
+def test_linear_layer_relevance_stores_no_transposed_weights(tmp_path, zoo_export):
+    """ĝ_x = ĝ_y · Wᵀ of a constant weight is a Gemm with transB=1, not MatMul(ĝ, Transpose(W)): the
+    latter would be constant-folded by onnxruntime into a stored transposed copy of every weight."""
+    _, proto = zoo_export("llama", "dynamo", None)
+    path = tmp_path / "e.onnx"
+    lrpc.compile(proto, output=path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    assert any(n.op_type == "Gemm" and n.input[1] in weights for n in graph.node)
 
 
 def test_layer_boundaries_one_per_layer(zoo_export):
