@@ -21,7 +21,6 @@ from lrpc.loading import check_writable, read_proto, save_model, to_ir
 from lrpc.plan import Plan
 from lrpc.presets import Options, assign_rules
 
-ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
 
 
 def load(model) -> ir.Model:
