@@ -34,18 +34,24 @@ def carrying_inputs(node: ir.Node, carrying: set[ir.Value]) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None and v in carrying]
 
 
-def elementwise_ancestry(start: ir.Value, carrying: set[ir.Value]) -> set[ir.Value]:
-    """`start` and every carrying tensor reached from it upwards through elementwise ops only."""
+def walk_up_elementwise(start: ir.Value, carrying: set[ir.Value]):
+    """Yield `start` and every carrying tensor above it reached through elementwise ops only, each once;
+    the walk stops at (but yields) tensors made by any other op."""
     seen, stack = set(), [start]
     while stack:
         value = stack.pop()
         if value in seen:
             continue
         seen.add(value)
+        yield value
         producer = value.producer()
         if elementwise(producer):
             stack.extend(carrying_inputs(producer, carrying))
-    return seen
+
+
+def elementwise_ancestry(start: ir.Value, carrying: set[ir.Value]) -> set[ir.Value]:
+    """`start` and every carrying tensor reached from it upwards through elementwise ops only."""
+    return set(walk_up_elementwise(start, carrying))
 
 
 class CarryingDAG:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .dataflow import REDUCTIONS, carrying_inputs, elementwise, elementwise_ancestry, is_default_domain
+from .dataflow import (REDUCTIONS, carrying_inputs, elementwise, elementwise_ancestry, is_default_domain,
+                       walk_up_elementwise)
 
 NAME = "norms"
 # Normalisation ops with their own frozen-statistic rule (see lrpc.rules.LRP_RULES).
@@ -23,18 +24,12 @@ NORM_OPS = {"LayerNormalization": "layernorm-frozen-std", "RMSNormalization": "r
 
 def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] | None:
     """The reductions b is made from through elementwise ops only, or None if b is not such a statistic."""
-    reductions, stack, seen = [], [b], set()
-    while stack:
-        value = stack.pop()
-        if value in seen:
-            continue
-        seen.add(value)
+    reductions = []
+    for value in walk_up_elementwise(b, carrying):
         producer = value.producer()
         if producer is not None and is_default_domain(producer) and producer.op_type in REDUCTIONS:
             reductions.append(producer)
-        elif elementwise(producer):
-            stack.extend(carrying_inputs(producer, carrying))
-        else:
+        elif not elementwise(producer):
             return None  # a non-elementwise op on the way: b is not a pure statistic
     return reductions or None
 
