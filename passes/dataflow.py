@@ -92,6 +92,7 @@ def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]
     """Carrying tensors that relevance actually reaches from the graph outputs under the plan so far:
     a frozen statistic, the blocked side of a gating product and a CP-LRP softmax receive none."""
     live = {v for v in graph.outputs if v in carrying}
+    by_name = {v.name: v for v in carrying}
     for node in reversed(list(graph)):
         if not any(o in live for o in node.outputs):
             continue
@@ -101,7 +102,7 @@ def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]
         blocked = {record.params["frozen"]} if record is not None and "frozen" in record.params else set()
         live.update(v for i, v in enumerate(node.inputs) if v is not None and v in carrying and i not in blocked)
         if record is not None and "input" in record.params:  # an identity region sends to its input directly
-            live.update(v for v in carrying if v.name == record.params["input"])
+            live.add(by_name[record.params["input"]])
     return live
 
 
