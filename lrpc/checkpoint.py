@@ -121,7 +121,7 @@ def rematerialise(graph: ir.Graph, carrying: set[ir.Value], y: ir.Value, grad_of
             closure.add(node)
             stack.extend(v.producer() for v in node.inputs if v is not None)
         shape = b.Shape(start)
-        mapping = {start: b.Reshape(start, b.Max(shape, b.Min(b.Shape(grad), shape)))}
+        mapping = {start: b.Reshape(start, b.Max(shape, b.Min(b.Shape(grad, _keep=True), shape)))}
         for node in sorted(closure, key=order.get):
             inputs = [mapping.get(v, v) if v is not None else None for v in node.inputs]
             outs = [ir.Value(name=b.fresh("remat"), shape=o.shape, type=o.type) for o in node.outputs]

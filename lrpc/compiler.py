@@ -18,6 +18,7 @@ from lrpc.emitter import Emitter
 from lrpc.errors import LrpcError
 from lrpc.graph import Builder
 from lrpc.loading import check_writable, read_proto, save_model, to_ir
+from lrpc.optimise import optimise
 from lrpc.plan import Plan
 from lrpc.presets import Options, assign_rules
 
@@ -98,7 +99,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
         from lrpc.checkpoint import rematerialise
         remat = rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
-    _optimise(ir_model)
+    optimise(ir_model)
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
@@ -121,12 +122,6 @@ def _latent_tensors(graph: ir.Graph, carrying: set[ir.Value], pattern: str | Non
         raise LrpcError(f"--latent {pattern!r} matches no relevance-carrying tensor; `lrpc plan --tensors` "
                         "lists their names")
     return found
-
-
-def _optimise(ir_model: ir.Model) -> None:
-    common_passes.RemoveUnusedNodesPass()(ir_model)
-    common_passes.CommonSubexpressionEliminationPass()(ir_model)
-    common_passes.RemoveUnusedNodesPass()(ir_model)
 
 
 def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str | os.PathLike | None = None,

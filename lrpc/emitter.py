@@ -45,6 +45,16 @@ class Local:
     def _row(self, value: ir.Value) -> ir.Value:
         return self.em.row(value) if self.compact and self.em.is_seq(value) else value
 
+    def dims(self, i: int) -> list | None:
+        """Input i's dims as the rule sees it (sequence dim 1 when ĝ is row-compact), None if rank unknown."""
+        v = self.node.inputs[i]
+        if v is None or v.shape is None:
+            return None
+        dims = list(v.shape)
+        if self.compact and self.em.is_seq(v):
+            dims[1] = 1
+        return dims
+
     def attr(self, name: str, default=None):
         return attr(self.node, name, default)
 
@@ -68,8 +78,8 @@ class Local:
             return self._cache[key]
         return get
 
-    def unbroadcast(self, grad: ir.Value, i: int) -> ir.Value:
-        return self.em.unbroadcast(grad, self.node.inputs[i], self.node.outputs[0])
+    def unbroadcast(self, grad: ir.Value, i: int, core: int = 0) -> ir.Value:
+        return self.em.unbroadcast(grad, self.node.inputs[i], self.node.outputs[0], core)
 
     def unbroadcast_to(self, grad: ir.Value, target: ir.Value, source: ir.Value) -> ir.Value:
         return self.em.unbroadcast(grad, target, source)
@@ -104,8 +114,9 @@ class Emitter:
             self._f32[value] = self.b.Cast(value, to=F32)
         return self._f32[value]
 
-    def unbroadcast(self, grad: ir.Value, target: ir.Value, source: ir.Value) -> ir.Value:
-        """Sum ĝ (shaped like `source`) over the axes that broadcasting added to `target`."""
+    def unbroadcast(self, grad: ir.Value, target: ir.Value, source: ir.Value, core: int = 0) -> ir.Value:
+        """Sum ĝ (shaped like `source`) over the axes that broadcasting added to `target`. The last `core`
+        axes were not broadcast (MatMul's matrix dims: ĝ already has the target's there)."""
         b = self.b
         rt, rs = rank(target), rank(source)
         if rt is None or rs is None:
@@ -115,7 +126,7 @@ class Emitter:
         if rs > rt:
             grad = b.ReduceSum(grad, b.i64(list(range(rs - rt))), keepdims=0)
         static_axes, unsure = [], False
-        for i in range(rt):
+        for i in range(rt - core):
             dt, ds = target.shape[i], source.shape[rs - rt + i]
             if same_dim(dt, ds) or (isinstance(dt, int) and dt != 1):
                 continue
@@ -166,7 +177,10 @@ class Emitter:
         """value[b, position[b]] as [batch, 1, …]."""
         if value not in self._rows:
             b = self.b
-            self._rows[value] = b.Unsqueeze(b.GatherND(value, self._seq[2], batch_dims=1), b.i64([1]))
+            row = b.Unsqueeze(b.GatherND(value, self._seq[2], batch_dims=1), b.i64([1]))
+            row.dtype = value.dtype  # known, so as_f32 adds no Cast to a float32 row
+            row.shape = ir.Shape([value.shape[0], 1, *list(value.shape)[2:]])
+            self._rows[value] = row
         return self._rows[value]
 
     def widen(self, grad: ir.Value) -> ir.Value:

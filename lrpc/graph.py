@@ -41,6 +41,22 @@ def same_dim(a, b) -> bool:
     return a_name is not None and a_name == b_name
 
 
+def static_dims(value: ir.Value | None, start: int = 0, end: int | None = None) -> list[int] | None:
+    """shape(value)[start:end] when all those dims are known integers, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape)[start:end]
+    return dims if all(isinstance(d, int) for d in dims) else None
+
+
+def _undoes(producer: ir.Node | None, perm) -> bool:
+    """Whether Transpose(·, perm) undoes `producer` (a Transpose with explicit perm p: p[perm[k]] = k)."""
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx") or perm is None:
+        return False
+    first = attr(producer, "perm")
+    return first is not None and len(first) == len(perm) and all(first[q] == k for k, q in enumerate(perm))
+
+
 def all_names(graph: ir.Graph) -> set[str]:
     names = {v.name for v in graph.inputs} | {v.name for v in graph.outputs} | set(graph.initializers)
     for node in graph:
@@ -62,6 +78,10 @@ class Builder:
 
     Any attribute lookup that starts with a capital letter is an ONNX op: ``b.Mul(x, y)`` adds a
     Mul node and returns its output; ``b.Split(x, num_outputs=2, _outputs=2)`` returns a tuple.
+    ``b.Shape(x)`` folds to a constant when the dims it reads are static (each Shape node left in the
+    relevance graph costs a kernel launch per run, and the shape arithmetic behind it a few more), and
+    ``b.Transpose(b.Transpose(x, p), q)`` is x itself when q undoes p (also through a product with a scalar
+    constant, which commutes with any transpose).
     """
 
     def __init__(self, graph: ir.Graph):
@@ -77,8 +97,18 @@ class Builder:
                 self.taken.add(name)
                 return name
 
-    def op(self, op_type: str, *inputs: ir.Value | None, _domain: str = "", _outputs: int = 1, **attrs):
+    def op(self, op_type: str, *inputs: ir.Value | None, _domain: str = "", _outputs: int = 1,
+           _keep: bool = False, **attrs):
+        """_keep: emit the node even where it could be folded (a run-time data dependency is the point)."""
         attrs = {k: _plain(v) for k, v in attrs.items() if v is not None}
+        if op_type == "Shape" and not _domain and not _keep:
+            dims = static_dims(inputs[0], attrs.get("start", 0), attrs.get("end"))
+            if dims is not None:
+                return self.i64(dims)
+        if op_type == "Transpose" and not _domain:
+            folded = self._fold_transpose(inputs[0], attrs.get("perm"))
+            if folded is not None:
+                return folded
         outputs = [ir.Value(name=self.fresh(op_type.lower())) for _ in range(_outputs)]
         node = ir.Node(_domain, op_type, inputs, ir.convenience.convert_attributes(attrs),
                        outputs=outputs, name=self.fresh(op_type))
@@ -103,6 +133,29 @@ class Builder:
         if key is not None:
             self._consts[key] = value
         return value
+
+    def _fold_transpose(self, value: ir.Value, perm) -> ir.Value | None:
+        producer = value.producer()
+        if _undoes(producer, perm):
+            return producer.inputs[0]
+        if producer is not None and producer.op_type == "Mul" and producer.domain in ("", "ai.onnx"):
+            for i in (0, 1):
+                c = producer.inputs[1 - i]
+                if c is not None and c.shape is not None and c.shape.rank() == 0 and _undoes(
+                        producer.inputs[i].producer(), perm):
+                    return self.Mul(producer.inputs[i].producer().inputs[0], c)
+        return None
+
+    def reshape_target(self, value: ir.Value) -> ir.Value:
+        """A Reshape shape that gives a tensor `value`'s shape: constant where it can be, else Shape(value)."""
+        target = self.reshape_constant(None if value.shape is None else list(value.shape))
+        return target if target is not None else self.Shape(value)
+
+    def reshape_constant(self, dims: list | None) -> ir.Value | None:
+        """dims as a constant Reshape shape when at most one of them is symbolic (written -1), else None."""
+        if dims is None or sum(not isinstance(d, int) for d in dims) > 1:
+            return None
+        return self.i64([d if isinstance(d, int) else -1 for d in dims])
 
     def i64(self, values) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64), hint="i64")

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx_ir as ir
 
 from lrpc.errors import LrpcError
-from lrpc.graph import const_array
+from lrpc.graph import attr as node_attr, const_array, same_dim
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
 
@@ -31,7 +32,7 @@ def _same(g):
 
 
 def _reshape_back(n, g):
-    return (lambda: n.b.Reshape(g, n.b.Shape(n.raw(0))),)
+    return (lambda: n.b.Reshape(g, n.b.reshape_target(n.raw(0))),)
 
 
 def _pointwise(derivative):
@@ -86,8 +87,32 @@ def _matmul(n, g):
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
     if rb == 2 and ra is not None and ra >= 2 and n.raw(1) not in n.em.carrying:
         return (lambda: _matmul_weight_grad(n, g), None)
-    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0),
-            lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1))
+    # only the batch dims (all but the last two) can have been broadcast
+    if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
+        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb), n.x(0)), rb)  # noqa: E731
+    else:
+        grad_b = lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1, core=2)  # noqa: E731
+    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2), grad_b)
+
+
+def _is_swap_of_full_batch(n, i: int) -> bool:
+    """Operand i is a Transpose swapping the last two axes of a carrying tensor and has the output's batch
+    dims: its ĝ can be emitted transposed back, and the Transpose's own VJP (a transpose) cancels it."""
+    v, y = n.raw(i), n.raw_out(0)
+    producer = v.producer()
+    while producer is not None and producer.op_type == "Mul":  # through scalar scaling, as in q·√s @ (kᵀ·√s)
+        scalars = [x for x in producer.inputs if x is not None and x.shape is not None and x.shape.rank() == 0]
+        carried = [x for x in producer.inputs if x in n.em.carrying]
+        if len(scalars) != 1 or len(carried) != 1:
+            return False
+        producer = carried[0].producer()
+    if producer is None or producer.op_type != "Transpose" or producer.inputs[0] not in n.em.carrying:
+        return False
+    r, perm = n.rank(i), list(node_attr(producer, "perm") or [])
+    if r is None or r < 3 or perm != list(range(r - 2)) + [r - 1, r - 2] or y.shape is None or y.shape.rank() != r \
+            or n.rank(1 - i) != r:
+        return False
+    return all(same_dim(d, e) for d, e in zip(list(v.shape)[:-2], list(y.shape)[:-2]))
 
 
 def _matmul_weight_grad(n, g):
@@ -100,7 +125,12 @@ def _matmul_weight_grad(n, g):
     cols = b.i64([-1, dims[1]]) if isinstance(dims[1], int) else b.Concat(b.i64([-1]), b.Shape(w, start=1), axis=0)
     rows = b.i64([dims[0]]) if isinstance(dims[0], int) else b.Shape(w, start=0, end=1)
     flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
-    return b.Reshape(flat, b.Concat(b.Shape(g, start=0, end=-1), rows, axis=0))
+    # ĝ_a is shaped like a as the rule sees it: a constant, or a's own shape (shared by every ĝ·Wᵀ into a,
+    # which lets optimise.accumulate_in_gemm sum them), or, for a one-row ĝ, ĝ's leading dims
+    target = b.reshape_constant(n.dims(0))
+    if target is None:
+        target = b.Concat(b.Shape(g, start=0, end=-1), rows, axis=0) if n.compact else b.Shape(n.raw(0))
+    return b.Reshape(flat, target)
 
 
 def _gemm(n, g):
@@ -178,6 +208,14 @@ def _slice(n, g):
             raise LrpcError(f"node '{n.node.name}' (Slice): a strided slice needs a known rank and constant axes")
         return (lambda: _slice_scatter(n, g, starts, ends, [int(a) % r for a in axes_const]),)
 
+    static = _static_slice_pads(n, axes_const)
+    if static is not None:
+        def padded():
+            grad = b.Pad(g, b.i64(static), mode="constant")
+            grad.shape = ir.Shape(x.shape)  # for optimise.pads_to_concat
+            return grad
+        return (padded,)
+
     def pad():
         dims = b.Gather(b.Shape(x), axes)
         zero = b.i64([0])
@@ -191,6 +229,24 @@ def _slice(n, g):
         return b.Pad(g, b.Concat(*[pick(s, d) for d in range(r)], *[pick(after, d) for d in range(r)], axis=0),
                      mode="constant")
     return (pad,)
+
+
+def _static_slice_pads(n, axes_const) -> list[int] | None:
+    """Full-rank Pad amounts of a unit-step Slice's VJP, when starts, ends, axes and the sliced dims are
+    all known at compile time (ONNX Slice clamping: negative indices count from the end)."""
+    x, r = n.raw(0), n.rank(0)
+    starts, ends = n.const(1), n.const(2)
+    if r is None or axes_const is None or starts is None or ends is None or x.shape is None:
+        return None
+    before, after = [0] * r, [0] * r
+    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes_const.tolist()):
+        axis = int(axis) % r
+        dim = x.shape[axis]
+        if not isinstance(dim, int):
+            return None
+        start, end = (min(max(i + dim if i < 0 else i, 0), dim) for i in (start, end))
+        before[axis], after[axis] = start, dim - max(end, start)
+    return before + after
 
 
 def _clamp_index(b, index, dims, zero):
@@ -486,10 +542,25 @@ def _layer_norm_frozen_std(n, g):
 
 
 def _identity_region(n, g, input: str):
-    """Elementwise region u → v, identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1."""
-    b = n.b
-    u = n.f32(n.value(input))
-    return {n.value(input): lambda: b.Mul(g, b.Div(n.y(), _stabilised(b, u, ACTIVATION_EPS)))}
+    """Elementwise region u → v, identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1.
+
+    When the region ends in v = u ⊙ s (SiLU u·σ(u), GELU u·Φ(u), …), v/u is s itself: ĝ_u = ĝ_v ⊙ s is the
+    rule without the division (R_u = u·ĝ_v·s = R_v exactly; it differs from the stabilised quotient only
+    where |u| is within a few ε·2²⁴ of 0, by a relative ε/|u|), and it reads a tensor the forward made."""
+    b, u = n.b, n.value(input)
+    factor = _cofactor(n, u)
+    if factor is not None:
+        return {u: lambda: b.Mul(g, n.f32(factor))}
+    return {u: lambda: b.Mul(g, b.Div(n.y(), _stabilised(b, n.f32(u), ACTIVATION_EPS)))}
+
+
+def _cofactor(n, u):
+    """s when the region's output node is v = u ⊙ s (either operand order) and v is shaped like u."""
+    node, v = n.node, n.raw_out(0)
+    if node.op_type != "Mul" or u not in node.inputs or u.shape is None or v.shape is None \
+            or u.shape.rank() != v.shape.rank() or not all(map(same_dim, u.shape, v.shape)):
+        return None
+    return node.inputs[1] if node.inputs[0] is u else node.inputs[0]
 
 
 def _no_relevance(n, g):

@@ -1,0 +1,159 @@
+"""Optimise the emitted explainer: dead code, common subexpressions, and two peepholes on the relevance
+graph that onnxruntime's own optimisers do not make.
+
+The reverse pass of a transformer is mostly ĝ·Wᵀ products, emitted as `Reshape(Gemm(Reshape(ĝ), W, transB=1))`
+(rules._matmul_weight_grad). Around them sit two cheap-looking ops that each cost a pass over a
+[tokens, hidden] tensor and a kernel launch:
+
+- `scale_into_gemm`:  c · Reshape(Gemm(A, W, α))            →  Reshape(Gemm(A, W, α·c))
+  (the ½ of the uniform rule, a norm's constant factor);
+- `accumulate_in_gemm`:  Σ_k Reshape(Gemm(A_k, W_k)) + rest  →  Reshape(Gemm(A_n, W_n, C = … Gemm(A_1, W_1)))
+  (ĝ of a tensor read by several projections, e.g. q/k/v or gate/up: Gemm's C input sums for free).
+
+- `pads_to_concat`:  Pad(b, after=D−k) + Pad(a, before=k) + rest  →  Concat(b, a) + rest
+  (ĝ of two complementary slices, as in rotary embeddings' rotate_half: one write instead of two padded
+  copies and a three-way sum).
+
+Each applies only to relevance nodes (named `lrp_…`): the forward graph stays exactly as exported, so the
+explainer's outputs equal the model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from lrpc.graph import PREFIX, Builder, attr, const_array
+
+
+def optimise(model: ir.Model) -> None:
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    graph = model.graph
+    b = Builder(graph)
+    scale_into_gemm(graph)
+    accumulate_in_gemm(graph, b)
+    pads_to_concat(graph, b)
+    graph.sort()
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+def _ours(node: ir.Node | None) -> bool:
+    return node is not None and node.name.startswith(PREFIX) and node.domain in ("", "ai.onnx")
+
+
+def _only_consumer(value: ir.Value, node: ir.Node) -> bool:
+    return not value.is_graph_output() and all(user is node for user, _ in value.uses())
+
+
+def _reshaped_gemm(value: ir.Value, consumer: ir.Node) -> tuple[ir.Node, ir.Node] | None:
+    """(Reshape, Gemm) when `value` = Reshape(Gemm(A, B)) is read by `consumer` alone, the Gemm by the Reshape
+    alone, and the Gemm has no C yet."""
+    reshape = value.producer()
+    if not _ours(reshape) or reshape.op_type != "Reshape" or not _only_consumer(value, consumer):
+        return None
+    gemm = reshape.inputs[0].producer()
+    if not _ours(gemm) or gemm.op_type != "Gemm" or len(gemm.inputs) > 2 \
+            or not _only_consumer(reshape.inputs[0], reshape):
+        return None
+    return reshape, gemm
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    array = const_array(value)
+    if array is None or array.size != 1 or array.dtype != np.float32:
+        return None
+    return float(array.reshape(()))
+
+
+def scale_into_gemm(graph: ir.Graph) -> int:
+    """c · Reshape(Gemm(A, W, α)) → Reshape(Gemm(A, W, α·c)) for a float32 scalar constant c."""
+    done = 0
+    for node in list(graph):
+        if not _ours(node) or node.op_type != "Mul" or node.outputs[0].is_graph_output():
+            continue
+        for i in (0, 1):
+            c = _scalar(node.inputs[1 - i])
+            found = _reshaped_gemm(node.inputs[i], node) if c is not None else None
+            if found is None:
+                continue
+            reshape, gemm = found
+            alpha = attr(gemm, "alpha", 1.0)
+            gemm.attributes["alpha"] = ir.AttrFloat32("alpha", float(np.float32(alpha) * np.float32(c)))
+            node.outputs[0].replace_all_uses_with(reshape.outputs[0])
+            graph.remove(node, safe=True)
+            done += 1
+            break
+    return done
+
+
+def accumulate_in_gemm(graph: ir.Graph, b: Builder) -> int:
+    """Σ Reshape(Gemm(A_k, W_k)) → one Reshape of chained Gemms, each adding the previous one as its C.
+    The parts must share their Reshape's shape input (the same target shape, hence the same [M, N])."""
+    done = 0
+    for node in list(graph):
+        if not _ours(node) or node.op_type != "Sum" or len(node.inputs) < 2 or node.outputs[0].is_graph_output():
+            continue
+        groups: dict[ir.Value, list[tuple[ir.Node, ir.Node]]] = {}
+        for value in node.inputs:
+            found = _reshaped_gemm(value, node) if value is not None and list(node.inputs).count(value) == 1 else None
+            if found is not None:
+                groups.setdefault(found[0].inputs[1], []).append(found)
+        shape, parts = max(groups.items(), key=lambda kv: len(kv[1]), default=(None, []))
+        if len(parts) < 2:
+            continue
+        for (_, previous), (_, gemm) in zip(parts, parts[1:]):
+            gemm.resize_inputs(3)
+            gemm.replace_input_with(2, previous.outputs[0])
+            gemm.attributes.pop("beta", None)
+        last_reshape = parts[-1][0]
+        rest = [v for v in node.inputs if v not in {r.outputs[0] for r, _ in parts}]
+        total = last_reshape.outputs[0] if not rest else b.Sum(last_reshape.outputs[0], *rest)
+        node.outputs[0].replace_all_uses_with(total)
+        graph.remove(node, safe=True)
+        for reshape, _ in parts[:-1]:
+            graph.remove(reshape, safe=True)
+        done += 1
+    return done
+
+
+def _one_axis_pad(value: ir.Value, consumer: ir.Node) -> tuple[int, int, int, int] | None:
+    """(axis, before, after, padded dim) of value = Pad(x, constant pads along one axis, zeros), read by
+    `consumer` alone, with its output's dim along that axis known."""
+    pad = value.producer()
+    if not _ours(pad) or pad.op_type != "Pad" or attr(pad, "mode", "constant") != "constant" \
+            or len(pad.inputs) > 2 or not _only_consumer(value, consumer) or value.shape is None:
+        return None
+    pads = const_array(pad.inputs[1])
+    r = value.shape.rank()
+    if pads is None or pads.size != 2 * r:
+        return None
+    axes = [i for i in range(r) if pads[i] or pads[r + i]]
+    if len(axes) != 1 or not isinstance(value.shape[axes[0]], int):
+        return None
+    axis = axes[0]
+    return axis, int(pads[axis]), int(pads[r + axis]), value.shape[axis]
+
+
+def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
+    """Sum(…, Pad(b, after = D − k), Pad(a, before = k), …) → Sum(…, Concat(b, a), …): the two pads cover
+    complementary ranges of one axis of length D."""
+    done = 0
+    for node in list(graph):
+        if not _ours(node) or node.op_type != "Sum" or len(node.inputs) < 2 or node.outputs[0].is_graph_output():
+            continue
+        pads = {v: _one_axis_pad(v, node) for v in node.inputs if v is not None and list(node.inputs).count(v) == 1}
+        pair = next(((head, tail) for head, h in pads.items() for tail, t in pads.items()
+                     if h is not None and t is not None and head is not tail and h[0] == t[0] and h[3] == t[3]
+                     and h[1] == 0 and t[2] == 0 and t[1] == h[3] - h[2]), None)
+        if pair is None:
+            continue
+        head, tail = pair
+        joined = b.Concat(head.producer().inputs[0], tail.producer().inputs[0], axis=pads[head][0])
+        rest = [v for v in node.inputs if v is not head and v is not tail]
+        total = b.Sum(joined, *rest) if rest else joined
+        node.outputs[0].replace_all_uses_with(total)
+        graph.remove(node, safe=True)
+        done += 1
+    return done
