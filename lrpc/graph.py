@@ -81,7 +81,7 @@ class Builder:
     ``b.Shape(x)`` folds to a constant when the dims it reads are static (each Shape node left in the
     relevance graph costs a kernel launch per run, and the shape arithmetic behind it a few more), and
     ``b.Transpose(b.Transpose(x, p), q)`` is x itself when q undoes p (also through a product with a scalar
-    constant, which commutes with any transpose).
+    constant, which commutes with any transpose), and a Reshape of a Reshape reshapes the inner input.
     """
 
     def __init__(self, graph: ir.Graph):
@@ -89,6 +89,7 @@ class Builder:
         self.taken = all_names(graph)
         self._counter = itertools.count()
         self._consts: dict[tuple, ir.Value] = {}
+        self._dim_sources: dict[str, tuple[ir.Value, int]] | None = None
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -105,6 +106,12 @@ class Builder:
             dims = static_dims(inputs[0], attrs.get("start", 0), attrs.get("end"))
             if dims is not None:
                 return self.i64(dims)
+        if op_type == "Reshape" and not _domain and not attrs.get("allowzero"):
+            inner = inputs[0].producer()  # Reshape(Reshape(x, s), t) = Reshape(x, t)
+            target = const_array(inputs[1])
+            if inner is not None and inner.op_type == "Reshape" and inner.domain in ("", "ai.onnx") \
+                    and not attr(inner, "allowzero", 0) and (target is None or 0 not in target):
+                inputs = (inner.inputs[0], *inputs[1:])
         if op_type == "Transpose" and not _domain:
             folded = self._fold_transpose(inputs[0], attrs.get("perm"))
             if folded is not None:
@@ -147,15 +154,40 @@ class Builder:
         return None
 
     def reshape_target(self, value: ir.Value) -> ir.Value:
-        """A Reshape shape that gives a tensor `value`'s shape: constant where it can be, else Shape(value)."""
-        target = self.reshape_constant(None if value.shape is None else list(value.shape))
+        """A Reshape shape that gives a tensor `value`'s shape: static where it can be, else Shape(value)."""
+        target = self.reshape_shape(None if value.shape is None else list(value.shape))
         return target if target is not None else self.Shape(value)
 
-    def reshape_constant(self, dims: list | None) -> ir.Value | None:
-        """dims as a constant Reshape shape when at most one of them is symbolic (written -1), else None."""
-        if dims is None or sum(not isinstance(d, int) for d in dims) > 1:
+    def reshape_shape(self, dims: list | None) -> ir.Value | None:
+        """dims as a Reshape shape: a constant when at most one of them is symbolic (written -1); else the
+        symbolic dims read once from the graph inputs that carry them (e.g. batch and sequence from
+        input_ids), so every Reshape to that shape shares one Concat; None when some dim has no source."""
+        if dims is None:
             return None
-        return self.i64([d if isinstance(d, int) else -1 for d in dims])
+        symbolic = [d for d in dims if not isinstance(d, int)]
+        if len(symbolic) <= 1:
+            return self.i64([d if isinstance(d, int) else -1 for d in dims])
+        if self._dim_sources is None:
+            self._dim_sources = {}
+            for v in self.graph.inputs:
+                for axis, d in enumerate(v.shape or []):
+                    if not isinstance(d, int) and getattr(d, "value", None):
+                        self._dim_sources.setdefault(d.value, (v, axis))
+        if any(getattr(d, "value", None) not in self._dim_sources for d in symbolic):
+            return None
+        pieces, ints = [], []
+        for d in dims:
+            if isinstance(d, int):
+                ints.append(d)
+                continue
+            if ints:
+                pieces.append(self.i64(ints))
+                ints = []
+            source, axis = self._dim_sources[d.value]
+            pieces.append(self.Shape(source, start=axis, end=axis + 1))
+        if ints:
+            pieces.append(self.i64(ints))
+        return self.Concat(*pieces, axis=0)
 
     def i64(self, values) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64), hint="i64")

@@ -60,6 +60,15 @@ def _reshaped_gemm(value: ir.Value, consumer: ir.Node) -> tuple[ir.Node, ir.Node
     return reshape, gemm
 
 
+def _gemm_columns(gemm: ir.Node) -> int | None:
+    """N of Gemm(A, B) = A'·B' when B is a rank-2 tensor of known shape."""
+    w = gemm.inputs[1]
+    if w.shape is None or w.shape.rank() != 2:
+        return None
+    n = w.shape[0] if attr(gemm, "transB", 0) else w.shape[1]
+    return n if isinstance(n, int) else None
+
+
 def _scalar(value: ir.Value | None) -> float | None:
     array = const_array(value)
     if array is None or array.size != 1 or array.dtype != np.float32:
@@ -90,16 +99,18 @@ def scale_into_gemm(graph: ir.Graph) -> int:
 
 def accumulate_in_gemm(graph: ir.Graph, b: Builder) -> int:
     """Σ Reshape(Gemm(A_k, W_k)) → one Reshape of chained Gemms, each adding the previous one as its C.
-    The parts must share their Reshape's shape input (the same target shape, hence the same [M, N])."""
+    The parts must share their Reshape's shape input and their Gemm's (static) column count: the same
+    [M, N] for every Gemm."""
     done = 0
     for node in list(graph):
         if not _ours(node) or node.op_type != "Sum" or len(node.inputs) < 2 or node.outputs[0].is_graph_output():
             continue
-        groups: dict[ir.Value, list[tuple[ir.Node, ir.Node]]] = {}
+        groups: dict[tuple, list[tuple[ir.Node, ir.Node]]] = {}
         for value in node.inputs:
             found = _reshaped_gemm(value, node) if value is not None and list(node.inputs).count(value) == 1 else None
-            if found is not None:
-                groups.setdefault(found[0].inputs[1], []).append(found)
+            cols = _gemm_columns(found[1]) if found is not None else None
+            if cols is not None:
+                groups.setdefault((found[0].inputs[1], cols), []).append(found)
         shape, parts = max(groups.items(), key=lambda kv: len(kv[1]), default=(None, []))
         if len(parts) < 2:
             continue

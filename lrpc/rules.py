@@ -127,7 +127,7 @@ def _matmul_weight_grad(n, g):
     flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
     # ĝ_a is shaped like a as the rule sees it: a constant, or a's own shape (shared by every ĝ·Wᵀ into a,
     # which lets optimise.accumulate_in_gemm sum them), or, for a one-row ĝ, ĝ's leading dims
-    target = b.reshape_constant(n.dims(0))
+    target = b.reshape_shape(n.dims(0))
     if target is None:
         target = b.Concat(b.Shape(g, start=0, end=-1), rows, axis=0) if n.compact else b.Shape(n.raw(0))
     return b.Reshape(flat, target)
