@@ -32,7 +32,7 @@ def _same(g):
 
 
 def _reshape_back(n, g):
-    return (lambda: n.b.Reshape(g, n.b.reshape_target(n.raw(0))),)
+    return (lambda: n.b.Reshape(g, n.grad_shape(0)),)
 
 
 def _pointwise(derivative):
@@ -123,14 +123,10 @@ def _matmul_weight_grad(n, g):
     b, w = n.b, n.raw(1)
     dims = list(w.shape) if w.shape is not None else [None, None]
     cols = b.i64([-1, dims[1]]) if isinstance(dims[1], int) else b.Concat(b.i64([-1]), b.Shape(w, start=1), axis=0)
-    rows = b.i64([dims[0]]) if isinstance(dims[0], int) else b.Shape(w, start=0, end=1)
     flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
-    # ĝ_a is shaped like a as the rule sees it: a constant, or a's own shape (shared by every ĝ·Wᵀ into a,
-    # which lets optimise.accumulate_in_gemm sum them), or, for a one-row ĝ, ĝ's leading dims
-    target = b.reshape_shape(n.dims(0))
-    if target is None:
-        target = b.Concat(b.Shape(g, start=0, end=-1), rows, axis=0) if n.compact else b.Shape(n.raw(0))
-    return b.Reshape(flat, target)
+    # ĝ_a is shaped like a (its one row, when ĝ is row-compact); every ĝ·Wᵀ into a reshapes to the same
+    # target, which lets optimise.accumulate_in_gemm sum them
+    return b.Reshape(flat, n.grad_shape(0))
 
 
 def _gemm(n, g):
@@ -212,7 +208,7 @@ def _slice(n, g):
     if static is not None:
         def padded():
             grad = b.Pad(g, b.i64(static), mode="constant")
-            grad.shape = ir.Shape(x.shape)  # for optimise.pads_to_concat
+            grad.shape = ir.Shape(n.dims(0))  # for optimise.pads_to_concat
             return grad
         return (padded,)
 
