@@ -37,26 +37,63 @@ def canonicalize(proto: onnx.ModelProto) -> onnx.ModelProto:
             raise LrpcError(f"could not upgrade the model from opset {opset} to {MIN_OPSET} ({first_line}); "
                             f"re-export it at opset {MIN_OPSET} or newer") from None
     try:
-        return shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         _refuse_contradictions(exc)
+        try:
+            proto = shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception:
+            pass  # shapes are an aid: the emitter falls back to run-time shape arithmetic without them
+    return _symbolic_shapes(proto)
+
+
+def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill in the dims ONNX inference leaves unknown with onnxruntime's symbolic shape inference, which
+    follows shapes computed at run time (Shape → Gather → Concat → Reshape, as TorchScript exports build
+    every attention reshape): with `batch`/`sequence` known everywhere, the emitter proves broadcasting
+    static instead of emitting run-time shape arithmetic. Any failure keeps ONNX's shapes."""
     try:
-        proto = shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:
-        pass  # shapes are an aid: the emitter falls back to run-time shape arithmetic without them
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return proto
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(_without_weights(proto), auto_merge=True)
+    except Exception:  # noqa: BLE001 (an unsupported op or a shape it cannot follow)
+        return proto
+    if inferred is None:
+        return proto
+    better = {v.name: v for v in inferred.graph.value_info}
+    known = {v.name: i for i, v in enumerate(proto.graph.value_info)}
+    for name, info in better.items():
+        if name in known:
+            old = proto.graph.value_info[known[name]]
+            if _unknown_dims(info) < _unknown_dims(old):
+                old.CopyFrom(info)
+        else:
+            proto.graph.value_info.append(info)
     return proto
 
 
-def _refuse_contradictions(exc: Exception) -> None:
-    """A declared shape or type that contradicts what the ops compute would make lrpc explain the wrong
-    tensor (e.g. a rank-3 output declared rank 2): refuse. Other inference failures (custom ops, data-
-    dependent shapes) are not errors."""
-    text = str(exc)
-    for marker in ("Inferred shape and existing shape differ", "Inferred elem type differs from existing",
-                   "Incompatible dimensions"):
-        at = text.find(marker)
-        if at >= 0:
-            start = text.rfind("(op_type:", 0, at)
-            detail = " ".join(text[start if start >= 0 else at:].split())[:240]
-            raise LrpcError(f"the model's declared shapes or types contradict its ops ({detail}); "
-                            "re-export the model") from None
+def _unknown_dims(info: onnx.ValueInfoProto) -> float:
+    """How little a value_info says about its tensor's shape (no shape at all: infinitely little)."""
+    tensor = info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return float("inf")
+    return sum(1 for d in tensor.shape.dim if not d.HasField("dim_value") and
+               (not d.HasField("dim_param") or d.dim_param.startswith("unk__")))
+
+
+def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers' data left out (their names, dims and types kept): shape
+    inference reads only small shape constants, and a full copy would double the memory for the weights."""
+    light = onnx.ModelProto(ir_version=proto.ir_version)
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    graph, source = light.graph, proto.graph
+    graph.name = source.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(source, field))
+    for tensor in source.initializer:
+        graph.initializer.append(tensor if tensor.ByteSize() <= 4096 else
+                                 onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+    return light

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from lrpc import rules
 from lrpc.errors import LrpcError
-from lrpc.graph import FLOAT_TYPES, Builder, attr, const_array, rank, same_dim
+from lrpc.graph import FLOAT_TYPES, Builder, attr, rank, same_dim, static_value
 from lrpc.plan import Plan
 
 F32 = ir.DataType.FLOAT
@@ -88,7 +88,7 @@ class Local:
         return rank(self.node.inputs[i])
 
     def const(self, i: int):
-        return const_array(self.node.inputs[i])
+        return static_value(self.node.inputs[i])
 
     def value(self, name: str) -> ir.Value:
         return self.em.values[name]
@@ -247,6 +247,10 @@ class Emitter:
             self._rows[key] = row
         return self._rows[key]
 
+    def compact_of(self, grad: ir.Value) -> tuple[int, int] | None:
+        """(sequence axis, rank) of a one-row ĝ, None for a whole one."""
+        return self._compact.get(grad)
+
     def widen(self, grad: ir.Value) -> ir.Value:
         if grad not in self._compact:
             return grad
@@ -330,9 +334,9 @@ class Emitter:
             return plan
         elif op in ("Slice", "Concat"):
             if op == "Slice":
-                axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+                axes = static_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
                 if axes is None or any(int(a) % rank_ == axis for a in axes) or any(
-                        const_array(v) is None for v in node.inputs[1:]):
+                        static_value(v) is None for v in node.inputs[1:] if v is not None):
                     return None
                 same_row(node.inputs[0])
                 return plan

@@ -29,6 +29,61 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def static_value(value: ir.Value | None, depth: int = 16) -> np.ndarray | None:
+    """The value of a small tensor that is constant in fact though computed at run time, as TorchScript
+    exports compute slice bounds and reshape targets (Shape → Gather → Div → Unsqueeze), else None.
+    Evaluates integer shape arithmetic over static dims; never a tensor of more than 64 elements."""
+    array = const_array(value)
+    if array is not None or value is None or depth == 0:
+        return array if array is None or array.size <= 64 else None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return None
+    if node.op_type == "Shape":
+        dims = static_dims(node.inputs[0], attr(node, "start", 0), attr(node, "end"))
+        return None if dims is None else np.asarray(dims, np.int64)
+    shape_of = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None
+    if shape_of is not None and shape_of.op_type == "Shape" and shape_of.inputs[0].shape is not None:
+        # static dims picked out of a partly symbolic shape: Gather(Shape(x), 3) of x [batch, 8, seq, 64]
+        index = static_value(node.inputs[1], depth - 1)
+        dims = list(shape_of.inputs[0].shape)[attr(shape_of, "start", 0):attr(shape_of, "end")]
+        if index is None or attr(node, "axis", 0) != 0:
+            return None
+        picked = [dims[int(i)] for i in np.ravel(index)]
+        ok = all(isinstance(d, int) for d in picked)
+        return np.asarray(picked, np.int64).reshape(index.shape) if ok else None
+    args = [static_value(v, depth - 1) if v is not None else None for v in node.inputs]
+    if any(a is None for a, v in zip(args, node.inputs) if v is not None):
+        return None
+    result = _evaluate(node, args)
+    return result if result is None or result.size <= 64 else None
+
+
+def _evaluate(node: ir.Node, args: list) -> np.ndarray | None:
+    op = node.op_type
+    if op in ("Identity", "Cast") and args[0].dtype.kind in "iub":
+        dtype = ir.DataType(attr(node, "to")).numpy() if op == "Cast" else args[0].dtype
+        return args[0].astype(dtype) if np.dtype(dtype).kind in "iu" else None
+    if any(a is not None and a.dtype.kind not in "iu" for a in args):
+        return None  # integer shape arithmetic only
+    if op == "Gather":
+        return np.take(args[0], args[1], axis=attr(node, "axis", 0))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = [int(a) for a in args[1]] if len(args) > 1 and args[1] is not None else None
+        if op == "Squeeze":
+            return np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)
+        out_rank = args[0].ndim + len(axes)
+        return np.expand_dims(args[0], tuple(sorted(a % out_rank for a in axes)))
+    if op == "Concat":
+        return np.concatenate(args, axis=attr(node, "axis"))
+    if op in ("Add", "Sub", "Mul", "Max", "Min"):
+        return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum,
+                "Min": np.minimum}[op](*args).astype(args[0].dtype)
+    if op == "Div":  # ONNX integer division truncates toward zero
+        return (np.sign(args[0]) * np.sign(args[1]) * (np.abs(args[0]) // np.abs(args[1]))).astype(args[0].dtype)
+    return None
+
+
 def rank(value: ir.Value) -> int | None:
     return None if value.shape is None else value.shape.rank()
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc.errors import LrpcError
-from lrpc.graph import attr as node_attr, const_array, same_dim
+from lrpc.graph import PREFIX, attr as node_attr, const_array, same_dim
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
 
@@ -327,7 +327,37 @@ def _softmax(n, g):
     """y = softmax(x): ĝ_x = y ⊙ (ĝ_y − Σ ĝ_y ⊙ y). Equals the AttnLRP softmax rule (Prop. 3.1) times x."""
     b, y = n.b, n.y()
     axis = b.i64([n.attr("axis", -1)])
-    return (lambda: b.Mul(y, b.Sub(g, b.ReduceSum(b.Mul(g, y), axis, keepdims=1))),)
+    weighted = lambda: _attention_weighted_sum(n) or b.ReduceSum(b.Mul(g, y), axis, keepdims=1)  # noqa: E731
+    return (lambda: b.Mul(y, b.Sub(g, weighted())),)
+
+
+def _attention_weighted_sum(n):
+    """Σ_j ĝ_y[i, j]·y[i, j] read off the attention output o = y @ v instead of the [.., T, T] scores: with
+    ĝ_y = c·ĝ_o·vᵀ (c = ½ under the uniform rule), it is c·Σ_d ĝ_o[i, d]·o[i, d] (as FlashAttention's
+    backward does). None unless y's only reader is that product, as its left operand, over the last axis."""
+    y, em = n.raw_out(0), n.em
+    r = n.rank(0)
+    readers = [node for node, _ in y.uses() if not node.name.startswith(PREFIX)]  # forward readers
+    if r is None or n.attr("axis", -1) % r != r - 1 or len(readers) != 1 or y.is_graph_output():
+        return None
+    product = readers[0]
+    o = product.outputs[0]
+    if product.op_type != "MatMul" or product.inputs[0] is not y or product.inputs[1] is y or o.shape is None \
+            or o.shape.rank() != r or not all(same_dim(a, c) for a, c in zip(list(y.shape)[:-1], list(o.shape)[:-1])):
+        return None
+    record = em.plan.get(product)
+    scale = {None: 1.0, "uniform": 0.5}.get(record.rule if record is not None else None)
+    grad_o = em.totals.get(o)
+    if scale is None or grad_o is None:
+        return None
+    row = (n.compact.axis, n.compact.rank) if n.compact is not None else None
+    if em.compact_of(grad_o) != row:
+        if row is not None:
+            return None
+        grad_o = em.widen(grad_o)
+    b = n.b
+    total = b.ReduceSum(b.Mul(grad_o, n.f32(o)), b.i64([-1]), keepdims=1)
+    return total if scale == 1.0 else b.Mul(total, b.f32(scale))
 
 
 def _log_softmax(n, g):
