@@ -8,14 +8,14 @@ In one run, side by side (interleaved repetitions, so machine noise hits every m
 - ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
 
 Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
-runs it once: it includes the interpreter, onnxruntime and the weights. Times are the minimum and the
-median over the repetitions; the ratios use the medians.
+runs it once: it includes the interpreter, onnxruntime and the weights. A repetition runs each method
+three times back to back and keeps the fastest; times are the minimum and the median over the
+repetitions, and the ratios use the medians.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -95,15 +95,21 @@ def _torch_gxi(module, inputs: dict, threads: int):
     return run
 
 
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+def _time_interleaved(fns: dict, repeats: int, block: int = 3) -> dict[str, list[float]]:
+    """Per repetition, each method runs `block` times back to back and keeps its fastest run; methods
+    alternate within every repetition, so a slow spell of the machine hits them alike and a single
+    hiccup (a page fault, a preempted thread) does not decide a repetition."""
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (allocations, prepacking)
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+            runs = []
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t)
+            times[k].append(min(runs))
     return times
 
 
@@ -170,9 +176,7 @@ def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats:
     feed = _feeds(inputs, exp)
     fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
     if module is not None:
-        import torch
-        gxi = _torch_gxi(module, inputs, threads)
-        fns["torch"] = gxi
+        fns["torch"] = _torch_gxi(module, inputs, threads)
     times = _time_interleaved(fns, repeats)
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
               "compile_s": compile_s, "checkpoint": checkpoint,
@@ -208,7 +212,7 @@ def _zoo_names():
 
 def format_result(r: dict) -> str:
     lines = [f"lrpc bench {r['model']}  seq {r['seq']}  batch {r['batch']}  threads {r['threads']}  "
-             f"({r['repeats']} interleaved repetitions; compile {r['compile_s']:.1f} s"
+             f"({r['repeats']} interleaved repetitions, best of 3 each; compile {r['compile_s']:.1f} s"
              f"{', checkpoint ' + str(r['checkpoint']) if r['checkpoint'] else ''})"]
     for k, v in r["ms"].items():
         extra = f"  (extrapolated from {v['measured_rows']} occluded sequences)" if "measured_rows" in v else ""

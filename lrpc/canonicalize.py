@@ -97,3 +97,18 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
         graph.initializer.append(tensor if tensor.ByteSize() <= 4096 else
                                  onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
     return light
+
+
+def _refuse_contradictions(exc: Exception) -> None:
+    """A declared shape or type that contradicts what the ops compute would make lrpc explain the wrong
+    tensor (e.g. a rank-3 output declared rank 2): refuse. Other inference failures (custom ops, data-
+    dependent shapes) are not errors."""
+    text = str(exc)
+    for marker in ("Inferred shape and existing shape differ", "Inferred elem type differs from existing",
+                   "Incompatible dimensions"):
+        at = text.find(marker)
+        if at >= 0:
+            start = text.rfind("(op_type:", 0, at)
+            detail = " ".join(text[start if start >= 0 else at:].split())[:240]
+            raise LrpcError(f"the model's declared shapes or types contradict its ops ({detail}); "
+                            "re-export the model") from None

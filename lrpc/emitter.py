@@ -185,7 +185,7 @@ class Emitter:
     ROW_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Dropout", "Sum", "Pow", "Sqrt",
                "Reciprocal", "Exp", "Log", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Erf", "Gelu",
                "Softplus", "Mish", "Abs", "Sin", "Cos", "HardSigmoid"}
-    ROW_RULES = {"frozen", "identity", "layernorm-frozen-std", "rmsnorm-frozen-rms", "uniform", "softmax"}
+    ROW_RULES = {"frozen", "gated", "identity", "layernorm-frozen-std", "rmsnorm-frozen-rms", "uniform", "softmax"}
     NORMS = {"LayerNormalization", "RMSNormalization"}
 
     def _compact_seed(self, seed: ir.Value):
@@ -342,7 +342,7 @@ class Emitter:
                 return plan
             if attr(node, "axis") % rank_ == axis:
                 return None
-        elif op not in self.ROW_OPS and rule not in ("frozen", "uniform"):
+        elif op not in self.ROW_OPS and rule not in ("frozen", "gated", "uniform"):
             return None
         for v in node.inputs:
             if v is None:

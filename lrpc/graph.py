@@ -55,7 +55,10 @@ def static_value(value: ir.Value | None, depth: int = 16) -> np.ndarray | None:
     args = [static_value(v, depth - 1) if v is not None else None for v in node.inputs]
     if any(a is None for a, v in zip(args, node.inputs) if v is not None):
         return None
-    result = _evaluate(node, args)
+    try:
+        result = _evaluate(node, args)
+    except (ValueError, IndexError, TypeError, ZeroDivisionError):  # numpy.exceptions.AxisError is a ValueError
+        return None  # not computable as written (the model's own shape inference would have refused it)
     return result if result is None or result.size <= 64 else None
 
 

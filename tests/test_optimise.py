@@ -1,0 +1,119 @@
+"""The speed machinery of the emitted graph, checked for what it computes (never for time): build-time
+folding in the Builder, compile-time shape values, the peepholes of lrpc.optimise, one-row ĝ through
+attention, and shapes filled in by symbolic inference. Each is compared with the graph it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lrpc
+from lrpc import emitter, models, optimise
+from lrpc.graph import Builder, static_value
+from lrpc.runtime import Explainer
+
+
+def _graph(*inputs):
+    return ir.Graph(list(inputs), [], nodes=[], opset_imports={"": 18})
+
+
+def _value(name, dims, dtype=ir.DataType.FLOAT):
+    return ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(dtype))
+
+
+def test_static_value_evaluates_runtime_shape_arithmetic():
+    """TorchScript's rotate_half bound x.shape[-1] // 2: Shape → Gather → Div → Cast → Unsqueeze is 32,
+    though x has symbolic dims; a bound that reads a symbolic dim stays unknown."""
+    x = _value("x", ["batch", 8, "sequence", 64])
+    b = Builder(_graph(x))
+    half = b.Unsqueeze(b.Cast(b.Div(b.Gather(b.Shape(x), b.i64(3), axis=0), b.i64(2)), to=7), b.i64([0]))
+    assert static_value(half).tolist() == [32]
+    seq = b.Gather(b.Shape(x), b.i64(2), axis=0)
+    assert static_value(seq) is None
+    assert static_value(b.Concat(b.i64([1, -1]), b.Unsqueeze(half, b.i64([0])), axis=0)) is None  # rank 2 vs 1
+    assert static_value(b.Concat(b.i64([1, -1]), half, axis=0)).tolist() == [1, -1, 32]
+
+
+def test_builder_folds_static_shapes_and_inverse_transposes():
+    x = _value("x", ["batch", 8, "sequence", 64])
+    b = Builder(_graph(x))
+    assert static_value(b.Shape(x, start=-1)).tolist() == [64]   # folded: no Shape node
+    assert b.Shape(x).producer().op_type == "Shape"               # the symbolic dims are read at run time
+    swapped = b.Transpose(x, perm=[0, 1, 3, 2])
+    assert b.Transpose(swapped, perm=[0, 1, 3, 2]) is x
+    scaled = b.Mul(swapped, b.f32(0.5))                           # a scalar product commutes with it
+    back = b.Transpose(scaled, perm=[0, 1, 3, 2])
+    assert back.producer().op_type == "Mul" and back.producer().inputs[0] is x
+    flat = b.Reshape(b.Reshape(x, b.i64([-1, 64])), b.i64([-1, 8, 64]))
+    assert flat.producer().inputs[0] is x
+    assert {n.op_type for n in b.graph} >= {"Transpose", "Mul", "Reshape"}
+
+
+def _run(path, entry, seq=11):
+    inputs = {k: v.numpy() for k, v in entry.inputs(2, seq, seed=4).items()}
+    return Explainer(path).explain(inputs, target=np.array([1, 5]), position=np.array([-1, 3]))
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node if n.name.startswith("lrp_")]
+
+
+def test_peepholes_keep_relevance_and_remove_ops(tmp_path, zoo_export, monkeypatch):
+    """With and without lrpc.optimise's peepholes (scale into Gemm α, sums into Gemm C, complementary pads
+    into a Concat): the same relevance, and the ops they remove are gone."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama", "dynamo", None)
+    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
+    lrpc.compile(proto, output=fast)
+    for name in ("scale_into_gemm", "accumulate_in_gemm", "pads_to_concat"):
+        monkeypatch.setattr(optimise, name, lambda *a: 0)
+    lrpc.compile(proto, output=plain)
+    a, b = _run(fast, entry), _run(plain, entry)
+    ref = b.relevance["input_ids"]
+    assert np.abs(a.relevance["input_ids"] - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.array_equal(a.outputs["logits"], b.outputs["logits"])
+    fast_ops, plain_ops = _ops(fast), _ops(plain)
+    assert fast_ops.count("Pad") == 0 < plain_ops.count("Pad")          # rotary rotate_half: Concat instead
+    assert fast_ops.count("Sum") < plain_ops.count("Sum")               # q/k/v and gate/up ĝ summed in Gemm C
+    graph = onnx.load(str(fast), load_external_data=False).graph
+    assert any(n.op_type == "Gemm" and len(n.input) == 3 for n in graph.node)
+    assert any(n.op_type == "Gemm" and any(a.name == "alpha" and a.f == 0.5 for a in n.attribute) for n in graph.node)
+
+
+@pytest.mark.parametrize("preset", ["attnlrp", "cp-lrp"])
+def test_one_row_attention_equals_whole_rows(preset, tmp_path, zoo_export, monkeypatch):
+    """ĝ kept as one sequence row through the last attention block (the query side) gives the relevance a
+    walk with whole-width ĝ gives; and it is taken (softmax, the score and value products run on a row)."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama", "dynamo", None)
+    rows, whole = tmp_path / "rows.onnx", tmp_path / "whole.onnx"
+    seen = []
+    classify = emitter.Emitter._classify
+
+    def spy(self, node, axis, rank):
+        plan = classify(self, node, axis, rank)
+        if plan is not None:
+            seen.append((node.op_type, axis))
+        return plan
+    monkeypatch.setattr(emitter.Emitter, "_classify", spy)
+    lrpc.compile(proto, output=rows, preset=preset)
+    expected = {("MatMul", 2), ("Transpose", 1)} | ({("Softmax", 2)} if preset == "attnlrp" else set())
+    assert expected <= set(seen), seen  # (CP-LRP sends nothing into the softmax)
+    monkeypatch.setattr(emitter.Emitter, "_row_plan", lambda self, node, grads: None)
+    lrpc.compile(proto, output=whole, preset=preset)
+    a, b = _run(rows, entry), _run(whole, entry)
+    ref = b.relevance["input_ids"]
+    assert np.abs(a.relevance["input_ids"] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_torchscript_export_needs_no_runtime_shape_arithmetic(tmp_path, zoo_export):
+    """The legacy exporter builds every attention reshape from Shape ops; with symbolic shape inference and
+    compile-time shape values the relevance graph undoes broadcasting and slicing statically, as for the
+    dynamo export: no NonZero axis search, no clamping of slice bounds."""
+    _, proto = zoo_export("llama", "legacy", None)
+    path = tmp_path / "e.onnx"
+    lrpc.compile(proto, output=path)
+    ops = _ops(path)
+    assert "NonZero" not in ops and "Min" not in ops and "Pad" not in ops, sorted(set(ops))
