@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx_ir as ir
 
 from lrpc.analysis import Attribution
@@ -97,9 +98,10 @@ def latent_relevance(b: Builder, emitter, value: ir.Value, grads: dict[ir.Value,
 
 
 def _times(b: Builder, x: ir.Value, grad: ir.Value) -> ir.Value:
-    """x ⊙ ĝ with 0 where ĝ = 0, so a −inf mask value (or masked score) that receives nothing has relevance 0,
-    not −inf · 0 = NaN."""
-    return b.Where(b.Equal(grad, b.f32(0.0)), b.f32(0.0), b.Mul(x, grad))
+    """x ⊙ ĝ with ±inf read as ±FLT_MAX, so a −inf mask value (or masked score) that receives nothing has
+    relevance 0, not −inf · 0 = NaN (a Clip, not a Where: onnxruntime's Where is several times slower)."""
+    big = float(np.finfo(np.float32).max)
+    return b.Mul(b.Clip(x, b.f32(-big), b.f32(big)), grad)
 
 
 def write_metadata(model: ir.Model, info: dict) -> None:

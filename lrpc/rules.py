@@ -337,9 +337,15 @@ def _attention_weighted_sum(n):
     backward does). None unless y's only reader is that product, as its left operand, over the last axis."""
     y, em = n.raw_out(0), n.em
     r = n.rank(0)
-    readers = [node for node, _ in y.uses() if not node.name.startswith(PREFIX)]  # forward readers
-    if r is None or n.attr("axis", -1) % r != r - 1 or len(readers) != 1 or y.is_graph_output():
+    if r is None or n.attr("axis", -1) % r != r - 1:
         return None
+    while True:  # through value-preserving steps (TorchScript exports cast the weights to the query's dtype)
+        readers = [node for node, _ in y.uses() if not node.name.startswith(PREFIX)]  # forward readers
+        if len(readers) != 1 or y.is_graph_output():
+            return None
+        if readers[0].op_type not in ("Cast", "Identity", "Dropout") or readers[0].outputs[0].dtype != y.dtype:
+            break
+        y = readers[0].outputs[0]
     product = readers[0]
     o = product.outputs[0]
     if product.op_type != "MatMul" or product.inputs[0] is not y or product.inputs[1] is y or o.shape is None \
@@ -355,8 +361,11 @@ def _attention_weighted_sum(n):
         if row is not None:
             return None
         grad_o = em.widen(grad_o)
-    b = n.b
-    total = b.ReduceSum(b.Mul(grad_o, n.f32(o)), b.i64([-1]), keepdims=1)
+    b, width = n.b, o.shape[-1]
+    products = b.Mul(grad_o, n.f32(o))
+    if isinstance(width, int):  # the scaled row sum as one product with a constant column (no extra kernel)
+        return b.MatMul(products, b.f32(np.full((width, 1), scale, np.float32)))
+    total = b.ReduceSum(products, b.i64([-1]), keepdims=1)
     return total if scale == 1.0 else b.Mul(total, b.f32(scale))
 
 
