@@ -131,7 +131,7 @@ def accumulate_in_gemm(graph: ir.Graph, b: Builder) -> int:
 
 def _one_axis_pad(value: ir.Value, consumer: ir.Node) -> tuple[int, int, int, int] | None:
     """(axis, before, after, padded dim) of value = Pad(x, constant pads along one axis, zeros), read by
-    `consumer` alone, with its output's dim along that axis known."""
+    `consumer` alone, with its output's dim along that axis known. The last axis is written -1."""
     pad = value.producer()
     if not _ours(pad) or pad.op_type != "Pad" or attr(pad, "mode", "constant") != "constant" \
             or len(pad.inputs) > 2 or not _only_consumer(value, consumer) or value.shape is None:
@@ -144,7 +144,7 @@ def _one_axis_pad(value: ir.Value, consumer: ir.Node) -> tuple[int, int, int, in
     if len(axes) != 1 or not isinstance(value.shape[axes[0]], int):
         return None
     axis = axes[0]
-    return axis, int(pads[axis]), int(pads[r + axis]), value.shape[axis]
+    return axis - r if axis == r - 1 else axis, int(pads[axis]), int(pads[r + axis]), value.shape[axis]
 
 
 def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
@@ -165,6 +165,7 @@ def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
         rest = [v for v in node.inputs if v is not head and v is not tail]
         total = b.Sum(joined, *rest) if rest else joined
         node.outputs[0].replace_all_uses_with(total)
-        graph.remove(node, safe=True)
+        graph.remove([node, head.producer(), tail.producer()], safe=True)
         done += 1
     return done
+
