@@ -6,6 +6,8 @@ shapes inferred (ranks and symbolic dims let the emitter undo broadcasting stati
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 from onnx import shape_inference, version_converter
 
@@ -57,10 +59,8 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     except ImportError:
         return proto
     try:
-        inferred = SymbolicShapeInference.infer_shapes(_without_weights(proto), auto_merge=True)
-    except Exception:  # noqa: BLE001 (an unsupported op or a shape it cannot follow)
-        return proto
-    if inferred is None:
+        inferred = _run_symbolic(SymbolicShapeInference, _without_weights(proto))
+    except Exception:  # noqa: BLE001 (an unsupported op, a shape it cannot follow, another onnxruntime)
         return proto
     better = {v.name: v for v in inferred.graph.value_info}
     known = {v.name: i for i, v in enumerate(proto.graph.value_info)}
@@ -72,6 +72,22 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         else:
             proto.graph.value_info.append(info)
     return proto
+
+
+def _run_symbolic(inference, model: onnx.ModelProto) -> onnx.ModelProto:
+    """SymbolicShapeInference.infer_shapes without its failure path, which writes sym_shape_infer_temp.onnx
+    into the current directory and discards what it did infer: the same steps, keeping partial results."""
+    log = logging.getLogger(inference.__module__)
+    level, log.level = log.level, logging.ERROR  # its warnings are about shapes it leaves unknown: ours to handle
+    try:
+        run = inference(2**31 - 1, True, False, 0)   # int_max, auto_merge, guess_output_rank, verbose
+        run._preprocess(model)
+        while run.run_:
+            run._infer_impl()
+        run._update_output_from_vi()
+        return run.out_mp_
+    finally:
+        log.level = level
 
 
 def _unknown_dims(info: onnx.ValueInfoProto) -> float:

@@ -117,3 +117,23 @@ def test_torchscript_export_needs_no_runtime_shape_arithmetic(tmp_path, zoo_expo
     lrpc.compile(proto, output=path)
     ops = _ops(path)
     assert "NonZero" not in ops and "Min" not in ops and "Pad" not in ops, sorted(set(ops))
+
+
+def test_symbolic_shape_inference_leaves_no_files(tmp_path, monkeypatch):
+    """onnxruntime's shape inference tool saves `sym_shape_infer_temp.onnx` into the current directory when
+    it cannot infer everything; lrpc runs its steps without that, and still gets the shapes it did infer."""
+    from onnx import TensorProto, helper
+
+    from lrpc.canonicalize import canonicalize
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["r"]),
+             helper.make_node("Mystery", ["r"], ["m"], domain="example.custom"),
+             helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("m", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("example.custom", 1)])
+    monkeypatch.chdir(tmp_path)
+    out = canonicalize(model)
+    assert list(tmp_path.iterdir()) == []
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in out.graph.value_info}
+    assert shapes["r"] == ["batch", 8]   # the Reshape to a run-time Shape, followed
