@@ -222,6 +222,14 @@ class Emitter:
             return a
         raise _NotRowLocal
 
+    def readable(self, value: ir.Value | None, axis: int, rank_: int) -> bool:
+        """Whether a rule on a one-row ĝ can read `value` (whole, or its row)."""
+        try:
+            self.row_axis(value, axis, rank_)
+            return True
+        except _NotRowLocal:
+            return False
+
     def row(self, value: ir.Value, axis: int = 1) -> ir.Value:
         """value[b, …, position[b], …] with the position at `axis`, kept as a dim of size 1."""
         key = (value, axis)

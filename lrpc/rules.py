@@ -357,6 +357,8 @@ def _attention_weighted_sum(n):
     if scale is None or grad_o is None:
         return None
     row = (n.compact.axis, n.compact.rank) if n.compact is not None else None
+    if row is not None and not em.readable(o, *row):
+        return None
     if em.compact_of(grad_o) != row:
         if row is not None:
             return None
