@@ -208,7 +208,7 @@ def _slice(n, g):
     if static is not None:
         def padded():
             grad = b.Pad(g, b.i64(static), mode="constant")
-            grad.shape = ir.Shape(n.dims(0))  # for optimise.pads_to_concat
+            grad.type, grad.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(n.dims(0))  # for pads_to_concat
             return grad
         return (padded,)
 
