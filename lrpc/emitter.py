@@ -202,7 +202,7 @@ class Emitter:
             return None
         return position, node.inputs[1]
 
-    def is_seq(self, value: ir.Value | None, axis: int = 1) -> bool:
+    def is_seq(self, value: ir.Value | None, axis: int) -> bool:
         """value is [batch, …] with the explained output's sequence at `axis`."""
         if self._seq is None or value is None or value.shape is None or not 0 < axis < value.shape.rank():
             return False
@@ -340,14 +340,14 @@ class Emitter:
                 return None
             plan.grads[node.inputs[0]] = perm[axis]
             return plan
-        elif op in ("Slice", "Concat"):
-            if op == "Slice":
-                axes = static_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-                if axes is None or any(int(a) % rank_ == axis for a in axes) or any(
-                        static_value(v) is None for v in node.inputs[1:] if v is not None):
-                    return None
-                same_row(node.inputs[0])
-                return plan
+        elif op == "Slice":   # along other axes, with bounds known at compile time (a constant Pad back)
+            axes = static_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+            if axes is None or any(int(a) % rank_ == axis for a in axes) or any(
+                    static_value(v) is None for v in node.inputs[1:] if v is not None):
+                return None
+            same_row(node.inputs[0])
+            return plan
+        elif op == "Concat":
             if attr(node, "axis") % rank_ == axis:
                 return None
         elif op not in self.ROW_OPS and rule not in ("frozen", "gated", "uniform"):

@@ -211,11 +211,6 @@ class Builder:
                     return self.Mul(producer.inputs[i].producer().inputs[0], c)
         return None
 
-    def reshape_target(self, value: ir.Value) -> ir.Value:
-        """A Reshape shape that gives a tensor `value`'s shape: static where it can be, else Shape(value)."""
-        target = self.reshape_shape(None if value.shape is None else list(value.shape))
-        return target if target is not None else self.Shape(value)
-
     def reshape_shape(self, dims: list | None) -> ir.Value | None:
         """dims as a Reshape shape: a constant when at most one of them is symbolic (written -1); else the
         symbolic dims read once from the graph inputs that carry them (e.g. batch and sequence from

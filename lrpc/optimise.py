@@ -111,27 +111,29 @@ def accumulate_in_gemm(graph: ir.Graph, b: Builder) -> int:
             cols = _gemm_columns(found[1]) if found is not None else None
             if cols is not None:
                 groups.setdefault((found[0].inputs[1], cols), []).append(found)
-        shape, parts = max(groups.items(), key=lambda kv: len(kv[1]), default=(None, []))
+        parts = max(groups.values(), key=len, default=[])
         if len(parts) < 2:
             continue
         for (_, previous), (_, gemm) in zip(parts, parts[1:]):
             gemm.resize_inputs(3)
             gemm.replace_input_with(2, previous.outputs[0])
             gemm.attributes.pop("beta", None)
-        last_reshape = parts[-1][0]
-        rest = [v for v in node.inputs if v not in {r.outputs[0] for r, _ in parts}]
-        total = last_reshape.outputs[0] if not rest else b.Sum(last_reshape.outputs[0], *rest)
-        node.outputs[0].replace_all_uses_with(total)
-        graph.remove(node, safe=True)
-        for reshape, _ in parts[:-1]:
-            graph.remove(reshape, safe=True)
+        _replace_sum(graph, b, node, parts[-1][0].outputs[0], [r.outputs[0] for r, _ in parts])
+        graph.remove([reshape for reshape, _ in parts[:-1]], safe=True)
         done += 1
     return done
 
 
+def _replace_sum(graph: ir.Graph, b: Builder, node: ir.Node, combined: ir.Value, used: list[ir.Value]) -> None:
+    """Sum(used…, rest…) → Sum(combined, rest…) (or combined alone), where `combined` sums the `used` inputs."""
+    rest = [v for v in node.inputs if v not in used]
+    node.outputs[0].replace_all_uses_with(b.Sum(combined, *rest) if rest else combined)
+    graph.remove(node, safe=True)
+
+
 def _one_axis_pad(value: ir.Value, consumer: ir.Node) -> tuple[int, int, int, int] | None:
     """(axis, before, after, padded dim) of value = Pad(x, constant pads along one axis, zeros), read by
-    `consumer` alone, with its output's dim along that axis known. The last axis is written -1."""
+    `consumer` alone, with its output's dim along that axis known."""
     pad = value.producer()
     if not _ours(pad) or pad.op_type != "Pad" or attr(pad, "mode", "constant") != "constant" \
             or len(pad.inputs) > 2 or not _only_consumer(value, consumer) or value.shape is None:
@@ -144,7 +146,7 @@ def _one_axis_pad(value: ir.Value, consumer: ir.Node) -> tuple[int, int, int, in
     if len(axes) != 1 or not isinstance(value.shape[axes[0]], int):
         return None
     axis = axes[0]
-    return axis - r if axis == r - 1 else axis, int(pads[axis]), int(pads[r + axis]), value.shape[axis]
+    return axis, int(pads[axis]), int(pads[r + axis]), value.shape[axis]
 
 
 def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
@@ -162,10 +164,8 @@ def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
             continue
         head, tail = pair
         joined = b.Concat(head.producer().inputs[0], tail.producer().inputs[0], axis=pads[head][0])
-        rest = [v for v in node.inputs if v is not head and v is not tail]
-        total = b.Sum(joined, *rest) if rest else joined
-        node.outputs[0].replace_all_uses_with(total)
-        graph.remove([node, head.producer(), tail.producer()], safe=True)
+        _replace_sum(graph, b, node, joined, [head, tail])
+        graph.remove([head.producer(), tail.producer()], safe=True)
         done += 1
     return done
 

@@ -326,9 +326,13 @@ def _pow(n, g):
 def _softmax(n, g):
     """y = softmax(x): ĝ_x = y ⊙ (ĝ_y − Σ ĝ_y ⊙ y). Equals the AttnLRP softmax rule (Prop. 3.1) times x."""
     b, y = n.b, n.y()
-    axis = b.i64([n.attr("axis", -1)])
-    weighted = lambda: _attention_weighted_sum(n) or b.ReduceSum(b.Mul(g, y), axis, keepdims=1)  # noqa: E731
-    return (lambda: b.Mul(y, b.Sub(g, weighted())),)
+
+    def grad_x():
+        weighted = _attention_weighted_sum(n)
+        if weighted is None:
+            weighted = b.ReduceSum(b.Mul(g, y), b.i64([n.attr("axis", -1)]), keepdims=1)
+        return b.Mul(y, b.Sub(g, weighted))
+    return (grad_x,)
 
 
 def _attention_weighted_sum(n):
