@@ -1,7 +1,7 @@
 """Which tensors carry relevance, and where each attributed input enters the graph.
 
 A tensor carries relevance when it depends differentiably on an attributed input: the output of
-an embedding lookup on token ids, or a float model input (DESIGN.md, "analyse"). Weights, masks,
+an embedding lookup on token ids, or a float model input (docs/design.md, "Pipeline"). Weights, masks,
 positions, shapes and rotary tables do not: for the rules they are constants.
 """
 
@@ -11,16 +11,10 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from lrpc import ops
 from lrpc.errors import LrpcError
 from lrpc.graph import const_array, is_float
 
-# Ops whose float outputs have zero derivative: they never pass relevance on.
-NON_DIFFERENTIABLE = {
-    "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
-    "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
-    "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-    "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "Mod", "TopK_indices",
-}
 # Ops that carry integer ids unchanged in value from a model input to an embedding lookup.
 ID_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity", "Expand", "CastLike"}
 
@@ -97,7 +91,7 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     """Forward closure: float outputs of differentiable ops with a carrying input. `cut` values are constants."""
     carrying = set(sources)
     for node in graph:  # graph nodes are kept in topological order
-        if node.op_type in NON_DIFFERENTIABLE:
+        if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
         if any(i is not None and i in carrying for i in node.inputs):
             carrying.update(o for o in node.outputs if _maybe_float(o) and o not in cut)

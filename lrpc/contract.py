@@ -1,4 +1,4 @@
-"""The explainer's input/output contract (DESIGN.md, "The explainer").
+"""The explainer's input/output contract (docs/design.md, "Explainer contract").
 
 Added inputs: `lrp_target` int64 [batch] (or `lrp_seed` float [batch, classes] with a vector seed)
 and, for rank-3 explained outputs, `lrp_position` int64 [batch]. Added outputs: one

@@ -16,12 +16,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from lrpc.errors import LrpcError
-from lrpc.plan import Plan
+from lrpc.plan import Plan, Rule
 
-CATEGORY = {"frozen": "norm", "layernorm-frozen-std": "norm", "rmsnorm-frozen-rms": "norm",
-            "lpnorm-frozen-norm": "norm", "identity": "activation",
-            "softmax": "softmax", "none": "softmax (no relevance)", "uniform": "bilinear",
-            "gated": "bilinear (gated)", "epsilon": "linear", "gamma": "linear"}
+CATEGORY = {Rule.FROZEN: "norm", Rule.LAYERNORM_FROZEN_STD: "norm", Rule.LPNORM_FROZEN_NORM: "norm",
+            Rule.IDENTITY: "activation", Rule.SOFTMAX: "softmax", Rule.NONE: "softmax (no relevance)",
+            Rule.UNIFORM: "bilinear", Rule.GATED: "bilinear (gated)", Rule.EPSILON: "linear", Rule.GAMMA: "linear"}
 PLAN_FORMAT = "lrpc-plan/2"
 
 
@@ -36,7 +35,7 @@ def _rule_depths(plan: Plan, graph: ir.Graph) -> dict[ir.Node, int]:
         depth = max((value_depth.get(v, 0) for v in node.inputs if v is not None), default=0)
         depths[node] = depth
         record = plan.get(node)
-        out = depth + (1 if record is not None and record.rule != "inside" else 0)
+        out = depth + (1 if record is not None and record.rule != Rule.INSIDE else 0)
         for v in node.outputs:
             value_depth[v] = out
     return depths
@@ -62,14 +61,14 @@ def plan_rows(plan: Plan, graph: ir.Graph) -> list[dict]:
     order = {node: i for i, node in enumerate(graph)}
     producer_op = {o.name: n.op_type for n in graph for o in n.outputs}
     rows = []
-    for node in sorted((n for n in graph if plan.get(n) is not None and plan.get(n).rule != "inside"),
+    for node in sorted((n for n in graph if plan.get(n) is not None and plan.get(n).rule != Rule.INSIDE),
                        key=lambda n: (depths[n], plan.get(n).rule, order[n])):
         record = plan.get(node)
         structure = {"rule": record.rule, "depth": depths[node],
                      "params": {k: v for k, v in record.params.items() if k not in NAME_PARAMS}}
-        if record.rule == "identity":
+        if record.rule == Rule.IDENTITY:
             structure["region_input_op"] = producer_op.get(record.params["input"], "input")
-        if record.rule == "frozen":
+        if record.rule == Rule.FROZEN:
             structure["statistic"] = _statistic_reduction(node, record.params["frozen"])
         rows.append({"node": node.name, "op": node.op_type, "claimed_by": record.claimed_by, **structure,
                      "notes": record.notes, "input": record.params.get("input")})

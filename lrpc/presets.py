@@ -1,16 +1,35 @@
-"""Presets: which rule-assignment passes run, in DESIGN.md's fixed order, and with what options."""
+"""Presets as data (docs/design.md, "Pipeline"): which rule-assignment passes run, in the fixed order, and
+with which switches. A pass reads its switches from the Preset it is given, never the preset's name.
+
+Adding a preset: one row of TABLE (a new switch: a field of Preset, read by the pass it concerns).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from lrpc import passes
 from lrpc.analysis import relevance_carrying
 from lrpc.errors import LrpcError
 from lrpc.plan import Plan
 
-PRESETS = ("attnlrp", "cp-lrp", "gxi")
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    passes: tuple = passes.ORDER      # run in this order; a node claimed by an earlier pass is not re-claimed
+    cut_softmax: bool = False         # softmax pass: no relevance flows into a softmax (its output is a constant)
+    gated_products: bool = False      # bilinear pass: a gating product's activation-side operand takes none
+
+
+TABLE = {p.name: p for p in (
+    Preset("attnlrp"),                                               # AttnLRP (Achtibat et al. 2024)
+    Preset("cp-lrp", cut_softmax=True, gated_products=True),         # CP-LRP (Ali et al. 2022)
+    Preset("gxi", passes=()),                                        # Input×Gradient: every node its exact VJP
+)}
+PRESETS = tuple(TABLE)   # the preset names, for the command line and the API
 
 
 @dataclass(frozen=True)
@@ -21,7 +40,12 @@ class Options:
     gamma_linear: float | None = None
     gamma_conv: float | None = None
     layers: str | None = None
-    extra: dict = field(default_factory=dict)
+
+
+def get(name: str) -> Preset:
+    if name not in TABLE:
+        raise LrpcError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    return TABLE[name]
 
 
 def assign_rules(graph: ir.Graph, sources: set[ir.Value], preset: str,
@@ -30,16 +54,12 @@ def assign_rules(graph: ir.Graph, sources: set[ir.Value], preset: str,
 
     Returns the plan and the relevance-carrying tensors, recomputed whenever a pass declares a
     tensor constant (CP-LRP's softmax), so later passes see what really carries relevance."""
-    if preset not in PRESETS:
-        raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    chosen = get(preset)
     plan = Plan(preset)
     carrying = relevance_carrying(graph, sources)
-    if preset == "gxi":
-        return plan, carrying
-    from lrpc import passes  # the passes live in passes/, installed as lrpc.passes
-    for run_pass in passes.ORDER:
+    for run_pass in chosen.passes:
         cut_before = len(plan.cut)
-        run_pass(graph, carrying, plan, options)
+        run_pass(graph, carrying, plan, chosen, options)
         if len(plan.cut) != cut_before:
             carrying = relevance_carrying(graph, sources, plan.cut)
     return plan, carrying

@@ -1,7 +1,7 @@
 """Elementwise nonlinearities get the identity rule (AttnLRP Eq. 9) over their whole region u → v:
 ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)); the ops inside get no rule of their own.
 
-Regions come from dominators on the DAG of relevance-carrying tensors (DESIGN.md, "Activation
+Regions come from dominators on the DAG of relevance-carrying tensors (docs/design.md, "Activation
 regions"): start at u = N's input; climb u's dominator chain while the tensor climbed from is made by
 an elementwise op; a dominator d is acceptable when its immediate post-dominator v is N's output or
 after it and every op between d and v is elementwise. The region is (highest acceptable d, its v),
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .dataflow import NONLINEAR, SINK, CarryingDAG, elementwise, is_default_domain
+from lrpc import ops
+from lrpc.plan import Rule
+
+from .dataflow import SINK, CarryingDAG, elementwise
 
 NAME = "activations"
 
@@ -44,10 +47,10 @@ def region(dag: CarryingDAG, node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
     return None if v is None or v == SINK else (start, v)
 
 
-def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
     dag = None
     for node in graph:
-        if not (is_default_domain(node) and node.op_type in NONLINEAR and node.inputs[0] in carrying):
+        if not (ops.is_kind(node, ops.NONLINEAR) and node.inputs[0] in carrying):
             continue
         if node in plan.records:
             continue  # already inside an earlier region (e.g. the Tanh of a GELU whose Erf came first)
@@ -59,6 +62,6 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
         inner = dag.between(u, v) - {v.producer()}
         if any(n in plan.records for n in inner | {v.producer()}):
             continue
-        plan.claim(v.producer(), "identity", NAME, notes={"ops": len(inner) + 1}, input=u.name)
+        plan.claim(v.producer(), Rule.IDENTITY, NAME, notes={"ops": len(inner) + 1}, input=u.name)
         for n in inner:
-            plan.claim(n, "inside", NAME, notes={"region_output": v.name})
+            plan.claim(n, Rule.INSIDE, NAME, notes={"region_output": v.name})

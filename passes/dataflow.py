@@ -1,4 +1,4 @@
-"""Dataflow facts the passes share: which ops are elementwise, and the DAG of relevance-carrying tensors
+"""Dataflow facts the passes share: walks through elementwise ops (lrpc.ops), and the DAG of relevance-carrying tensors
 with its dominator and post-dominator trees (networkx)."""
 
 from __future__ import annotations
@@ -6,18 +6,8 @@ from __future__ import annotations
 import networkx as nx
 import onnx_ir as ir
 
-# Ops that act elementwise (with broadcasting) on their float operands.
-ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log", "Cast", "CastLike",
-    "Identity", "Clip", "Max", "Min", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "Softplus", "Mish", "Elu",
-    "LeakyRelu", "HardSigmoid", "HardSwish", "Sin", "Cos", "Where", "Expand", "Sign", "Softsign", "Selu",
-    "Celu", "ThresholdedRelu", "PRelu", "Sum", "Mean", "Dropout",
-}
-# Nonlinear elementwise ops that start an activation region (DESIGN.md, "Activation regions").
-NONLINEAR = {"Sigmoid", "Tanh", "Erf", "Gelu", "Relu", "Exp", "Softplus", "Mish", "Elu", "LeakyRelu",
-             "HardSigmoid", "HardSwish", "Selu", "Celu", "Softsign", "ThresholdedRelu", "PRelu"}
-REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceL1", "ReduceLogSumExp",
-              "ReduceMax", "ReduceMin"}
+from lrpc import ops
+from lrpc.plan import Rule
 
 ROOT, SINK = "<sources>", "<outputs>"
 
@@ -27,7 +17,8 @@ def is_default_domain(node: ir.Node) -> bool:
 
 
 def elementwise(node: ir.Node | None) -> bool:
-    return node is not None and is_default_domain(node) and node.op_type in ELEMENTWISE
+    """Acts elementwise on its float operands (lrpc.ops: kinds ELEMENTWISE and NONLINEAR)."""
+    return ops.is_kind(node, ops.ELEMENTWISE, ops.NONLINEAR)
 
 
 def carrying_inputs(node: ir.Node, carrying: set[ir.Value]) -> list[ir.Value]:
@@ -97,7 +88,7 @@ def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]
         if not any(o in live for o in node.outputs):
             continue
         record = plan.get(node)
-        if record is not None and record.rule == "none":
+        if record is not None and record.rule == Rule.NONE:
             continue
         blocked = {record.params["frozen"]} if record is not None and "frozen" in record.params else set()
         live.update(v for i, v in enumerate(node.inputs) if v is not None and v in carrying and i not in blocked)

@@ -13,6 +13,7 @@ import re
 import onnx_ir as ir
 
 from lrpc.analysis import const_array_is_known
+from lrpc.plan import Rule
 
 from .dataflow import carrying_inputs, is_default_domain
 
@@ -32,7 +33,7 @@ def bias_add(node: ir.Node, carrying: set[ir.Value]) -> ir.Node | None:
     return consumer if other not in carrying and const_array_is_known(other) else None
 
 
-def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
     if options.epsilon is None and options.gamma_linear is None and options.gamma_conv is None:
         return
     selected = re.compile(options.layers) if options.layers else None
@@ -44,13 +45,13 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
         if len(carrying_inputs(node, carrying)) != 1 or (selected and not selected.search(node.name or "")):
             continue
         gamma = options.gamma_conv if node.op_type == "Conv" else options.gamma_linear
-        rule, params = ("gamma", {"gamma": gamma}) if gamma is not None else \
-            ("epsilon", {"epsilon": options.epsilon}) if options.epsilon is not None else (None, None)
+        rule, params = (Rule.GAMMA, {"gamma": gamma}) if gamma is not None else \
+            (Rule.EPSILON, {"epsilon": options.epsilon}) if options.epsilon is not None else (None, None)
         if rule is None:
             continue
         add = bias_add(node, carrying)
         if add is not None and add not in plan.records:
             plan.claim(add, rule, NAME, layer=node.name, **params)
-            plan.claim(node, "inside", NAME, notes={"layer_output": add.outputs[0].name})
+            plan.claim(node, Rule.INSIDE, NAME, notes={"layer_output": add.outputs[0].name})
         else:
             plan.claim(node, rule, NAME, layer=node.name, **params)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .dataflow import (REDUCTIONS, carrying_inputs, elementwise, elementwise_ancestry, is_default_domain,
-                       walk_up_elementwise)
+from lrpc import ops
+from lrpc.plan import Rule
+
+from .dataflow import carrying_inputs, elementwise, elementwise_ancestry, is_default_domain, walk_up_elementwise
 
 NAME = "norms"
-# Normalisation ops with their own frozen-statistic rule (see lrpc.rules.LRP_RULES).
+# Normalisation ops with their own frozen-statistic rule (lrpc.rules.RULES). RMSNormalization is not one:
+# it is decomposed into the RMSNorm chain before analysis (lrpc.ops, FUSED).
 # (GroupNormalization / InstanceNormalization have no rule yet: the emitter reports them by name.)
-NORM_OPS = {"LayerNormalization": "layernorm-frozen-std", "RMSNormalization": "rmsnorm-frozen-rms",
-            "LpNormalization": "lpnorm-frozen-norm"}
+NORM_OPS = {"LayerNormalization": Rule.LAYERNORM_FROZEN_STD, "LpNormalization": Rule.LPNORM_FROZEN_NORM}
 
 
 def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] | None:
@@ -27,7 +29,7 @@ def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] 
     reductions = []
     for value in walk_up_elementwise(b, carrying):
         producer = value.producer()
-        if producer is not None and is_default_domain(producer) and producer.op_type in REDUCTIONS:
+        if ops.is_kind(producer, ops.REDUCTION):
             reductions.append(producer)
         elif not elementwise(producer):
             return None  # a non-elementwise op on the way: b is not a pure statistic
@@ -47,7 +49,7 @@ def check_statistic(node: ir.Node, index: int, carrying: set[ir.Value]) -> str |
     return "the reduction's input does not share elementwise ancestry with the other operand"
 
 
-def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
     for node in graph:
         if not is_default_domain(node):
             continue
@@ -57,5 +59,5 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
             candidates = (1,) if node.op_type == "Div" else (1, 0)
             for index in candidates:
                 if check_statistic(node, index, carrying) is None:
-                    plan.claim(node, "frozen", NAME, notes={"statistic": node.inputs[index].name}, frozen=index)
+                    plan.claim(node, Rule.FROZEN, NAME, notes={"statistic": node.inputs[index].name}, frozen=index)
                     break

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from lrpc.plan import Rule
+
 from .dataflow import is_default_domain
 
 NAME = "softmax"
 
 
-def run(graph: ir.Graph, carrying: set[ir.Value], plan, options) -> None:
+def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
     for node in graph:
         if is_default_domain(node) and node.op_type == "Softmax" and node.inputs[0] in carrying:
-            if plan.preset == "cp-lrp":
-                if plan.claim(node, "none", NAME):
+            if preset.cut_softmax:
+                if plan.claim(node, Rule.NONE, NAME):
                     plan.cut.add(node.outputs[0])
             else:
-                plan.claim(node, "softmax", NAME)
+                plan.claim(node, Rule.SOFTMAX, NAME)

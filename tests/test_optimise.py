@@ -10,7 +10,8 @@ import onnx_ir as ir
 import pytest
 
 import lrpc
-from lrpc import emitter, models, optimise
+from lrpc import models, optimise
+from lrpc.rows import Rows
 from lrpc.graph import Builder, static_value
 from lrpc.runtime import Explainer
 
@@ -90,18 +91,18 @@ def test_one_row_attention_equals_whole_rows(preset, tmp_path, zoo_export, monke
     _, proto = zoo_export("llama", "dynamo", None)
     rows, whole = tmp_path / "rows.onnx", tmp_path / "whole.onnx"
     seen = []
-    classify = emitter.Emitter._classify
+    row_plan = Rows.plan
 
-    def spy(self, node, axis, rank):
-        plan = classify(self, node, axis, rank)
+    def spy(self, node, grads, form, params):
+        plan = row_plan(self, node, grads, form, params)
         if plan is not None:
-            seen.append((node.op_type, axis))
+            seen.append((node.op_type, plan.axis))
         return plan
-    monkeypatch.setattr(emitter.Emitter, "_classify", spy)
+    monkeypatch.setattr(Rows, "plan", spy)
     lrpc.compile(proto, output=rows, preset=preset)
     expected = {("MatMul", 2), ("Transpose", 1)} | ({("Softmax", 2)} if preset == "attnlrp" else set())
     assert expected <= set(seen), seen  # (CP-LRP sends nothing into the softmax)
-    monkeypatch.setattr(emitter.Emitter, "_row_plan", lambda self, node, grads: None)
+    monkeypatch.setattr(Rows, "plan", lambda self, node, grads, form, params: None)
     lrpc.compile(proto, output=whole, preset=preset)
     a, b = _run(rows, entry), _run(whole, entry)
     ref = b.relevance["input_ids"]

@@ -1,0 +1,135 @@
+"""What a local rule sees of its node (docs/design.md, "Relevance semantics"): the rule interface.
+
+A rule — an op's VJP in lrpc.ops or an AttnLRP rule in lrpc.rules — is `rule(n, g, **params)`: `n` is a
+Context, `g` the ĝ of the node's first output. It reads forward values through `n` (float32, the
+explained row when ĝ is one row), builds with `n.b`, and asks the walk through the named methods below;
+it never touches the walk itself.
+
+ĝ axes: ĝ of a tensor has the tensor's axes today. A rule that names an axis of ĝ maps it with
+`grad_axis`, so a ĝ that gains an axis (a K axis after batch) changes the mapping, not the rules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+
+from lrpc.graph import attr, rank, static_value
+
+F32 = ir.DataType.FLOAT
+
+
+class Context:
+    """One node as its rule sees it: forward values (as float32), attributes, the builder, ĝ of its outputs."""
+
+    def __init__(self, walk, node: ir.Node, grads: list[ir.Value | None], compact=None):
+        self._walk, self.node, self.b, self.grads = walk, node, walk.b, grads
+        self.inputs = node.inputs
+        self.compact = compact   # a lrpc.rows.RowPlan when ĝ is one sequence row, else None
+        self._cache: dict[str, object] = {}
+
+    # ---- the node's forward values ---------------------------------------------------------------
+    def raw(self, i: int) -> ir.Value:
+        return self.node.inputs[i]
+
+    def raw_out(self, i: int = 0) -> ir.Value:
+        return self.node.outputs[i]
+
+    def x(self, i: int) -> ir.Value:
+        v = self.node.inputs[i]
+        axis = self.compact.rows.get(v) if self.compact is not None else None
+        return self._walk.as_f32(v if axis is None else self._walk.rows.row(v, axis))
+
+    def y(self, i: int = 0) -> ir.Value:
+        v = self.node.outputs[i]
+        return self._walk.as_f32(v if self.compact is None else self._walk.rows.row(v, self.compact.axis))
+
+    def f32(self, value: ir.Value) -> ir.Value:
+        """A forward value as the rules read it (float32; its explained row when ĝ is row-compact and the
+        value varies along the sequence, aligned to the node's output as broadcasting aligns it)."""
+        if self.compact is not None:
+            axis = self._walk.rows.row_axis(value, self.compact.axis, self.compact.rank)
+            if axis is not None:
+                return self._walk.as_f32(self._walk.rows.row(value, axis))
+        return self._walk.as_f32(value)
+
+    def attr(self, name: str, default=None):
+        return attr(self.node, name, default)
+
+    def rank(self, i: int) -> int | None:
+        return rank(self.node.inputs[i])
+
+    def const(self, i: int):
+        return static_value(self.node.inputs[i])
+
+    # ---- ĝ's shape -------------------------------------------------------------------------------
+    def grad_axis(self, axis: int) -> int:
+        """The axis of ĝ that holds the forward tensor's `axis` (the same axis today)."""
+        return axis
+
+    def dims(self, i: int) -> list | None:
+        """Input i's dims as its ĝ has them (sequence dim 1 where that ĝ is one row), None if rank unknown."""
+        v = self.node.inputs[i]
+        if v is None or v.shape is None:
+            return None
+        dims = list(v.shape)
+        axis = self.compact.grads.get(v) if self.compact is not None else None
+        if axis is not None:
+            dims[axis] = 1
+        return dims
+
+    def grad_shape(self, i: int) -> ir.Value:
+        """A Reshape target giving input i's ĝ its shape (`dims`): static where it can be, else read at run time."""
+        target = self.b.reshape_shape(self.dims(i))
+        if target is not None:
+            return target
+        v, b = self.node.inputs[i], self.b
+        axis = self.compact.grads.get(v) if self.compact is not None else None
+        if axis is None:
+            return b.Shape(v)
+        return b.Concat(b.Shape(v, end=axis), b.i64([1]), b.Shape(v, start=axis + 1), axis=0)
+
+    def unbroadcast(self, grad: ir.Value, i: int, core: int = 0) -> ir.Value:
+        return self._walk.unbroadcast(grad, self.node.inputs[i], self.node.outputs[0], core)
+
+    def unbroadcast_to(self, grad: ir.Value, target: ir.Value, source: ir.Value) -> ir.Value:
+        return self._walk.unbroadcast(grad, target, source)
+
+    def zeros_like(self, shape: ir.Value) -> ir.Value:
+        return self.b.ConstantOfShape(shape, value=ir.tensor([0.0], dtype=F32))
+
+    def zeros_like_out(self, i: int) -> ir.Value:
+        return self.zeros_like(self.b.Shape(self.node.outputs[i]))
+
+    def cached(self, key: str, make: Callable):
+        """A getter that emits `make()` once, on first use (shared by the thunks of several inputs)."""
+        def get():
+            if key not in self._cache:
+                self._cache[key] = make()
+            return self._cache[key]
+        return get
+
+    # ---- questions to the walk -------------------------------------------------------------------
+    def carries(self, which: int | ir.Value | None) -> bool:
+        """Whether input `which` (an index, or any tensor) carries relevance."""
+        value = self.node.inputs[which] if isinstance(which, int) else which
+        return value is not None and value in self._walk.carrying
+
+    def value(self, name: str) -> ir.Value:
+        """The relevance-carrying tensor named `name` (a region input a plan record names)."""
+        return self._walk.values[name]
+
+    def rule_of(self, node: ir.Node) -> str | None:
+        """The rule name the plan gives `node` (None: its op's exact VJP)."""
+        return self._walk.rule_of(node)
+
+    def view(self, node: ir.Node | str) -> "Context":
+        """Another node (or the node of that name) as a rule would see it, without ĝ of its own."""
+        node = self._walk.nodes[node] if isinstance(node, str) else node
+        return self if node is self.node else Context(self._walk, node, [None])
+
+    def accumulated(self, value: ir.Value) -> ir.Value | None:
+        """The ĝ the walk has summed for `value` (a tensor after this node, all of whose readers ran), in
+        this node's layout (one row when this node's ĝ is), with `value` readable in it; else None."""
+        return self._walk.accumulated(value, self.compact)

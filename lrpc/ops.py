@@ -1,0 +1,240 @@
+"""The op registry: every fact lrpc knows about an ONNX op type, one row per op (docs/design.md, "Layout").
+
+A row says the op's kind, whether it broadcasts its operands, its exact VJP (the ε-rule with ε → 0, which
+Input×Gradient and every op without an AttnLRP rule use), its row form (lrpc.rows: how the VJP runs on a
+one-row ĝ; None: ĝ is widened first) and, for a fused op, the function that rewrites it into standard ops.
+The passes, the analysis, the emitter, the decomposition and `lrpc ops` read this table; no other module
+lists op types. Adding an op: one row here, its VJP (in a vjp_* module unless it is a one-liner), one test.
+
+Kinds:
+  ELEMENTWISE         acts elementwise on its float operands (the passes walk through it)
+  NONLINEAR           elementwise and nonlinear: starts an activation region (identity rule)
+  REDUCTION           a Reduce*: the norm pass looks for statistics made from one
+  LINEAR              a contraction (MatMul, Gemm, Conv, Einsum)
+  NORMALISATION       Softmax and the normalisation ops
+  STRUCTURAL          moves or selects values without arithmetic
+  NON_DIFFERENTIABLE  zero derivative: its outputs never carry relevance
+  FUSED               decomposed into standard ops before analysis (lrpc.decompose)
+  REFUSED             a fused op lrpc recognises and refuses, saying why
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lrpc import fused_attention as fa, fused_norms as fn, rows
+from lrpc import vjp_linear as lin, vjp_norms as nrm, vjp_pointwise as pw, vjp_structural as st
+from lrpc.fused_common import MS, PROTECTED_DOMAIN
+from lrpc.vjp_common import kept, mean_scale, pointwise, reduce, reshape_back, same
+
+ELEMENTWISE, NONLINEAR, REDUCTION, LINEAR = "elementwise", "nonlinear", "reduction", "linear"
+NORMALISATION, STRUCTURAL, NON_DIFFERENTIABLE = "normalisation", "structural", "non-differentiable"
+FUSED, REFUSED = "fused", "refused"
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    vjp: Callable | None = None          # vjp(n, g) → one thunk (or None) per input; lrpc.context.Context n
+    broadcasts: bool = False             # the emitter sums each input's ĝ back over broadcast axes
+    rows: Callable | None = None         # row form (lrpc.rows), None: the VJP needs the whole ĝ
+    decompose: Callable | None = None    # FUSED: handler(node, builder, ctx) → replacement outputs
+
+
+# ---- definers: the kind of row, named ----------------------------------------------------------------
+
+def arithmetic(vjp, broadcasts=True) -> Op:
+    """Elementwise arithmetic: runs on a row as it stands."""
+    return Op(ELEMENTWISE, vjp, broadcasts, rows.pointwise)
+
+
+def activation(derivative) -> Op:
+    """A nonlinear y = f(x): ĝ_x = ĝ_y ⊙ f'(x), f' written in terms of the context."""
+    return Op(NONLINEAR, pointwise(derivative), rows=rows.pointwise)
+
+
+def unary(derivative) -> Op:
+    """An elementwise y = f(x) that does not start an activation region."""
+    return Op(ELEMENTWISE, pointwise(derivative), rows=rows.pointwise)
+
+
+def structural(vjp, row_form=None) -> Op:
+    return Op(STRUCTURAL, vjp, rows=row_form)
+
+
+def reduction(vjp=None) -> Op:
+    return Op(REDUCTION, vjp)
+
+
+NO_GRADIENT = Op(NON_DIFFERENTIABLE)
+
+
+def fused(handler) -> Op:
+    return Op(FUSED, decompose=handler)
+
+
+def refused(reason: str) -> Op:
+    return Op(REFUSED, decompose=fa.refuse(reason))
+
+
+def _transpose(n, g):
+    perm = n.attr("perm")
+    return (lambda: n.b.Transpose(g, perm=list(np.argsort(perm))) if perm else n.b.Transpose(g),)
+
+
+def _reduce_l2(n, g):
+    axes = n.raw(1) if len(n.inputs) > 1 else None
+    return (lambda: n.b.Div(n.b.Mul(reduce(n, g), n.x(0)), kept(n, n.y(), n.attr("keepdims", 1), axes)),)
+
+
+# ---- the table: default-domain ops by op type, other domains as "domain::op_type" ------------------------
+
+OPS: dict[str, Op] = {
+    # arithmetic
+    "Add": arithmetic(lambda n, g: (lambda: g, lambda: g)),
+    "Sub": arithmetic(lambda n, g: (lambda: g, lambda: n.b.Neg(g))),
+    "Mul": arithmetic(lambda n, g: (lambda: n.b.Mul(g, n.x(1)), lambda: n.b.Mul(g, n.x(0)))),
+    "Div": arithmetic(lambda n, g: (lambda: n.b.Div(g, n.x(1)),
+                                    lambda: n.b.Neg(n.b.Div(n.b.Mul(g, n.y()), n.x(1))))),
+    "Sum": arithmetic(lambda n, g: tuple((lambda: g) for _ in n.inputs)),
+    "Mean": arithmetic(pw.mean),
+    "Pow": arithmetic(pw.power),
+    "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
+    "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Dropout": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None)),
+    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True),
+    "Where": Op(ELEMENTWISE, st.where, broadcasts=True),
+    "Max": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
+    "Min": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
+    "Clip": Op(ELEMENTWISE, pw.clip),
+    # elementwise functions
+    "Sqrt": unary(lambda n: n.b.Div(n.b.f32(0.5), n.y())),
+    "Reciprocal": unary(lambda n: n.b.Neg(n.b.Mul(n.y(), n.y()))),
+    "Log": unary(lambda n: n.b.Reciprocal(n.x(0))),
+    "Abs": unary(lambda n: n.b.Sign(n.x(0))),
+    "Sin": unary(lambda n: n.b.Cos(n.x(0))),
+    "Cos": unary(lambda n: n.b.Neg(n.b.Sin(n.x(0)))),
+    # activations (start an activation region)
+    "Exp": activation(lambda n: n.y()),
+    "Tanh": activation(lambda n: n.b.Sub(n.b.f32(1.0), n.b.Mul(n.y(), n.y()))),
+    "Sigmoid": activation(lambda n: n.b.Mul(n.y(), n.b.Sub(n.b.f32(1.0), n.y()))),
+    "Relu": activation(lambda n: n.b.Cast(n.b.Greater(n.x(0), n.b.f32(0.0)), to=1)),
+    "LeakyRelu": activation(lambda n: n.b.Where(n.b.Greater(n.x(0), n.b.f32(0.0)), n.b.f32(1.0),
+                                                n.b.f32(n.attr("alpha", 0.01)))),
+    "Elu": activation(pw.elu_derivative),
+    "Selu": activation(pw.selu_derivative),
+    "Celu": activation(pw.celu_derivative),
+    "HardSigmoid": activation(pw.hard_sigmoid_derivative),
+    "HardSwish": activation(pw.hard_swish_derivative),
+    "Softsign": activation(pw.softsign_derivative),
+    "ThresholdedRelu": activation(pw.thresholded_relu_derivative),
+    "Erf": activation(lambda n: n.b.Mul(n.b.f32(2 / math.sqrt(math.pi)), n.b.Exp(n.b.Neg(n.b.Mul(n.x(0), n.x(0)))))),
+    "Gelu": activation(pw.gelu_derivative),
+    "Softplus": activation(lambda n: n.b.Sigmoid(n.x(0))),
+    "Mish": activation(pw.mish_derivative),
+    "PRelu": Op(NONLINEAR, pw.prelu, broadcasts=True, rows=rows.pointwise),
+    # linear contractions
+    "MatMul": Op(LINEAR, lin.matmul, rows=rows.matmul),
+    "Gemm": Op(LINEAR, lin.gemm),
+    "Conv": Op(LINEAR, lin.conv),
+    "Einsum": Op(LINEAR, lin.einsum),
+    # structural
+    "Reshape": structural(reshape_back, rows.reshape),
+    "Flatten": structural(reshape_back),
+    "Squeeze": structural(reshape_back),
+    "Unsqueeze": structural(reshape_back),
+    "Transpose": structural(_transpose, rows.transpose),
+    "Concat": structural(st.concat, rows.concat),
+    "Split": structural(st.split),
+    "Slice": structural(st.slice_, rows.slice_),
+    "Gather": structural(st.gather),
+    "GatherElements": structural(st.gather_elements),
+    "GatherND": structural(st.gather_nd),
+    "Trilu": structural(lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None,
+                                                        upper=n.attr("upper", 1)),)),
+    # reductions
+    "ReduceSum": reduction(lambda n, g: (lambda: reduce(n, g),)),
+    "ReduceMean": reduction(lambda n, g: (lambda: reduce(n, g, mean_scale),)),
+    "ReduceL2": reduction(_reduce_l2),
+    "ReduceSumSquare": reduction(lambda n, g: (lambda: n.b.Mul(reduce(n, g), n.b.Mul(n.b.f32(2.0), n.x(0))),)),
+    "ReduceL1": reduction(pw.reduce_l1),
+    "ReduceLogSumExp": reduction(pw.reduce_log_sum_exp),
+    "ReduceMax": reduction(pw.reduce_extremum),
+    "ReduceMin": reduction(pw.reduce_extremum),
+    # normalisations
+    "Softmax": Op(NORMALISATION, nrm.softmax, rows=rows.softmax),
+    "LogSoftmax": Op(NORMALISATION, nrm.log_softmax),
+    "LayerNormalization": Op(NORMALISATION, nrm.layer_norm, rows=rows.normalisation),
+    "LpNormalization": Op(NORMALISATION, nrm.lp_norm),
+    # zero derivative
+    **{op: NO_GRADIENT for op in (
+        "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
+        "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
+        "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
+        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Mod")},
+    # fused ops, rewritten into the standard ops above (lrpc.decompose)
+    "RMSNormalization": fused(fn.simplified_layer_norm),
+    "SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
+    "Attention": fused(fa.onnx_attention),
+    "RotaryEmbedding": fused(fa.onnx_rotary),
+    f"{PROTECTED_DOMAIN}::SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
+    f"{MS}::SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
+    f"{MS}::SkipLayerNormalization": fused(fn.skip_layer_norm),
+    f"{MS}::SkipSimplifiedLayerNormalization": fused(fn.skip_simplified_layer_norm),
+    f"{MS}::EmbedLayerNormalization": fused(fn.embed_layer_norm),
+    f"{MS}::BiasGelu": fused(fn.bias_gelu),
+    f"{MS}::Gelu": fused(fn.bias_gelu),
+    f"{MS}::FastGelu": fused(fn.bias_gelu),
+    f"{MS}::QuickGelu": fused(fn.quick_gelu),
+    f"{MS}::BiasSplitGelu": fused(fn.bias_split_gelu),
+    f"{MS}::BiasAdd": fused(fn.bias_add),
+    f"{MS}::Attention": fused(fa.ms_attention),
+    f"{MS}::MultiHeadAttention": fused(fa.ms_multi_head_attention),
+    f"{MS}::RotaryEmbedding": fused(fa.ms_rotary),
+    f"{MS}::GroupQueryAttention": refused("GroupQueryAttention (a generation op with a key/value cache)"),
+}
+
+
+def key(node: ir.Node) -> str:
+    """The node's row in OPS: its op type in the default domain, else "domain::op_type"."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def lookup(node: ir.Node) -> Op | None:
+    return OPS.get(key(node))
+
+
+def is_kind(node: ir.Node | None, *kinds: str) -> bool:
+    op = lookup(node) if node is not None else None
+    return op is not None and op.kind in kinds
+
+
+def vjp(node: ir.Node) -> Callable | None:
+    op = lookup(node)
+    return op.vjp if op is not None else None
+
+
+def decomposition(node: ir.Node) -> Callable | None:
+    op = lookup(node)
+    return op.decompose if op is not None else None
+
+
+# (domain, op_type) of every fused op
+FUSED_KEYS = {tuple(k.split("::")) if "::" in k else ("", k) for k, op in OPS.items() if op.kind == FUSED}
+
+
+def with_vjp() -> list[str]:
+    """Op types relevance can flow through: an exact VJP (and, where the passes assign one, an AttnLRP rule)."""
+    return sorted(k for k, op in OPS.items() if op.vjp is not None)
+
+
+def of_kind(kind: str) -> list[str]:
+    """The op types of a kind, as `lrpc ops` lists them (without lrpc's own protected domain)."""
+    return sorted(k for k, op in OPS.items() if op.kind == kind and not k.startswith(PROTECTED_DOMAIN + "::"))

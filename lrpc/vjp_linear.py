@@ -1,0 +1,134 @@
+"""VJPs of the linear contractions: MatMul, Gemm, Conv, Einsum (docs/design.md, "Relevance semantics")."""
+
+from __future__ import annotations
+
+from lrpc.errors import LrpcError
+from lrpc.graph import attr as node_attr, same_dim
+
+
+def _swap_last(n, v, r):
+    perm = list(range(r - 2)) + [r - 1, r - 2]
+    return n.b.Transpose(v, perm=perm)
+
+
+def matmul(n, g):
+    """y = a @ b (numpy matmul semantics, rank-1 operands promoted). Each thunk needs only the rank of
+    the operand it transposes, so a weight of known rank suffices when the activation's rank is unknown."""
+    b = n.b
+    ra, rb = n.rank(0), n.rank(1)
+
+    def known(r, i):
+        if r is None:
+            raise LrpcError(f"node '{n.node.name}' (MatMul): rank of operand {i} unknown after shape inference; "
+                            "re-export the model with static ranks")
+        return r
+    if rb == 1:   # y[..., m] = a[..., m, k] · b[k]
+        return (lambda: b.Mul(b.Unsqueeze(g, b.i64([-1])), n.x(1)),
+                lambda: b.ReduceSum(b.Mul(n.x(0), b.Unsqueeze(g, b.i64([-1]))),
+                                    b.i64(list(range(known(ra, 0) - 1))), keepdims=0) if ra != 1 else b.Mul(n.x(0), g))
+    if ra == 1:   # y[..., n] = a[k] · b[..., k, n]
+        return (lambda: b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([-2])), n.x(1)),
+                                    b.i64(list(range(known(rb, 1) - 2)) + [rb - 1]), keepdims=0),
+                lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
+    if rb == 2 and ra is not None and ra >= 2 and not n.carries(1):
+        return (lambda: _matmul_weight_grad(n, g), None)
+    # only the batch dims (all but the last two) can have been broadcast
+    if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
+        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb), n.x(0)), rb)  # noqa: E731
+    else:
+        grad_b = lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1, core=2)  # noqa: E731
+    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2), grad_b)
+
+
+def _is_swap_of_full_batch(n, i: int) -> bool:
+    """Operand i is a Transpose swapping the last two axes of a carrying tensor and has the output's batch
+    dims: its ĝ can be emitted transposed back, and the Transpose's own VJP (a transpose) cancels it."""
+    v, y = n.raw(i), n.raw_out(0)
+    producer = v.producer()
+    while producer is not None and producer.op_type == "Mul":  # through scalar scaling, as in q·√s @ (kᵀ·√s)
+        scalars = [x for x in producer.inputs if x is not None and x.shape is not None and x.shape.rank() == 0]
+        carried = [x for x in producer.inputs if n.carries(x)]
+        if len(scalars) != 1 or len(carried) != 1:
+            return False
+        producer = carried[0].producer()
+    if producer is None or producer.op_type != "Transpose" or not n.carries(producer.inputs[0]):
+        return False
+    r, perm = n.rank(i), list(node_attr(producer, "perm") or [])
+    if r is None or r < 3 or perm != list(range(r - 2)) + [r - 1, r - 2] or y.shape is None or y.shape.rank() != r \
+            or n.rank(1 - i) != r:
+        return False
+    return all(same_dim(d, e) for d, e in zip(list(v.shape)[:-2], list(y.shape)[:-2]))
+
+
+def _matmul_weight_grad(n, g):
+    """ĝ_a of y = a @ W for a rank-2 weight W [K, N] that carries no relevance: ĝ_y · Wᵀ as a Gemm with
+    transB=1 on ĝ_y flattened to [-1, N], so no transposed copy of W is ever stored (onnxruntime's constant
+    folding would keep one per Transpose(W)). The Reshape back to [..., K] also keeps the Gemm's output
+    from feeding a Sum directly (GemmSumFusion crashes on that pattern)."""
+    b, w = n.b, n.raw(1)
+    dims = list(w.shape) if w.shape is not None else [None, None]
+    cols = b.i64([-1, dims[1]]) if isinstance(dims[1], int) else b.Concat(b.i64([-1]), b.Shape(w, start=1), axis=0)
+    flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
+    # ĝ_a is shaped like a (its one row, when ĝ is row-compact); every ĝ·Wᵀ into a reshapes to the same
+    # target, which lets optimise.accumulate_in_gemm sum them
+    return b.Reshape(flat, n.grad_shape(0))
+
+
+def gemm(n, g):
+    """y = α A'B' + βC (A' = Aᵀ if transA, B' = Bᵀ if transB). The VJPs are emitted as MatMul, not Gemm:
+    onnxruntime's GemmSumFusion crashes on an emitted Gemm whose output is summed with another ĝ."""
+    b = n.b
+    alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
+    ta, tb = n.attr("transA", 0), n.attr("transB", 0)
+    t = lambda v: b.Transpose(v, perm=[1, 0])  # noqa: E731
+    scale = (lambda v: v) if alpha == 1.0 else (lambda v: b.Mul(v, b.f32(alpha)))
+    b_prime = lambda: t(n.x(1)) if tb else n.x(1)  # noqa: E731
+    a_prime = lambda: t(n.x(0)) if ta else n.x(0)  # noqa: E731
+    grad_a = (lambda: scale(b.MatMul(b_prime(), t(g)))) if ta else (lambda: scale(b.MatMul(g, t(b_prime()))))
+    grad_b = (lambda: scale(b.MatMul(t(g), a_prime()))) if tb else (lambda: scale(b.MatMul(t(a_prime()), g)))
+    grad_c = lambda: n.unbroadcast_to(b.Mul(g, b.f32(beta)), n.raw(2), n.raw_out(0))
+    return (grad_a, grad_b, grad_c)
+
+
+def conv(n, g):
+    b = n.b
+    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise LrpcError(f"node '{n.node.name}' (Conv): auto_pad={n.attr('auto_pad')} is not supported; "
+                        "re-export with explicit pads")
+    kw = dict(strides=n.attr("strides"), pads=n.attr("pads"), dilations=n.attr("dilations"),
+              group=n.attr("group", 1))
+    x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
+    out_pad = None
+    if x.shape is not None and y.shape is not None and w.shape is not None and x.shape.is_static() \
+            and y.shape.is_static() and w.shape.is_static():
+        spatial = x.shape.rank() - 2
+        strides = kw["strides"] or [1] * spatial
+        pads = kw["pads"] or [0] * (2 * spatial)
+        dil = kw["dilations"] or [1] * spatial
+        out_pad = []
+        for i in range(spatial):
+            full = (y.shape[i + 2] - 1) * strides[i] - pads[i] - pads[i + spatial] + dil[i] * (w.shape[i + 2] - 1) + 1
+            out_pad.append(int(x.shape[i + 2] - full))
+        out_pad = out_pad if any(out_pad) else None
+    return (lambda: b.ConvTranspose(g, n.x(1), output_padding=out_pad, **kw),
+            lambda: (_ for _ in ()).throw(LrpcError(f"node '{n.node.name}' (Conv): weights that depend on the "
+                                                    "input are not supported")),
+            lambda: b.ReduceSum(g, b.i64([0] + list(range(2, n.rank(0)))), keepdims=0))
+
+
+def einsum(n, g):
+    eq = n.attr("equation").replace(" ", "")
+    lhs, out = eq.split("->") if "->" in eq else (eq, None)
+    terms = lhs.split(",")
+    if out is None or len(terms) != 2 or "." in eq:
+        raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): only explicit two-operand equations without "
+                        "ellipsis are supported")
+    a, c = terms
+
+    def grad(i):
+        own, other = (a, c) if i == 0 else (c, a)
+        if not set(own) <= set(out) | set(other):
+            raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): an index summed inside one operand is not "
+                            "supported")
+        return n.b.Einsum(g, n.x(1 - i), equation=f"{out},{other}->{own}")
+    return (lambda: grad(0), lambda: grad(1))

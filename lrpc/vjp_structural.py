@@ -1,0 +1,152 @@
+"""VJPs of the structural ops: reshapes, transposes, concatenation, slicing, gathers, Where, Trilu."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from lrpc.errors import LrpcError
+
+
+def concat(n, g):
+    b, axis = n.b, n.attr("axis")
+    end = axis + 1 if axis + 1 != 0 else None
+    sizes = b.Concat(*[b.Shape(i, start=axis, end=end) for i in n.inputs], axis=0)
+    pieces = n.cached("split", lambda: b.Split(g, sizes, axis=axis, _outputs=len(n.inputs)))
+    one = lambda i: (pieces() if len(n.inputs) > 1 else (pieces(),))[i]
+    return tuple((lambda i=i: one(i)) for i in range(len(n.inputs)))
+
+
+def split(n, g):
+    b = n.b
+    parts = [gi if gi is not None else n.zeros_like_out(i) for i, gi in enumerate(n.grads)]
+    return (lambda: b.Concat(*parts, axis=n.attr("axis", 0)),)
+
+
+def slice_(n, g):
+    """y = x[starts:ends:steps] along `axes`. Unit steps: ĝ_x is ĝ_y zero-padded (s before, d − e after);
+    other steps: ĝ_y is scattered back, axis by axis, to the indices the slice read."""
+    b = n.b
+    x, r = n.raw(0), n.rank(0)
+    starts, ends = b.Cast(n.raw(1), to=7), b.Cast(n.raw(2), to=7)
+    has = lambda i: len(n.inputs) > i and n.inputs[i] is not None  # noqa: E731
+    count = len(n.const(1)) if n.const(1) is not None else None
+    axes_const = n.const(3) if has(3) else (np.arange(count) if count is not None else None)
+    if axes_const is None and not has(3):
+        raise LrpcError(f"node '{n.node.name}' (Slice): run-time starts without axes are not supported")
+    axes = b.Cast(n.raw(3), to=7) if has(3) else b.i64(list(axes_const))
+    steps = n.const(4) if has(4) else np.ones(1, np.int64)
+    if steps is None or np.any(steps != 1):
+        if r is None or axes_const is None:
+            raise LrpcError(f"node '{n.node.name}' (Slice): a strided slice needs a known rank and constant axes")
+        return (lambda: _slice_scatter(n, g, starts, ends, [int(a) % r for a in axes_const]),)
+
+    static = _static_slice_pads(n, axes_const)
+    if static is not None:
+        def padded():
+            grad = b.Pad(g, b.i64(static), mode="constant")
+            grad.type, grad.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(n.dims(0))  # for pads_to_concat
+            return grad
+        return (padded,)
+
+    def pad():
+        dims = b.Gather(b.Shape(x), axes)
+        zero = b.i64([0])
+        s = _clamp_index(b, starts, dims, zero)
+        after = b.Sub(dims, b.Max(_clamp_index(b, ends, dims, zero), s))
+        if r is None or axes_const is None:
+            return b.Pad(g, b.Concat(s, after, axis=0), None, axes, mode="constant")
+        # full-rank pads without the `axes` input (onnxruntime's transpose optimizer mishandles that form)
+        where = {int(a) % r: i for i, a in enumerate(axes_const)}
+        pick = lambda v, d: b.Slice(v, b.i64([where[d]]), b.i64([where[d] + 1])) if d in where else zero  # noqa
+        return b.Pad(g, b.Concat(*[pick(s, d) for d in range(r)], *[pick(after, d) for d in range(r)], axis=0),
+                     mode="constant")
+    return (pad,)
+
+
+def _static_slice_pads(n, axes_const) -> list[int] | None:
+    """Full-rank Pad amounts of a unit-step Slice's VJP, when starts, ends, axes and the sliced dims are
+    all known at compile time (ONNX Slice clamping: negative indices count from the end)."""
+    x, r = n.raw(0), n.rank(0)
+    starts, ends = n.const(1), n.const(2)
+    if r is None or axes_const is None or starts is None or ends is None or x.shape is None:
+        return None
+    before, after = [0] * r, [0] * r
+    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes_const.tolist()):
+        axis = int(axis) % r
+        dim = x.shape[axis]
+        if not isinstance(dim, int):
+            return None
+        start, end = (min(max(i + dim if i < 0 else i, 0), dim) for i in (start, end))
+        before[axis], after[axis] = start, dim - max(end, start)
+    return before + after
+
+
+def _clamp_index(b, index, dims, zero):
+    index = b.Min(index, dims)  # INT64_MAX style "to the end" sentinels
+    index = b.Where(b.Less(index, zero), b.Add(index, dims), index)
+    return b.Max(b.Min(index, dims), zero)
+
+
+def _slice_scatter(n, g, starts, ends, axes: list[int]):
+    """Strided slices: the indices read along each axis are the same Slice applied to Range(0, d)."""
+    b, r = n.b, n.rank(0)
+    steps = b.Cast(n.raw(4), to=7)
+    grad = g
+    for i, axis in enumerate(axes):
+        one = lambda v: b.Slice(v, b.i64([i]), b.i64([i + 1]))  # noqa: E731
+        dim = b.Shape(n.raw(0), start=axis, end=axis + 1)
+        read = b.Slice(b.Range(b.i64(0), b.Squeeze(dim, b.i64([0])), b.i64(1)), one(starts), one(ends), b.i64([0]),
+                       one(steps))
+        index = b.Expand(b.Reshape(read, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(grad))
+        target = b.Concat(*([b.Shape(grad, end=axis)] if axis > 0 else []), dim,
+                          *([b.Shape(grad, start=axis + 1)] if axis + 1 < r else []), axis=0)
+        grad = b.ScatterElements(n.zeros_like(target), index, grad, axis=axis)
+    return grad
+
+
+def gather(n, g):
+    """y = take(x, idx, axis): ĝ_x scatter-adds ĝ_y back to the positions read (indices may repeat)."""
+    b = n.b
+    axis, r = n.attr("axis", 0), n.rank(0)
+    axis = axis % r if r is not None else axis
+    flat = lambda: b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1]))
+
+    def rows(flat_idx):  # ĝ_y with the index axes flattened into one: [*x.shape[:axis], n, *x.shape[axis+1:]]
+        pieces = ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + [b.Shape(flat_idx)] + \
+                 [b.Shape(n.raw(0), start=axis + 1)]
+        return b.Reshape(g, b.Concat(*pieces, axis=0))
+
+    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k
+        idx = flat()
+        return b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
+
+    def scatter_elements():
+        if r is None:
+            raise LrpcError(f"node '{n.node.name}' (Gather): data rank unknown; re-export with static ranks")
+        idx = flat()
+        g_r = rows(idx)
+        index = b.Expand(b.Reshape(idx, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
+        return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g_r, axis=axis, reduction="add")
+    return (scatter_rows if axis == 0 else scatter_elements, None)
+
+
+def gather_elements(n, g):
+    b = n.b
+    return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw(1), g, axis=n.attr("axis", 0),
+                                      reduction="add"), None)
+
+
+def gather_nd(n, g):
+    """GatherND: ĝ_data scatter-adds ĝ_y back to the slices read (batch_dims = 0)."""
+    b = n.b
+    if n.attr("batch_dims", 0) != 0:
+        raise LrpcError(f"node '{n.node.name}' (GatherND): batch_dims ≠ 0 on a relevance-carrying tensor is not "
+                        "supported")
+    return (lambda: b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Cast(n.raw(1), to=7), g, reduction="add"), None)
+
+
+def where(n, g):
+    b, zero = n.b, n.b.f32(0.0)
+    return (None, lambda: b.Where(n.raw(0), g, zero), lambda: b.Where(n.raw(0), zero, g))
+

@@ -1,0 +1,156 @@
+"""The op registry (lrpc.ops) against what compiles: every op with a VJP compiles under every preset on a
+small graph, and under gxi its relevance is x ⊙ ∂y/∂x by central finite differences of the original model
+(an oracle independent of lrpc); `lrpc ops` lists exactly the registry's ops; an op outside it fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+from lrpc import ops
+from lrpc.errors import LrpcError
+from lrpc.presets import PRESETS
+
+B, S, D, CLASSES = 2, 4, 5, 3
+RNG = np.random.default_rng(3)
+TARGET, POSITION = [1, 2], [1, 3]
+
+
+def n(op, inputs, output, **attrs):
+    return helper.make_node(op, inputs, [output] if isinstance(output, str) else output, **attrs)
+
+
+def const(shape, low=-1.0, high=1.0):
+    return RNG.uniform(low, high, size=shape)
+
+
+POSITIVE = [n("Mul", ["x", "x"], "sq"), n("Add", ["sq", "half"], "xp")]   # xp = x² + ½ > 0
+GATHER_ND = np.stack(np.meshgrid(np.arange(B), np.arange(S), [0, 3], indexing="ij"), -1)   # [B, S, 2, 3]
+
+# op → (nodes from the input x [B, S, D] to "o" [B, S, k], constants). One recipe per op with a VJP.
+UNARY = ["Abs", "Cos", "Sin", "Exp", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid",
+         "HardSwish", "Softsign", "Erf", "Gelu", "Softplus", "Mish", "Neg", "Identity", "Dropout"]
+RECIPES = {op: ([n(op, ["x"], "o")], {}) for op in UNARY}
+RECIPES.update({op: (POSITIVE + [n(op, ["xp"], "o")], {}) for op in ("Sqrt", "Reciprocal", "Log")})
+RECIPES.update({op: ([n(op, ["x", "c"], "o")], {"c": const(D)}) for op in ("Add", "Sub", "Mul", "Max", "Min",
+                                                                        "Sum", "Mean", "PRelu")})
+RECIPES.update({op: ([n(op, ["x", "axes"], "o", keepdims=1)], {"axes": np.array([-1])})
+                for op in ("ReduceSum", "ReduceMean", "ReduceL2", "ReduceSumSquare", "ReduceL1", "ReduceLogSumExp",
+                           "ReduceMax", "ReduceMin")})
+RECIPES.update({
+    "ThresholdedRelu": ([n("ThresholdedRelu", ["x"], "o", alpha=0.1)], {}),
+    "Cast": ([n("Cast", ["x"], "o", to=TensorProto.FLOAT)], {}),
+    "CastLike": ([n("CastLike", ["x", "c"], "o")], {"c": const(1)}),
+    "Div": ([n("Div", ["x", "c"], "o")], {"c": const(D, 0.5, 2.0)}),
+    "Pow": (POSITIVE + [n("Pow", ["xp", "c"], "o")], {"c": const(D, 0.5, 2.5)}),
+    "Where": ([n("Where", ["mask", "x", "c"], "o")], {"mask": np.array([True, False, True, True, False]),
+                                                     "c": const(D)}),
+    "Expand": ([n("ReduceSum", ["x", "last"], "r", keepdims=1), n("Expand", ["r", "shape"], "o")],
+               {"last": np.array([-1]), "shape": np.array([B, S, D])}),
+    "Clip": ([n("Clip", ["x", "lo", "hi"], "o")], {"lo": np.array(-0.5), "hi": np.array(0.7)}),
+    "MatMul": ([n("MatMul", ["x", "w"], "o")], {"w": const((D, 6))}),
+    "Gemm": ([n("Reshape", ["x", "flat"], "f"), n("Gemm", ["f", "w", "bias"], "g", alpha=0.7, beta=1.3),
+              n("Reshape", ["g", "back"], "o")],
+             {"flat": np.array([-1, D]), "w": const((D, 6)), "bias": const(6), "back": np.array([B, S, 6])}),
+    "Conv": ([n("Transpose", ["x"], "t", perm=[0, 2, 1]), n("Conv", ["t", "w", "bias"], "c", pads=[1, 1]),
+              n("Transpose", ["c"], "o", perm=[0, 2, 1])], {"w": const((6, D, 3)), "bias": const(6)}),
+    "Einsum": ([n("Einsum", ["x", "w"], "o", equation="bsd,de->bse")], {"w": const((D, 6))}),
+    "Reshape": ([n("Reshape", ["x", "shape"], "r"), n("Reshape", ["r", "back"], "o")],
+                {"shape": np.array([B, S * D]), "back": np.array([B, S, D])}),
+    "Flatten": ([n("Flatten", ["x"], "f", axis=2), n("Reshape", ["f", "back"], "o")], {"back": np.array([B, S, D])}),
+    "Unsqueeze": ([n("Unsqueeze", ["x", "ax"], "u"), n("Squeeze", ["u", "ax"], "o")], {"ax": np.array([3])}),
+    "Transpose": ([n("Transpose", ["x"], "t", perm=[0, 2, 1]), n("Transpose", ["t"], "o", perm=[0, 2, 1])], {}),
+    "Concat": ([n("Concat", ["x", "c"], "o", axis=-1)], {"c": const((B, S, 2))}),
+    "Split": ([n("Split", ["x", "sizes"], ["a", "o"], axis=-1)], {"sizes": np.array([2, 3])}),
+    "Slice": ([n("Slice", ["x", "starts", "ends", "axes"], "o")],
+              {"starts": np.array([1]), "ends": np.array([4]), "axes": np.array([2])}),
+    "Gather": ([n("Gather", ["x", "idx"], "o", axis=2)], {"idx": np.array([0, 2, 2])}),
+    "GatherElements": ([n("GatherElements", ["x", "idx"], "o", axis=2)], {"idx": RNG.integers(0, D, (B, S, 3))}),
+    "GatherND": ([n("GatherND", ["x", "idx"], "o")], {"idx": GATHER_ND}),
+    "Trilu": ([n("Trilu", ["x"], "o", upper=1)], {}),
+    # (plus a residual: CP-LRP sends nothing into a softmax, and an output without relevance does not compile)
+    "Softmax": ([n("Softmax", ["x"], "s", axis=-1), n("Add", ["s", "x"], "o")], {}),
+    "LogSoftmax": ([n("LogSoftmax", ["x"], "o", axis=-1)], {}),
+    "LayerNormalization": ([n("LayerNormalization", ["x", "scale", "bias"], "o")],
+                           {"scale": const(D, 0.5, 1.5), "bias": const(D)}),
+    "LpNormalization": ([n("LpNormalization", ["x"], "o", axis=-1, p=2)], {}),
+})
+RECIPES["Squeeze"] = RECIPES["Unsqueeze"]
+
+
+def model(op: str):
+    nodes, inits = RECIPES[op]
+    inits = {"half": np.array(0.5), **inits}
+    probe = _build(nodes, inits, "o", None)
+    k = ort.InferenceSession(probe.SerializeToString()).run(None, {"x": np.zeros((B, S, D), np.float32)})[0].shape[-1]
+    return _build(nodes + [n("MatMul", ["o", "readout"], "y")], {**inits, "readout": const((k, CLASSES))}, "y",
+                  [B, S, CLASSES])
+
+
+def _build(nodes, inits, output, shape):
+    def tensor(name, value):
+        value = np.asarray(value)
+        dtype = np.int64 if value.dtype.kind in "iu" else (bool if value.dtype == bool else np.float32)
+        return numpy_helper.from_array(value.astype(dtype), name)
+    graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, D])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)],
+                              [tensor(k, v) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def finite_difference_relevance(proto, x, step=1e-3):
+    """x ⊙ ∂/∂x Σ_b y[b, position_b, target_b], central differences of the original model (float64 sums)."""
+    session = ort.InferenceSession(proto.SerializeToString())
+
+    def explained(v):
+        y = session.run(None, {"x": v.astype(np.float32)})[0].astype(np.float64)
+        return sum(y[b, POSITION[b], TARGET[b]] for b in range(B))
+    grad = np.zeros_like(x, np.float64)
+    for i in np.ndindex(x.shape):
+        up, down = x.astype(np.float64), x.astype(np.float64)
+        up[i] += step
+        down[i] -= step
+        grad[i] = (explained(up) - explained(down)) / (2 * step)
+    return x * grad
+
+
+def test_every_op_with_a_vjp_has_a_recipe():
+    assert set(RECIPES) == set(ops.with_vjp())
+
+
+@pytest.mark.parametrize("op", sorted(RECIPES))
+def test_op_compiles_under_every_preset_and_gxi_is_exact(op):
+    proto = model(op)
+    x = RNG.normal(size=(B, S, D)).astype(np.float32)
+    for preset in PRESETS:
+        explainer = lrpc.Explainer(lrpc.compile(proto, preset=preset))
+        relevance = explainer.explain({"x": x}, target=TARGET, position=POSITION).relevance["x"]
+        assert relevance.shape == x.shape and np.all(np.isfinite(relevance)), preset
+        if preset == "gxi":
+            want = finite_difference_relevance(proto, x)
+            assert np.abs(relevance - want).max() <= 2e-3 * max(np.abs(want).max(), 1e-3), (relevance, want)
+
+
+def test_an_op_outside_the_registry_is_refused_by_name():
+    proto = _build([n("CumSum", ["x", "axis"], "c"), n("MatMul", ["c", "readout"], "y")],
+                   {"axis": np.array(2), "readout": const((D, CLASSES))}, "y", [B, S, CLASSES])
+    with pytest.raises(LrpcError, match="no relevance rule for op CumSum"):
+        lrpc.compile(proto)
+
+
+def test_lrpc_ops_lists_the_registry():
+    command = [str(Path(sys.executable).with_name("lrpc")), "ops"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    listed = {line: lines[i + 1].strip().split(", ") for i, line in enumerate(lines) if line.endswith(":")}
+    exact, = (v for k, v in listed.items() if k.startswith("ops with an exact local rule"))
+    assert exact == ops.with_vjp()
+    fused, = (v for k, v in listed.items() if k.startswith("fused ops, rewritten"))
+    assert fused == ops.of_kind(ops.FUSED)
