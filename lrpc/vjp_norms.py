@@ -16,7 +16,7 @@ def softmax(n, g):
     def grad_x():
         weighted = _attention_weighted_sum(n)
         if weighted is None:
-            weighted = b.ReduceSum(b.Mul(g, y), b.i64([n.attr("axis", -1)]), keepdims=1)
+            weighted = b.ReduceSum(b.Mul(g, y), b.i64([n.grad_axis(n.attr("axis", -1))]), keepdims=1)
         return b.Mul(y, b.Sub(g, weighted))
     return (grad_x,)
 
@@ -55,7 +55,7 @@ def _attention_weighted_sum(n):
 
 def log_softmax(n, g):
     b = n.b
-    return (lambda: b.Sub(g, b.Mul(b.Exp(n.y()), b.ReduceSum(g, b.i64([n.attr("axis", -1)]), keepdims=1))),)
+    return (lambda: b.Sub(g, b.Mul(b.Exp(n.y()), b.ReduceSum(g, b.i64([n.grad_axis(n.attr("axis", -1))]), keepdims=1))),)
 
 
 def layer_norm_grad(n, g, frozen_std: bool):
@@ -101,7 +101,7 @@ def lp_norm(n, g):
     b = n.b
     if n.attr("p", 2) != 2:
         raise LrpcError(f"node '{n.node.name}' (LpNormalization): only p = 2 is supported")
-    axis = b.i64([n.attr("axis", -1)])
+    axis = n.attr("axis", -1)
     y = n.y()
-    norm = b.ReduceL2(n.x(0), axis, keepdims=1)
-    return (lambda: b.Div(b.Sub(g, b.Mul(y, b.ReduceSum(b.Mul(g, y), axis, keepdims=1))), norm),)
+    norm = b.ReduceL2(n.x(0), b.i64([axis]), keepdims=1)
+    return (lambda: b.Div(b.Sub(g, b.Mul(y, b.ReduceSum(b.Mul(g, y), b.i64([n.grad_axis(axis)]), keepdims=1))), norm),)

@@ -12,7 +12,7 @@ def concat(n, g):
     b, axis = n.b, n.attr("axis")
     end = axis + 1 if axis + 1 != 0 else None
     sizes = b.Concat(*[b.Shape(i, start=axis, end=end) for i in n.inputs], axis=0)
-    pieces = n.cached("split", lambda: b.Split(g, sizes, axis=axis, _outputs=len(n.inputs)))
+    pieces = n.cached("split", lambda: b.Split(g, sizes, axis=n.grad_axis(axis), _outputs=len(n.inputs)))
     one = lambda i: (pieces() if len(n.inputs) > 1 else (pieces(),))[i]
     return tuple((lambda i=i: one(i)) for i in range(len(n.inputs)))
 
@@ -20,7 +20,7 @@ def concat(n, g):
 def split(n, g):
     b = n.b
     parts = [gi if gi is not None else n.zeros_like_out(i) for i, gi in enumerate(n.grads)]
-    return (lambda: b.Concat(*parts, axis=n.attr("axis", 0)),)
+    return (lambda: b.Concat(*parts, axis=n.grad_axis(n.attr("axis", 0))),)
 
 
 def slice_(n, g):
