@@ -67,7 +67,7 @@ def structural(vjp, row_form=None) -> Op:
     return Op(STRUCTURAL, vjp, rows=row_form)
 
 
-def reduction(vjp=None) -> Op:
+def reduction(vjp) -> Op:
     return Op(REDUCTION, vjp)
 
 
