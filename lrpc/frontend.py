@@ -108,8 +108,9 @@ def hf_module(model_dir: Path, task: str | None = None):
 
 
 def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str | os.PathLike | None = None,
-              opset: int | None = None, force: bool = False) -> onnx.ModelProto:
-    """Export a local Hugging Face folder or a zoo name to ONNX (written atomically when `output` is given)."""
+              opset: int | None = None, force: bool = False, inputs=()) -> onnx.ModelProto:
+    """Export a local Hugging Face folder or a zoo name to ONNX (with `output`, written through
+    lrpc.safeio; `inputs`: paths the output must not replace)."""
     from lrpc import models
     path = Path(model)
     if path.is_dir():
@@ -126,5 +127,5 @@ def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str 
         import onnx_ir as ir
 
         from lrpc.loading import save_model
-        save_model(ir.serde.deserialize_model(proto), output, force=force)
+        save_model(ir.serde.deserialize_model(proto), output, force=force, inputs=inputs)
     return proto

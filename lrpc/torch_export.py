@@ -373,12 +373,11 @@ def export_onnx(
     if external_data is None:
         external_data = _weights_nbytes(proto) >= EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    if (path.parent / data_name).exists():
-        (path.parent / data_name).unlink()  # onnx appends to an existing data file
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(proto, str(tmp), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:  # a fresh folder: onnx appends to an existing data file
+        onnx.save_model(proto, str(tmp), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    safeio.publish(path, write, force=True, companions=[data_name])
     return onnx.load_model(str(path), load_external_data=True)
 
 
