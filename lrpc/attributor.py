@@ -20,6 +20,7 @@ the input explained alone, and padding gets exactly zero relevance.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
