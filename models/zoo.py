@@ -331,7 +331,7 @@ def _bench_tok(b, s, *, seed=1234):
 
 
 def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
-    """The issue-6 performance workload: LLaMA-style, hidden 512, 8 heads / 4 KV heads, MLP 2048 (4×hidden),
+    """The performance workload of `lrpc bench llama-bench`: LLaMA-style, hidden 512, 8 heads / 4 KV heads, MLP 2048 (4×hidden),
     vocabulary 4000, positions up to 8192; `layers`/`hidden` vary it for the memory-scaling runs."""
     name = "llama-bench" if (layers, hidden) == (8, 512) else f"llama-bench-l{layers}-h{hidden}"
     return ZooEntry(name, "llama", _DEC,
@@ -339,7 +339,7 @@ def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
                              intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
                              num_key_value_heads=4, max_position_embeddings=8192, initializer_range=0.02),
                     _bench_tok, hf_dir_maker=_save_hf, hf_class="LlamaForCausalLM", example_shape=(1, 16),
-                    exporters=("dynamo",), notes="benchmark workload (issue 6); not part of the CI zoo")
+                    exporters=("dynamo",), notes="the performance workload of lrpc bench; not part of the CI zoo")
 
 
 BENCH: dict[str, ZooEntry] = {e.name: e for e in [llama_bench()]}

@@ -1,7 +1,7 @@
 """An independent PyTorch reference for AttnLRP (Achtibat et al. 2024), used as an oracle by the tests.
 
 The rules are written as torch.autograd.Functions, so that input × (modified) gradient of a module run
-with `lrp=True` is the AttnLRP relevance of its input (Gradient×Input form, DESIGN.md):
+with `lrp=True` is the AttnLRP relevance of its input (Gradient×Input form, docs/design.md "Relevance semantics"):
 
 - identity rule for elementwise activations (Eq. 9): ĝ_x = ĝ_y ⊙ y / (x + ε·sign(x)), ε = 1e-10, sign(0) = 1;
 - uniform rule for a product of two relevance-carrying operands (Prop. 3.2/3.3): each operand gets ½ of

@@ -1,4 +1,4 @@
-"""The explainer contract to the letter (DESIGN.md, "The explainer"), checked with plain onnxruntime."""
+"""The explainer contract to the letter (docs/design.md, "Explainer contract"), checked with plain onnxruntime."""
 
 from __future__ import annotations
 
