@@ -249,3 +249,16 @@ def test_sigkill_leftovers_are_removed_by_the_next_compile(external, tmp_path):
     rc, _, err = run_cli("compile", external, "-o", out / "other.onnx")
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["other.onnx"]
+
+
+def test_stale_cleanup_spares_live_writers(tmp_path):
+    """Only temporary entries whose writer is dead are removed; a live writer's folder is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tmp_path / f"{safeio.TEMP_PREFIX}{os.getppid()}-abc"
+    stale = tmp_path / f"{safeio.TEMP_PREFIX}{dead.pid}-def"
+    for folder in (live, stale):
+        folder.mkdir()
+        (folder / "part").write_text("half")
+    safeio.write_text(tmp_path / "out.txt", "done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out.txt"])

@@ -30,12 +30,13 @@ def run(args) -> int:
     import json
 
     from lrpc import planio, safeio
-    if args.out:
-        safeio.check_output(args.out, force=args.force, inputs=safeio.input_files(args.model))
+    sources = safeio.input_files(args.model)
+    if args.out:  # refused before the work, not after it
+        safeio.check_output(args.out, force=args.force, inputs=sources)
     doc = load_plan(args.model, args)
     text = json.dumps(doc, indent=1) if args.format == "json" else planio.to_text(doc)
     if args.out:
-        safeio.write_text(args.out, text + "\n", force=args.force, inputs=safeio.input_files(args.model))
+        safeio.write_text(args.out, text + "\n", force=args.force, inputs=sources)
     else:
         print(text)
     return 0
