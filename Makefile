@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 .PHONY: demo test test-long bench
 demo: $(STAMP)
-	$(VENV)/bin/lrpc demo
+	$(VENV)/bin/lrpc demo --force
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n 2 tests

@@ -1,4 +1,4 @@
-"""Peak resident memory of the explainer vs depth, with and without `--checkpoint auto` (issue 6, item 3).
+"""Peak resident memory of the explainer vs depth, with and without `--checkpoint auto` .
 
     .venv/bin/python benchmarks/memory_scaling.py --layers 4 8 16 32 --seq 1024 [--workdir DIR]
 

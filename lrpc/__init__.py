@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from lrpc.errors import LrpcError  # noqa: E402
 from lrpc.compiler import compile, plan_model  # noqa: E402,A004
 from lrpc.runtime import Explainer, Explanation  # noqa: E402
-from lrpc.explain import Attribution, Attributions, Attributor, explain  # noqa: E402  (lrpc.explain: the function)
+from lrpc.attributor import Attributor, explain  # noqa: E402
+from lrpc.results import Attribution, Attributions  # noqa: E402
 
 LRP = Attributor  # Captum's spelling: lrpc.LRP(model).attribute(inputs, target=...)
 

@@ -19,11 +19,12 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from lrpc import safeio
 
 OCCLUSION_CHUNK = 16  # sequences per occlusion forward
 
@@ -145,7 +146,7 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = None):
+def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = None, force: bool = False):
     """(zoo entry or None, torch module or None, model path, explainer path)."""
     import lrpc
     from lrpc import models
@@ -161,16 +162,28 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     explainer = workdir / (path.stem + f".explainer{'-ckpt' + str(checkpoint) if checkpoint else ''}.onnx")
     kw = {"checkpoint": checkpoint} if checkpoint else {}
     t = time.perf_counter()
-    lrpc.compile(str(path), output=explainer, force=True, **kw)
+    lrpc.compile(str(path), output=explainer, force=force, **kw)
     compile_s = time.perf_counter() - t
     return entry, module, path, explainer, compile_s
 
 
 def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats: int = 7,
           occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
-          layers: int | None = None) -> dict:
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="lrpc-bench-"))
-    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers)
+          layers: int | None = None, force: bool = False) -> dict:
+    """Time (and measure) the model's forward, its explainer, torch autograd and occlusion. The model and
+    explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
+    temporary folder removed at the end."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        return _bench(model, Path(workdir), seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
+                      force)
+    with safeio.scratch_folder("lrpc-bench-") as scratch:
+        return _bench(model, scratch, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers, True)
+
+
+def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
+           force) -> dict:
+    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers, force)
     inputs = token_inputs(entry, batch, seq)
     fwd, exp = _session(path, threads), _session(explainer, threads)
     feed = _feeds(inputs, exp)

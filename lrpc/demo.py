@@ -5,7 +5,6 @@ with the other sentence's embedding as the seed. Prints both token heatmaps and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -18,27 +17,11 @@ DEFAULT_PAIR = ("A man is playing a guitar on stage.", "Someone performs music a
 ZOO_NAME = "minilm-sentence"
 
 
-def cache_dir(cache: str | os.PathLike | None) -> Path:
-    path = Path(cache or os.environ.get("LRPC_CACHE") or Path.home() / ".cache" / "lrpc")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def compiler_fingerprint() -> str:
-    """Changes whenever lrpc's compiler or passes change, so a cached explainer is never stale."""
-    import lrpc
-    import lrpc.passes
-    digest = hashlib.sha256(lrpc.__version__.encode())
-    for folder in (Path(lrpc.__file__).parent, Path(lrpc.passes.__file__).parent):
-        for source in sorted(folder.glob("*.py")):
-            digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def similarity_explainer(cache: str | os.PathLike | None = None, preset: str = "attnlrp") -> Path:
     """The compiled sentence-similarity explainer, from the cache when it is there."""
     import lrpc
     from lrpc import models
+    from lrpc.cache import cache_dir, compiler_fingerprint
     path = cache_dir(cache) / f"{ZOO_NAME}-{preset}-{compiler_fingerprint()}.onnx"
     if not path.exists():
         entry = models.get(ZOO_NAME)
@@ -90,14 +73,15 @@ def explain_similarity(sentence_a: str, sentence_b: str, cache=None, preset: str
 
 
 def run_demo(sentence_a: str | None = None, sentence_b: str | None = None, html: str = "lrpc-demo.html",
-             cache=None) -> int:
+             cache=None, force: bool = False) -> int:
     from rich.console import Console
 
-    from lrpc import viz
+    from lrpc import safeio, viz
     console = Console()
     if (sentence_a is None) != (sentence_b is None):
         raise LrpcError("give two sentences, or none for the built-in example")
     sentence_a, sentence_b = (sentence_a, sentence_b) if sentence_a is not None else DEFAULT_PAIR
+    safeio.check_output(html, force=force)
     start = time.perf_counter()
     tokens, relevance, cosine, result = explain_similarity(sentence_a, sentence_b, cache)
     rows = [viz.TokenRow(f"sentence {name}: {text}", tok, rel, f"cosine similarity to sentence {other}", cosine)
@@ -107,11 +91,8 @@ def run_demo(sentence_a: str | None = None, sentence_b: str | None = None, html:
     viz.terminal(rows, console)
     console.print(f"cosine similarity = {cosine:.4f}; relevance sums: A {relevance[0].sum():.4f}, "
                   f"B {relevance[1].sum():.4f}")
-    report = Path(html)
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(viz.html_report(rows, "Why are these sentences similar?",
-                                   f"all-MiniLM-L6-v2 sentence embeddings, cosine similarity {cosine:.4f}, "
-                                   "explained with AttnLRP (lrpc)"), encoding="utf-8")
-    os.replace(tmp, report)
+    report = safeio.write_text(html, viz.html_report(rows, "Why are these sentences similar?",
+                                                     f"all-MiniLM-L6-v2 sentence embeddings, cosine similarity "
+                                                     f"{cosine:.4f}, explained with AttnLRP (lrpc)"), force=force)
     console.print(f"HTML report: {report}  ({time.perf_counter() - start:.1f} s)")
     return 0

@@ -22,56 +22,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lrpc import safeio
 from lrpc.errors import LrpcError
+from lrpc.faithfulness import LABELS, Results, abpc, aopc, orders, removal_counts, topk_recovery  # noqa: F401
+from lrpc.presets import PRESETS
 
-METHODS = ("attnlrp", "cp-lrp", "gxi", "ig", "rollout", "random")
-PRESETS = {"attnlrp": "attnlrp", "cp-lrp": "cp-lrp", "gxi": "gxi", "ig": "gxi"}
+# every preset's explainer, then the baselines (IG runs the gxi explainer on scaled inputs)
+METHODS = (*PRESETS, "ig", "rollout", "random")
 REPLACE = ("zero", "mask", "pad")
-LABELS = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP", "gxi": "Input×Gradient", "ig": "Integrated Gradients",
-          "rollout": "Attention rollout", "random": "Random"}
-COLORS = {"attnlrp": "#d62728", "cp-lrp": "#ff7f0e", "gxi": "#1f77b4", "ig": "#2ca02c", "rollout": "#9467bd",
-          "random": "#7f7f7f"}
-
-
-# ------------------------------------------------------------------------------------------------
-# metrics
-# ------------------------------------------------------------------------------------------------
-
-def removal_counts(n: int, steps: int) -> np.ndarray:
-    """How many of n features are removed at each of the steps + 1 points (fractions 0, 1/steps, …, 1)."""
-    return np.round(np.linspace(0.0, 1.0, steps + 1) * n).astype(int)
-
-
-def abpc(morf: np.ndarray, lerf: np.ndarray) -> float:
-    """Area between the LeRF and MoRF curves over the removed fraction in [0, 1] (trapezoid rule)."""
-    diff = np.asarray(lerf, np.float64) - np.asarray(morf, np.float64)
-    x = np.linspace(0.0, 1.0, diff.shape[-1])
-    return float(np.sum((diff[..., 1:] + diff[..., :-1]) * 0.5 * np.diff(x), axis=-1).mean())
-
-
-def aopc(curve: np.ndarray) -> float:
-    """Mean drop of the explained scalar along a perturbation curve: mean_k (s_0 − s_k)."""
-    curve = np.asarray(curve, np.float64)
-    return float((curve[..., :1] - curve).mean())
-
-
-def orders(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(MoRF, LeRF) feature orders; ties keep feature order (stable sort)."""
-    morf = np.argsort(-relevance, kind="stable")
-    lerf = np.argsort(relevance, kind="stable")
-    return morf, lerf
-
-
-def topk_recovery(relevance: np.ndarray, evidence) -> bool:
-    """True when the k most relevant features (k = number of evidence features) are exactly the evidence."""
-    evidence = set(int(e) for e in evidence)
-    k = len(evidence)
-    return set(np.argsort(-relevance, kind="stable")[:k].tolist()) == evidence
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,7 +98,9 @@ class Evaluator:
             from lrpc.loading import read_proto
             model = read_proto(Path(model))
             onnx.external_data_helper.load_external_data_for_model(model, str(Path(self._source_dir)))
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        safeio.publish(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=True,
+                                                         location="model.onnx.data"),
+                       force=True, companions=["model.onnx.data"])
         model = path
         self.model = model
         ir_model = compiler.load(model)
@@ -290,7 +255,7 @@ class Evaluator:
         """One relevance value per feature of the example."""
         x = self.base(example)
         n = len(self.features(example))
-        if method in ("attnlrp", "cp-lrp", "gxi"):
+        if method in PRESETS:
             return self._per_feature(self._explain(method, example, x), example)[0]
         if method == "ig":
             alphas = (np.arange(self.ig_steps, dtype=np.float32) + 0.5) / self.ig_steps
@@ -341,79 +306,6 @@ class Evaluator:
         m = len(counts)
         return {method: tuple(scores[index[(method, w)]:index[(method, w)] + m] for w in ("morf", "lerf"))
                 for method in relevances}
-
-
-@dataclass
-class Results:
-    """Perturbation curves per method (examples × points), ABPC / AOPC, and optional evidence recovery."""
-
-    name: str
-    methods: list[str]
-    morf: dict[str, np.ndarray]
-    lerf: dict[str, np.ndarray]
-    recovery: dict[str, float] = field(default_factory=dict)
-    relevances: dict[str, list] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def n(self) -> int:
-        return len(next(iter(self.morf.values())))
-
-    def abpc(self, method: str) -> float:
-        return abpc(self.morf[method], self.lerf[method])
-
-    def abpc_sem(self, method: str) -> float:
-        diff = self.lerf[method] - self.morf[method]
-        x = np.linspace(0, 1, diff.shape[1])
-        per = np.sum((diff[:, 1:] + diff[:, :-1]) * 0.5 * np.diff(x), axis=1)
-        return float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else 0.0
-
-    def aopc_morf(self, method: str) -> float:
-        return aopc(self.morf[method])
-
-    def aopc_lerf(self, method: str) -> float:
-        return aopc(self.lerf[method])
-
-    def summary(self) -> dict:
-        return {"model": self.name, "examples": self.n, "seconds": round(self.seconds, 1), "methods": {
-            m: {"abpc": self.abpc(m), "abpc_sem": self.abpc_sem(m), "aopc_morf": self.aopc_morf(m),
-                "aopc_lerf": self.aopc_lerf(m), **({"topk_recovery": self.recovery[m]} if m in self.recovery
-                                                   else {})}
-            for m in self.methods}}
-
-    def markdown(self) -> str:
-        head = "| method | ABPC ↑ | AOPC MoRF ↑ | AOPC LeRF ↓ |" + (" top-k evidence ↑ |" if self.recovery else "")
-        sep = "|---|---:|---:|---:|" + ("---:|" if self.recovery else "")
-        lines = [head, sep]
-        for m in sorted(self.methods, key=lambda m: -self.abpc(m)):
-            line = (f"| {LABELS.get(m, m)} | {self.abpc(m):.4f} ± {self.abpc_sem(m):.4f} | {self.aopc_morf(m):.4f} "
-                    f"| {self.aopc_lerf(m):.4f} |")
-            if self.recovery:
-                line += f" {100 * self.recovery[m]:.1f} % |" if m in self.recovery else " – |"
-            lines.append(line)
-        return "\n".join(lines)
-
-    def plot(self, path: str | os.PathLike, ylabel: str = "explained score") -> Path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for m in self.methods:
-            x = np.linspace(0, 1, self.morf[m].shape[1])
-            color = COLORS.get(m)
-            ax.plot(x, self.morf[m].mean(0), color=color, lw=2, label=f"{LABELS.get(m, m)} (ABPC {self.abpc(m):.3f})")
-            ax.plot(x, self.lerf[m].mean(0), color=color, lw=1.2, ls="--")
-        ax.set_xlabel("fraction of features removed")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{self.name}: MoRF (solid) and LeRF (dashed), n = {self.n}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
 
 
 def evaluate(evaluator: Evaluator, examples: list[Example], methods=METHODS, steps: int = 10,
@@ -500,78 +392,3 @@ def load_tokenizer(path: str | os.PathLike | None):
     if not path.is_file():
         raise LrpcError(f"no tokenizer.json at {path}")
     return Tokenizer.from_file(str(path))
-
-
-# ------------------------------------------------------------------------------------------------
-# the command line: lrpc evaluate
-# ------------------------------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("model", help="the original ONNX model (not an explainer), or the zoo name minilm-sentence")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="TSV of sentence pairs: explain cos(e_A, e_B) over sentence A's tokens "
-                     "(sentence encoders; --seed vector is implied)")
-    src.add_argument("--inputs", help=".npz with one array per model input (first axis: examples) and optionally "
-                     "lrp_target [examples]; default target: the predicted class")
-    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for --pairs (default: the shipped MiniLM's)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--replace", default="zero", choices=list(REPLACE), help="what a removed token becomes: zero "
-                   "embedding (the paper's setting) or the embedding of the mask / pad token")
-    p.add_argument("--replace-id", type=int, help="id of the mask / pad token (default for --pairs: BERT's 103 / 0)")
-    p.add_argument("--patch", type=int, default=1, help="float (image) inputs: remove patches of PxP pixels")
-    p.add_argument("--steps", type=int, default=10, help="points on each curve beyond the first (default 10)")
-    p.add_argument("--ig-steps", type=int, default=16, help="Integrated Gradients steps (default 16)")
-    p.add_argument("--rollout-query", default="mean", choices=["mean", "first"],
-                   help="attention rollout row: mean over tokens (mean pooling) or the first (class) token")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--plot", help="write the curves to this PNG")
-    p.add_argument("--json", help="write the metrics to this JSON file")
-    p.add_argument("--threads", type=int, help="onnxruntime threads")
-
-
-def run_cli(args) -> int:
-    import json
-    model, name = args.model, Path(args.model).stem
-    if args.model == "minilm-sentence" and not Path(args.model).exists():
-        from lrpc import models
-        workdir = Path(tempfile.mkdtemp(prefix="lrpc-eval-"))
-        model = workdir / "minilm-sentence.onnx"
-        models.get("minilm-sentence").export(model)
-        name = "all-MiniLM-L6-v2"
-    elif not Path(model).is_file():
-        raise LrpcError(f"{model} does not exist: give an ONNX model")
-    replace_id = args.replace_id
-    if args.pairs and replace_id is None and args.replace != "zero":
-        replace_id = {"mask": 103, "pad": 0}[args.replace]
-    evaluator = Evaluator(model, seed="vector" if args.pairs else "target", replace=args.replace,
-                          replace_id=replace_id, patch=args.patch, rollout_query=args.rollout_query,
-                          ig_steps=args.ig_steps, threads=args.threads)
-    if args.pairs:
-        if evaluator.ids is None:
-            raise LrpcError("--pairs needs a token model (ids feeding an embedding table)")
-        pairs = read_pairs(args.pairs)[:args.limit]
-        examples = similarity_examples(evaluator, pairs, load_tokenizer(args.tokenizer))
-    else:
-        if not Path(args.inputs).is_file():
-            raise LrpcError(f"{args.inputs} does not exist: give an .npz with one array per model input")
-        data = dict(np.load(args.inputs))
-        missing = [n for n in evaluator.inputs if n != evaluator.embeds and n not in data]
-        if missing:
-            raise LrpcError(f"{args.inputs} lacks the model input(s) {', '.join(missing)}")
-        count = len(next(iter(data.values())))
-        examples = []
-        for i in range(count if args.limit is None else min(count, args.limit)):
-            inputs = {n: data[n][i:i + 1] for n in evaluator.inputs if n != evaluator.embeds}
-            ex = Example(inputs)
-            ex.target = int(data["lrp_target"][i]) if "lrp_target" in data else int(evaluator.predict(ex).argmax())
-            examples.append(ex)
-    results = evaluate(evaluator, examples, args.methods, args.steps, name=name)
-    print(f"{name}: {results.n} examples, {results.seconds:.1f} s")
-    print(results.markdown())
-    if args.plot:
-        results.plot(args.plot, "cosine similarity" if args.pairs else "target logit")
-        print(f"wrote {args.plot}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results.summary(), indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0

@@ -82,7 +82,7 @@ def hf_module(model_dir: Path, task: str | None = None):
     _require_torch()
     import transformers
 
-    from lrpc.models import zoo
+    from lrpc import hf
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise LrpcError(f"{model_dir} is not a Hugging Face model folder (no config.json)")
@@ -93,23 +93,24 @@ def hf_module(model_dir: Path, task: str | None = None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = getattr(transformers, AUTO_CLASS[task])
     try:
-        hf = auto.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+        model = auto.from_pretrained(str(model_dir), attn_implementation="eager").eval()
     except Exception as exc:
         raise LrpcError(f"transformers cannot load {model_dir} as {task}: {str(exc).splitlines()[0][:200]}") from None
     if task == "image-classification":
-        size = getattr(hf.config, "image_size", 224)
-        return zoo.HFImageModel(hf), zoo.image_inputs(2, size=size)
-    vocab = getattr(hf.config, "vocab_size", 100)
-    inputs = zoo.token_inputs(2, 7, vocab=vocab)
+        size = getattr(model.config, "image_size", 224)
+        return hf.HFImageModel(model), hf.image_inputs(2, size=size)
+    vocab = getattr(model.config, "vocab_size", 100)
+    inputs = hf.token_inputs(2, 7, vocab=vocab)
     if task == "sentence-similarity":
-        return zoo.HFSentenceEmbedder(hf), inputs
+        return hf.HFSentenceEmbedder(model), inputs
     output = "last_hidden_state" if task == "feature-extraction" else "logits"
-    return zoo.HFTokenModel(hf, output=output), inputs
+    return hf.HFTokenModel(model, output=output), inputs
 
 
 def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str | os.PathLike | None = None,
-              opset: int | None = None, force: bool = False) -> onnx.ModelProto:
-    """Export a local Hugging Face folder or a zoo name to ONNX (written atomically when `output` is given)."""
+              opset: int | None = None, force: bool = False, inputs=()) -> onnx.ModelProto:
+    """Export a local Hugging Face folder or a zoo name to ONNX (with `output`, written through
+    lrpc.safeio; `inputs`: paths the output must not replace)."""
     from lrpc import models
     path = Path(model)
     if path.is_dir():
@@ -126,5 +127,5 @@ def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str 
         import onnx_ir as ir
 
         from lrpc.loading import save_model
-        save_model(ir.serde.deserialize_model(proto), output, force=force)
+        save_model(ir.serde.deserialize_model(proto), output, force=force, inputs=inputs)
     return proto

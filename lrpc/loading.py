@@ -1,16 +1,15 @@
-"""Reading models in and writing explainers out: validation of files, external data, atomic saves."""
+"""Reading models in and writing explainers out: validation of files, external data, safe saves."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from lrpc import safeio
 from lrpc.errors import LrpcError
 
 # Explainers up to this size are written as one self-contained file; larger ones keep their
@@ -76,32 +75,26 @@ def to_ir(proto: onnx.ModelProto, base_dir: str | os.PathLike | None) -> ir.Mode
     return model
 
 
-def check_writable(output: str | os.PathLike, force: bool) -> Path:
-    """Refuse to clobber an existing file unless asked, and fail early on an unwritable folder."""
+def check_writable(output: str | os.PathLike, force: bool, inputs=()) -> Path:
+    """Fail early on an output `save_model` would refuse (an input, an existing file without force, …)."""
     output = Path(output)
-    if output.exists() and not force:
-        raise LrpcError(f"{output} already exists: pass --force to overwrite it, or choose another -o path")
-    if output.is_dir():
-        raise LrpcError(f"{output} is a directory: give a file path such as {output / 'explainer.onnx'}")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise LrpcError(f"output folder {folder} does not exist: create it first")
-    if not os.access(folder, os.W_OK):
-        raise LrpcError(f"output folder {folder} is not writable: choose another -o path")
-    return output
+    return safeio.check_output(output, force=force, inputs=inputs, companions=[output.name + ".data"])
 
 
 def save_model(model: ir.Model, output: str | os.PathLike, force: bool = False,
-               reuse_weights: bool = False) -> Path:
-    """Write atomically: into a temporary folder beside the target, then move into place.
+               reuse_weights: bool = False, inputs=()) -> Path:
+    """Write through `safeio.publish` (atomic, exclusive without force, nothing left on failure).
 
-    With `reuse_weights`, initializers still stored in the original model's external-data file(s) keep
+    The model's own external-data files count as inputs: an output there is refused. With
+    `reuse_weights`, initializers still stored in the original model's external-data file(s) keep
     pointing at them (relative to the explainer's folder) instead of being copied; new constants are
     written inline, or into `<output>.data` when they are large."""
-    output = check_writable(output, force)
+    output = Path(output)
+    inputs = [*inputs, *_external_files(model)]
+    check_writable(output, force, inputs)
     data_name = output.name + ".data"
     if reuse_weights and _reused(model):
-        return _save_reusing_weights(model, output, data_name)
+        return _save_reusing_weights(model, output, data_name, force, inputs)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     def write(path: Path) -> None:
@@ -110,27 +103,18 @@ def save_model(model: ir.Model, output: str | os.PathLike, force: bool = False,
         else:  # inline: weights still in the original model's external-data file are read in and copied
             ir.external_data.load_to_model(model)
             ir.save(model, path)
-    return _write_atomically(output, data_name, write)
+    return safeio.publish(output, write, force=force, inputs=inputs, companions=[data_name])
 
 
-def _write_atomically(output: Path, data_name: str, write) -> Path:
-    """`write(path)` into a temporary folder beside `output`, then move the model (and its .data) into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=".lrpc-", dir=output.parent))
-    try:
-        write(tmp / output.name)
-        if (tmp / data_name).exists():
-            os.replace(tmp / data_name, output.parent / data_name)
-        os.replace(tmp / output.name, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output
+def _external_files(model: ir.Model) -> list[Path]:
+    return sorted({Path(v.const_value.base_dir) / v.const_value.location for v in _reused(model)})
 
 
 def _reused(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
 
 
-def _save_reusing_weights(model: ir.Model, output: Path, data_name: str) -> Path:
+def _save_reusing_weights(model: ir.Model, output: Path, data_name: str, force: bool, inputs) -> Path:
     folder = output.parent.resolve()
     relocated = {}
     for value in _reused(model):
@@ -156,4 +140,4 @@ def _save_reusing_weights(model: ir.Model, output: Path, data_name: str) -> Path
                             location=data_name, size_threshold=1024)
         else:
             onnx.save_model(proto, str(path))
-    return _write_atomically(output, data_name, write)
+    return safeio.publish(output, write, force=force, inputs=inputs, companions=[data_name])

@@ -139,7 +139,7 @@ class Explainer:
                 dtype = ORT_TO_NUMPY.get(spec.type, np.float32)
                 feed[name] = np.zeros([batch] + width, dtype) if name == contract.SEED else np.zeros(batch, dtype)
         if contract.SEED in feed:  # the seed's class axis must match the output's
-            seq_classes = self._output_dims(feed, None, allow_forward=False)[1]
+            seq_classes = self.output_dims(feed, allow_forward=False)[1]
             feed[contract.SEED] = np.zeros((batch, seq_classes or 1), np.float32)
         return dict(zip(self.model_outputs, self._run(self.model_outputs, feed)))
 
@@ -170,7 +170,7 @@ class Explainer:
         else:
             target = _per_row(target, batch, "target")
         if rank == 3 or not vector:
-            seq, classes = self._output_dims(feed, forward)
+            seq, classes = self.output_dims(feed, forward)
             if rank == 3 and seq is not None and np.any((position < -seq) | (position >= seq)):
                 raise LrpcError(f"position {position.tolist()} out of range for a sequence of {seq} "
                                 f"(use {-seq}..{seq - 1})")
@@ -200,8 +200,9 @@ class Explainer:
         first = next(iter(feed.values()))
         return int(first.shape[0])
 
-    def _output_dims(self, feed, forward, allow_forward: bool = True) -> tuple[int | None, int | None]:
-        """Sequence length and class count of the explained output, from symbolic dims or a forward run."""
+    def output_dims(self, feed, forward=None, allow_forward: bool = True) -> tuple[int | None, int | None]:
+        """Sequence length (None without one) and class count of the explained output for this feed, from
+        symbolic dims or, when they do not say, a forward run (given as `forward`, or run here)."""
         spec = next(o for o in self.session.get_outputs() if o.name == self.explained)
         known = {}
         for name, array in feed.items():

@@ -37,15 +37,16 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx
+
+from lrpc import export_axes as axes, safeio
+from lrpc.export_axes import BATCH_DIM, SEQ_DIM
 
 __all__ = ["ExportError", "export_onnx", "EXPORTERS", "BATCH_DIM", "SEQ_DIM"]
 
 EXPORTERS = ("dynamo", "legacy")
-BATCH_DIM = "batch"
-SEQ_DIM = "sequence"
 LEGACY_DEFAULT_OPSET = 17
 #: save weights as external data above this many bytes when ``external_data`` is None
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
@@ -130,109 +131,6 @@ def _make_wrapper(module, names: Sequence[str], out: Any = None):
     wrapper = _PlainOutputs(module)
     wrapper.eval()
     return wrapper
-
-
-# --------------------------------------------------------------------------------------------
-# dynamic axes
-# --------------------------------------------------------------------------------------------
-
-def _token_length(example_inputs: Mapping[str, Any]) -> int | None:
-    import torch
-
-    for t in example_inputs.values():
-        if t.dtype in (torch.int32, torch.int64) and t.dim() >= 2:
-            return int(t.shape[1])
-    return None
-
-
-def _dynamic_axes_for(example_inputs: Mapping[str, Any], dynamic: bool) -> dict[str, dict[int, str]]:
-    """{input name: {axis: dim name}}: batch everywhere, sequence on token-shaped inputs."""
-    import torch
-
-    if not dynamic:
-        return {}
-    seq = _token_length(example_inputs)
-    axes: dict[str, dict[int, str]] = {}
-    for name, t in example_inputs.items():
-        a: dict[int, str] = {}
-        if t.dim() >= 1:
-            a[0] = BATCH_DIM
-        is_token_like = t.dim() == 2 and (
-            t.dtype in (torch.int32, torch.int64, torch.bool) or (seq is not None and t.shape[1] == seq)
-        )
-        if is_token_like and t.dim() >= 2:
-            a[1] = SEQ_DIM
-        axes[name] = a
-    return axes
-
-
-def _output_axes(outputs: Sequence[Any], example_inputs: Mapping[str, Any], axes_in) -> list[dict[int, str]]:
-    batch = next(iter(example_inputs.values())).shape[0] if example_inputs else None
-    seq = _token_length(example_inputs)
-    has_seq = any(SEQ_DIM in a.values() for a in axes_in.values())
-    res = []
-    for o in outputs:
-        a: dict[int, str] = {}
-        if axes_in and o.dim() >= 1 and o.shape[0] == batch:
-            a[0] = BATCH_DIM
-        if has_seq and o.dim() >= 3 and seq is not None and o.shape[1] == seq:
-            a[1] = SEQ_DIM
-        res.append(a)
-    return res
-
-
-def _fix_static_output_dims(model: onnx.ModelProto, output_names, ref_outs, out_axes) -> None:
-    """Give graph outputs their static sizes where the exporter left a symbol (legacy: ``[batch,
-    'Divembedding_dim_1']``), and the declared names where it left none."""
-    for vi in model.graph.output:
-        if vi.name not in output_names:
-            continue
-        i = output_names.index(vi.name)
-        ref, axes = ref_outs[i], out_axes[i]
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) != ref.dim():
-            continue
-        for axis, d in enumerate(dims):
-            if axis in axes:
-                if not d.dim_param and not d.HasField("dim_value"):
-                    d.dim_param = axes[axis]
-            elif d.dim_param:
-                d.dim_value = int(ref.shape[axis])
-
-
-def _rename_dims(model: onnx.ModelProto, wanted: Mapping[str, Mapping[int, str]]) -> None:
-    """Rename the exporter's symbols (s0, s1, …) to the dim names in ``wanted``, everywhere."""
-    graph = model.graph
-    mapping: dict[str, str] = {}
-    for vi in list(graph.input) + list(graph.output):
-        for axis, name in wanted.get(vi.name, {}).items():
-            dims = vi.type.tensor_type.shape.dim
-            if axis < len(dims) and dims[axis].dim_param and dims[axis].dim_param != name:
-                mapping.setdefault(dims[axis].dim_param, name)
-    if not mapping:
-        return
-
-    def fix(vis: Iterable[onnx.ValueInfoProto]):
-        for vi in vis:
-            if not vi.type.HasField("tensor_type"):
-                continue
-            for d in vi.type.tensor_type.shape.dim:
-                if d.dim_param in mapping:
-                    d.dim_param = mapping[d.dim_param]
-
-    def walk(g: onnx.GraphProto):
-        fix(g.input)
-        fix(g.output)
-        fix(g.value_info)
-        for n in g.node:
-            for at in n.attribute:
-                if at.type == onnx.AttributeProto.GRAPH:
-                    walk(at.g)
-                elif at.type == onnx.AttributeProto.GRAPHS:
-                    for sg in at.graphs:
-                        walk(sg)
-
-    walk(graph)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,8 +235,8 @@ def export_onnx(
     if len(output_names) != len(ref_outs):
         raise ValueError(f"{len(output_names)} output_names for {len(ref_outs)} outputs")
 
-    in_axes = _dynamic_axes_for(example_inputs, dynamic)
-    out_axes = _output_axes(ref_outs, example_inputs, in_axes) if dynamic else [{} for _ in ref_outs]
+    in_axes = axes.dynamic_axes_for(example_inputs, dynamic)
+    out_axes = axes.output_axes(ref_outs, example_inputs, in_axes) if dynamic else [{} for _ in ref_outs]
     wanted = dict(in_axes)
     wanted.update({n: a for n, a in zip(output_names, out_axes)})
 
@@ -360,8 +258,8 @@ def export_onnx(
             module.train()
     _check_unique_names(proto, type(module).__name__, exporter)
     if dynamic:
-        _rename_dims(proto, wanted)
-    _fix_static_output_dims(proto, output_names, ref_outs, out_axes)
+        axes.rename_dims(proto, wanted)
+    axes.fix_static_output_dims(proto, output_names, ref_outs, out_axes)
     proto.doc_string = (proto.doc_string + "\n" if proto.doc_string else "") + (
         f"lrpc.torch_export: {type(module).__name__} via {exporter} in {time.perf_counter() - t0:.1f}s"
     )
@@ -373,12 +271,11 @@ def export_onnx(
     if external_data is None:
         external_data = _weights_nbytes(proto) >= EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
-    if (path.parent / data_name).exists():
-        (path.parent / data_name).unlink()  # onnx appends to an existing data file
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(proto, str(tmp), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:  # a fresh folder: onnx appends to an existing data file
+        onnx.save_model(proto, str(tmp), save_as_external_data=bool(external_data), all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    safeio.publish(path, write, force=True, companions=[data_name])
     return onnx.load_model(str(path), load_external_data=True)
 
 

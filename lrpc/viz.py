@@ -181,10 +181,10 @@ def _figure():
     return plt
 
 
-def save_layers_png(path, labels: list[str], tokens: list[str], matrix: np.ndarray, title: str = ""):
+def layers_png_bytes(labels: list[str], tokens: list[str], matrix: np.ndarray, title: str = "") -> bytes:
     """Relevance per token (columns) per layer (rows) as a PNG; diverging colours centred at zero, each
     row normalised by its own max |R| so deep and shallow layers are both readable."""
-    from pathlib import Path
+    import io
     plt = _figure()
     matrix = np.asarray(matrix, np.float64)
     norm = matrix / np.maximum(np.abs(matrix).max(axis=1, keepdims=True), 1e-30)
@@ -197,12 +197,17 @@ def save_layers_png(path, labels: list[str], tokens: list[str], matrix: np.ndarr
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return buffer.getvalue()
+
+
+def save_layers_png(path, labels: list[str], tokens: list[str], matrix: np.ndarray, title: str = "", *,
+                    force: bool = False, inputs=()):
+    """`layers_png_bytes` written through lrpc.safeio (never over an existing file without force)."""
+    from lrpc import safeio
+    return safeio.write_bytes(path, layers_png_bytes(labels, tokens, matrix, title), force=force, inputs=inputs)
 
 
 def image_overlay(heat: np.ndarray, picture: np.ndarray | None, scale: int = 1) -> np.ndarray:
@@ -226,20 +231,21 @@ def image_overlay(heat: np.ndarray, picture: np.ndarray | None, scale: int = 1) 
     return (out * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def save_image_overlay(path, heat: np.ndarray, picture: np.ndarray | None, scale: int = 1, title: str = ""):
+def save_image_overlay(path, heat: np.ndarray, picture: np.ndarray | None, scale: int = 1, title: str = "", *,
+                       force: bool = False, inputs=()):
     """Write the overlay as a PNG exactly the picture's size (pixels, no axes or margins)."""
-    from pathlib import Path
+    import io
 
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
-    path = Path(path)
+
+    from lrpc import safeio
     info = PngInfo()
     if title:
         info.add_text("Description", f"lrpc relevance: {title}")
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(image_overlay(heat, picture, scale)).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(image_overlay(heat, picture, scale)).save(buffer, format="PNG", pnginfo=info)
+    return safeio.write_bytes(path, buffer.getvalue(), force=force, inputs=inputs)
 
 
 def image_overlay_png(heat: np.ndarray, picture: np.ndarray | None, scale: int = 4) -> bytes:
@@ -249,11 +255,3 @@ def image_overlay_png(heat: np.ndarray, picture: np.ndarray | None, scale: int =
     buffer = io.BytesIO()
     Image.fromarray(image_overlay(heat, picture, scale if picture is None else 1)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def layers_png_bytes(labels, tokens, matrix, title: str = "") -> bytes:
-    import tempfile
-    from pathlib import Path
-    with tempfile.TemporaryDirectory() as folder:
-        path = save_layers_png(Path(folder) / "layers.png", labels, tokens, matrix, title)
-        return path.read_bytes()

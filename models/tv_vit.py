@@ -144,3 +144,14 @@ def make_vision_transformer(**kwargs) -> nn.Module:
         nn.init.normal_(m.heads.head.weight, std=0.1)
         return m
     return VisionTransformer(**kwargs)
+
+
+class PixelModel(nn.Module):
+    """forward(pixel_values) -> self.vit(pixel_values) (torchvision models take ``x``)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vit(pixel_values)

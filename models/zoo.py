@@ -12,13 +12,13 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from torch import nn
+from lrpc.frontend import TASKS  # noqa: F401  (re-exported: lrpc.models.TASKS)
 
-TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
-         "image-classification")
+if TYPE_CHECKING:  # torch is imported where a model is built, so listing the zoo does not load it
+    import torch
+    from torch import nn
 
 VOCAB = 128
 EXAMPLE_BATCH = 2
@@ -29,75 +29,19 @@ NUM_IMAGE_CLASSES = 10
 
 
 # --------------------------------------------------------------------------------------------
-# wrappers: forward(input_ids, attention_mask) -> one tensor
+# example inputs: lrpc.hf's, with the zoo's sizes
 # --------------------------------------------------------------------------------------------
 
-class HFTokenModel(nn.Module):
-    """Wraps a Hugging Face token model; returns ``logits`` (or ``last_hidden_state``) only."""
-
-    def __init__(self, hf_model: nn.Module, *, output: str = "logits", call_kwargs: Optional[dict] = None):
-        super().__init__()
-        self.hf_model = hf_model
-        self.output = output
-        self.call_kwargs = dict(call_kwargs or {})
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **self.call_kwargs)
-        return getattr(out, self.output)
+def token_inputs(batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *, vocab: int = VOCAB, **options) -> dict:
+    """Deterministic token ids and a mask (lrpc.hf.token_inputs) with the zoo's defaults."""
+    from lrpc import hf
+    return hf.token_inputs(batch, seq, vocab=vocab, **options)
 
 
-class HFSentenceEmbedder(nn.Module):
-    """sentence-transformers pipeline: encoder → mean pooling over attention_mask → L2 norm."""
-
-    def __init__(self, hf_model: nn.Module, *, normalize: bool = True):
-        super().__init__()
-        self.hf_model = hf_model
-        self.normalize = normalize
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-        return pooled
-
-
-class HFImageModel(nn.Module):
-    """Wraps a Hugging Face image classifier; forward(pixel_values) -> logits."""
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.hf_model = hf_model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.hf_model(pixel_values=pixel_values, return_dict=True).logits
-
-
-# --------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------
-
-def token_inputs(batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *, vocab: int = VOCAB, seed: int = 1234,
-                 with_mask: bool = True, pad_last_row: bool = True, low: int = 3) -> dict[str, torch.Tensor]:
-    """Deterministic token ids in [low, vocab) and a mask; the last row is right-padded by 2
-    (when batch > 1 and seq > 3) so masking is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(low, vocab, (batch, seq), generator=g, dtype=torch.int64)
-    out = {"input_ids": ids}
-    if with_mask:
-        mask = torch.ones(batch, seq, dtype=torch.int64)
-        if pad_last_row and batch > 1 and seq > 3:
-            mask[-1, -2:] = 0
-        out["attention_mask"] = mask
-    return out
-
-
-def image_inputs(batch: int = EXAMPLE_BATCH, seq: int | None = None, *, size: int = IMAGE_SIZE,
-                 seed: int = 1234) -> dict[str, torch.Tensor]:
-    """Deterministic ``pixel_values`` [batch, 3, size, size] (``seq`` is ignored)."""
-    g = torch.Generator().manual_seed(seed)
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+def image_inputs(batch: int = EXAMPLE_BATCH, seq: int | None = None, *, size: int = IMAGE_SIZE, seed: int = 1234) -> dict:
+    """Deterministic ``pixel_values`` (lrpc.hf.image_inputs) of the zoo's image size (``seq`` is ignored)."""
+    from lrpc import hf
+    return hf.image_inputs(batch, size=size, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,6 +77,7 @@ class ZooEntry:
         return zlib.crc32(self.name.encode()) & 0x7FFFFFFF
 
     def build(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        import torch
         torch.manual_seed(self.seed)
         module = self.builder()
         module.eval()  # parameters keep requires_grad=True, as a loaded model would (this matters:
@@ -196,7 +141,8 @@ def _decoder(model_cls, config_cls, **cfg):
     base.update(cfg)
 
     def build():
-        return HFTokenModel(_hf(model_cls, config_cls, **base), call_kwargs={"use_cache": False})
+        from lrpc import hf  # torch only when a model is built
+        return hf.HFTokenModel(_hf(model_cls, config_cls, **base), call_kwargs={"use_cache": False})
 
     return build
 
@@ -204,14 +150,16 @@ def _decoder(model_cls, config_cls, **cfg):
 def _build_gpt2():
     m = _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
             n_inner=64, initializer_range=0.1, use_cache=False, **_COMMON_TOKENS)
-    return HFTokenModel(m, call_kwargs={"use_cache": False})
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFTokenModel(m, call_kwargs={"use_cache": False})
 
 
 def _build_bert():
     m = _hf("BertForSequenceClassification", "BertConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64, num_labels=NUM_LABELS,
             initializer_range=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-    return HFTokenModel(m)
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFTokenModel(m)
 
 
 def _build_roberta():
@@ -220,14 +168,16 @@ def _build_roberta():
             num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
             num_labels=NUM_LABELS, initializer_range=0.1, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    return HFTokenModel(m)
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFTokenModel(m)
 
 
 def _build_distilbert():
     m = _hf("DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=VOCAB, dim=32, n_layers=2,
             n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=NUM_LABELS, initializer_range=0.1,
             dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, pad_token_id=0)
-    return HFTokenModel(m)
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFTokenModel(m)
 
 
 def _build_hf_vit():
@@ -235,22 +185,12 @@ def _build_hf_vit():
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             num_labels=NUM_IMAGE_CLASSES, initializer_range=0.1, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0)
-    return HFImageModel(m)
-
-
-class PixelModel(nn.Module):
-    """forward(pixel_values) -> self.vit(pixel_values) (torchvision models take ``x``)."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vit(pixel_values)
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFImageModel(m)
 
 
 def _build_tv_vit():
-    from .tv_vit import make_vision_transformer
+    from .tv_vit import PixelModel, make_vision_transformer
 
     return PixelModel(make_vision_transformer(image_size=IMAGE_SIZE, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
                              mlp_dim=64, num_classes=NUM_IMAGE_CLASSES))
@@ -296,16 +236,19 @@ def _minilm_model():
 
 
 def _build_minilm():
-    return HFTokenModel(_minilm_model(), output="last_hidden_state")
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFTokenModel(_minilm_model(), output="last_hidden_state")
 
 
 def _build_minilm_sentence():
-    return HFSentenceEmbedder(_minilm_model())
+    from lrpc import hf  # torch only when a model is built
+    return hf.HFSentenceEmbedder(_minilm_model())
 
 
 def minilm_inputs(batch: int = EXAMPLE_BATCH, seq: int = EXAMPLE_SEQ, *, seed: int = 1234) -> dict[str, torch.Tensor]:
     """Real tokenised sentences for the example shape (2, 7); random in-vocabulary ids
     framed by [CLS] … [SEP] (right-padded last row) for any other shape / seed."""
+    import torch
     if (batch, seq, seed) == (EXAMPLE_BATCH, EXAMPLE_SEQ, 1234):
         tok = minilm_tokenizer()
         enc = tok(list(MINILM_SENTENCES), padding="max_length", truncation=True, max_length=seq,
@@ -388,7 +331,7 @@ def _bench_tok(b, s, *, seed=1234):
 
 
 def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
-    """The issue-6 performance workload: LLaMA-style, hidden 512, 8 heads / 4 KV heads, MLP 2048 (4×hidden),
+    """The performance workload of `lrpc bench llama-bench`: LLaMA-style, hidden 512, 8 heads / 4 KV heads, MLP 2048 (4×hidden),
     vocabulary 4000, positions up to 8192; `layers`/`hidden` vary it for the memory-scaling runs."""
     name = "llama-bench" if (layers, hidden) == (8, 512) else f"llama-bench-l{layers}-h{hidden}"
     return ZooEntry(name, "llama", _DEC,
@@ -396,7 +339,7 @@ def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
                              intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=8,
                              num_key_value_heads=4, max_position_embeddings=8192, initializer_range=0.02),
                     _bench_tok, hf_dir_maker=_save_hf, hf_class="LlamaForCausalLM", example_shape=(1, 16),
-                    exporters=("dynamo",), notes="benchmark workload (issue 6); not part of the CI zoo")
+                    exporters=("dynamo",), notes="the performance workload of lrpc bench; not part of the CI zoo")
 
 
 BENCH: dict[str, ZooEntry] = {e.name: e for e in [llama_bench()]}

@@ -12,7 +12,10 @@ import onnx
 import pytest
 
 import lrpc
-from lrpc.explain import Attributor, Tokenizer, compiled_explainer, load_image, residual_stream
+from lrpc.attributor import Attributor
+from lrpc.cache import compiled_explainer
+from lrpc.inputs import Tokenizer, load_image
+from lrpc.latent import residual_stream
 
 TEXTS = ["the cat sat on the mat", "a dog", "good movie , great fun !"]
 

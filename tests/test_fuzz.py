@@ -41,7 +41,7 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
                 suppress_health_check=list(HealthCheck))
 BLOCKS = settings(max_examples=BLOCK_EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
                   suppress_health_check=list(HealthCheck))
-STATS = {"graphs": 0, "max_err": 0.0, "blocks": 0, "block_max_err": 0.0}
+STATS = {"graphs": 0, "max_err": 0.0, "blocks": 0, "block_max_err": 0.0}  # reported by conftest.py
 
 
 # ---- a random program, built twice: ONNX nodes and float64 torch ---------------------------------------
@@ -456,9 +456,3 @@ def test_random_block_stacks_attnlrp_equal_reference(names, residual, seed, seq,
     STATS["block_max_err"] = max(STATS["block_max_err"], err)
     STATS["blocks"] += 1
     assert err <= BLOCK_TOL, (names, residual, err)
-
-
-def test_report_fuzz_statistics(capsys):
-    """Not a check: prints what the fuzzers in this worker ran (visible with -s or in the closing note)."""
-    with capsys.disabled():
-        print(f"\n[fuzz] budget {EXAMPLES} graphs / {BLOCK_EXAMPLES} block stacks; this worker: {STATS}")

@@ -327,7 +327,7 @@ def test_a_plain_model_is_not_an_explainer(tmp_path):
         lrpc.Explainer(tmp_path / "junk.onnx")
 
 
-# ---- text inputs (the demo; `lrpc explain --text` is tested with lrpc/explain.py) ---------------------
+# ---- text inputs (the demo; `lrpc explain --text` is tested in test_explain.py) ------------------------
 
 def test_demo_refuses_empty_and_overlong_text(tmp_path):
     pytest.importorskip("tokenizers")

@@ -1,0 +1,128 @@
+"""The compile cache: explainers compiled on the way (by `lrpc explain`, `lrpc.Attributor`, the demo) are
+kept under $LRPC_CACHE or ~/.cache/lrpc, keyed by a hash of the model, the options and the compiler's own
+source (`compiler_fingerprint`), so a cached explainer is never stale."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from lrpc import contract, safeio
+from lrpc.errors import LrpcError
+
+
+def cache_dir(cache: str | os.PathLike | None) -> Path:
+    path = Path(cache or os.environ.get("LRPC_CACHE") or Path.home() / ".cache" / "lrpc")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compiler_fingerprint() -> str:
+    """Changes whenever lrpc's compiler or passes change, so a cached explainer is never stale."""
+    import lrpc
+    import lrpc.passes
+    digest = hashlib.sha256(lrpc.__version__.encode())
+    for folder in (Path(lrpc.__file__).parent, Path(lrpc.passes.__file__).parent):
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _hash_file(digest, path: Path) -> None:
+    digest.update(path.name.encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+
+
+def model_hash(model) -> tuple[str, str]:
+    """(a content hash, a short name) for any model source lrpc accepts."""
+    digest = hashlib.sha256()
+    if isinstance(model, onnx.ModelProto):
+        digest.update(model.SerializeToString())
+        return digest.hexdigest()[:16], "model"
+    path = Path(model)
+    if path.is_file():
+        _hash_file(digest, path)
+        proto = onnx.load_model(str(path), load_external_data=False)
+        locations = {e.value for t in onnx.external_data_helper._get_all_tensors(proto)
+                     if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+        for location in sorted(locations):
+            if (path.parent / location).is_file():
+                _hash_file(digest, path.parent / location)
+        return digest.hexdigest()[:16], path.stem
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            _hash_file(digest, file)
+        return digest.hexdigest()[:16], path.name
+    from lrpc import models
+    if str(model) in models.names():
+        for source in sorted(Path(models.__file__).parent.glob("*.py")):
+            digest.update(source.read_bytes())
+        digest.update(str(model).encode())
+        return digest.hexdigest()[:16], str(model)
+    raise LrpcError(f"{model} is not an ONNX file, an explainer, a Hugging Face folder or a zoo model "
+                    "(`lrpc zoo` lists them)")
+
+
+def is_explainer(model) -> bool:
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            return False
+        from lrpc.loading import read_proto
+        proto = read_proto(path)
+    return contract.read_metadata({p.key: p.value for p in proto.metadata_props}) is not None
+
+
+def onnx_source(model, task: str | None):
+    """An ONNX path or proto for a model source (HF folders and zoo names are exported)."""
+    if isinstance(model, onnx.ModelProto) or Path(model).is_file():
+        return model
+    from lrpc.frontend import export_hf
+    return export_hf(model, task=task)
+
+
+def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", latent: str | None = None,
+                       layers: bool = False, task: str | None = None, output_name: str | None = None,
+                       cache: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    """Path of the explainer of `model` (compiled now or found in the cache) and its sidecar info
+    ({"layers": [[tensor, label], ...]})."""
+    from lrpc.compiler import build_explainer, load
+    from lrpc.latent import residual_stream
+    from lrpc.loading import save_model
+    model_key, stem = model_hash(model)
+    options = json.dumps({"preset": preset, "seed": seed, "latent": latent, "layers": layers, "task": task,
+                          "output": output_name, "compiler": compiler_fingerprint()}, sort_keys=True)
+    key = hashlib.sha256((model_key + options).encode()).hexdigest()[:16]
+    folder = cache_dir(cache)
+    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-{preset}-{key}.onnx"
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file():
+        return path, json.loads(sidecar.read_text())
+    ir_model = load(onnx_source(model, task))  # once: the residual stream is found in the graph compiled
+    info: dict[str, Any] = {"source": str(model) if not isinstance(model, onnx.ModelProto) else "model"}
+    pattern = latent
+    if layers and latent is None:
+        found = residual_stream(ir_model)
+        info["layers"] = [list(x) for x in found]
+        pattern = "^(" + "|".join(re.escape(n) for n, _ in found) + ")$" if found else None
+    elif latent:
+        info["layers"] = None
+    explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name)
+    save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
+    safeio.write_text(sidecar, json.dumps(info), force=True)
+    return path, info
+
+
+def model_metadata(model) -> dict:
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load_model(str(model), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}

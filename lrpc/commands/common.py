@@ -1,0 +1,56 @@
+"""Options and helpers several commands share: one definition, one meaning."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_preset_option(p: argparse.ArgumentParser) -> None:
+    from lrpc.presets import PRESETS
+    p.add_argument("--preset", default="attnlrp", choices=list(PRESETS),
+                   help=f"rule set: {', '.join(PRESETS)} (default attnlrp; gxi: plain Input×Gradient)")
+
+
+def add_rule_options(p: argparse.ArgumentParser) -> None:
+    """The rule options of compile, plan and diff: preset, attributed inputs, ε / γ and where they apply."""
+    add_preset_option(p)
+    p.add_argument("--attribute", nargs="+", metavar="NAME", help="inputs to attribute (default: float inputs "
+                   "and token ids feeding an embedding)")
+    p.add_argument("--epsilon", type=float, metavar="E", help="explicit ε-rule on linear layers")
+    p.add_argument("--gamma-linear", type=float, metavar="G", help="γ-rule on MatMul/Gemm layers")
+    p.add_argument("--gamma-conv", type=float, metavar="G", help="γ-rule on Conv layers")
+    p.add_argument("--layers", metavar="REGEX", help="apply --epsilon/--gamma-* only to nodes whose name matches")
+
+
+def rule_options(args):
+    """The `lrpc.presets.Options` the rule options on the command line ask for."""
+    from lrpc.presets import Options
+    return Options(epsilon=args.epsilon, gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv,
+                   layers=args.layers)
+
+
+def add_force_option(p: argparse.ArgumentParser, what: str = "the output files") -> None:
+    p.add_argument("--force", action="store_true", help=f"overwrite {what} if they exist (never the inputs)")
+
+
+def model_source(source: str, args):
+    """An ONNX path, or a Hugging Face folder / zoo name exported on the way."""
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        from lrpc.frontend import export_hf
+        return export_hf(path, task=getattr(args, "task", None))
+    return source
+
+
+def load_plan(source: str, args) -> dict:
+    """A saved plan (.json written by `lrpc plan --format json`) or the plan of a model."""
+    from lrpc import planio
+    from lrpc.compiler import plan_document
+    path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        doc = planio.read_plan_json(path)
+        if doc is not None:
+            return doc
+    return plan_document(model_source(source, args), args.preset, args.attribute, rule_options(args),
+                         source=source)

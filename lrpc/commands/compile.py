@@ -1,0 +1,48 @@
+"""lrpc compile: turn a model into an explainer."""
+
+from __future__ import annotations
+
+from lrpc.commands.common import add_force_option, add_rule_options, model_source
+
+HELP = "turn a model into an explainer"
+EXAMPLES = """examples:
+  lrpc compile model.onnx -o explainer.onnx                 # AttnLRP explainer of the first output
+  lrpc compile model.onnx -o gxi.onnx --preset gxi          # plain Input×Gradient
+  lrpc compile model.onnx -o e.onnx --output logits --attribute input_ids
+  lrpc compile model.onnx -o e.onnx --reuse-weights         # reference model.onnx.data instead of copying it
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="ONNX file (with its .data file beside it) or a local Hugging Face model folder")
+    p.add_argument("-o", "--out", required=True, help="where to write the explainer (.onnx)")
+    add_rule_options(p)
+    p.add_argument("--output", metavar="NAME", help="model output to explain (default: the first)")
+    p.add_argument("--seed", default="target", choices=["target", "vector"],
+                   help="target: explain y[target] (input lrp_target); vector: explain Σ seed·y (input lrp_seed)")
+    p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
+    p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
+                   "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
+                   "methods); relevance is still relevance.<ids>")
+    p.add_argument("--task", help="task for a Hugging Face folder (causal-lm, sequence-classification, "
+                   "feature-extraction, sentence-similarity, image-classification)")
+    add_force_option(p, "-o (and its .data file)")
+    p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
+                   "during the relevance pass: memory grows like √layers for one extra forward")
+    p.add_argument("--reuse-weights", action="store_true", help="reference the model's external-data weights "
+                   "file from the explainer instead of copying it (-o must be in that file's folder or above)")
+
+
+def run(args) -> int:
+    import lrpc
+    from lrpc import safeio
+    from lrpc.loading import check_writable
+    check_writable(args.out, args.force, safeio.input_files(args.model))
+    model = model_source(args.model, args)
+    lrpc.compile(model, preset=args.preset, output=args.out, output_name=args.output, attribute=args.attribute,
+                 seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
+                 gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers,
+                 embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
+                 checkpoint=args.checkpoint)
+    print(f"wrote {args.out} (preset {args.preset})")
+    return 0

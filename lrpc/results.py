@@ -1,0 +1,156 @@
+"""What `lrpc explain` and `lrpc.Attributor` return: one `Attribution` per explained input and target,
+`Attributions` for several, with their pictures (terminal, HTML, PNG) and JSON form."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lrpc.errors import LrpcError
+
+
+@dataclass
+class Attribution:
+    """One explained input and target.
+
+    relevance: relevance of the main attributed input for this input alone (padding removed): one
+        value per token for token ids, the input's shape (without batch) for float inputs (images:
+        [channels, height, width]).
+    tokens: the tokens (None when unknown). target: the explained class / token index; target_label
+        says it in words (with the contrast, if any). logit: the explained value s (y_A − y_B for a
+        contrast). latent: per-layer relevance per token ({layer label: [tokens]}) with `layers`.
+    """
+
+    relevance: np.ndarray
+    tokens: list[str] | None
+    target: int
+    logit: float
+    target_label: str = ""
+    contrast: int | None = None
+    position: int | None = None
+    input_name: str = ""
+    relevances: dict[str, np.ndarray] = field(default_factory=dict)   # every attributed input
+    latent: dict[str, np.ndarray] = field(default_factory=dict)       # layer label → relevance per token
+    image: np.ndarray | None = field(default=None, repr=False)          # the picture shown (H×W×3 uint8)
+    title: str = ""
+    model: str = ""
+
+    @property
+    def conservation(self) -> float:
+        """Σ relevance over every attributed input, to compare with `logit`."""
+        return float(sum(float(np.sum(r, dtype=np.float64)) for r in self.relevances.values()))
+
+    def explained(self) -> str:
+        where = f" at position {self.position}" if self.position is not None else ""
+        return f"{self.target_label or self.target}{where}: logit {self.logit:+.4f}"
+
+    def token_row(self):
+        from lrpc import viz
+        tokens = self.tokens if self.tokens is not None else [str(i) for i in range(self.relevance.size)]
+        return viz.TokenRow(self.title or "input", list(tokens), np.asarray(self.relevance).reshape(-1),
+                            self.explained(), self.logit)
+
+    # ---- pictures ------------------------------------------------------------------------------
+    def show(self, console=None) -> None:
+        """Terminal heatmap (diverging colours centred at zero) with the conservation line."""
+        from lrpc import viz
+        if self.is_image:
+            viz.terminal_image(self.image_heat(), f"{self.title or 'image'}  ({self.explained()})",
+                               self.conservation, self.logit, console)
+        else:
+            viz.terminal([self.token_row()], console)
+        if self.latent:
+            labels, matrix = self.layer_matrix()
+            viz.terminal_layers(labels, self._tokens(), matrix, console)
+
+    def to_html(self, path: str | os.PathLike | None = None, title: str | None = None, *, force: bool = False,
+                inputs=()) -> str:
+        return Attributions([self]).to_html(path, title, force=force, inputs=inputs)
+
+    def save_png(self, path: str | os.PathLike, scale: int = 1, *, force: bool = False, inputs=()) -> Path:
+        """Images: the relevance heatmap overlaid on the picture (its original size, or the model's
+        input size × scale). Token inputs: the per-layer picture with `layers`, else a one-row heatmap.
+        Written through lrpc.safeio: never over an existing file without force, never over an input."""
+        from lrpc import viz
+        if self.is_image:
+            return viz.save_image_overlay(path, self.image_heat(), self.image, scale=scale, title=self.explained(),
+                                          force=force, inputs=inputs)
+        if self.latent:
+            return self.save_layers_png(path, force=force, inputs=inputs)
+        return viz.save_layers_png(path, ["input"], self._tokens(), np.asarray(self.relevance).reshape(1, -1),
+                                   title=self.explained(), force=force, inputs=inputs)
+
+    def save_layers_png(self, path: str | os.PathLike, *, force: bool = False, inputs=()) -> Path:
+        from lrpc import viz
+        if not self.latent:
+            raise LrpcError("no per-layer relevance: explain with layers=True (CLI: --layers) or an explainer "
+                            "compiled with --latent")
+        labels, matrix = self.layer_matrix()
+        return viz.save_layers_png(path, labels, self._tokens(), matrix, title=self.explained(), force=force,
+                                   inputs=inputs)
+
+    def layer_matrix(self) -> tuple[list[str], np.ndarray]:
+        """(labels, [layers, tokens]): the latent rows, then the input's (unless the embeddings row is it)."""
+        labels, rows = list(self.latent), list(self.latent.values())
+        if "embeddings" not in self.latent:
+            labels.append("input")
+            rows.append(np.asarray(self.relevance).reshape(-1))
+        return labels, np.stack(rows)
+
+    @property
+    def is_image(self) -> bool:
+        return self.tokens is None and np.ndim(self.relevance) == 3
+
+    def image_heat(self) -> np.ndarray:
+        """Relevance per pixel: summed over the channel axis."""
+        return np.asarray(self.relevance, np.float64).sum(axis=0)
+
+    def _tokens(self) -> list[str]:
+        n = next(iter(self.latent.values())).size if self.latent else np.size(self.relevance)
+        return list(self.tokens) if self.tokens is not None else [str(i) for i in range(n)]
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "title": self.title, "target": self.target, "target_label": self.target_label,
+               "contrast": self.contrast, "position": self.position, "logit": self.logit,
+               "conservation": {"relevance_sum": self.conservation, "explained_value": self.logit},
+               "input": self.input_name, "tokens": self.tokens,
+               "relevance": np.asarray(self.relevance).tolist()}
+        if self.latent:
+            out["layers"] = {k: v.tolist() for k, v in self.latent.items()}
+        return out
+
+
+class Attributions(list):
+    """Several explanations (a batch, or the top-k of one input): a list with the same pictures."""
+
+    def show(self, console=None) -> None:
+        for a in self:
+            a.show(console)
+
+    def to_html(self, path: str | os.PathLike | None = None, title: str | None = None, *, force: bool = False,
+                inputs=()) -> str:
+        """The self-contained HTML report; with `path`, also written there through lrpc.safeio."""
+        from lrpc import safeio, viz
+        rows, images, layers = [], [], []
+        for a in self:
+            if a.is_image:
+                images.append((f"{a.title or 'image'}: {a.explained()}", viz.image_overlay_png(a.image_heat(), a.image),
+                               a.conservation, a.logit))
+            else:
+                rows.append(a.token_row())
+            if a.latent:
+                labels, matrix = a.layer_matrix()
+                layers.append((f"{a.title}: {a.explained()}", labels, a._tokens(), matrix))
+        model = self[0].model if self else ""
+        text = viz.html_report(rows, title or f"lrpc: relevance ({model})",
+                               f"AttnLRP relevance computed by an lrpc explainer of {model}." if model else "",
+                               images=images, layers=layers)
+        if path is not None:
+            safeio.write_text(path, text, force=force, inputs=inputs)
+        return text
+
+    def to_json(self) -> list[dict]:
+        return [a.to_dict() for a in self]
