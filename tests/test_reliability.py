@@ -391,6 +391,24 @@ def test_the_checks_are_data_dependencies_of_the_relevance():
     assert not any(n.op_type == "OneHot" and n.input[0] in ("lrp_target", "lrp_position") for n in graph.node)
 
 
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_the_checks_leave_valid_results_bit_identical(name, zoo_export, monkeypatch):
+    """The explainer with its input checks gives exactly the bits of the same explainer without them."""
+    from lrpc import contract, models
+    entry = models.get(name)
+    _, proto = zoo_export(name, "dynamo", None)
+    checked = lrpc.compile(proto)
+    monkeypatch.setattr(contract, "_checked", lambda b, value, ok, test: value)
+    unchecked = lrpc.compile(proto)
+    assert not any(n.name.startswith("lrp_check_") for n in unchecked.graph.node)
+    feed = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 2, seed=9).items()}
+    feed["lrp_target"] = np.array([0, 2])
+    if any(i.name == "lrp_position" for i in checked.graph.input):
+        feed["lrp_position"] = np.array([-1, 1])
+    for a, b in zip(session(checked).run(None, feed), session(unchecked).run(None, feed)):
+        assert a.tobytes() == b.tobytes()
+
+
 # ---- class 4: float16 models keep their forward bit for bit -----------------------------------------
 
 def _float16_token_model() -> onnx.ModelProto:
