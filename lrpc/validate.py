@@ -99,7 +99,7 @@ def input_array(name: str, value, dtype: np.dtype, shape: list) -> np.ndarray:
     if dtype.kind in "iu" and array.dtype.kind in "iu" and np.iinfo(array.dtype).max > np.iinfo(dtype).max and \
             (array.max() > np.iinfo(dtype).max or array.min() < np.iinfo(dtype).min):
         raise LrpcError(f"input '{name}' holds values beyond {dtype}'s range")
-    return finite(name, array, dtype) if dtype.kind == "f" else array.astype(dtype, copy=False)
+    return finite(f"input '{name}'", array, dtype) if dtype.kind == "f" else array.astype(dtype, copy=False)
 
 
 def rank(name: str, array: np.ndarray, shape: list) -> None:
