@@ -106,7 +106,7 @@ def _checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
     allowzero=1 (a 0 in the shape is a real 0: only an empty input has one) is what stops the Builder
     from merging a later Reshape of the checked value into this one, which would skip the check."""
     bad = b.ReduceSum(b.Cast(b.Not(ok), to=I64.value), keepdims=0)  # an empty batch has nothing bad
-    out = ir.Value(name=b.fresh(f"checked_{value.name}"))
+    out = ir.Value(name=b.fresh(f"checked_{value.name}"), type=value.type, shape=value.shape)
     b.graph.append(ir.Node("", "Reshape", [value, b.Add(b.Shape(value), bad)], outputs=[out],
                            attributes=[ir.AttrInt64("allowzero", 1)],  # also keeps Builder from folding it
                            name=b.fresh(f"check_{value.name}_{test}")))
