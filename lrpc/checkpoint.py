@@ -109,8 +109,14 @@ def rematerialise(graph: ir.Graph, carrying: set[ir.Value], y: ir.Value, grad_of
         if grad is None:  # ĝ has the boundary's shape (or its one-row form): same rank
             continue
         members = below[i] - below[i + 1]
-        needed = {v for n in members for v in n.outputs
-                  if any(_is_reverse(c) for c in consumers.get(v, []))}
+        # A clone runs after ĝ at `nxt`, so no node ĝ at `nxt` depends on may read one: a segment's members
+        # also include forward values later layers' rules read (GPT-2's and ViT's Shape of the first
+        # residual, reused for every layer's reshapes); those keep reading the original (else a cycle).
+        feeds_grad = _producers_upstream(grad)
+
+        def rematerialised(node):
+            return _is_reverse(node) and node not in feeds_grad and not node.name.startswith(PREFIX + "remat_")
+        needed = {v for n in members for v in n.outputs if any(map(rematerialised, consumers.get(v, [])))}
         if not needed:
             continue
         closure, stack = set(), [v.producer() for v in needed]
@@ -131,10 +137,21 @@ def rematerialise(graph: ir.Graph, carrying: set[ir.Value], y: ir.Value, grad_of
             mapping.update(zip(node.outputs, outs))
         for v in needed:
             for c in consumers.get(v, []):
-                if _is_reverse(c) and not c.name.startswith(PREFIX + "remat_"):
+                if rematerialised(c):
                     for j, inp in enumerate(c.inputs):
                         if inp is v:
                             c.replace_input_with(j, mapping[v])
         segments += 1
     graph.sort()
     return {"layers": layers, "every": every, "segments": segments}
+
+
+def _producers_upstream(value: ir.Value) -> set[ir.Node]:
+    """Every node `value` depends on."""
+    seen, stack = set(), [value.producer()]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+    return seen

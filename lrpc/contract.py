@@ -59,20 +59,58 @@ def add_output(graph: ir.Graph, builder: Builder, value: ir.Value, name: str, sh
 
 
 def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str) -> ir.Value:
-    """ĝ at the explained output: one-hot at (row, [position,] target), or the seed vector."""
+    """ĝ at the explained output: one-hot at (row, [position,] target), or the seed vector.
+
+    The graph checks these inputs itself (the run fails naming the input), because deployed explainers
+    run without lrpc's Python checks: OneHot would turn an out-of-range index into an all-zero seed."""
+    _refuse_reserved_names(graph)
     batch, classes = y.shape[0], y.shape[-1]
     if mode == "vector":
         per_class = add_input(graph, b, SEED, F32, [batch, classes])
+        per_class = _checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite")
     elif mode == "target":
         target = add_input(graph, b, TARGET, I64, [batch])
+        target = _checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range")
         per_class = b.OneHot(target, b.Shape(y, start=-1), b.f32([0.0, 1.0]), axis=-1)
     else:
         raise LrpcError(f"unknown seed mode '{mode}': use 'target' or 'vector'")
     if y.shape.rank() == 2:
         return per_class
     position = add_input(graph, b, POSITION, I64, [batch])
-    at_position = b.OneHot(position, b.Shape(y, start=1, end=2), b.f32([0.0, 1.0]), axis=-1)  # negative: from end
+    seq = b.Shape(y, start=1, end=2)
+    position = _checked(b, position, _in_range(b, position, seq, negative=True), "in_range")
+    at_position = b.OneHot(position, seq, b.f32([0.0, 1.0]), axis=-1)  # negative: from end
     return b.Mul(b.Unsqueeze(at_position, b.i64([-1])), b.Unsqueeze(per_class, b.i64([1])))
+
+
+def _refuse_reserved_names(graph: ir.Graph) -> None:
+    """The runtime tells the explainer's own inputs and outputs from the model's by these prefixes."""
+    for kind, values in (("input", graph.inputs), ("output", graph.outputs)):
+        for value in values:
+            if value.name.startswith(("lrp_", RELEVANCE_PREFIX)):
+                raise LrpcError(f"the model has an {kind} named '{value.name}', but the names 'lrp_*' and "
+                                f"'{RELEVANCE_PREFIX}*' are the explainer's own; rename it when exporting")
+
+
+def _in_range(b: Builder, index: ir.Value, size: ir.Value, negative: bool) -> ir.Value:
+    """index ∈ [0, size), or [−size, size) where negative indices count from the end."""
+    low = b.Neg(size) if negative else b.i64([0])
+    return b.And(b.GreaterOrEqual(index, low), b.Less(index, size))
+
+
+def _checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
+    """`value` itself, read through a Reshape to its own shape plus `bad` (1 if any entry fails `ok`, else
+    0): a no-op when every entry passes, an impossible shape (more elements) otherwise, so the run fails
+    with onnxruntime naming the node, lrp_check_<input>_<test>. The relevance reads the Reshape's output:
+    a data dependency no optimiser may drop, and no branch (works alike on every execution provider).
+    allowzero=1 (a 0 in the shape is a real 0: only an empty input has one) is what stops the Builder
+    from merging a later Reshape of the checked value into this one, which would skip the check."""
+    bad = b.ReduceSum(b.Cast(b.Not(ok), to=I64.value), keepdims=0)  # an empty batch has nothing bad
+    out = ir.Value(name=b.fresh(f"checked_{value.name}"), type=value.type, shape=value.shape)
+    b.graph.append(ir.Node("", "Reshape", [value, b.Add(b.Shape(value), bad)], outputs=[out],
+                           attributes=[ir.AttrInt64("allowzero", 1)],  # also keeps Builder from folding it
+                           name=b.fresh(f"check_{value.name}_{test}")))
+    return out
 
 
 def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.Value, ir.Value]) -> ir.Value:

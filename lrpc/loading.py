@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -15,6 +17,8 @@ from lrpc.errors import LrpcError
 # Explainers up to this size are written as one self-contained file; larger ones keep their
 # weights in `<output>.data` beside the model (protobuf cannot hold more than 2 GB).
 INLINE_LIMIT_BYTES = 1_500_000_000
+# The most bytes read from a model file before parsing: protobuf cannot parse a message of 2 GiB or more.
+MAX_PROTO_BYTES = 2**31 - 1
 
 
 def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -25,7 +29,7 @@ def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.exists():
         raise LrpcError(f"{path} does not exist: check the path")
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        proto = onnx.load_model_from_string(_read_capped(path))
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise LrpcError(f"{path} is not a valid ONNX file (truncated or not ONNX: {type(exc).__name__}); "
                         "re-export the model") from None
@@ -34,6 +38,31 @@ def read_proto(path: str | os.PathLike) -> onnx.ModelProto:
     _check_external_data(proto, path.parent)
     check_structure(path)
     return proto
+
+
+def _read_capped(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_PROTO_BYTES. Opened non-blocking and checked with fstat
+    on the open descriptor, so a FIFO, socket or device is refused at once (no hang, no endless read)."""
+    _refuse_special(path, path.stat(), "ONNX")  # a socket cannot even be opened
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        _refuse_special(path, info, "ONNX")  # replaced between the two looks
+        if info.st_size > MAX_PROTO_BYTES:
+            raise LrpcError(f"{path} is {info.st_size} bytes, more than the {MAX_PROTO_BYTES} one ONNX file can "
+                            "hold (protobuf's limit); keep the weights as external data (a .onnx.data file)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_PROTO_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_PROTO_BYTES:  # it grew while being read
+        raise LrpcError(f"{path} grew past {MAX_PROTO_BYTES} bytes while being read; give a finished file")
+    return data
+
+
+def _refuse_special(path: Path, info: os.stat_result, what: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise LrpcError(f"{path} is not a regular file (a device, FIFO or socket): give the {what} file itself")
 
 
 def check_structure(path: Path) -> None:
@@ -49,7 +78,17 @@ def check_structure(path: Path) -> None:
         raise LrpcError(f"{what} is not a valid ONNX model ({first}); re-export the model") from None
 
 
+def external_locations(proto: onnx.ModelProto) -> dict[str, str]:
+    """{tensor name: external-data location} of every tensor whose bytes are not in the proto."""
+    return {tensor.name: {e.key: e.value for e in tensor.external_data}.get("location", "")
+            for tensor in onnx.external_data_helper._get_all_tensors(proto)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL}
+
+
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
+    """Every external-data file lies inside the model's folder (no absolute path, no `..`, no symbolic link),
+    is a regular file, and holds the bytes its tensors need. No weight is read."""
+    folder = base.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -59,9 +98,13 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
             raise LrpcError(f"weights of '{tensor.name}' point at {relative!r}, outside the model's folder; "
                             "external-data locations must be relative paths inside it (re-save the model)")
         location = base / relative
-        if not location.is_file():
+        if not location.exists():
             raise LrpcError(f"external-data file {location} (weights of '{tensor.name}') is missing: "
                             "copy it next to the .onnx file")
+        if location.is_symlink() or not location.resolve().is_relative_to(folder):  # onnx refuses links too
+            raise LrpcError(f"external-data file {location} (weights of '{tensor.name}') is a link (to "
+                            f"{location.resolve()}), not a file inside the model's folder: copy the file there")
+        _refuse_special(location, location.stat(), "external-data")
         end = int(info.get("offset", 0)) + int(info.get("length", 0))
         if location.stat().st_size < end:
             raise LrpcError(f"external-data file {location} is truncated (weights of '{tensor.name}' "
@@ -69,10 +112,53 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
 
 
 def to_ir(proto: onnx.ModelProto, base_dir: str | os.PathLike | None) -> ir.Model:
+    """The one place external data is resolved: relative to `base_dir`, the model's own folder, after
+    checking that every location stays inside it. A proto with no folder (loaded with
+    `load_external_data=False` and passed in memory) has nowhere safe to resolve against: refused, rather
+    than read against the current directory or at whatever absolute path it names."""
+    if base_dir is None:
+        unread = external_locations(proto)
+        if unread:
+            name, location = next(iter(unread.items()))
+            raise LrpcError(f"the model's weights are not in the proto ('{name}' points at external data "
+                            f"{location!r}): load it with onnx.load(path), which reads its data, or pass the "
+                            ".onnx path instead of the proto")
+    else:
+        _check_external_data(proto, Path(base_dir))
+    check_runtime_opset(proto)
     model = ir.serde.deserialize_model(proto)
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, str(base_dir))
     return model
+
+
+def check_runtime_opset(proto: onnx.ModelProto) -> None:
+    """Refuse a default-domain opset the installed onnxruntime cannot load: its explainer would be unusable."""
+    import onnxruntime
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx") and not _runtime_loads_opset(entry.version):
+            raise LrpcError(f"the model imports ONNX opset {entry.version}, which onnxruntime "
+                            f"{onnxruntime.__version__} cannot load (onnx {onnx.__version__} knows up to "
+                            f"{onnx.defs.onnx_opset_version()}); re-export it with an older opset")
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_loads_opset(version: int) -> bool:
+    """Whether onnxruntime opens a one-Identity model at this opset (it has no query for its maximum)."""
+    if version > onnx.defs.onnx_opset_version():
+        return False
+    import onnxruntime
+    from onnx import helper
+    vector = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", vector[:1], vector[1:])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)], ir_version=8)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        return False
+    return True
 
 
 def check_writable(output: str | os.PathLike, force: bool, inputs=()) -> Path:

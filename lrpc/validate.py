@@ -1,0 +1,165 @@
+"""One validation layer for options and input arrays, shared by the CLI and the Python API.
+
+Each function checks one kind of value and either returns it (converted where that is its job) or raises
+an LrpcError of one line naming the value, what is wrong and what to give instead. Nothing here guesses
+or repairs: a value that makes no sense is refused, never silently replaced.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from lrpc.errors import LrpcError
+
+
+def finite_number(value: float | None, what: str, *, positive: bool = False) -> float | None:
+    """A finite number, > 0 when `positive`, else ≥ 0 (None passes: the option is off)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LrpcError(f"{what} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise LrpcError(f"{what} {value!r} is not finite: give a finite number")
+    if positive and number <= 0:
+        raise LrpcError(f"{what} {value!r} must be greater than 0")
+    if number < 0:
+        raise LrpcError(f"{what} {value!r} must be 0 or more")
+    return number
+
+
+def at_least_one(value, what: str) -> int:
+    """A count that must be a whole number ≥ 1 (top-k, evaluation steps, batch sizes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise LrpcError(f"{what} {value!r} must be a whole number")
+    if value < 1:
+        raise LrpcError(f"{what} {value} must be at least 1")
+    return int(value)
+
+
+def regex(pattern: str | None, what: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise LrpcError(f"{what} {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def rule_options(epsilon=None, gamma_linear=None, gamma_conv=None, layers=None) -> None:
+    """The linear-layer rule options (--epsilon, --gamma-linear, --gamma-conv, --layers) each make sense."""
+    finite_number(epsilon, "--epsilon", positive=True)
+    finite_number(gamma_linear, "--gamma-linear")
+    finite_number(gamma_conv, "--gamma-conv")
+    regex(layers, "--layers")
+
+
+def rule_options_took_effect(plan, options) -> None:
+    """--epsilon / --gamma-* that reached no layer would be a silent no-op (like --latent matching nothing,
+    which is an error too): refuse, saying whether --layers filtered every layer out."""
+    asked = [flag for flag, value in (("--epsilon", options.epsilon), ("--gamma-linear", options.gamma_linear),
+                                      ("--gamma-conv", options.gamma_conv)) if value is not None]
+    if not asked or any(r.rule in ("epsilon", "gamma") for r in plan.records.values()):
+        return
+    if options.layers:
+        raise LrpcError(f"--layers {options.layers!r} matches no linear layer, so {', '.join(asked)} would change "
+                        "nothing; `lrpc plan` lists the layer names")
+    raise LrpcError(f"{', '.join(asked)}: the model has no linear layer with a constant weight on the relevance "
+                    "path, so the option would change nothing; drop it")
+
+
+def export_opset(opset: int | None, newest: int, oldest: int) -> int | None:
+    """An --opset the exporter writes as asked (it silently writes another outside this range)."""
+    if opset is None:
+        return None
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not oldest <= opset <= newest:
+        raise LrpcError(f"--opset {opset!r}: give an opset from {oldest} to {newest}")
+    return int(opset)
+
+
+def input_array(name: str, value, dtype: np.dtype, shape: list) -> np.ndarray:
+    """A model input: the dtype kind the model takes, its rank (an array without the batch axis is refused,
+    not read as a batch of rows), its fixed dims, non-empty, and finite once converted to `dtype`."""
+    array = np.asarray(value)
+    dtype = np.dtype(dtype)
+    if array.dtype.kind not in "biuf" or (array.dtype.kind != dtype.kind and not
+                                          (array.dtype.kind in "iu" and dtype.kind in "iu")):
+        raise LrpcError(f"input '{name}' has dtype {array.dtype}, the model expects {dtype}")
+    rank(name, array, shape)
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int) and dim != array.shape[axis]:
+            raise LrpcError(f"input '{name}' has size {array.shape[axis]} on axis {axis}, the model expects {dim}")
+    if array.size == 0:
+        raise LrpcError(f"input '{name}' is empty (shape {list(array.shape)}): give at least one row and one "
+                        "token / feature")
+    if dtype.kind in "iu" and array.dtype.kind in "iu" and np.iinfo(array.dtype).max > np.iinfo(dtype).max and \
+            (array.max() > np.iinfo(dtype).max or array.min() < np.iinfo(dtype).min):
+        raise LrpcError(f"input '{name}' holds values beyond {dtype}'s range")
+    return finite(f"input '{name}'", array, dtype) if dtype.kind == "f" else array.astype(dtype, copy=False)
+
+
+def rank(name: str, array: np.ndarray, shape: list) -> None:
+    """The model's rank for this input: an array without the batch axis is refused, not split into rows."""
+    if np.ndim(array) != len(shape):
+        hint = ": add the batch axis (x[None])" if np.ndim(array) == len(shape) - 1 else ""
+        raise LrpcError(f"input '{name}' has rank {np.ndim(array)} (shape {list(np.shape(array))}), the model "
+                        f"expects rank {len(shape)} ({shape}){hint}")
+
+
+def finite(name: str, value, dtype=np.float32) -> np.ndarray:
+    """The array as `dtype`, refused if any entry is NaN or ±Inf there (float64 values beyond float32's
+    range become Inf on conversion: refused too, naming them as such)."""
+    array = np.asarray(value)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(dtype, copy=False)
+    if not np.isfinite(converted).all():
+        if np.isnan(array).any():
+            problem = "NaN"
+        elif np.isinf(array).any():
+            problem = "±Inf"
+        else:
+            problem = f"values beyond {np.dtype(dtype).name}'s range (largest {np.abs(array).max():.3g})"
+        raise LrpcError(f"{name} contains {problem}; relevance is undefined for it: give finite values")
+    return converted
+
+
+def indices(name: str, value, batch: int, size: int | None, *, negative: bool = False) -> np.ndarray:
+    """One integer index per batch row (a scalar is broadcast) in [0, size), or [−size, size) when
+    negative indices count from the end."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise LrpcError(f"{name} must be an integer index (or one per batch row), got {value!r}")
+    array = np.broadcast_to(array.astype(np.int64), (batch,)) if array.ndim == 0 else array.astype(np.int64)
+    if array.shape != (batch,):
+        raise LrpcError(f"{name} has shape {list(array.shape)}; give one index per batch row ({batch})")
+    if size is not None and np.any((array < (-size if negative else 0)) | (array >= size)):
+        low = -size if negative else 0
+        raise LrpcError(f"{name} {array.tolist()} out of range (use {low}..{size - 1})")
+    return array
+
+
+def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
+    """A seed [batch, classes] (a [classes] vector is used for every row), finite as float32."""
+    seed = finite("seed", value)
+    if seed.ndim == 1:
+        seed = np.broadcast_to(seed, (batch, seed.shape[0])).copy()
+    if seed.ndim != 2 or seed.shape[0] != batch:
+        raise LrpcError(f"seed has shape {list(seed.shape)}; give [classes] or [batch={batch}, classes]")
+    if classes is not None and seed.shape[1] != classes:
+        raise LrpcError(f"seed has {seed.shape[1]} columns, the explained output has {classes} classes")
+    return seed
+
+
+def known_token(token: str, ids: list[int], unknown_id: int | None) -> int:
+    """The one id a target word encodes to; a word the tokenizer maps to its unknown token is refused."""
+    if len(ids) != 1:
+        raise LrpcError(f"target {token!r} is {len(ids)} tokens for this tokenizer, not one: give one token or "
+                        "its id")
+    if unknown_id is not None and ids[0] == unknown_id:
+        raise LrpcError(f"target {token!r} is not in the tokenizer's vocabulary (it would be the unknown token): "
+                        "give a known token or its id")
+    return int(ids[0])

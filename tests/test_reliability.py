@@ -1,0 +1,454 @@
+"""Issue 20, the second hostile trial, replayed: what lrpc reads (class 1), options and inputs that make no
+sense (class 3), silently wrong numbers (class 4) and --checkpoint on GPT-2 / ViT (class 5). Each case
+failed on the code before the fix; the variations are ours. Explainers are run through plain onnxruntime
+sessions where the point is that deployed explainers (no lrpc Python checks) are safe.
+
+Tests marked `needs_wiring` check behaviour whose one-line wiring lives in files another helper owns
+(compiler.py, presets.py, runtime.py, explain.py, evaluate.py, torch_export.py): strict xfails until the
+lead applies it, then they pass and the marker goes."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import lrpc
+from lrpc import validate
+from lrpc.errors import LrpcError
+from onnx_builders import float_model, token_model
+
+needs_wiring = pytest.mark.xfail(strict=True, reason="wiring in a file another helper owns (issue 20 report)")
+
+
+def session(proto_or_path) -> ort.InferenceSession:
+    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def cli(*args, timeout=120):
+    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+def one_line_error(rc, err, *words):
+    assert rc == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lrpc: error:") and "unexpected" not in err, err
+    for word in words:
+        assert word.lower() in err.lower(), err
+
+
+# ---- class 1: reading what it should not ------------------------------------------------------------
+
+SECRET = b"root:x:0:0:secret-bytes-lrpc-must-never-embed\n" * 4  # 184 bytes: more than W3 (8·4·4 = 128)
+
+
+def _external_proto(folder: Path, location_of_w3: str) -> onnx.ModelProto:
+    """token_model saved with external data, loaded WITHOUT it, W3's location pointing elsewhere."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(token_model(), folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    proto = onnx.load(folder / "m.onnx", load_external_data=False)
+    w3 = next(t for t in proto.graph.initializer if t.name == "W3")
+    for entry in w3.external_data:
+        if entry.key == "location":
+            entry.value = location_of_w3
+        if entry.key == "offset":
+            entry.value = "0"
+    return proto
+
+
+@pytest.fixture()
+def secret(tmp_path):
+    path = tmp_path / "outside" / "secret.txt"
+    path.parent.mkdir()
+    path.write_bytes(SECRET)
+    return path
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "cwd", "plain-relative"])
+@pytest.mark.parametrize("api", ["compile", "Attributor", "ir.Model"])
+def test_in_memory_proto_without_its_data_is_refused(where, api, tmp_path, secret, monkeypatch):
+    """Old: the location was resolved by onnx-ir against the current directory, or read as given
+    (an absolute path or ../../ embedded that file's bytes in the explainer)."""
+    location = {"absolute": str(secret), "dotdot": "../outside/secret.txt", "cwd": "secret.txt",
+                "plain-relative": "m.onnx.data"}[where]
+    proto = _external_proto(tmp_path / "model", location)
+    monkeypatch.chdir(secret.parent if where == "cwd" else tmp_path / "model")  # a data file is right there
+    with pytest.raises(LrpcError, match=r"onnx\.load\(path\)") as info:
+        if api == "compile":
+            lrpc.compile(proto)
+        elif api == "ir.Model":
+            lrpc.compile(ir.serde.deserialize_model(proto))
+        else:
+            lrpc.Attributor(proto, cache=tmp_path / "cache")
+    assert "\n" not in str(info.value)
+
+
+def test_proto_loaded_with_its_data_still_compiles(tmp_path):
+    proto = _external_proto(tmp_path / "model", "m.onnx.data")
+    for t in proto.graph.initializer:  # back to the honest location and offset
+        t.ClearField("external_data")
+        t.data_location = TensorProto.DEFAULT
+    onnx.save(token_model(), tmp_path / "model" / "m.onnx", save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    loaded = onnx.load(tmp_path / "model" / "m.onnx")  # reads its data
+    assert lrpc.compile(loaded).graph.output
+
+
+@pytest.mark.parametrize("kind", ["symlink-out", "symlink-in", "symlink-dir-out", "fifo", "absolute", "dotdot"])
+def test_external_data_files_must_stay_in_the_model_folder(kind, tmp_path, secret):
+    folder = tmp_path / "model"
+    location = {"absolute": str(secret), "dotdot": "../outside/secret.txt"}.get(kind, "link/w3.bin"
+                                                                               if kind == "symlink-dir-out"
+                                                                               else "w3.bin")
+    proto = _external_proto(folder, location)
+    if kind == "symlink-out":
+        (folder / "w3.bin").symlink_to(secret)
+    elif kind == "symlink-dir-out":
+        (folder / "link").symlink_to(secret.parent)
+        (secret.parent / "w3.bin").write_bytes(SECRET)
+    elif kind == "symlink-in":  # onnx and onnxruntime refuse links, even inside the folder
+        (folder / "real.bin").write_bytes((folder / "m.onnx.data").read_bytes())
+        (folder / "w3.bin").symlink_to(folder / "real.bin")
+    elif kind == "fifo":
+        os.mkfifo(folder / "w3.bin")
+    onnx.save(proto, folder / "m.onnx")
+    rc, err = cli("compile", folder / "m.onnx", "-o", tmp_path / "e.onnx", timeout=60)
+    one_line_error(rc, err, {"fifo": "regular file", "symlink-out": "is a link", "symlink-in": "is a link",
+                             "symlink-dir-out": "is a link"}.get(kind, "outside"))
+    assert not (tmp_path / "e.onnx").exists()
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "fifo", "socket-dir"])
+def test_model_files_that_are_not_regular_are_refused_at_once(source, tmp_path):
+    """Old: /dev/zero was read without bound and a FIFO blocked forever (the subprocess timeout fails it)."""
+    if source == "fifo":
+        source = tmp_path / "m.onnx"
+        os.mkfifo(source)
+    elif source == "socket-dir":
+        import socket
+        source = tmp_path / "s.onnx"
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(source))
+    rc, err = cli("compile", source, "-o", tmp_path / "e.onnx", timeout=60)
+    one_line_error(rc, err, "not a regular file")
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_model_files_beyond_the_cap_are_not_read(tmp_path, monkeypatch):
+    from lrpc import loading
+    path = tmp_path / "m.onnx"
+    onnx.save(token_model(), path)
+    monkeypatch.setattr(loading, "MAX_PROTO_BYTES", 100)
+    with pytest.raises(LrpcError, match="more than the 100"):
+        lrpc.compile(path)
+
+
+# ---- class 3: options and inputs that make no sense -------------------------------------------------
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, -1.0, 0.0, "x"])
+def test_epsilon_must_be_finite_and_positive(value):
+    with pytest.raises(LrpcError, match="--epsilon"):
+        validate.rule_options(epsilon=value)
+
+
+@pytest.mark.parametrize("flag", ["gamma_linear", "gamma_conv"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -5.0, -1e-9])
+def test_gammas_must_be_finite_and_not_negative(flag, value):
+    with pytest.raises(LrpcError, match="--gamma-"):
+        validate.rule_options(**{flag: value})
+
+
+def test_sensible_rule_options_pass():
+    validate.rule_options(epsilon=1e-6, gamma_linear=0.0, gamma_conv=0.25, layers="^mlp")
+    with pytest.raises(LrpcError, match="not a valid regular expression"):
+        validate.rule_options(layers="(")
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "2"])
+def test_counts_must_be_whole_and_at_least_one(value):
+    with pytest.raises(LrpcError, match="top-k"):
+        validate.at_least_one(value, "top-k")
+    assert validate.at_least_one(np.int64(4), "top-k") == 4
+
+
+@pytest.mark.parametrize("opset", [5, 17, 99, 0, 2.0])
+def test_export_opset_outside_the_exporters_range(opset):
+    with pytest.raises(LrpcError, match="--opset"):
+        validate.export_opset(opset, newest=23, oldest=18)
+    assert validate.export_opset(20, newest=23, oldest=18) == 20
+
+
+def _plan(options):
+    from lrpc.compiler import analyse_and_plan, load
+    return analyse_and_plan(load(float_model()), "attnlrp", None, options)[2]
+
+
+@pytest.mark.parametrize("layers", ["^no-such-layer$", "Conv"])
+def test_layers_matching_nothing_is_an_error(layers):
+    from lrpc.presets import Options
+    options = Options(gamma_linear=0.25, layers=layers)
+    with pytest.raises(LrpcError, match="--layers .* matches no linear layer"):
+        validate.rule_options_took_effect(_plan(options), options)
+    matched = Options(gamma_linear=0.25, layers=".")
+    validate.rule_options_took_effect(_plan(matched), matched)
+
+
+@needs_wiring
+def test_compile_refuses_bad_rule_options_end_to_end():
+    with pytest.raises(LrpcError, match="--epsilon"):
+        lrpc.compile(float_model(), epsilon=math.nan)
+
+
+@needs_wiring
+def test_compile_refuses_layers_matching_nothing_end_to_end():
+    with pytest.raises(LrpcError, match="--layers"):
+        lrpc.compile(float_model(), gamma_linear=0.25, layers="^nothing$")
+
+
+@pytest.mark.parametrize("name", ["lrp_target", "lrp_mask", "relevance.x"])
+def test_model_inputs_with_the_contracts_names_are_refused(name):
+    """Old: `lrp_mask` compiled into an explainer whose runtime took it for one of its own inputs."""
+    proto = float_model()
+    proto.graph.input[0].name = name
+    for node in proto.graph.node:
+        node.input[:] = [name if i == "x" else i for i in node.input]
+    with pytest.raises(LrpcError, match=f"'{name}'.*rename it"):
+        lrpc.compile(proto)
+
+
+def test_an_opset_onnxruntime_cannot_load_is_refused_at_compile():
+    proto = float_model()
+    proto.opset_import[0].version = 99
+    with pytest.raises(LrpcError, match="opset 99.*onnxruntime"):
+        lrpc.compile(proto)
+
+
+SPEC = ["batch", "seq"]
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.array([1, 2, 3]), ["rank 1", "batch axis"]),                     # no batch axis: not 3 one-token rows
+    (np.array([[1.5, 2.0]]), ["dtype"]),
+    (np.zeros((1, 0), np.int64), ["empty"]),
+    (np.array([["a"]]), ["dtype"]),
+    (np.array([[2**40]], np.uint64).astype(np.int64) * 2**23, ["range"]),
+])
+def test_token_input_arrays(array, words):
+    with pytest.raises(LrpcError) as info:
+        validate.input_array("input_ids", array, np.int32, SPEC)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf"), (1e39, "range")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_input_arrays_must_be_finite_in_float32(bad, word, dtype):
+    x = np.ones((2, 6), dtype)
+    if dtype == np.float32 and bad == 1e39:
+        pytest.skip("1e39 is already Inf in float32: the ±Inf case")
+    x[1, 3] = bad
+    with pytest.raises(LrpcError, match=word):
+        validate.input_array("x", x, np.float32, ["batch", 6])
+    x[1, 3] = 3.0e38  # large, finite in float32
+    assert validate.input_array("x", x, np.float32, ["batch", 6]).dtype == np.float32
+
+
+@pytest.mark.parametrize("value, size, negative, ok", [
+    (3, 4, False, True), (4, 4, False, False), (-1, 4, False, False), (-4, 4, True, True), (-5, 4, True, False),
+    ([0, 1], 4, False, True), ([0, 1, 2], 4, False, False), (1.0, 4, False, False),
+])
+def test_indices(value, size, negative, ok):
+    if ok:
+        assert validate.indices("target", value, 2, size, negative=negative).shape == (2,)
+    else:
+        with pytest.raises(LrpcError, match="target"):
+            validate.indices("target", value, 2, size, negative=negative)
+
+
+@pytest.mark.parametrize("seed, word", [([np.inf, 0, 0], "Inf"), ([np.nan, 0, 0], "NaN"), ([1e40, 0, 0], "range"),
+                                        ([1.0, 0.0], "columns"), ([[1.0, 0, 0]] * 3, "shape")])
+def test_seed_vectors(seed, word):
+    with pytest.raises(LrpcError, match=word):
+        validate.seed_vector(np.asarray(seed, np.float64), 2, 3)
+    assert validate.seed_vector([1.0, 0.0, -1.0], 2, 3).shape == (2, 3)
+
+
+def test_unknown_target_words_are_refused():
+    with pytest.raises(LrpcError, match="not in the tokenizer's vocabulary"):
+        validate.known_token("zyzzyva", [3], unknown_id=3)
+    with pytest.raises(LrpcError, match="2 tokens"):
+        validate.known_token("two words", [5, 6], unknown_id=3)
+    assert validate.known_token("cat", [17], unknown_id=3) == 17
+
+
+def test_rank_names_the_missing_batch_axis():
+    with pytest.raises(LrpcError, match="add the batch axis"):
+        validate.rank("input_ids", np.array([1, 2, 3]), SPEC)
+    validate.rank("input_ids", np.array([[1, 2, 3]]), SPEC)
+
+
+@pytest.fixture(scope="module")
+def attributor(tmp_path_factory):
+    return lrpc.Attributor(token_model(), cache=tmp_path_factory.mktemp("cache"))
+
+
+@needs_wiring
+def test_attributor_refuses_arrays_without_a_batch_axis(attributor):
+    """Old: [seq] token ids were split into seq inputs of one token each."""
+    with pytest.raises(LrpcError, match="batch axis"):
+        attributor.attribute({"input_ids": np.array([1, 2, 3])}, target=0)
+
+
+@needs_wiring
+def test_attributor_refuses_top_k_zero(attributor):
+    with pytest.raises(LrpcError, match="top-k"):
+        attributor.attribute({"input_ids": np.array([[1, 2, 3]])}, top_k=0)
+
+
+@needs_wiring
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e39])
+def test_explainer_refuses_infinite_inputs_end_to_end(bad, tmp_path):
+    """Old: ±Inf (or float64 beyond float32) inputs gave NaN relevance and exit 0."""
+    path = tmp_path / "e.onnx"
+    lrpc.compile(float_model(), output=path)
+    x = np.ones((1, 6), np.float64)
+    x[0, 2] = bad
+    with pytest.raises(LrpcError, match="Inf|range"):
+        lrpc.Explainer(path).explain({"x": x}, target=[0])
+
+
+# ---- class 4: the explainer graph checks its own inputs (plain onnxruntime) ---------------------------
+
+@pytest.fixture(scope="module")
+def token_explainer():
+    return session(lrpc.compile(token_model(classes=4)))  # logits [batch, seq, 4]
+
+
+@pytest.fixture(scope="module")
+def vector_explainer():
+    return session(lrpc.compile(float_model(classes=3), seed="vector"))
+
+
+IDS = np.array([[1, 2, 3], [4, 5, 6]])
+
+
+def _run(sess, target, position):
+    return sess.run(None, {"input_ids": IDS, "lrp_target": np.array(target), "lrp_position": np.array(position)})
+
+
+@pytest.mark.parametrize("target", [[4, 0], [0, 99], [-1, 0], [0, -4], [2**40, 1]])
+def test_out_of_range_target_fails_the_run(token_explainer, target):
+    """Old: ≥ classes gave all-zero relevance, −1 wrapped to the last class."""
+    with pytest.raises(Exception, match="lrp_check_lrp_target_in_range"):
+        _run(token_explainer, target, [0, 0])
+
+
+@pytest.mark.parametrize("position", [[3, 0], [0, -4], [100, 0], [-2**40, 0]])
+def test_out_of_range_position_fails_the_run(token_explainer, position):
+    """Old: relevance that belongs to no position (all zero)."""
+    with pytest.raises(Exception, match="lrp_check_lrp_position_in_range"):
+        _run(token_explainer, [0, 1], position)
+
+
+def test_in_range_indices_at_the_edges_run_and_agree(token_explainer):
+    """The edges pass the checks, and a negative position is the same row as its positive twin, bit for bit."""
+    high = _run(token_explainer, [3, 0], [2, -3])
+    low = _run(token_explainer, [3, 0], [-1, 0])
+    for a, b in zip(high, low):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(high[-1]).sum() > 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_seed_fails_the_run(vector_explainer, bad):
+    seed = np.array([[1.0, 0.0, 0.0], [0.0, bad, 1.0]], np.float32)
+    with pytest.raises(Exception, match="lrp_check_lrp_seed_finite"):
+        vector_explainer.run(None, {"x": np.ones((2, 6), np.float32), "lrp_seed": seed})
+
+
+def test_the_checks_are_data_dependencies_of_the_relevance():
+    """They must survive any optimiser: the relevance is computed from the checked value, not beside it."""
+    graph = lrpc.compile(token_model()).graph
+    checks = {n.name.rsplit("_", 1)[0]: n for n in graph.node if n.name.startswith("lrp_check_")}
+    assert set(checks) == {"lrp_check_lrp_target_in_range", "lrp_check_lrp_position_in_range"}
+    readers = {i for n in graph.node for i in n.input}
+    assert all(node.output[0] in readers for node in checks.values())
+    assert not any(n.op_type == "OneHot" and n.input[0] in ("lrp_target", "lrp_position") for n in graph.node)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_the_checks_leave_valid_results_bit_identical(name, zoo_export, monkeypatch):
+    """The explainer with its input checks gives exactly the bits of the same explainer without them."""
+    from lrpc import contract, models
+    entry = models.get(name)
+    _, proto = zoo_export(name, "dynamo", None)
+    checked = lrpc.compile(proto)
+    monkeypatch.setattr(contract, "_checked", lambda b, value, ok, test: value)
+    unchecked = lrpc.compile(proto)
+    assert not any(n.name.startswith("lrp_check_") for n in unchecked.graph.node)
+    feed = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 2, seed=9).items()}
+    feed["lrp_target"] = np.array([0, 2])
+    if any(i.name == "lrp_position" for i in checked.graph.input):
+        feed["lrp_position"] = np.array([-1, 1])
+    for a, b in zip(session(checked).run(None, feed), session(unchecked).run(None, feed)):
+        assert a.tobytes() == b.tobytes()
+
+
+# ---- class 4: float16 models keep their forward bit for bit -----------------------------------------
+
+def _float16_token_model() -> onnx.ModelProto:
+    """token_model with every weight, the output and the arithmetic in float16 (converted by hand)."""
+    proto = token_model(vocab=20, hidden=8, classes=4)
+    for i, tensor in enumerate(proto.graph.initializer):
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(
+            numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    return proto
+
+
+def test_float16_forward_is_bit_identical():
+    proto = _float16_token_model()
+    explainer = session(lrpc.compile(proto))
+    ids = np.array([[1, 7, 3, 9, 11], [4, 5, 6, 19, 0]])
+    expected = session(proto).run(None, {"input_ids": ids})[0]
+    got = explainer.run(None, {"input_ids": ids, "lrp_target": np.array([1, 2]), "lrp_position": np.array([-1, 2])})
+    assert got[0].dtype == np.float16
+    np.testing.assert_array_equal(got[0].view(np.uint16), expected.view(np.uint16))
+    assert np.isfinite(got[-1]).all() and np.abs(got[-1]).sum() > 0
+
+
+# ---- class 5: --checkpoint on GPT-2 (both exporters) and ViT ----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, exporter", [("gpt2", "dynamo"), ("gpt2", "legacy"), ("hf-vit", "dynamo")])
+@pytest.mark.parametrize("every", ["1", "auto"])
+def test_checkpoint_on_gpt2_and_vit(name, exporter, every, tmp_path, zoo_export):
+    """Old: "Graph contains a cycle" (a Shape of the first residual, read by every layer's relevance
+    rules, was cloned behind ĝ of a later boundary)."""
+    from lrpc import models
+    entry = models.get(name)
+    _, proto = zoo_export(name, exporter, None)
+    plain, ckpt = lrpc.compile(proto), lrpc.compile(proto, checkpoint=every)
+    assert any("remat" in n.name for n in ckpt.graph.node)
+    inputs = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 1, seed=5).items()}
+    extra = {"lrp_target": np.array([1, 3])}
+    if any(i.name == "lrp_position" for i in plain.graph.input):
+        extra["lrp_position"] = np.array([1, -1])
+    a, b = (session(p).run(None, {**inputs, **extra}) for p in (plain, ckpt))
+    for x, y in zip(a, b):
+        assert np.abs(x.astype(np.float64) - y).max() <= 1e-5 * max(1.0, np.abs(x).max())
