@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc.errors import LrpcError
-from lrpc.graph import PREFIX, attr as node_attr, const_array, same_dim
+from lrpc.graph import PREFIX, attr as node_attr, same_dim
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
 
@@ -154,8 +154,8 @@ def _conv(n, g):
               group=n.attr("group", 1))
     x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
     out_pad = None
-    if x.shape is not None and y.shape is not None and w.shape is not None and x.shape.is_static() \
-            and y.shape.is_static() and w.shape.is_static():
+    spatial_known = lambda v: v.shape is not None and all(isinstance(d, int) for d in list(v.shape)[2:])  # noqa: E731
+    if all(map(spatial_known, (x, y, w))):  # the batch and channel dims play no part (batch is often dynamic)
         spatial = x.shape.rank() - 2
         strides = kw["strides"] or [1] * spatial
         pads = kw["pads"] or [0] * (2 * spatial)
@@ -662,34 +662,12 @@ def _linear_epsilon(n, g, epsilon: float, layer: str):
     return {layer_node.raw(0): VJP[layer_node.node.op_type](layer_node, scaled)[0]}
 
 
-def _linear_gamma(n, g, gamma: float, layer: str):
-    """γ-rule: ĝ_x = W_γᵀ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + γ·W⁺ and b_γ = b + γ·b⁺ folded at compile time,
-    z_γ = x W_γ + b_γ."""
-    from lrpc.emitter import Local
-    b = n.b
-    layer_node = _layer(n, layer)
-    node = layer_node.node
-
-    def boosted(value):
-        array = const_array(value)
-        if array is None:
-            raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
-        array = array.astype(np.float32)
-        return b.const(array + gamma * np.maximum(array, 0), hint="gamma_weight")
-    inputs = [layer_node.x(0)] + [None if v is None else boosted(v) for v in node.inputs[1:]]
-    z_gamma = b.op(node.op_type, *inputs, **{k: a.value for k, a in node.attributes.items()})
-    boosted_layer = Local(n.em, z_gamma.producer(), [None])
-    if n.node is not node:  # the bias Add after a MatMul
-        bias = n.raw(1) if n.raw(0) is node.outputs[0] else n.raw(0)
-        z_gamma = b.Add(z_gamma, boosted(bias))
-    scaled = b.Mul(g, b.Div(n.y(), _stabilised(b, z_gamma, 1e-6)))
-    return {layer_node.raw(0): VJP[node.op_type](boosted_layer, scaled)[0]}
-
+from lrpc.gamma import linear_gamma  # noqa: E402  (it reads this module's VJP table)
 
 LRP_RULES.update({
     "softmax": _softmax_rule,
     "rmsnorm-frozen-rms": _rms_norm_frozen,
     "lpnorm-frozen-norm": _lp_norm_frozen,
     "epsilon": _linear_epsilon,
-    "gamma": _linear_gamma,
+    "gamma": linear_gamma,
 })
