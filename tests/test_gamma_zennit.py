@@ -9,6 +9,7 @@ gradient is directly comparable with lrpc's relevance. Rows explain a positive a
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 
@@ -59,9 +60,11 @@ def rel_err(got, want) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
-def zennit_relevance(module, x, target, gamma_conv, gamma_linear):
+def zennit_relevance(module, x, target, gamma_conv, gamma_linear, gradient_x_input=False):
     """zennit's relevance of x for the logits[row, target[row]], Gamma on Conv2d and Linear layers (with
-    γ None: LRP-0, zennit's Epsilon with a negligible ε, which is Gradient×Input)."""
+    γ None: LRP-0, zennit's Epsilon with a negligible ε, which is Gradient×Input). zennit's input gradient
+    is the relevance itself; with `gradient_x_input` (a module whose backward is in ĝ form, seeded with
+    ĝ = one-hot) x ⊙ that gradient is."""
     composites, rules = _zennit()
     rule = lambda g: rules.Epsilon(epsilon=1e-12) if g is None else rules.Gamma(gamma=g, stabilizer=1e-6)  # noqa
     composite = composites.LayerMapComposite(layer_map=[(nn.Conv2d, rule(gamma_conv)),
@@ -71,8 +74,8 @@ def zennit_relevance(module, x, target, gamma_conv, gamma_linear):
         logits = hooked(x)
         seed = torch.zeros_like(logits)
         seed[torch.arange(len(target)), target] = 1.0
-        (grad,) = torch.autograd.grad(logits, x, grad_outputs=logits * seed)
-    return grad.detach().numpy(), logits.detach().numpy()
+        (grad,) = torch.autograd.grad(logits, x, grad_outputs=seed if gradient_x_input else logits * seed)
+    return (x * grad if gradient_x_input else grad).detach().numpy(), logits.detach().numpy()
 
 
 class ConvNet(nn.Module):
@@ -131,4 +134,118 @@ def test_gamma_layers_selector(conv_net):
     want, _ = zennit_relevance(module, x, target, 0.25, None)
     compiled = lrpc.compile(module, {"x": x}, gamma_conv=0.25, gamma_linear=0.25, layers="conv|Conv")
     got = lrpc.Explainer(compiled).explain({"x": x.numpy()}, target=target).relevance["x"]
+    assert rel_err(got, want) <= TOL
+
+
+# ---- the zoo's ViT: zennit's Gamma on Conv2d / Linear, the AttnLRP rules elsewhere ---------------------
+
+class _ToRelevance(torch.autograd.Function):
+    """Identity forward; backward turns the modified gradient ĝ_z of a layer output into the relevance
+    R_z = z ⊙ ĝ_z that zennit's hooked layer expects."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * z
+
+
+class _FromRelevance(torch.autograd.Function):
+    """Identity forward; backward turns the relevance R_x a hooked layer returns for its input into the
+    modified gradient ĝ_x = R_x / x (0 where x = 0, where zennit's Gamma gives no relevance)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, relevance):
+        (x,) = ctx.saved_tensors
+        return torch.where(x != 0, relevance / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
+
+
+class ReferenceViT(nn.Module):
+    """The zoo's torchvision-style ViT (models/tv_vit.py) written out with its weights: every Conv2d /
+    Linear a module zennit can hook (nn.MultiheadAttention's fused in-projection split into q, k, v), and
+    tests/reference_lrp.py's AttnLRP rules elsewhere (σ-frozen LayerNorm, GELU identity rule, uniform
+    rule on both attention products, softmax by autograd). Gradient×Input form between layers, relevance
+    inside the hooked ones (through the two adapters above)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        import reference_lrp as ref  # tests/ is on sys.path (pytest's prepend import mode)
+        self.ref, self.vit = ref, vit
+        d = vit.hidden_dim
+        self.conv = vit.conv_proj
+        self.blocks = nn.ModuleList()
+        for layer in vit.encoder.layers:
+            attention = layer.self_attention
+            block = nn.Module()
+            block.heads = attention.num_heads
+            for name, weight, bias in zip("qkv", attention.in_proj_weight.chunk(3), attention.in_proj_bias.chunk(3)):
+                linear = nn.Linear(d, d)
+                linear.load_state_dict({"weight": weight.detach(), "bias": bias.detach()})
+                setattr(block, name, linear)
+            block.o = attention.out_proj
+            block.fc1, block.fc2 = layer.mlp[0], layer.mlp[3]
+            block.ln_1, block.ln_2 = (self._norm(n) for n in (layer.ln_1, layer.ln_2))
+            self.blocks.append(block)
+        self.ln = self._norm(vit.encoder.ln)
+        self.head = vit.heads.head
+
+    def _norm(self, layer_norm):
+        norm = self.ref.LayerNorm(layer_norm.normalized_shape[0], eps=layer_norm.eps)
+        norm.load_state_dict(layer_norm.state_dict())
+        return norm
+
+    hooked = True   # False: the plain Gradient×Input reference, for lrpc's attnlrp preset without γ
+
+    def _layer(self, module, x):
+        return _ToRelevance.apply(module(_FromRelevance.apply(x))) if self.hooked else module(x)
+
+    def forward(self, pixels):
+        ref, vit = self.ref, self.vit
+        n = pixels.shape[0]
+        x = self._layer(self.conv, pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.class_token.expand(n, -1, -1), x], dim=1) + vit.encoder.pos_embedding
+        for block in self.blocks:
+            h = block.ln_1(x, lrp=True)
+            b, s, d = h.shape
+            split = lambda t: t.view(b, s, block.heads, d // block.heads).transpose(1, 2)  # noqa: E731
+            q, k, v = (split(self._layer(getattr(block, name), h)) for name in "qkv")
+            scores = ref.matmul(q, k.transpose(-1, -2), True) / math.sqrt(d // block.heads)
+            mixed = ref.matmul(torch.softmax(scores, dim=-1), v, True).transpose(1, 2).reshape(b, s, d)
+            x = x + self._layer(block.o, mixed)
+            y = ref.gelu(self._layer(block.fc1, block.ln_2(x, lrp=True)), True)
+            x = x + self._layer(block.fc2, y)
+        return self._layer(self.head, self.ln(x, lrp=True)[:, 0])
+
+
+@pytest.fixture(scope="module")
+def vit():
+    from lrpc.models import zoo
+    module, inputs = zoo.get("torchvision-vit").build()
+    return module, inputs["pixel_values"]
+
+
+def test_reference_vit_forward_is_the_models(vit):
+    module, x = vit
+    with torch.no_grad():
+        assert torch.allclose(ReferenceViT(module.vit)(x), module(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_vit_matches_zennit(vit, gamma):
+    module, x = vit
+    with torch.no_grad():
+        target = _rows_pos_neg(module(x).numpy())
+    g_conv, g_linear = gamma, gamma / 5 + 0.01
+    want, _ = zennit_relevance(ReferenceViT(module.vit), x, target, g_conv, g_linear, gradient_x_input=True)
+    compiled = lrpc.compile(module, {"pixel_values": x}, gamma_conv=g_conv, gamma_linear=g_linear)
+    got = lrpc.Explainer(compiled).explain({"pixel_values": x.numpy()}, target=target).relevance["pixel_values"]
     assert rel_err(got, want) <= TOL
