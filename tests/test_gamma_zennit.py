@@ -75,7 +75,7 @@ def zennit_relevance(module, x, target, gamma_conv, gamma_linear, gradient_x_inp
         seed = torch.zeros_like(logits)
         seed[torch.arange(len(target)), target] = 1.0
         (grad,) = torch.autograd.grad(logits, x, grad_outputs=seed if gradient_x_input else logits * seed)
-    return (x * grad if gradient_x_input else grad).detach().numpy(), logits.detach().numpy()
+    return (x * grad if gradient_x_input else grad).detach().numpy()
 
 
 class ConvNet(nn.Module):
@@ -101,72 +101,61 @@ def conv_net():
     return module, x
 
 
-def _rows_pos_neg(logits):
+def _rows_pos_neg(module, x):
     """One row explaining its largest (positive) logit, one its smallest (negative) logit."""
+    with torch.no_grad():
+        logits = module(x).numpy()
     target = [int(np.argmax(logits[0])), int(np.argmin(logits[1]))]
     assert logits[0, target[0]] > 0 > logits[1, target[1]]
     return target
 
 
+def lrpc_relevance(module, name, x, target, **options):
+    explainer = lrpc.Explainer(lrpc.compile(module, {name: x}, **options))
+    return explainer.explain({name: x.numpy()}, target=target).relevance[name]
+
+
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_conv_net_matches_zennit(conv_net, gamma):
     module, x = conv_net
-    with torch.no_grad():
-        target = _rows_pos_neg(module(x).numpy())
+    target = _rows_pos_neg(module, x)
     g_conv, g_linear = gamma, gamma / 2 + 0.01
-    want, logits = zennit_relevance(module, x, target, g_conv, g_linear)
-    explainer = lrpc.Explainer(lrpc.compile(module, {"x": x}, gamma_conv=g_conv, gamma_linear=g_linear))
-    got = explainer.explain({"x": x.numpy()}, target=target).relevance["x"]
-    assert rel_err(got, want) <= TOL
-    # zennit's Gamma is not conservative (biases absorb relevance), so the check is against zennit, and
-    # differs visibly from plain Gradient×Input once γ > 0
-    if gamma > 0:
-        plain = lrpc.Explainer(lrpc.compile(module, {"x": x})).explain({"x": x.numpy()}, target=target)
-        assert rel_err(plain.relevance["x"], want) > 1e-3
+    want = zennit_relevance(module, x, target, g_conv, g_linear)
+    assert rel_err(lrpc_relevance(module, "x", x, target, gamma_conv=g_conv, gamma_linear=g_linear), want) <= TOL
+    if gamma > 0:   # and γ visibly matters: plain Gradient×Input is another answer
+        assert rel_err(lrpc_relevance(module, "x", x, target), want) > 1e-3
 
 
 def test_gamma_layers_selector(conv_net):
     """--layers keeps the γ-rule to the matching layers: γ on the convolutions only equals zennit with
     Gamma on Conv2d and the exact gradient (LRP-0) on the Linear layers."""
     module, x = conv_net
-    with torch.no_grad():
-        target = _rows_pos_neg(module(x).numpy())
-    want, _ = zennit_relevance(module, x, target, 0.25, None)
-    compiled = lrpc.compile(module, {"x": x}, gamma_conv=0.25, gamma_linear=0.25, layers="conv|Conv")
-    got = lrpc.Explainer(compiled).explain({"x": x.numpy()}, target=target).relevance["x"]
+    target = _rows_pos_neg(module, x)
+    want = zennit_relevance(module, x, target, 0.25, None)
+    got = lrpc_relevance(module, "x", x, target, gamma_conv=0.25, gamma_linear=0.25, layers="conv|Conv")
     assert rel_err(got, want) <= TOL
 
 
 # ---- the zoo's ViT: zennit's Gamma on Conv2d / Linear, the AttnLRP rules elsewhere ---------------------
 
-class _ToRelevance(torch.autograd.Function):
-    """Identity forward; backward turns the modified gradient ĝ_z of a layer output into the relevance
-    R_z = z ⊙ ĝ_z that zennit's hooked layer expects."""
+class _Convert(torch.autograd.Function):
+    """Identity forward on a value v. Backward converts between lrpc's form and zennit's: `to_relevance`
+    turns the modified gradient ĝ of a hooked layer's output into the relevance v ⊙ ĝ zennit expects there;
+    otherwise the relevance a hooked layer returns for its input v becomes ĝ = R / v (0 where v = 0, where
+    zennit's Gamma gives no relevance)."""
 
     @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return z.clone()
+    def forward(ctx, v, to_relevance: bool):
+        ctx.save_for_backward(v)
+        ctx.to_relevance = to_relevance
+        return v.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return grad * z
-
-
-class _FromRelevance(torch.autograd.Function):
-    """Identity forward; backward turns the relevance R_x a hooked layer returns for its input into the
-    modified gradient ĝ_x = R_x / x (0 where x = 0, where zennit's Gamma gives no relevance)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, relevance):
-        (x,) = ctx.saved_tensors
-        return torch.where(x != 0, relevance / torch.where(x != 0, x, torch.ones_like(x)), torch.zeros_like(x))
+        (v,) = ctx.saved_tensors
+        if ctx.to_relevance:
+            return grad * v, None
+        return torch.where(v != 0, grad / torch.where(v != 0, v, torch.ones_like(v)), torch.zeros_like(v)), None
 
 
 class ReferenceViT(nn.Module):
@@ -174,7 +163,7 @@ class ReferenceViT(nn.Module):
     Linear a module zennit can hook (nn.MultiheadAttention's fused in-projection split into q, k, v), and
     tests/reference_lrp.py's AttnLRP rules elsewhere (σ-frozen LayerNorm, GELU identity rule, uniform
     rule on both attention products, softmax by autograd). Gradient×Input form between layers, relevance
-    inside the hooked ones (through the two adapters above)."""
+    inside the hooked ones (converted by _Convert)."""
 
     def __init__(self, vit):
         super().__init__()
@@ -206,7 +195,7 @@ class ReferenceViT(nn.Module):
     hooked = True   # False: the plain Gradient×Input reference, for lrpc's attnlrp preset without γ
 
     def _layer(self, module, x):
-        return _ToRelevance.apply(module(_FromRelevance.apply(x))) if self.hooked else module(x)
+        return _Convert.apply(module(_Convert.apply(x, False)), True) if self.hooked else module(x)
 
     def forward(self, pixels):
         ref, vit = self.ref, self.vit
@@ -242,10 +231,8 @@ def test_reference_vit_forward_is_the_models(vit):
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_vit_matches_zennit(vit, gamma):
     module, x = vit
-    with torch.no_grad():
-        target = _rows_pos_neg(module(x).numpy())
+    target = _rows_pos_neg(module, x)
     g_conv, g_linear = gamma, gamma / 5 + 0.01
-    want, _ = zennit_relevance(ReferenceViT(module.vit), x, target, g_conv, g_linear, gradient_x_input=True)
-    compiled = lrpc.compile(module, {"pixel_values": x}, gamma_conv=g_conv, gamma_linear=g_linear)
-    got = lrpc.Explainer(compiled).explain({"pixel_values": x.numpy()}, target=target).relevance["pixel_values"]
+    want = zennit_relevance(ReferenceViT(module.vit), x, target, g_conv, g_linear, gradient_x_input=True)
+    got = lrpc_relevance(module, "pixel_values", x, target, gamma_conv=g_conv, gamma_linear=g_linear)
     assert rel_err(got, want) <= TOL
