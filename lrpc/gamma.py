@@ -37,14 +37,19 @@ def linear_gamma(n, g, gamma: float, layer: str):
     node = layer_node.node
     after_bias_add = n.node is not node
 
+    made = {}
+
     def folded(value, sign):
-        """value + γ·value⁺ (sign +1) or value + γ·value⁻ (sign −1), as a float32 initializer."""
-        array = const_array(value)
-        if array is None:
-            raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
-        array = array.astype(np.float32)
-        part = np.maximum(array, 0) if sign > 0 else np.minimum(array, 0)
-        return b.const(array + np.float32(gamma) * part, hint="gamma_weight")
+        """value + γ·value⁺ (sign +1) or value + γ·value⁻ (sign −1), as a float32 initializer (made once:
+        each weight variant serves two forward products and two transposed ones)."""
+        if (value, sign) not in made:
+            array = const_array(value)
+            if array is None:
+                raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
+            array = array.astype(np.float32)
+            part = np.maximum(array, 0) if sign > 0 else np.minimum(array, 0)
+            made[value, sign] = b.const(array + np.float32(gamma) * part, hint="gamma_weight")
+        return made[value, sign]
 
     x = layer_node.x(0)
     x_pos, x_neg = _like(b.Relu(x), x), _like(b.Min(x, b.f32(0.0)), x)
