@@ -99,8 +99,8 @@ def conv(n, g):
               group=n.attr("group", 1))
     x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
     out_pad = None
-    if x.shape is not None and y.shape is not None and w.shape is not None and x.shape.is_static() \
-            and y.shape.is_static() and w.shape.is_static():
+    spatial_known = lambda v: v.shape is not None and all(isinstance(d, int) for d in list(v.shape)[2:])  # noqa: E731
+    if all(map(spatial_known, (x, y, w))):  # the batch and channel dims play no part (batch is often dynamic)
         spatial = x.shape.rank() - 2
         strides = kw["strides"] or [1] * spatial
         pads = kw["pads"] or [0] * (2 * spatial)
