@@ -446,7 +446,8 @@ class Attributor:
     def __init__(self, model, *, tokenizer=None, preset: str = "attnlrp", layers: bool = False,
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
-                 threads: int | None = None, image_mean=None, image_std=None):
+                 threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
+                 image_std=None):
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
         self.layer_labels: dict[str, str] = {}
         if isinstance(model, Explainer):
@@ -455,12 +456,12 @@ class Attributor:
             if layers and latent is None and not contract.read_metadata(_metadata(model)).get("latent"):
                 raise LrpcError("this explainer has no latent outputs: compile it with --latent REGEX, or give "
                                 "the original model")
-            self.explainer = Explainer(model, providers, threads)
+            self.explainer = Explainer(model, providers, threads, session_config=session_config)
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
                                             output_name=output_name, cache=cache)
             self.layer_labels = dict(info.get("layers") or [])
-            self.explainer = Explainer(path, providers, threads)
+            self.explainer = Explainer(path, providers, threads, session_config=session_config)
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
             self.name = Path(model).name if Path(model).exists() else str(model)
         self.meta = self.explainer.meta
@@ -827,6 +828,8 @@ def add_arguments(p) -> None:
                      "picture (--layers), else a token heatmap; several results get PATH-<n>.png")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--cache", metavar="DIR", help="folder for compiled explainers")
+    from lrpc import corpus   # --out, --resume, --engine, …: corpus-scale runs
+    corpus.add_arguments(p)
 
 
 def _jsonable(value):
@@ -844,6 +847,9 @@ def run_cli(args) -> int:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     if args.batch_size < 1:
         raise LrpcError("--batch-size must be at least 1")
+    from lrpc import corpus
+    if corpus.wanted(args):
+        return corpus.run_cli(args)
     for path in filter(None, [args.html, args.png]):
         parent = Path(path).parent
         if not parent.is_dir():
