@@ -363,25 +363,30 @@ def explain_corpus(spec: ModelSpec, corpus: Corpus, out: Output, *, engine: str 
     if batch_size < 1 or (window is not None and window < 1):
         raise LrpcError("--batch-size and --window must be at least 1")
     window = window or 16 * batch_size
-    after = out.done_through()
-    attributor = spec.build()   # fails early on a bad model; compiles (and caches) the explainer once
-    if engine == "local":
-        explainer = WindowExplainer(attributor, batch_size, bucket)
-        tables = (explainer.explain(lines) for lines in batched(corpus.lines(after), window))
-    elif engine == "ray":
-        from lrpc.corpus_ray import explain_on_ray
-        del attributor   # the actors build their own
-        tables = explain_on_ray(spec, corpus, after, window=window, batch_size=batch_size, bucket=bucket,
-                                address=address, workers=workers)
-    else:
-        raise LrpcError(f"unknown engine {engine!r}: use local or ray")
-    errors = 0
-    with _progress(corpus.count(), after, progress) as advance:
-        for table in tables:
-            out.write(table)
-            errors += table.num_rows - table["error"].null_count
-            if table.num_rows:
-                advance(table["line"][-1].as_py())
+    try:
+        after = out.done_through()
+        attributor = spec.build()   # fails early on a bad model; compiles (and caches) the explainer once
+        if engine == "local":
+            explainer = WindowExplainer(attributor, batch_size, bucket)
+            tables = (explainer.explain(lines) for lines in batched(corpus.lines(after), window))
+        elif engine == "ray":
+            from lrpc.corpus_ray import explain_on_ray
+            del attributor   # the actors build their own
+            tables = explain_on_ray(spec, corpus, after, window=window, batch_size=batch_size, bucket=bucket,
+                                    address=address, workers=workers)
+        else:
+            raise LrpcError(f"unknown engine {engine!r}: use local or ray")
+        errors = 0
+        with _progress(corpus.count(), after, progress) as advance:
+            for table in tables:
+                out.write(table)
+                errors += table.num_rows - table["error"].null_count
+                if table.num_rows:
+                    advance(table["line"][-1].as_py())
+    except BaseException:
+        if not out.parts():   # nothing to resume: leave no OUT.partial/ behind
+            shutil.rmtree(out.partial, ignore_errors=True)
+        raise
     return out.publish(), errors
 
 

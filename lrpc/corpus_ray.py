@@ -43,18 +43,18 @@ def explain_on_ray(spec: ModelSpec, corpus: Corpus, after: int, *, window: int, 
         import ray.data
     except ImportError:
         raise LrpcError('--engine ray needs Ray: pip install "lrpc[ray]"') from None
+    threads = spec.threads or 1   # onnxruntime threads per actor, each actor reserving as many CPUs
+    spec = ModelSpec(**{**spec.__dict__, "threads": threads})
     started = not ray.is_initialized()
     if started:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        else:   # a local instance on the CPUs this process may use
-            ray.init(num_cpus=workers or len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR")
+        else:   # a local instance on the CPUs this process may use (or what --workers × --threads asks)
+            cpus = max(len(os.sched_getaffinity(0)), (workers or 0) * threads)
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        # one CPU and one onnxruntime thread per actor, unless --threads says otherwise
-        threads = spec.threads or 1
-        spec = ModelSpec(**{**spec.__dict__, "threads": threads})
+        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         windows = [{"offset": o, "after": a, "count": c} for o, a, c in corpus.windows(window, after)]
         if not windows:
             return
@@ -74,3 +74,16 @@ def explain_on_ray(spec: ModelSpec, corpus: Corpus, after: int, *, window: int, 
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that does not answer is one line now (ray.init would retry it for minutes)."""
+    import socket
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return   # "auto", ray://…: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise LrpcError(f"cannot reach the Ray cluster at {address} ({exc}): start one with `ray start --head` "
+                        "or drop --address to run a local instance") from None
