@@ -29,6 +29,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from lrpc.errors import LrpcError
+from lrpc.explain import IMAGE_SUFFIXES, Attributions, Attributor
 
 SCHEMA = pa.schema([
     ("id", pa.string()),                   # the line's "id", else its line number
@@ -45,7 +46,6 @@ SCHEMA = pa.schema([
 SPEC_KEYS = ("target", "contrast", "position", "top_k")
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 ROW_GROUP = 1024          # rows per Parquet row group of the published file (fixed: same bytes after a resume)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,8 +168,7 @@ class ModelSpec:
     threads: int | None = None
     session_config: dict = field(default_factory=dict)
 
-    def build(self):
-        from lrpc.explain import Attributor
+    def build(self) -> Attributor:
         return Attributor(self.model, tokenizer=self.tokenizer, preset=self.preset, task=self.task,
                           cache=self.cache, threads=self.threads, session_config=self.session_config)
 
@@ -226,12 +225,11 @@ class WindowExplainer:
             rows[line.number] = [result_row(line, a) for a in results[i * per_input:(i + 1) * per_input]]
 
     def _attribute(self, group: list[Line]) -> list:
-        from lrpc.explain import Attributions
         spec = group[0].spec
         texts = [line.text for line in group if line.text is not None]
         images = [str(line.image) for line in group if line.image is not None]
         if texts and images:
-            raise LrpcError("texts and images in one batch")   # never: a model takes one or the other
+            raise LrpcError("texts and images in one batch")   # a mixed corpus: each then runs alone
         result = self.attributor.attribute(texts or None, image=images or None, batch_size=len(group), **spec)
         return list(result) if isinstance(result, Attributions) else [result]
 
@@ -463,8 +461,13 @@ def run_cli(args) -> int:
     settings = {"model": spec.model, "tokenizer": spec.tokenizer, "preset": spec.preset, "task": spec.task,
                 "corpus": str(corpus.path.resolve()), "targets": defaults}
     out = Output(args.out, settings, resume=args.resume, force=args.force)
-    rows, errors = explain_corpus(spec, corpus, out, engine=args.engine, batch_size=args.batch_size,
-                                  window=args.window, bucket=not args.no_bucketing, progress=sys.stderr.isatty(),
-                                  address=args.address, workers=args.workers)
+    try:
+        rows, errors = explain_corpus(spec, corpus, out, engine=args.engine, batch_size=args.batch_size,
+                                      window=args.window, bucket=not args.no_bucketing,
+                                      progress=sys.stderr.isatty(), address=args.address, workers=args.workers)
+    except KeyboardInterrupt:
+        if out.partial.is_dir():
+            print(f"{out.partial} keeps what was written: continue with --resume", file=sys.stderr)
+        raise
     print(f"{args.out}: {rows} rows ({errors} error rows in this run)", file=sys.stderr)
     return 0

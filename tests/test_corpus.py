@@ -207,3 +207,18 @@ def test_corpus_lines_and_windows_agree(tmp_path):
               for line in Corpus(corpus).lines(after, offset, count)]
     assert pieces == [x for x in whole if x[0] > 3]
     assert os.path.getsize(corpus) and Corpus(corpus).count() == 50
+
+
+def test_cli_threads_and_session_options_reach_onnxruntime(bert, run_lrpc, tmp_path):
+    config = {"session.intra_op.allow_spinning": "0"}
+    options = ModelSpec(bert.model, "toy", cache=bert.cache, threads=1, session_config=config).build() \
+        .explainer.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    corpus = mixed_corpus(tmp_path / "c.jsonl", 20, bad=False)
+    common = ["explain", bert.model, "--tokenizer", "toy", "--cache", bert.cache, "--file", corpus]
+    rc, err = run_lrpc(*common, "--out", tmp_path / "r.jsonl", "--threads", "1", "--ort-config",
+                       "session.intra_op.allow_spinning=0")
+    assert rc == 0 and read_output(tmp_path / "r.jsonl")["line"].to_pylist()[-1] == 20
+    rc, err = run_lrpc(*common, "--out", tmp_path / "s.jsonl", "--ort-config", "spinning")
+    assert rc == 2 and "KEY=VALUE" in err and not (tmp_path / "s.jsonl.partial").exists()
