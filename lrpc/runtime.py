@@ -43,9 +43,11 @@ class Explainer:
     """An explainer loaded into an onnxruntime session. `.provider` says where it runs."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, providers: list[str] | None = None,
-                 threads: int | None = None, graph_optimization: bool = True, low_memory: bool | None = None):
+                 threads: int | None = None, graph_optimization: bool = True, low_memory: bool | None = None,
+                 session_config: dict[str, str] | None = None):
         """low_memory: run without onnxruntime's pre-packed weight copies (less memory, ~6% slower on CPU);
-        None (default): on for explainers compiled with --checkpoint, off otherwise."""
+        None (default): on for explainers compiled with --checkpoint, off otherwise. session_config:
+        onnxruntime session config entries (e.g. {"session.intra_op.allow_spinning": "0"})."""
         if low_memory is None:
             meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
                 if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
@@ -56,6 +58,8 @@ class Explainer:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         if not graph_optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
