@@ -80,6 +80,10 @@ class Attributor:
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
             self.name = Path(model).name if Path(model).exists() else str(model)
         self.meta = self.explainer.meta
+        if "targets" in self.meta:  # its index inputs are [batch, K] (docs/design-kaxis.md)
+            raise LrpcError("this explainer explains K targets per row (compiled with --targets): run it with "
+                            "lrpc.Explainer(...).explain(inputs, target=[[...]]), or give `lrpc explain` the "
+                            "original model or an explainer compiled without --targets")
         self.vector = self.meta["seed"] == "vector"
         self.rank = self.meta["rank"]
         self.attributed = dict(self.meta["attributed"])

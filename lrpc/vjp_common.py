@@ -30,8 +30,8 @@ def reduce(n, g, scale=None):
     axes = n.raw(1) if len(n.inputs) > 1 and n.inputs[1] is not None else None
     keep = n.attr("keepdims", 1)
     if not keep and axes is not None:
-        g = b.Unsqueeze(g, b.Cast(axes, to=7))
-    grad = b.Expand(g, b.Shape(x))
+        g = b.Unsqueeze(g, n.grad_axes(b.Cast(axes, to=7)))
+    grad = b.Expand(g, b.Shape(x))  # broadcasts: a K axis of ĝ stays
     return grad if scale is None else b.Mul(grad, scale(n, keep, axes))
 
 
