@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrpc.commands.common import add_force_option, add_preset_option
+from lrpc.commands.common import add_force_option, add_preset_option, check_counts
 
 HELP = "explain inputs: terminal heatmap, HTML report, PNG, JSON (compiles and caches the explainer on the way)"
 EXAMPLES = """examples:
@@ -66,8 +66,7 @@ def run(args) -> int:
         raise LrpcError("give exactly one of --text, --image, --input, --file")
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
-    if args.batch_size < 1:
-        raise LrpcError("--batch-size must be at least 1")
+    check_counts(args, "top_k", "batch_size")
     sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
