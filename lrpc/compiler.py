@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc import __version__, contract, planio, validate
+from lrpc import __version__, contract, planio, safeio, validate
 from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
@@ -146,18 +146,19 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     K-axis contract, docs/design-kaxis.md).
     """
     targets = validate.targets_option(targets)
-    if output is not None:
-        check_writable(output, force)
+    options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, layers=layers)
+    sources = safeio.input_files(model)
+    if output is not None:  # an output that is the model (or its data) is refused before any work
+        check_writable(output, force, sources)
     if example_inputs is not None or _is_torch_module(model):
         from lrpc.frontend import torch_to_onnx
         model = torch_to_onnx(model, example_inputs, **frontend_options)
     ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
                                seed=seed, latent=latent,
-                               options=Options(epsilon=epsilon, gamma_linear=gamma_linear,
-                                               gamma_conv=gamma_conv, layers=layers),
+                               options=options,
                                embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets)
     if output is not None:
-        save_model(ir_model, output, force=force, reuse_weights=reuse_weights)
+        save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)
 
 

@@ -98,23 +98,8 @@ class Explainer:
                 f"; the model takes {', '.join(self.model_inputs)}")
         feed = {}
         for name in self.model_inputs:
-            spec, array = self.inputs[name], np.asarray(inputs[name])
-            want = np.dtype(ORT_TO_NUMPY.get(spec.type, np.float32))
-            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
-                raise LrpcError(f"input '{name}' has dtype {array.dtype}, the model expects {want}")
-            if len(spec.shape) != array.ndim:
-                raise LrpcError(f"input '{name}' has rank {array.ndim} (shape {list(array.shape)}), the model "
-                                f"expects rank {len(spec.shape)} ({spec.shape})")
-            for axis, dim in enumerate(spec.shape):
-                if isinstance(dim, int) and dim != array.shape[axis]:
-                    raise LrpcError(f"input '{name}' has size {array.shape[axis]} on axis {axis}, the model "
-                                    f"expects {dim}")
-            if array.size == 0:
-                raise LrpcError(f"input '{name}' is empty (shape {list(array.shape)}): give at least one row and "
-                                "one token / feature")
-            if array.dtype.kind == "f" and np.isnan(array).any():
-                raise LrpcError(f"input '{name}' contains NaN; relevance is undefined for it")
-            feed[name] = array.astype(want, copy=False)
+            spec = self.inputs[name]
+            feed[name] = validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -161,33 +146,29 @@ class Explainer:
         forward = None
         batch = self._batch(feed)
         if rank == 3:
-            position = np.full(batch, -1, np.int64) if position is None else _per_row(position, batch, "position")
+            position = np.full(batch, -1, np.int64) if position is None else \
+                validate.indices("position", position, batch, None, negative=True)
         elif position is not None:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
         if vector:
             if seed is None:
                 raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, classes]")
-            seed = np.asarray(seed, np.float32)
-            if seed.ndim == 1:
-                seed = np.broadcast_to(seed, (batch, seed.shape[0])).copy()
-            if seed.shape[0] != batch:
-                raise LrpcError(f"seed has {seed.shape[0]} rows for a batch of {batch}")
+            seed = validate.seed_vector(seed, batch, None)
         elif target is None:
             forward = self.forward(inputs)
             logits = forward[self.explained]
             logits = logits[np.arange(batch), position] if rank == 3 else logits
             target = logits.argmax(axis=-1).astype(np.int64)
         else:
-            target = _per_row(target, batch, "target")
+            target = validate.indices("target", target, batch, None)
         if rank == 3 or not vector:
             seq, classes = self.output_dims(feed, forward)
-            if rank == 3 and seq is not None and np.any((position < -seq) | (position >= seq)):
-                raise LrpcError(f"position {position.tolist()} out of range for a sequence of {seq} "
-                                f"(use {-seq}..{seq - 1})")
-            if not vector and classes is not None and np.any((target < 0) | (target >= classes)):
-                raise LrpcError(f"target {target.tolist()} out of range for {classes} classes (use 0..{classes - 1})")
-            if vector and classes is not None and seed.shape[-1] != classes:
-                raise LrpcError(f"seed has {seed.shape[-1]} columns, output '{self.explained}' has {classes}")
+            if rank == 3:
+                validate.indices("position", position, batch, seq, negative=True)
+            if vector:
+                validate.seed_vector(seed, batch, classes)
+            else:
+                validate.indices("target", target, batch, classes)
         feed = dict(feed)
         if vector:
             feed[contract.SEED] = seed
@@ -240,6 +221,7 @@ class Explainer:
         """Run the explainer on a complete feed; the explained value per row ([batch], or [batch, K] for a
         K explainer: the index inputs' shape)."""
         results = dict(zip(self.outputs, self._run(self.outputs, feed)))
+        _check_finite(results, self.model_outputs, list(self.meta.get("attributed", {})))
         y = results[self.explained].astype(np.float32)
         index = target if seed is None else seed[..., 0]
         rows_of = np.arange(len(y)).reshape((-1,) + (1,) * (index.ndim - 1))
@@ -272,11 +254,15 @@ class Explainer:
         return seq, dims[-1]
 
 
-def _per_row(value, batch: int, what: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype.kind not in "iu":
-        raise LrpcError(f"{what} must be an integer index (or one per batch row), got {value!r}")
-    array = np.broadcast_to(array.astype(np.int64), (batch,)) if array.ndim == 0 else array.astype(np.int64)
-    if array.shape != (batch,):
-        raise LrpcError(f"{what} has {array.shape[0]} entries for a batch of {batch}")
-    return array
+
+def _check_finite(results: dict, model_outputs: list[str], attributed: list[str]) -> None:
+    """Relevance must be finite wherever the model's forward is: NaN / Inf relevance from finite outputs is
+    an overflow inside the relevance pass (e.g. float16 weights), never a result to hand back."""
+    if not all(np.isfinite(results[n]).all() for n in model_outputs if results[n].dtype.kind == "f"):
+        return
+    for name, value in results.items():
+        if name.startswith(contract.RELEVANCE_PREFIX) and not np.isfinite(value).all():
+            bare = name[len(contract.RELEVANCE_PREFIX):]
+            what = f"input '{bare}'" if bare in attributed else f"tensor '{bare}'"
+            raise LrpcError(f"the relevance of {what} is not finite although the model's outputs are (an "
+                            "overflow in the explainer, e.g. float16 weights): compile the model in float32")

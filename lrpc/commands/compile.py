@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrpc.commands.common import add_force_option, add_rule_options, model_source
+from lrpc.commands.common import add_force_option, add_rule_options, model_source, rule_options
 
 HELP = "turn a model into an explainer"
 EXAMPLES = """examples:
@@ -40,6 +40,7 @@ def run(args) -> int:
     import lrpc
     from lrpc import safeio
     from lrpc.loading import check_writable
+    rule_options(args)  # refused before a model is exported on the way
     check_writable(args.out, args.force, safeio.input_files(args.model))
     model = model_source(args.model, args)
     lrpc.compile(model, preset=args.preset, output=args.out, output_name=args.output, attribute=args.attribute,
