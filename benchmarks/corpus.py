@@ -35,7 +35,8 @@ def make_corpus(path: Path, n: int, seed: int = 0) -> Path:
 
 def child(config: dict) -> dict:
     """One run in this (fresh) process: {"seconds", "rows", "ray_start_s", "peak_rss_mb"}."""
-    from lrpc.corpus import Corpus, ModelSpec, Output, explain_corpus
+    from lrpc.corpus import Corpus, ModelSpec, Output
+    from lrpc.corpus_run import explain_corpus
     ray_start = 0.0
     if config["engine"] == "ray":
         import ray

@@ -17,7 +17,8 @@ import onnx
 import pytest
 
 import lrpc
-from lrpc.corpus import Corpus, ModelSpec, Output, explain_corpus, read_output
+from lrpc.corpus import Corpus, ModelSpec, Output, read_output
+from lrpc.corpus_run import explain_corpus
 from lrpc.attributor import Attributor
 from lrpc.inputs import TOY_WORDS
 

@@ -49,8 +49,8 @@ def add_arguments(p) -> None:
     add_force_option(out, "--html / --png / --out files")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--cache", metavar="DIR", help="folder for compiled explainers")
-    from lrpc import corpus   # --out, --resume, --engine, …: corpus-scale runs
-    corpus.add_arguments(p)
+    from lrpc import corpus_run   # --out, --resume, --engine, …: corpus-scale runs
+    corpus_run.add_arguments(p)
 
 
 def run(args) -> int:
@@ -69,9 +69,9 @@ def run(args) -> int:
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size")
-    from lrpc import corpus
-    if corpus.wanted(args):
-        return corpus.run_cli(args)
+    from lrpc import corpus_run
+    if corpus_run.wanted(args):
+        return corpus_run.run_cli(args)
     sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
