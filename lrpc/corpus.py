@@ -373,7 +373,7 @@ def explain_corpus(spec: ModelSpec, corpus: Corpus, out: Output, *, engine: str 
         elif engine == "ray":
             from lrpc.corpus_ray import explain_on_ray
             del attributor   # the actors build their own
-            tables = explain_on_ray(spec, corpus, after, window=window, batch_size=batch_size, bucket=bucket,
+            tables = explain_on_ray(spec, corpus, after, window_explainer=WindowExplainer, window=window, batch_size=batch_size, bucket=bucket,
                                     address=address, workers=workers)
         else:
             raise LrpcError(f"unknown engine {engine!r}: use local or ray")

@@ -13,21 +13,22 @@ Workers read the corpus file themselves: on a cluster it must be on storage ever
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Iterator
 
 import pyarrow as pa
 
-from lrpc.corpus import Corpus, ModelSpec, WindowExplainer
 from lrpc.errors import LrpcError
 
 
 class _WindowWorker:
-    """One actor: one Attributor, many windows."""
+    """One actor: one Attributor, many windows. lrpc.corpus hands over its classes (this module does not
+    import it: lrpc.corpus imports this one)."""
 
-    def __init__(self, spec: ModelSpec, corpus: str, defaults: dict, batch_size: int, bucket: bool):
-        self.corpus = Corpus(corpus, defaults)
-        self.explainer = WindowExplainer(spec.build(), batch_size, bucket)
+    def __init__(self, spec, corpus, window_explainer, batch_size: int, bucket: bool):
+        self.corpus = corpus
+        self.explainer = window_explainer(spec.build(), batch_size, bucket)
 
     def __call__(self, batch: dict) -> pa.Table:
         tables = [self.explainer.explain(list(self.corpus.lines(int(after), int(offset), int(count))))
@@ -35,16 +36,17 @@ class _WindowWorker:
         return pa.concat_tables(tables)
 
 
-def explain_on_ray(spec: ModelSpec, corpus: Corpus, after: int, *, window: int, batch_size: int, bucket: bool,
+def explain_on_ray(spec, corpus, after: int, *, window_explainer, window: int, batch_size: int, bucket: bool,
                    address: str | None = None, workers: int | None = None) -> Iterator[pa.Table]:
-    """Tables of rows, one per window of the lines after `after`, in corpus order."""
+    """Tables of rows, one per window of the lines after `after`, in corpus order (spec: a
+    corpus.ModelSpec, corpus: a corpus.Corpus, window_explainer: corpus.WindowExplainer)."""
     try:
         import ray
         import ray.data
     except ImportError:
         raise LrpcError('--engine ray needs Ray: pip install "lrpc[ray]"') from None
     threads = spec.threads or 1   # onnxruntime threads per actor, each actor reserving as many CPUs
-    spec = ModelSpec(**{**spec.__dict__, "threads": threads})
+    spec = dataclasses.replace(spec, threads=threads)
     started = not ray.is_initialized()
     if started:
         if address:
@@ -66,9 +68,10 @@ def explain_on_ray(spec: ModelSpec, corpus: Corpus, after: int, *, window: int, 
         # default for actor pools; tests/test_corpus_ray.py kills one)
         ds = ds.map_batches(_WindowWorker, batch_size=1, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
-                            fn_constructor_kwargs={"spec": spec, "corpus": str(corpus.path.resolve()),
-                                                   "defaults": corpus.defaults, "batch_size": batch_size,
-                                                   "bucket": bucket})
+                            fn_constructor_kwargs={"spec": spec, "corpus": type(corpus)(corpus.path.resolve(),
+                                                                                          corpus.defaults),
+                                                   "window_explainer": window_explainer,
+                                                   "batch_size": batch_size, "bucket": bucket})
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield table
     finally:
