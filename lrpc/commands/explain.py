@@ -60,7 +60,7 @@ def run(args) -> int:
 
     from lrpc import safeio
     from lrpc.attributor import Attributor
-    from lrpc.errors import LrpcError
+    from lrpc.errors import LrpcError, require
     from lrpc.inputs import read_jsonl, read_npz
     from lrpc.results import Attributions
     given = [x for x in (args.text, args.image, args.input, args.file) if x]
@@ -73,6 +73,8 @@ def run(args) -> int:
     from lrpc import corpus
     if corpus.wanted(args):
         return corpus.run_cli(args)
+    if args.png:
+        require("matplotlib", purpose="--png")
     sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
