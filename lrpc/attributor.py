@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from lrpc import contract
+from lrpc import contract, validate
 from lrpc.cache import compiled_explainer, is_explainer, model_metadata
 from lrpc.errors import LrpcError
 from lrpc.inputs import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Tokenizer, load_image
@@ -80,6 +80,10 @@ class Attributor:
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
             self.name = Path(model).name if Path(model).exists() else str(model)
         self.meta = self.explainer.meta
+        if "targets" in self.meta:  # its index inputs are [batch, K] (docs/design-kaxis.md)
+            raise LrpcError("this explainer explains K targets per row (compiled with --targets): run it with "
+                            "lrpc.Explainer(...).explain(inputs, target=[[...]]), or give `lrpc explain` the "
+                            "original model or an explainer compiled without --targets")
         self.vector = self.meta["seed"] == "vector"
         self.rank = self.meta["rank"]
         self.attributed = dict(self.meta["attributed"])
@@ -138,6 +142,9 @@ class Attributor:
             return [self._text_item(inputs)]
         if isinstance(inputs, dict):
             arrays = {k: np.asarray(v) for k, v in inputs.items()}
+            for name, array in arrays.items():  # without the batch axis, [seq] ids would become seq inputs
+                if name in self.explainer.inputs:
+                    validate.rank(name, array, self.explainer.inputs[name].shape)
             batch = next(iter(arrays.values())).shape[0] if arrays else 0
             if batch and all(a.ndim >= 1 and a.shape[0] == batch for a in arrays.values()):
                 return [self._array_item({k: a[i:i + 1] for k, a in arrays.items()}) for i in range(batch)]
@@ -220,7 +227,6 @@ class Attributor:
                 if name not in it.inputs:
                     raise LrpcError(f"input '{name}' is missing; the model takes {', '.join(self.explainer.model_inputs)}")
                 a = np.asarray(it.inputs[name])
-                a = a[None] if a.ndim == len(self.explainer.inputs[name].shape) - 1 else a
                 if name in token_names and a.shape[-1] < longest:
                     fill = self.tokenizer.pad_id if (name == "input_ids" and self.tokenizer) else 0
                     a = np.concatenate([a, np.full((a.shape[0], longest - a.shape[-1]), fill, a.dtype)], axis=-1)
@@ -262,6 +268,9 @@ class Attributor:
 
         Returns an `Attribution` for one input and one target, else an `Attributions` list (input-major,
         the top-k in descending order)."""
+        if top_k is not None:
+            validate.at_least_one(top_k, "top-k")
+        batch_size = validate.at_least_one(batch_size, "batch size")
         items = self._items(inputs, image)
         if not items:
             raise LrpcError("nothing to explain")
@@ -300,7 +309,7 @@ class Attributor:
         b_index = None if contrast is None else self._class_index(contrast)
         for i in range(n):
             if top_k:
-                if top_k < 1 or (classes and top_k > classes):
+                if classes and top_k > classes:
                     raise LrpcError(f"top-k {top_k} must be between 1 and {classes}")
                 chosen = [int(c) for c in np.argsort(-logits[i], kind="stable")[:top_k]]
             elif target is None:

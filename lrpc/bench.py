@@ -48,23 +48,55 @@ def _session(path, threads: int, optimise: bool = True, low_memory: bool | None 
     return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 
-def _feeds(inputs: dict, explainer_session) -> dict:
+def _feeds(inputs: dict, explainer_session, target: int) -> dict:
     names = {i.name for i in explainer_session.get_inputs()}
     batch = next(iter(inputs.values())).shape[0]
     feed = dict(inputs)
     if "lrp_target" in names:
-        feed["lrp_target"] = np.full(batch, 1, np.int64)
+        feed["lrp_target"] = np.full(batch, target, np.int64)
     if "lrp_position" in names:
         feed["lrp_position"] = np.full(batch, -1, np.int64)
     return feed
 
 
-def token_inputs(entry_or_none, batch: int, seq: int) -> dict[str, np.ndarray]:
+def token_inputs(entry_or_none, batch: int, seq: int, path=None) -> dict[str, np.ndarray]:
+    """The zoo entry's own example inputs, else inputs built from the ONNX file's input specs."""
     if entry_or_none is not None:
         return {k: v.numpy() for k, v in entry_or_none.inputs(batch, seq).items()}
+    return spec_inputs(path, batch, seq)
+
+
+def spec_inputs(path, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Random inputs shaped and typed as the model's own (an explainer's lrp_* inputs are left out):
+    symbolic dims are `batch` on axis 0 and `seq` elsewhere; an integer input is a mask of ones when its
+    name says mask, positions 0..seq−1 for position ids, zeros for token types, else token ids below
+    the vocabulary size read from the embedding table it feeds (100 when it feeds none)."""
+    import onnx_ir as ir
+
+    from lrpc.analysis import embedding_lookups
+    from lrpc.loading import read_proto
+    graph = ir.serde.deserialize_model(read_proto(path)).graph
     rng = np.random.default_rng(0)
-    return {"input_ids": rng.integers(3, 100, (batch, seq), dtype=np.int64),
-            "attention_mask": np.ones((batch, seq), np.int64)}
+    feeds = {}
+    for value in graph.inputs:
+        if value.name.startswith("lrp_"):
+            continue
+        shape = [d if isinstance(d, int) else (batch if axis == 0 else seq) for axis, d in enumerate(value.shape)]
+        dtype = value.dtype.numpy()
+        name = value.name.lower()
+        if dtype.kind == "f":
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in name:
+            feeds[value.name] = np.ones(shape, dtype)
+        elif "position" in name:
+            feeds[value.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        elif "type" in name:
+            feeds[value.name] = np.zeros(shape, dtype)
+        else:
+            tables = [out.producer().inputs[0].shape[0] for out in embedding_lookups(graph, value)]
+            vocab = min((t for t in tables if isinstance(t, int)), default=100)
+            feeds[value.name] = rng.integers(min(3, vocab - 1), vocab, shape).astype(dtype)
+    return feeds
 
 
 def _occlusion_feeds(inputs: dict, chunk: int):
@@ -128,11 +160,17 @@ def _child_peak(kind, path, seq, batch, threads, zoo):
     if zoo:
         from lrpc import models
         entry = models.get(zoo)
-    inputs = token_inputs(entry, batch, seq)
+    inputs = token_inputs(entry, batch, seq, path)
     s = _session(path, threads)
-    feed = _feeds(inputs, s) if kind == "explainer" else inputs
+    feed = _feeds(inputs, s, _target(entry)) if kind == "explainer" else inputs
     s.run(None, feed)
     return _vm_hwm_mb()
+
+
+def _target(entry) -> int:
+    """Class 1 for zoo models (what the torch autograd run explains); class 0, which every output has,
+    for a model file."""
+    return 1 if entry is not None else 0
 
 
 def _vm_hwm_mb() -> float:
@@ -184,9 +222,9 @@ def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats:
 def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
            force) -> dict:
     entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers, force)
-    inputs = token_inputs(entry, batch, seq)
+    inputs = token_inputs(entry, batch, seq, path)
     fwd, exp = _session(path, threads), _session(explainer, threads)
-    feed = _feeds(inputs, exp)
+    feed = _feeds(inputs, exp, _target(entry))
     fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
     if module is not None:
         fns["torch"] = _torch_gxi(module, inputs, threads)
@@ -194,7 +232,7 @@ def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
               "compile_s": compile_s, "checkpoint": checkpoint,
               "ms": {k: {"min": 1e3 * min(v), "median": 1e3 * float(np.median(v))} for k, v in times.items()}}
-    if occlusion != "off":
+    if occlusion != "off" and "input_ids" in inputs:
         chunks = list(_occlusion_feeds(inputs, OCCLUSION_CHUNK))
         measured = chunks if occlusion == "full" else chunks[:2]
         fwd.run(None, measured[0])

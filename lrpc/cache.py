@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,12 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-{preset}-{key}.onnx"
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
-        return path, json.loads(sidecar.read_text())
+        info = _read_sidecar(sidecar)
+        if info.get("digest") == explainer_digest(path):
+            return path, info
+        # a corrupted explainer may still parse: never use it unchecked; rebuild instead of failing forever
+        print(f"lrpc: the cached explainer {path} does not match its recorded digest (damaged or truncated); "
+              "compiling it again", file=sys.stderr)
     ir_model = load(onnx_source(model, task))  # once: the residual stream is found in the graph compiled
     info: dict[str, Any] = {"source": str(model) if not isinstance(model, onnx.ModelProto) else "model"}
     pattern = latent
@@ -119,8 +125,26 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         info["layers"] = None
     explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name)
     save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
+    info["digest"] = explainer_digest(path)
     safeio.write_text(sidecar, json.dumps(info), force=True)
     return path, info
+
+
+def explainer_digest(path: Path) -> str:
+    """sha256 of a cached explainer and its external-data file (save_model writes it as `<name>.data`)."""
+    digest = hashlib.sha256()
+    for file in (path, path.with_name(path.name + ".data")):
+        if file.is_file():
+            _hash_file(digest, file)
+    return digest.hexdigest()
+
+
+def _read_sidecar(sidecar: Path) -> dict:
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def model_metadata(model) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrpc import safeio
+from lrpc import safeio, validate
 from lrpc.errors import LrpcError
 from lrpc.faithfulness import LABELS, Results, abpc, aopc, orders, removal_counts, topk_recovery  # noqa: F401
 from lrpc.presets import PRESETS
@@ -84,7 +84,8 @@ class Evaluator:
         if replace not in REPLACE:
             raise LrpcError(f"--replace {replace}: use one of {', '.join(REPLACE)}")
         self.seed_mode, self.replace, self.patch, self.fill = seed, replace, patch, fill
-        self.rollout_query, self.ig_steps, self.threads = rollout_query, ig_steps, threads
+        self.rollout_query, self.threads = rollout_query, threads
+        self.ig_steps = validate.at_least_one(ig_steps, "--ig-steps")
         self.options = dict(options or {})
         self._source_dir = Path(model).parent if isinstance(model, (str, os.PathLike)) else None
         self._tmp = tempfile.TemporaryDirectory(prefix="lrpc-eval-") if workdir is None else None
@@ -312,6 +313,7 @@ def evaluate(evaluator: Evaluator, examples: list[Example], methods=METHODS, ste
              name: str = "model", seed: int = 0, keep_relevance: bool = False) -> Results:
     """Perturbation curves of every method on every example (Python API)."""
     import time
+    validate.at_least_one(steps, "--steps")
     start = time.perf_counter()
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]

@@ -110,15 +110,15 @@ def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str 
     from lrpc import models
     path = Path(model)
     if path.is_dir():
-        module, inputs = hf_module(path, task)
+        module, example = hf_module(path, task)
         names = ["logits" if (task or "") != "feature-extraction" else "last_hidden_state"]
     elif str(model) in models.names():
         entry = models.get(str(model))
-        module, inputs = entry.build()
+        module, example = entry.build()
         names = [entry.output_name]
     else:
         raise LrpcError(f"{model} is neither a local Hugging Face folder nor a zoo model (`lrpc zoo` lists them)")
-    proto = torch_to_onnx(module, inputs, opset=opset, output_names=names)
+    proto = torch_to_onnx(module, example, opset=opset, output_names=names)
     if output is not None:
         import onnx_ir as ir
 

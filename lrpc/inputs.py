@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lrpc import validate
 from lrpc.errors import LrpcError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,10 +78,12 @@ class Tokenizer:
             if found is not None:
                 return int(found)
         ids = self.backend.encode(token, add_special_tokens=False).ids
-        if len(ids) == 1:
-            return int(ids[0])
-        raise LrpcError(f"target {token!r} is {len(ids)} tokens for this tokenizer, not one: give one token "
-                        "or its id")
+        return validate.known_token(token, list(ids), self.unknown_id())
+
+    def unknown_id(self) -> int | None:
+        """The id of the tokenizer's unknown token (None when its model has none, e.g. byte-level BPE)."""
+        unknown = getattr(self.backend.model, "unk_token", None)
+        return None if unknown is None else self.backend.token_to_id(unknown)
 
     def token(self, index: int) -> str:
         return self.backend.id_to_token(int(index)) or str(index)

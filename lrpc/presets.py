@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from lrpc import passes
+from lrpc import passes, validate
 from lrpc.analysis import relevance_carrying
 from lrpc.errors import LrpcError
 from lrpc.plan import Plan
@@ -41,6 +41,9 @@ class Options:
     gamma_conv: float | None = None
     layers: str | None = None
 
+    def __post_init__(self):
+        validate.rule_options(self.epsilon, self.gamma_linear, self.gamma_conv, self.layers)
+
 
 def get(name: str) -> Preset:
     if name not in TABLE:
@@ -62,4 +65,5 @@ def assign_rules(graph: ir.Graph, sources: set[ir.Value], preset: str,
         run_pass(graph, carrying, plan, chosen, options)
         if len(plan.cut) != cut_before:
             carrying = relevance_carrying(graph, sources, plan.cut)
+    validate.rule_options_took_effect(plan, options)
     return plan, carrying

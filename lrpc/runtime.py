@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lrpc import contract
+from lrpc import contract, validate
 from lrpc.errors import LrpcError, missing_extra
 
 try:
@@ -64,12 +64,14 @@ class Explanation:
     target: np.ndarray | None               # explained class index per row (None with a seed vector)
     position: np.ndarray | None             # explained sequence position per row (rank-3 outputs)
     logit: np.ndarray                       # the explained scalar s per row
+    # (a K explainer, compiled with --targets: target, position and logit are [batch, K], relevance
+    # [batch, K, *input shape]: the K explanations of each row)
     meta: dict = field(default_factory=dict)
 
     def conservation(self, name: str | None = None) -> np.ndarray:
         """Σ relevance per row (of one attributed input, or all), to compare with `logit`."""
         names = [name] if name else [n for n in self.relevance if n in self.meta.get("attributed", {})]
-        return sum(self.relevance[n].reshape(len(self.logit), -1).sum(axis=1) for n in names)
+        return sum(self.relevance[n].reshape(*self.logit.shape, -1).sum(axis=-1) for n in names)
 
 
 class Explainer:
@@ -131,23 +133,8 @@ class Explainer:
                 f"; the model takes {', '.join(self.model_inputs)}")
         feed = {}
         for name in self.model_inputs:
-            spec, array = self.inputs[name], np.asarray(inputs[name])
-            want = np.dtype(ORT_TO_NUMPY.get(spec.type, np.float32))
-            if array.dtype.kind != want.kind and not (array.dtype.kind in "iu" and want.kind in "iu"):
-                raise LrpcError(f"input '{name}' has dtype {array.dtype}, the model expects {want}")
-            if len(spec.shape) != array.ndim:
-                raise LrpcError(f"input '{name}' has rank {array.ndim} (shape {list(array.shape)}), the model "
-                                f"expects rank {len(spec.shape)} ({spec.shape})")
-            for axis, dim in enumerate(spec.shape):
-                if isinstance(dim, int) and dim != array.shape[axis]:
-                    raise LrpcError(f"input '{name}' has size {array.shape[axis]} on axis {axis}, the model "
-                                    f"expects {dim}")
-            if array.size == 0:
-                raise LrpcError(f"input '{name}' is empty (shape {list(array.shape)}): give at least one row and "
-                                "one token / feature")
-            if array.dtype.kind == "f" and np.isnan(array).any():
-                raise LrpcError(f"input '{name}' contains NaN; relevance is undefined for it")
-            feed[name] = array.astype(want, copy=False)
+            spec = self.inputs[name]
+            feed[name] = validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -176,47 +163,47 @@ class Explainer:
                 spec = self.inputs[name]
                 width = [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
                 dtype = ORT_TO_NUMPY.get(spec.type, np.float32)
-                feed[name] = np.zeros([batch] + width, dtype) if name == contract.SEED else np.zeros(batch, dtype)
+                feed[name] = np.zeros([batch] + width, dtype)
         if contract.SEED in feed:  # the seed's class axis must match the output's
             seq_classes = self.output_dims(feed, allow_forward=False)[1]
-            feed[contract.SEED] = np.zeros((batch, seq_classes or 1), np.float32)
+            feed[contract.SEED] = np.zeros(feed[contract.SEED].shape[:-1] + (seq_classes or 1,), np.float32)
         return dict(zip(self.model_outputs, self._run(self.model_outputs, feed)))
 
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
-        """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c])."""
+        """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c]).
+        A K explainer (compiled with --targets) takes target / position [batch, K] (seed [batch, K,
+        classes]) and returns relevance [batch, K, …]."""
+        if "targets" in self.meta:
+            return self._explain_k(inputs, target, position, seed)
         feed = self._check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
         batch = self._batch(feed)
         if rank == 3:
-            position = np.full(batch, -1, np.int64) if position is None else _per_row(position, batch, "position")
+            position = np.full(batch, -1, np.int64) if position is None else \
+                validate.indices("position", position, batch, None, negative=True)
         elif position is not None:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
         if vector:
             if seed is None:
                 raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, classes]")
-            seed = np.asarray(seed, np.float32)
-            if seed.ndim == 1:
-                seed = np.broadcast_to(seed, (batch, seed.shape[0])).copy()
-            if seed.shape[0] != batch:
-                raise LrpcError(f"seed has {seed.shape[0]} rows for a batch of {batch}")
+            seed = validate.seed_vector(seed, batch, None)
         elif target is None:
             forward = self.forward(inputs)
             logits = forward[self.explained]
             logits = logits[np.arange(batch), position] if rank == 3 else logits
             target = logits.argmax(axis=-1).astype(np.int64)
         else:
-            target = _per_row(target, batch, "target")
+            target = validate.indices("target", target, batch, None)
         if rank == 3 or not vector:
             seq, classes = self.output_dims(feed, forward)
-            if rank == 3 and seq is not None and np.any((position < -seq) | (position >= seq)):
-                raise LrpcError(f"position {position.tolist()} out of range for a sequence of {seq} "
-                                f"(use {-seq}..{seq - 1})")
-            if not vector and classes is not None and np.any((target < 0) | (target >= classes)):
-                raise LrpcError(f"target {target.tolist()} out of range for {classes} classes (use 0..{classes - 1})")
-            if vector and classes is not None and seed.shape[-1] != classes:
-                raise LrpcError(f"seed has {seed.shape[-1]} columns, output '{self.explained}' has {classes}")
+            if rank == 3:
+                validate.indices("position", position, batch, seq, negative=True)
+            if vector:
+                validate.seed_vector(seed, batch, classes)
+            else:
+                validate.indices("target", target, batch, classes)
         feed = dict(feed)
         if vector:
             feed[contract.SEED] = seed
@@ -224,16 +211,62 @@ class Explainer:
             feed[contract.TARGET] = target
         if rank == 3:
             feed[contract.POSITION] = position
+        return self._explanation(feed, None if vector else target, position if rank == 3 else None,
+                                 seed if vector else None)
+
+    def _explain_k(self, inputs: dict, target, position, seed) -> Explanation:
+        """explain() of a K explainer: every index input is [batch, K] (docs/design-kaxis.md)."""
+        feed = dict(self._check_inputs(inputs))
+        rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
+        k = self.meta["targets"] if isinstance(self.meta["targets"], int) else None
+        batch = self._batch(feed)
+        seq, classes = self.output_dims(feed)
+        if vector:
+            if seed is None or target is not None:
+                raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, K, classes]")
+            seed = validate.finite("seed", seed)
+            if seed.ndim == 2:
+                seed = np.broadcast_to(seed, (batch,) + seed.shape).copy()
+            if seed.ndim != 3 or seed.shape[0] != batch or seed.shape[1] == 0 or seed.shape[2] != classes \
+                    or (k is not None and seed.shape[1] != k):
+                raise LrpcError(f"seed has shape {list(seed.shape)}; give [batch={batch}, K{'=' + str(k) if k else ''}"
+                                f", classes={classes}] with K ≥ 1")
+            feed[contract.SEED] = seed
+            width = seed.shape[1]
+        else:
+            if target is None:
+                raise LrpcError("this explainer explains K targets per row (compiled with --targets): pass "
+                                "target=[batch, K] class indices")
+            target = validate.index_matrix("target", target, batch, k, classes)
+            feed[contract.TARGET] = target
+            width = target.shape[1]
+        if rank == 3:
+            position = np.full((batch, width), -1, np.int64) if position is None else \
+                validate.index_matrix("position", position, batch, k, seq, negative=True)
+            if position.shape[1] != width:
+                raise LrpcError(f"position has {position.shape[1]} entries per row and the "
+                                f"{'seed' if vector else 'target'} {width}: give one position per target")
+            feed[contract.POSITION] = position
+        elif position is not None:
+            raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
+        return self._explanation(feed, None if vector else target, position if rank == 3 else None,
+                                 seed if vector else None)
+
+    def _explanation(self, feed: dict, target, position, seed) -> Explanation:
+        """Run the explainer on a complete feed; the explained value per row ([batch], or [batch, K] for a
+        K explainer: the index inputs' shape)."""
         results = dict(zip(self.outputs, self._run(self.outputs, feed)))
+        _check_finite(results, self.model_outputs, list(self.meta.get("attributed", {})))
         y = results[self.explained].astype(np.float32)
-        rows = y[np.arange(batch), position] if rank == 3 else y
-        logit = (rows * seed).sum(-1) if vector else rows[np.arange(batch), target]
+        index = target if seed is None else seed[..., 0]
+        rows_of = np.arange(len(y)).reshape((-1,) + (1,) * (index.ndim - 1))
+        rows = y[rows_of, position] if position is not None else np.broadcast_to(y[rows_of], index.shape + y.shape[-1:])
+        logit = (rows * seed).sum(-1) if seed is not None else np.take_along_axis(rows, target[..., None], -1)[..., 0]
         return Explanation(
             outputs={n: results[n] for n in self.model_outputs},
             relevance={n[len(contract.RELEVANCE_PREFIX):]: results[n] for n in self.outputs
                        if n.startswith(contract.RELEVANCE_PREFIX)},
-            target=None if vector else target, position=position if rank == 3 else None,
-            logit=logit, meta=self.meta)
+            target=target, position=position, logit=logit, meta=self.meta)
 
     def _batch(self, feed) -> int:
         first = next(iter(feed.values()))
@@ -256,11 +289,15 @@ class Explainer:
         return seq, dims[-1]
 
 
-def _per_row(value, batch: int, what: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype.kind not in "iu":
-        raise LrpcError(f"{what} must be an integer index (or one per batch row), got {value!r}")
-    array = np.broadcast_to(array.astype(np.int64), (batch,)) if array.ndim == 0 else array.astype(np.int64)
-    if array.shape != (batch,):
-        raise LrpcError(f"{what} has {array.shape[0]} entries for a batch of {batch}")
-    return array
+
+def _check_finite(results: dict, model_outputs: list[str], attributed: list[str]) -> None:
+    """Relevance must be finite wherever the model's forward is: NaN / Inf relevance from finite outputs is
+    an overflow inside the relevance pass (e.g. float16 weights), never a result to hand back."""
+    if not all(np.isfinite(results[n]).all() for n in model_outputs if results[n].dtype.kind == "f"):
+        return
+    for name, value in results.items():
+        if name.startswith(contract.RELEVANCE_PREFIX) and not np.isfinite(value).all():
+            bare = name[len(contract.RELEVANCE_PREFIX):]
+            what = f"input '{bare}'" if bare in attributed else f"tensor '{bare}'"
+            raise LrpcError(f"the relevance of {what} is not finite although the model's outputs are (an "
+                            "overflow in the explainer, e.g. float16 weights): compile the model in float32")

@@ -41,13 +41,16 @@ from typing import Any, Mapping, Sequence
 
 import onnx
 
-from lrpc import export_axes as axes, safeio
+from lrpc import export_axes as axes, safeio, validate
 from lrpc.export_axes import BATCH_DIM, SEQ_DIM
 
 __all__ = ["ExportError", "export_onnx", "EXPORTERS", "BATCH_DIM", "SEQ_DIM"]
 
 EXPORTERS = ("dynamo", "legacy")
 LEGACY_DEFAULT_OPSET = 17
+#: (oldest, newest) opset each exporter of the pinned torch writes as asked; outside it the dynamo exporter
+#: silently writes another opset and the legacy one fails deep inside
+OPSETS = {"dynamo": (18, 23), "legacy": (7, 20)}
 #: save weights as external data above this many bytes when ``external_data`` is None
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
 
@@ -220,6 +223,8 @@ def export_onnx(
 
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    oldest, newest = OPSETS[exporter]
+    opset = validate.export_opset(opset, newest=newest, oldest=oldest)
     names = list(example_inputs)
     if not names:
         raise ValueError("example_inputs is empty")

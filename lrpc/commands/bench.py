@@ -31,6 +31,8 @@ def run(args) -> int:
     import json
 
     from lrpc.bench import bench, format_result
+    from lrpc.commands.common import check_counts
+    check_counts(args, "seq", "batch", "threads", "repeats", "layers")
     result = bench(args.model, seq=args.seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
                    occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
                    workdir=args.workdir, layers=args.layers, force=args.force)

@@ -30,6 +30,14 @@ def rule_options(args):
                    layers=args.layers)
 
 
+def check_counts(args, *flags: str) -> None:
+    """Each of these count options, when given, is a whole number ≥ 1 (lrpc.validate.at_least_one)."""
+    from lrpc import validate
+    for flag in flags:
+        if getattr(args, flag) is not None:
+            validate.at_least_one(getattr(args, flag), "--" + flag.replace("_", "-"))
+
+
 def add_force_option(p: argparse.ArgumentParser, what: str = "the output files") -> None:
     p.add_argument("--force", action="store_true", help=f"overwrite {what} if they exist (never the inputs)")
 
@@ -52,5 +60,6 @@ def load_plan(source: str, args) -> dict:
         doc = planio.read_plan_json(path)
         if doc is not None:
             return doc
-    return plan_document(model_source(source, args), args.preset, args.attribute, rule_options(args),
+    options = rule_options(args)  # refused before a model is exported on the way
+    return plan_document(model_source(source, args), args.preset, args.attribute, options,
                          source=source)

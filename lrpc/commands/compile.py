@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrpc.commands.common import add_force_option, add_rule_options, model_source
+from lrpc.commands.common import add_force_option, add_rule_options, model_source, rule_options
 
 HELP = "turn a model into an explainer"
 EXAMPLES = """examples:
@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", metavar="NAME", help="model output to explain (default: the first)")
     p.add_argument("--seed", default="target", choices=["target", "vector"],
                    help="target: explain y[target] (input lrp_target); vector: explain Σ seed·y (input lrp_seed)")
+    p.add_argument("--targets", metavar="K|dynamic", help="explain K targets per input row in one run: "
+                   "lrp_target / lrp_position become [batch, K] and each relevance.<name> gains a K axis after "
+                   "batch (dynamic: K chosen per run)")
     p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
     p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
@@ -37,12 +40,13 @@ def run(args) -> int:
     import lrpc
     from lrpc import safeio
     from lrpc.loading import check_writable
+    rule_options(args)  # refused before a model is exported on the way
     check_writable(args.out, args.force, safeio.input_files(args.model))
     model = model_source(args.model, args)
     lrpc.compile(model, preset=args.preset, output=args.out, output_name=args.output, attribute=args.attribute,
                  seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
                  gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers,
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
-                 checkpoint=args.checkpoint)
+                 checkpoint=args.checkpoint, targets=args.targets)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0

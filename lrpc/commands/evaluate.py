@@ -40,7 +40,9 @@ def run(args) -> int:
     from pathlib import Path
 
     from lrpc import safeio
+    from lrpc.commands.common import check_counts
     from lrpc.errors import LrpcError, require
+    check_counts(args, "steps", "ig_steps", "patch", "limit")
     if args.plot:
         require("matplotlib", purpose="--plot")
     sources = safeio.input_files(args.model, args.pairs, args.inputs, args.tokenizer)

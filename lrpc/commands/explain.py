@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrpc.commands.common import add_force_option, add_preset_option
+from lrpc.commands.common import add_force_option, add_preset_option, check_counts
 
 HELP = "explain inputs: terminal heatmap, HTML report, PNG, JSON (compiles and caches the explainer on the way)"
 EXAMPLES = """examples:
@@ -68,8 +68,7 @@ def run(args) -> int:
         raise LrpcError("give exactly one of --text, --image, --input, --file")
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
-    if args.batch_size < 1:
-        raise LrpcError("--batch-size must be at least 1")
+    check_counts(args, "top_k", "batch_size")
     from lrpc import corpus
     if corpus.wanted(args):
         return corpus.run_cli(args)
