@@ -56,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from lrpc.errors import LrpcError
+    from lrpc.errors import LrpcError, missing_extra
     try:
         return command(args.command).run(args)
     except LrpcError as exc:
         print(_printable(f"lrpc: error: {exc}"), file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency reached without an early check
+        hint = missing_extra(exc.name or "")
+        if hint is None:
+            raise
+        print(_printable(f"lrpc: error: {hint}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lrpc: interrupted", file=sys.stderr)

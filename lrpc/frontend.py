@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from lrpc.errors import LrpcError
+from lrpc.errors import LrpcError, require
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
          "image-classification")
@@ -20,11 +20,7 @@ AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "A
 
 
 def _require_torch():
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        raise LrpcError("this needs PyTorch and transformers: pip install 'lrpc[torch]'") from None
+    require("torch", "transformers", purpose="exporting a PyTorch model")
 
 
 def torch_to_onnx(module, example_inputs, *, exporter: str = "dynamo", opset: int | None = None,

@@ -51,7 +51,7 @@ class Attribution:
         from lrpc import viz
         tokens = self.tokens if self.tokens is not None else [str(i) for i in range(self.relevance.size)]
         return viz.TokenRow(self.title or "input", list(tokens), np.asarray(self.relevance).reshape(-1),
-                            self.explained(), self.logit)
+                            self.explained(), self.logit, self.conservation)
 
     # ---- pictures ------------------------------------------------------------------------------
     def show(self, console=None) -> None:
@@ -112,6 +112,13 @@ class Attribution:
         n = next(iter(self.latent.values())).size if self.latent else np.size(self.relevance)
         return list(self.tokens) if self.tokens is not None else [str(i) for i in range(n)]
 
+    def to_json(self) -> str:
+        """JSON text of `to_dict()` (`lrpc.load_results` reads it back)."""
+        return json_text(self.to_dict())
+
+    def _repr_html_(self) -> str:   # Jupyter shows the HTML report inline
+        return self.to_html()
+
     def to_dict(self) -> dict:
         out = {"model": self.model, "title": self.title, "target": self.target, "target_label": self.target_label,
                "contrast": self.contrast, "position": self.position, "logit": self.logit,
@@ -152,5 +159,51 @@ class Attributions(list):
             safeio.write_text(path, text, force=force, inputs=inputs)
         return text
 
-    def to_json(self) -> list[dict]:
+    def to_dicts(self) -> list[dict]:
         return [a.to_dict() for a in self]
+
+    def to_json(self) -> str:
+        """JSON text: a list of `Attribution.to_dict()` objects (`lrpc.load_results` reads it back)."""
+        return json_text(self.to_dicts())
+
+    def _repr_html_(self) -> str:   # Jupyter shows the HTML report inline
+        return self.to_html()
+
+
+def json_text(doc) -> str:
+    """JSON with non-finite numbers as strings ("nan", "inf"): valid JSON for every reader."""
+    import json
+
+    def finite(value):
+        if isinstance(value, float) and not np.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+    return json.dumps(finite(doc))
+
+
+def load_results(path: str | os.PathLike) -> Attributions:
+    """Read what `to_json()` (or `lrpc explain --json`, one object or JSON lines) wrote back into
+    `Attributions` (relevance, tokens, target, logit and layers; pictures need the model again)."""
+    import json
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        docs = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            docs = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise LrpcError(f"{path} is not lrpc results JSON: {exc}") from None
+    docs = docs if isinstance(docs, list) else [docs]
+    try:
+        return Attributions(Attribution(
+            relevance=np.asarray(d["relevance"], np.float32), tokens=d.get("tokens"), target=d["target"],
+            logit=float(d["logit"]), target_label=d.get("target_label") or "", contrast=d.get("contrast"),
+            position=d.get("position"), input_name=d.get("input") or "", title=d.get("title") or "",
+            model=d.get("model") or "", relevances={d.get("input") or "input": np.asarray(d["relevance"], np.float32)},
+            latent={k: np.asarray(v, np.float32) for k, v in (d.get("layers") or {}).items()}) for d in docs)
+    except (KeyError, TypeError) as exc:
+        raise LrpcError(f"{path} is not lrpc results JSON (missing {exc})") from None

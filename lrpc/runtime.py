@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from lrpc import contract, validate
-from lrpc.errors import LrpcError
+from lrpc.errors import LrpcError, missing_extra
+
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError:  # the core install has neither wheel: lrpc[cpu] or lrpc[gpu] picks one
+    raise ModuleNotFoundError(str(missing_extra("onnxruntime", "lrpc")), name="onnxruntime") from None
 
 ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
@@ -22,6 +28,33 @@ def default_providers() -> list[str]:
     """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
     available = ort.get_available_providers()
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def cuda_visible() -> bool:
+    """Whether this machine has an NVIDIA GPU with its driver loaded."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or shutil.which("nvidia-smi") is not None
+
+
+def cpu_only_advice() -> str:
+    """Why onnxruntime runs on the CPU although a GPU is visible, and the fix."""
+    from importlib import metadata
+    installed = [d for d in ("onnxruntime", "onnxruntime-gpu") if _distribution(metadata, d)]
+    if "onnxruntime" in installed:
+        why = ("the CPU wheel onnxruntime is installed" + (" beside onnxruntime-gpu and shadows it"
+                                                           if len(installed) == 2 else ""))
+        fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'lrpc[gpu]'"
+    else:
+        why = "onnxruntime-gpu cannot load CUDA (check the CUDA and cuDNN versions its release needs)"
+        fix = "see https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html"
+    return f"a CUDA GPU is visible but onnxruntime runs on the CPU: {why}; fix: {fix}"
+
+
+def _distribution(metadata, name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 @dataclass
@@ -81,6 +114,8 @@ class Explainer:
         if self.meta is None:
             raise LrpcError("this model is not an lrpc explainer; make one with `lrpc compile MODEL -o OUT`")
         self.provider = self.session.get_providers()[0]
+        if not providers and self.provider == "CPUExecutionProvider" and cuda_visible():
+            warnings.warn(cpu_only_advice(), stacklevel=2)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.model_inputs = [n for n in self.inputs if not n.startswith("lrp_")]
         self.outputs = [o.name for o in self.session.get_outputs()]

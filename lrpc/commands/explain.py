@@ -60,9 +60,9 @@ def run(args) -> int:
 
     from lrpc import safeio
     from lrpc.attributor import Attributor
-    from lrpc.errors import LrpcError
+    from lrpc.errors import LrpcError, require
     from lrpc.inputs import read_jsonl, read_npz
-    from lrpc.results import Attributions
+    from lrpc.results import Attributions, json_text
     given = [x for x in (args.text, args.image, args.input, args.file) if x]
     if len(given) != 1:
         raise LrpcError("give exactly one of --text, --image, --input, --file")
@@ -72,6 +72,8 @@ def run(args) -> int:
     from lrpc import corpus_run
     if corpus_run.wanted(args):
         return corpus_run.run_cli(args)
+    if args.png:
+        require("matplotlib", purpose="--png")
     sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
@@ -100,12 +102,12 @@ def run(args) -> int:
         results = Attributions(_as_list(attributor.attribute(inputs, image=image, batch_size=args.batch_size,
                                                              **spec)))
     if args.json:
-        docs = results.to_json()
+        docs = results.to_dicts()
         if args.file:
             for doc in docs:
-                print(json.dumps(doc, default=_jsonable))
+                print(json_text(doc))
         else:
-            print(json.dumps(docs[0] if len(docs) == 1 else docs, default=_jsonable, indent=None))
+            print(json_text(docs[0] if len(docs) == 1 else docs))
     else:
         results.show()
     if args.html:
@@ -119,13 +121,6 @@ def run(args) -> int:
             written.append(str(a.save_png(path, force=args.force, inputs=sources)))
         print(f"PNG: {', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
     return 0
-
-
-def _jsonable(value):
-    import numpy as np
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
 
 
 def _as_list(result) -> list:
