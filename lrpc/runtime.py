@@ -58,7 +58,7 @@ class Explainer:
             options.intra_op_num_threads = threads
         if not graph_optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors reach the user as one LrpcError line, not log lines
         self._source = model
         if isinstance(model, onnx.ModelProto):
             source = model.SerializeToString()
@@ -82,18 +82,10 @@ class Explainer:
         self.explained = self.meta["output"]
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
-        missing = [n for n in self.model_inputs if n not in inputs]
-        unknown = [n for n in inputs if n not in self.model_inputs]
-        if missing or unknown:
-            raise LrpcError("wrong inputs: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) +
-                ([f"unknown {', '.join(unknown)}"] if unknown else [])) +
-                f"; the model takes {', '.join(self.model_inputs)}")
-        feed = {}
-        for name in self.model_inputs:
-            spec = self.inputs[name]
-            feed[name] = validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
+    def check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
+        """The model inputs as a feed: exactly the model's names, each array validated, and a symbolic
+        dim shared by several inputs of one size."""
+        feed = checked_feed({n: self.inputs[n] for n in self.model_inputs}, inputs)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -115,7 +107,7 @@ class Explainer:
     def forward(self, inputs: dict) -> dict[str, np.ndarray]:
         """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
         second copy of the weights is loaded."""
-        feed = dict(self._check_inputs(inputs))
+        feed = dict(self.check_inputs(inputs))
         batch = self._batch(feed)
         for name in (contract.TARGET, contract.POSITION, contract.SEED):
             if name in self.inputs:
@@ -131,7 +123,7 @@ class Explainer:
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
         """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c])."""
-        feed = self._check_inputs(inputs)
+        feed = self.check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
         batch = self._batch(feed)
@@ -198,6 +190,19 @@ class Explainer:
         seq = dims[1] if len(dims) == 3 else None
         return seq, dims[-1]
 
+
+
+def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:
+    """`inputs` as a feed for these onnxruntime input specs ({name: NodeArg}): exactly their names, each
+    array of the dtype, rank and size they take and finite (lrpc.validate.input_array)."""
+    missing = [n for n in specs if n not in inputs]
+    unknown = [n for n in inputs if n not in specs]
+    if missing or unknown:
+        raise LrpcError("wrong inputs: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) +
+            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}")
+    return {name: validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
+            for name, spec in specs.items()}
 
 
 def _check_finite(results: dict, model_outputs: list[str], attributed: list[str]) -> None:
