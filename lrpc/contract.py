@@ -17,6 +17,7 @@ from lrpc.errors import LrpcError
 from lrpc.graph import Builder
 
 TARGET, POSITION, SEED = "lrp_target", "lrp_position", "lrp_seed"
+K_DIM = "lrp_targets"   # the symbolic K of an explainer compiled with --targets dynamic
 RELEVANCE_PREFIX = "relevance."
 METADATA_KEY = "lrpc.explainer"
 F32, I64 = ir.DataType.FLOAT, ir.DataType.INT64
@@ -58,29 +59,49 @@ def add_output(graph: ir.Graph, builder: Builder, value: ir.Value, name: str, sh
     graph.outputs.append(out)
 
 
-def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str) -> ir.Value:
+def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str | None = None) -> ir.Value:
     """ĝ at the explained output: one-hot at (row, [position,] target), or the seed vector.
+
+    With `targets` (K, an int or "dynamic"; docs/design-kaxis.md) the inputs are [batch, K] (the seed
+    vector [batch, K, classes]) and ĝ gains a leading K axis: [K, batch, (seq,) classes], each of the K
+    slices the single-target seed of one column.
 
     The graph checks these inputs itself (the run fails naming the input), because deployed explainers
     run without lrpc's Python checks: OneHot would turn an out-of-range index into an all-zero seed."""
     _refuse_reserved_names(graph)
     batch, classes = y.shape[0], y.shape[-1]
+    per_row = [batch] if targets is None else [batch, k_dim(targets)]   # the index inputs' shape
     if mode == "vector":
-        per_class = add_input(graph, b, SEED, F32, [batch, classes])
+        per_class = index_input = add_input(graph, b, SEED, F32, per_row + [classes])
         per_class = _checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite")
     elif mode == "target":
-        target = add_input(graph, b, TARGET, I64, [batch])
+        target = index_input = add_input(graph, b, TARGET, I64, per_row)
+        if targets is not None:
+            target = _checked(b, target, b.Greater(b.Shape(target, start=1, end=2), b.i64([0])), "nonempty")
         target = _checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range")
         per_class = b.OneHot(target, b.Shape(y, start=-1), b.f32([0.0, 1.0]), axis=-1)
     else:
         raise LrpcError(f"unknown seed mode '{mode}': use 'target' or 'vector'")
+    if targets is not None:
+        per_class = b.Transpose(per_class, perm=[1, 0, 2])   # [K, batch, classes]
     if y.shape.rank() == 2:
         return per_class
-    position = add_input(graph, b, POSITION, I64, [batch])
+    position = add_input(graph, b, POSITION, I64, per_row)
     seq = b.Shape(y, start=1, end=2)
+    if targets is not None:  # one position per target: the same [batch, K] as the target / seed's first axes
+        same = b.Equal(b.Shape(position), b.Shape(index_input, end=2))
+        position = _checked(b, position, same, "same_shape_as_" + index_input.name)
     position = _checked(b, position, _in_range(b, position, seq, negative=True), "in_range")
     at_position = b.OneHot(position, seq, b.f32([0.0, 1.0]), axis=-1)  # negative: from end
-    return b.Mul(b.Unsqueeze(at_position, b.i64([-1])), b.Unsqueeze(per_class, b.i64([1])))
+    if targets is not None:
+        at_position = b.Transpose(at_position, perm=[1, 0, 2])   # [K, batch, seq]
+    return b.Mul(b.Unsqueeze(at_position, b.i64([-1])), b.Unsqueeze(per_class, b.i64([1 if targets is None else 2])))
+
+
+def k_dim(targets: int | str):
+    """The K dimension of the explainer's [batch, K] inputs and its relevance outputs: K, or a named
+    symbolic dim (the Builder reads a named dim from the graph input that carries it)."""
+    return targets if isinstance(targets, int) else K_DIM
 
 
 def _refuse_reserved_names(graph: ir.Graph) -> None:
@@ -114,7 +135,8 @@ def _checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
 
 
 def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.Value, ir.Value]) -> ir.Value:
-    """R = x ⊙ ĝ_x; for token ids, taken at each embedding lookup and summed over the hidden axis."""
+    """R = x ⊙ ĝ_x; for token ids, taken at each embedding lookup and summed over the hidden axis. With a
+    K axis (emitter.k_shape) R is [batch, K, *x.shape]."""
     x = attribution.input
     parts = []
     for point in attribution.points:
@@ -122,17 +144,41 @@ def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.V
             continue
         r = _times(b, emitter.as_f32(point), grads[point])
         if attribution.kind == "token":
-            r = b.Reshape(b.ReduceSum(r, b.i64([-1]), keepdims=0), b.Shape(x))
+            r = b.Reshape(b.ReduceSum(r, b.i64([-1]), keepdims=0), _grad_shape_of(b, emitter, x))
         parts.append(r)
     if not parts:  # the explained output does not depend on this input
-        return b.ConstantOfShape(b.Shape(x), value=ir.tensor([0.0], dtype=F32))
-    return parts[0] if len(parts) == 1 else b.Sum(*parts)
+        return _batch_first(b, emitter, b.ConstantOfShape(_grad_shape_of(b, emitter, x), value=ir.tensor([0.0], dtype=F32)), x)
+    return _batch_first(b, emitter, parts[0] if len(parts) == 1 else b.Sum(*parts), x)
 
 
 def latent_relevance(b: Builder, emitter, value: ir.Value, grads: dict[ir.Value, ir.Value]) -> ir.Value:
     if value not in grads:
-        return b.ConstantOfShape(b.Shape(value), value=ir.tensor([0.0], dtype=F32))
-    return _times(b, emitter.as_f32(value), grads[value])
+        r = b.ConstantOfShape(_grad_shape_of(b, emitter, value), value=ir.tensor([0.0], dtype=F32))
+    else:
+        r = _times(b, emitter.as_f32(value), grads[value])
+    return _batch_first(b, emitter, r, value)
+
+
+def relevance_shape(value: ir.Value, targets: int | str | None) -> list:
+    """The declared shape of relevance.<name>: the value's, with K after batch under --targets."""
+    dims = list(value.shape or [])
+    return dims if targets is None else dims[:1] + [k_dim(targets)] + dims[1:]
+
+
+def _grad_shape_of(b: Builder, emitter, value: ir.Value) -> ir.Value:
+    """The run-time shape of ĝ of a value: its own, with K in front when ĝ has a K axis."""
+    shape = b.Shape(value)
+    return shape if emitter.k_shape is None else b.Concat(emitter.k_shape, shape, axis=0)
+
+
+def _batch_first(b: Builder, emitter, relevance: ir.Value, value: ir.Value) -> ir.Value:
+    """[K, batch, …] → [batch, K, …] (the contract puts K after batch); unchanged without a K axis."""
+    if emitter.k_shape is None:
+        return relevance
+    r = value.shape.rank() if value.shape is not None else None
+    if r is None:
+        raise LrpcError(f"--targets needs the rank of '{value.name}', which shape inference left unknown")
+    return b.Transpose(relevance, perm=[1, 0] + list(range(2, r + 1)))
 
 
 def _times(b: Builder, x: ir.Value, grad: ir.Value) -> ir.Value:

@@ -28,6 +28,20 @@ class Emitter:
         self._f32: dict[ir.Value, ir.Value] = {}
         self.rows = Rows(graph, carrying, builder)   # which ĝ are kept as one sequence row (lrpc.rows)
         self.totals: dict[ir.Value, ir.Value] = {}  # ĝ of every tensor the walk reached (lrpc.checkpoint)
+        # With --targets, every ĝ has a leading K axis (docs/design-kaxis.md): k_shape is its run-time [K],
+        # k_dim its declared dim (an int or a name); None / None without one
+        self.k_shape: ir.Value | None = None
+        self.k_dim = None
+
+    def with_targets(self, seed: ir.Value, k_dim) -> None:
+        """Give every ĝ of this walk a leading K axis, sized like the seed's first axis."""
+        self.k_shape = self.b.Shape(seed, end=1)
+        self.k_dim = k_dim if isinstance(k_dim, int) else ir.SymbolicDim(k_dim)
+
+    @property
+    def lead(self) -> int:
+        """How many axes ĝ has in front of its tensor's own: 1 with a K axis, else 0."""
+        return 0 if self.k_shape is None else 1
 
     def as_f32(self, value: ir.Value) -> ir.Value:
         """Forward values enter the rules in float32 (relevance is float32 even for fp16/bf16 models)."""
@@ -39,22 +53,23 @@ class Emitter:
 
     def unbroadcast(self, grad: ir.Value, target: ir.Value, source: ir.Value, core: int = 0) -> ir.Value:
         """Sum ĝ (shaped like `source`) over the axes that broadcasting added to `target`. The last `core`
-        axes were not broadcast (MatMul's matrix dims: ĝ already has the target's there)."""
-        b = self.b
+        axes were not broadcast (MatMul's matrix dims: ĝ already has the target's there). A leading K axis
+        of ĝ (self.lead) is kept."""
+        b, lead = self.b, self.lead
         rt, rs = rank(target), rank(source)
         if rt is None or rs is None:
-            lead = b.Sub(b.Size(b.Shape(grad)), b.Size(b.Shape(target)))
-            grad = b.ReduceSum(grad, b.Range(b.i64(0), lead, b.i64(1)), keepdims=0, noop_with_empty_axes=1)
+            end = b.Sub(b.Size(b.Shape(grad)), b.Size(b.Shape(target)))   # the added axes: [lead, end)
+            grad = b.ReduceSum(grad, b.Range(b.i64(lead), end, b.i64(1)), keepdims=0, noop_with_empty_axes=1)
             return self._reduce_ones(grad, target)
         if rs > rt:
-            grad = b.ReduceSum(grad, b.i64(list(range(rs - rt))), keepdims=0)
+            grad = b.ReduceSum(grad, b.i64(list(range(lead, lead + rs - rt))), keepdims=0)
         static_axes, unsure = [], False
         for i in range(rt - core):
             dt, ds = target.shape[i], source.shape[rs - rt + i]
             if same_dim(dt, ds) or (isinstance(dt, int) and dt != 1):
                 continue
             if dt == 1:
-                static_axes.append(i)
+                static_axes.append(lead + i)
             else:
                 unsure = True
         if unsure:
@@ -62,10 +77,12 @@ class Emitter:
         return b.ReduceSum(grad, b.i64(static_axes), keepdims=1) if static_axes else grad
 
     def _reduce_ones(self, grad: ir.Value, target: ir.Value) -> ir.Value:
-        """Run-time form: reduce (keeping dims) every axis where target has 1 and ĝ has more."""
+        """Run-time form: reduce (keeping dims) every axis where target has 1 and ĝ has more (ĝ's K axis is
+        compared with itself, so never reduced)."""
         b = self.b
         one = b.i64(1)
-        axes = b.Reshape(b.NonZero(b.And(b.Equal(b.Shape(target), one), b.Not(b.Equal(b.Shape(grad), one)))),
+        shape = b.Shape(target) if self.k_shape is None else b.Concat(b.Shape(grad, end=1), b.Shape(target), axis=0)
+        axes = b.Reshape(b.NonZero(b.And(b.Equal(shape, one), b.Not(b.Equal(b.Shape(grad), one)))),
                          b.i64([-1]))
         return b.ReduceSum(grad, axes, keepdims=1, noop_with_empty_axes=1)
 
@@ -107,7 +124,7 @@ class Emitter:
         pending: dict[ir.Value, list[ir.Value]] = {v: [g] for v, g in seeds.items()}
         found: dict[ir.Value, ir.Value] = {}
         rows = self.rows
-        if len(seeds) == 1:
+        if len(seeds) == 1 and self.k_shape is None:  # row compaction: one row (not K) per seed
             (y, full), = seeds.items()
             row = rows.start(y, full)
             if row is not None:

@@ -84,7 +84,9 @@ def refused(reason: str) -> Op:
 
 def _transpose(n, g):
     perm = n.attr("perm")
-    return (lambda: n.b.Transpose(g, perm=list(np.argsort(perm))) if perm else n.b.Transpose(g),)
+    if perm is None and n.lead:  # the default perm reverses the forward axes, not ĝ's K axis
+        perm = list(reversed(range(n.rank(0))))
+    return (lambda: n.b.Transpose(g, perm=n.grad_perm(np.argsort(perm))) if perm else n.b.Transpose(g),)
 
 
 def _reduce_l2(n, g):

@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from lrpc import ops, rows
-from lrpc.errors import LrpcError
-from lrpc.graph import const_array, same_dim
+from lrpc.gamma import linear_gamma
+from lrpc.graph import same_dim
 from lrpc.plan import Rule
+from lrpc.vjp_common import stabilised
 from lrpc.vjp_norms import layer_norm_grad
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
@@ -58,7 +57,7 @@ def _identity_region(n, g, input: str):
     factor = _cofactor(n, u)
     if factor is not None:
         return {u: lambda: b.Mul(g, n.f32(factor))}
-    return {u: lambda: b.Mul(g, b.Div(n.y(), _stabilised(b, n.f32(u), ACTIVATION_EPS)))}
+    return {u: lambda: b.Mul(g, b.Div(n.y(), stabilised(b, n.f32(u), ACTIVATION_EPS)))}
 
 
 def _cofactor(n, u):
@@ -75,42 +74,12 @@ def _no_relevance(n, g):
     return ()
 
 
-def _stabilised(b, z, eps: float):
-    """z + ε·sign(z), sign(0) = 1. Written as z + (2ε·[z ≥ 0] − ε), bit-identical to a Where on the sign but
-    elementwise arithmetic only (onnxruntime's broadcasting Where is several times slower on CPU)."""
-    step = b.Cast(b.GreaterOrEqual(z, b.f32(0.0)), to=1)
-    return b.Add(z, b.Sub(b.Mul(step, b.f32(2 * np.float32(eps))), b.f32(eps)))
-
-
 def _linear_epsilon(n, g, epsilon: float, layer: str):
     """ε-rule (Eq. 8): ĝ_x = Wᵀ (ĝ_z ⊙ z / (z + ε·sign z)), z the layer's output including its bias."""
     b, z = n.b, n.y()
     layer_node = n.view(layer)   # the node itself, or the MatMul before its bias Add
-    scaled = b.Mul(g, b.Div(z, _stabilised(b, z, epsilon)))
+    scaled = b.Mul(g, b.Div(z, stabilised(b, z, epsilon)))
     return {layer_node.raw(0): _exact(layer_node, scaled)[0]}
-
-
-def _linear_gamma(n, g, gamma: float, layer: str):
-    """γ-rule: ĝ_x = W_γᵀ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + γ·W⁺ and b_γ = b + γ·b⁺ folded at compile time,
-    z_γ = x W_γ + b_γ."""
-    b = n.b
-    layer_node = n.view(layer)
-    node = layer_node.node
-
-    def boosted(value):
-        array = const_array(value)
-        if array is None:
-            raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
-        array = array.astype(np.float32)
-        return b.const(array + gamma * np.maximum(array, 0), hint="gamma_weight")
-    inputs = [layer_node.x(0)] + [None if v is None else boosted(v) for v in node.inputs[1:]]
-    z_gamma = b.op(node.op_type, *inputs, **{k: a.value for k, a in node.attributes.items()})
-    boosted_layer = n.view(z_gamma.producer())
-    if n.node is not node:  # the bias Add after a MatMul
-        bias = n.raw(1) if n.raw(0) is node.outputs[0] else n.raw(0)
-        z_gamma = b.Add(z_gamma, boosted(bias))
-    scaled = b.Mul(g, b.Div(n.y(), _stabilised(b, z_gamma, 1e-6)))
-    return {layer_node.raw(0): _exact(boosted_layer, scaled)[0]}
 
 
 @dataclass(frozen=True)
@@ -129,5 +98,5 @@ RULES: dict[str, LrpRule] = {
     Rule.SOFTMAX: LrpRule(_exact, rows.softmax),     # Prop. 3.1: in Gradient×Input form the exact VJP
     Rule.NONE: LrpRule(_no_relevance),
     Rule.EPSILON: LrpRule(_linear_epsilon),
-    Rule.GAMMA: LrpRule(_linear_gamma),
+    Rule.GAMMA: LrpRule(linear_gamma),
 }

@@ -31,21 +31,25 @@ class Explanation:
     target: np.ndarray | None               # explained class index per row (None with a seed vector)
     position: np.ndarray | None             # explained sequence position per row (rank-3 outputs)
     logit: np.ndarray                       # the explained scalar s per row
+    # (a K explainer, compiled with --targets: target, position and logit are [batch, K], relevance
+    # [batch, K, *input shape]: the K explanations of each row)
     meta: dict = field(default_factory=dict)
 
     def conservation(self, name: str | None = None) -> np.ndarray:
         """Σ relevance per row (of one attributed input, or all), to compare with `logit`."""
         names = [name] if name else [n for n in self.relevance if n in self.meta.get("attributed", {})]
-        return sum(self.relevance[n].reshape(len(self.logit), -1).sum(axis=1) for n in names)
+        return sum(self.relevance[n].reshape(*self.logit.shape, -1).sum(axis=-1) for n in names)
 
 
 class Explainer:
     """An explainer loaded into an onnxruntime session. `.provider` says where it runs."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, providers: list[str] | None = None,
-                 threads: int | None = None, graph_optimization: bool = True, low_memory: bool | None = None):
+                 threads: int | None = None, graph_optimization: bool = True, low_memory: bool | None = None,
+                 session_config: dict[str, str] | None = None):
         """low_memory: run without onnxruntime's pre-packed weight copies (less memory, ~6% slower on CPU);
-        None (default): on for explainers compiled with --checkpoint, off otherwise."""
+        None (default): on for explainers compiled with --checkpoint, off otherwise. session_config:
+        onnxruntime session config entries (e.g. {"session.intra_op.allow_spinning": "0"})."""
         if low_memory is None:
             meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
                 if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
@@ -56,6 +60,8 @@ class Explainer:
             options.add_session_config_entry("session.disable_prepacking", "1")
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         if not graph_optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 4  # its errors reach the user as one LrpcError line, not log lines
@@ -114,15 +120,19 @@ class Explainer:
                 spec = self.inputs[name]
                 width = [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
                 dtype = ORT_TO_NUMPY.get(spec.type, np.float32)
-                feed[name] = np.zeros([batch] + width, dtype) if name == contract.SEED else np.zeros(batch, dtype)
+                feed[name] = np.zeros([batch] + width, dtype)
         if contract.SEED in feed:  # the seed's class axis must match the output's
             seq_classes = self.output_dims(feed, allow_forward=False)[1]
-            feed[contract.SEED] = np.zeros((batch, seq_classes or 1), np.float32)
+            feed[contract.SEED] = np.zeros(feed[contract.SEED].shape[:-1] + (seq_classes or 1,), np.float32)
         return dict(zip(self.model_outputs, self._run(self.model_outputs, feed)))
 
     # ---- explaining ----------------------------------------------------------------------------
     def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
-        """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c])."""
+        """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c]).
+        A K explainer (compiled with --targets) takes target / position [batch, K] (seed [batch, K,
+        classes]) and returns relevance [batch, K, …]."""
+        if "targets" in self.meta:
+            return self._explain_k(inputs, target, position, seed)
         feed = self.check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
@@ -158,17 +168,62 @@ class Explainer:
             feed[contract.TARGET] = target
         if rank == 3:
             feed[contract.POSITION] = position
+        return self._explanation(feed, None if vector else target, position if rank == 3 else None,
+                                 seed if vector else None)
+
+    def _explain_k(self, inputs: dict, target, position, seed) -> Explanation:
+        """explain() of a K explainer: every index input is [batch, K] (docs/design-kaxis.md)."""
+        feed = dict(self.check_inputs(inputs))
+        rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
+        k = self.meta["targets"] if isinstance(self.meta["targets"], int) else None
+        batch = self._batch(feed)
+        seq, classes = self.output_dims(feed)
+        if vector:
+            if seed is None or target is not None:
+                raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, K, classes]")
+            seed = validate.finite("seed", seed)
+            if seed.ndim == 2:
+                seed = np.broadcast_to(seed, (batch,) + seed.shape).copy()
+            if seed.ndim != 3 or seed.shape[0] != batch or seed.shape[1] == 0 or seed.shape[2] != classes \
+                    or (k is not None and seed.shape[1] != k):
+                raise LrpcError(f"seed has shape {list(seed.shape)}; give [batch={batch}, K{'=' + str(k) if k else ''}"
+                                f", classes={classes}] with K ≥ 1")
+            feed[contract.SEED] = seed
+            width = seed.shape[1]
+        else:
+            if target is None:
+                raise LrpcError("this explainer explains K targets per row (compiled with --targets): pass "
+                                "target=[batch, K] class indices")
+            target = validate.index_matrix("target", target, batch, k, classes)
+            feed[contract.TARGET] = target
+            width = target.shape[1]
+        if rank == 3:
+            position = np.full((batch, width), -1, np.int64) if position is None else \
+                validate.index_matrix("position", position, batch, k, seq, negative=True)
+            if position.shape[1] != width:
+                raise LrpcError(f"position has {position.shape[1]} entries per row and the "
+                                f"{'seed' if vector else 'target'} {width}: give one position per target")
+            feed[contract.POSITION] = position
+        elif position is not None:
+            raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
+        return self._explanation(feed, None if vector else target, position if rank == 3 else None,
+                                 seed if vector else None)
+
+    def _explanation(self, feed: dict, target, position, seed) -> Explanation:
+        """Run the explainer on a complete feed; the explained value per row ([batch], or [batch, K] for a
+        K explainer: the index inputs' shape)."""
         results = dict(zip(self.outputs, self._run(self.outputs, feed)))
         _check_finite(results, self.model_outputs, list(self.meta.get("attributed", {})))
         y = results[self.explained].astype(np.float32)
-        rows = y[np.arange(batch), position] if rank == 3 else y
-        logit = (rows * seed).sum(-1) if vector else rows[np.arange(batch), target]
+        index = target if seed is None else seed[..., 0]
+        rows_of = np.arange(len(y)).reshape((-1,) + (1,) * (index.ndim - 1))
+        rows = y[rows_of, position] if position is not None else np.broadcast_to(y[rows_of], index.shape + y.shape[-1:])
+        logit = (rows * seed).sum(-1) if seed is not None else np.take_along_axis(rows, target[..., None], -1)[..., 0]
         return Explanation(
             outputs={n: results[n] for n in self.model_outputs},
             relevance={n[len(contract.RELEVANCE_PREFIX):]: results[n] for n in self.outputs
                        if n.startswith(contract.RELEVANCE_PREFIX)},
-            target=None if vector else target, position=position if rank == 3 else None,
-            logit=logit, meta=self.meta)
+            target=target, position=position, logit=logit, meta=self.meta)
 
     def _batch(self, feed) -> int:
         first = next(iter(feed.values()))

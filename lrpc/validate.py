@@ -142,6 +142,38 @@ def indices(name: str, value, batch: int, size: int | None, *, negative: bool = 
     return array
 
 
+def targets_option(value) -> int | str | None:
+    """--targets: K ≥ 1 (a fixed number of targets per input row) or "dynamic" (K chosen per run)."""
+    if value is None or value == "dynamic":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise LrpcError(f"--targets {value!r}: give a number of targets K ≥ 1, or 'dynamic'")
+    return int(value)
+
+
+def index_matrix(name: str, value, batch: int, k: int | None, size: int | None, *,
+                 negative: bool = False) -> np.ndarray:
+    """K integer indices per batch row, [batch, K] (a [K] list is used for every row), in [0, size), or
+    [−size, size) when negative indices count from the end; K must be ≥ 1 (and `k` when the explainer
+    fixes it)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu" or array.ndim not in (1, 2):
+        raise LrpcError(f"{name} must be integer indices shaped [batch, K] (or [K] for every row), got "
+                        f"{np.asarray(value).tolist()!r}")
+    array = array.astype(np.int64)
+    if array.ndim == 1:
+        array = np.broadcast_to(array, (batch, array.shape[0])).copy()
+    if array.shape[0] != batch:
+        raise LrpcError(f"{name} has shape {list(array.shape)}; give [batch={batch}, K]")
+    if array.shape[1] == 0:
+        raise LrpcError(f"{name} has K = 0 targets per row; give at least one")
+    if k is not None and array.shape[1] != k:
+        raise LrpcError(f"{name} has K = {array.shape[1]} per row, this explainer was compiled with --targets {k}")
+    return indices(name, array.ravel(), array.size, size, negative=negative).reshape(array.shape)
+
+
 def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
     """A seed [batch, classes] (a [classes] vector is used for every row), finite as float32."""
     seed = finite("seed", value)

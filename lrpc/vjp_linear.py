@@ -6,9 +6,10 @@ from lrpc.errors import LrpcError
 from lrpc.graph import attr as node_attr, same_dim
 
 
-def _swap_last(n, v, r):
+def _swap_last(n, v, r, grad=False):
+    """v with its last two axes swapped (v of rank r; a ĝ when `grad`, with ĝ's own leading axes)."""
     perm = list(range(r - 2)) + [r - 1, r - 2]
-    return n.b.Transpose(v, perm=perm)
+    return n.b.Transpose(v, perm=n.grad_perm(perm) if grad else perm)
 
 
 def matmul(n, g):
@@ -25,16 +26,18 @@ def matmul(n, g):
     if rb == 1:   # y[..., m] = a[..., m, k] · b[k]
         return (lambda: b.Mul(b.Unsqueeze(g, b.i64([-1])), n.x(1)),
                 lambda: b.ReduceSum(b.Mul(n.x(0), b.Unsqueeze(g, b.i64([-1]))),
-                                    b.i64(list(range(known(ra, 0) - 1))), keepdims=0) if ra != 1 else b.Mul(n.x(0), g))
+                                    b.i64([n.grad_axis(i) for i in range(known(ra, 0) - 1)]), keepdims=0)
+                if ra != 1 else b.Mul(n.x(0), g))
     if ra == 1:   # y[..., n] = a[k] · b[..., k, n]
         return (lambda: b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([-2])), n.x(1)),
-                                    b.i64(list(range(known(rb, 1) - 2)) + [rb - 1]), keepdims=0),
+                                    b.i64([n.grad_axis(i) for i in list(range(known(rb, 1) - 2)) + [rb - 1]]),
+                                    keepdims=0),
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
     if rb == 2 and ra is not None and ra >= 2 and not n.carries(1):
         return (lambda: _matmul_weight_grad(n, g), None)
     # only the batch dims (all but the last two) can have been broadcast
     if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
-        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb), n.x(0)), rb)  # noqa: E731
+        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb, grad=True), n.x(0)), rb, grad=True)  # noqa: E731
     else:
         grad_b = lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1, core=2)  # noqa: E731
     return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2), grad_b)
@@ -81,11 +84,12 @@ def gemm(n, g):
     alpha, beta = n.attr("alpha", 1.0), n.attr("beta", 1.0)
     ta, tb = n.attr("transA", 0), n.attr("transB", 0)
     t = lambda v: b.Transpose(v, perm=[1, 0])  # noqa: E731
+    tg = lambda v: b.Transpose(v, perm=n.grad_perm([1, 0]))  # noqa: E731  (ĝ keeps its K axis in front)
     scale = (lambda v: v) if alpha == 1.0 else (lambda v: b.Mul(v, b.f32(alpha)))
     b_prime = lambda: t(n.x(1)) if tb else n.x(1)  # noqa: E731
     a_prime = lambda: t(n.x(0)) if ta else n.x(0)  # noqa: E731
-    grad_a = (lambda: scale(b.MatMul(b_prime(), t(g)))) if ta else (lambda: scale(b.MatMul(g, t(b_prime()))))
-    grad_b = (lambda: scale(b.MatMul(t(g), a_prime()))) if tb else (lambda: scale(b.MatMul(t(a_prime()), g)))
+    grad_a = (lambda: scale(b.MatMul(b_prime(), tg(g)))) if ta else (lambda: scale(b.MatMul(g, t(b_prime()))))
+    grad_b = (lambda: scale(b.MatMul(tg(g), a_prime()))) if tb else (lambda: scale(b.MatMul(t(a_prime()), g)))
     grad_c = lambda: n.unbroadcast_to(b.Mul(g, b.f32(beta)), n.raw(2), n.raw_out(0))
     return (grad_a, grad_b, grad_c)
 
@@ -99,8 +103,8 @@ def conv(n, g):
               group=n.attr("group", 1))
     x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
     out_pad = None
-    if x.shape is not None and y.shape is not None and w.shape is not None and x.shape.is_static() \
-            and y.shape.is_static() and w.shape.is_static():
+    spatial_known = lambda v: v.shape is not None and all(isinstance(d, int) for d in list(v.shape)[2:])  # noqa: E731
+    if all(map(spatial_known, (x, y, w))):  # the batch and channel dims play no part (batch is often dynamic)
         spatial = x.shape.rank() - 2
         strides = kw["strides"] or [1] * spatial
         pads = kw["pads"] or [0] * (2 * spatial)
@@ -110,10 +114,15 @@ def conv(n, g):
             full = (y.shape[i + 2] - 1) * strides[i] - pads[i] - pads[i + spatial] + dil[i] * (w.shape[i + 2] - 1) + 1
             out_pad.append(int(x.shape[i + 2] - full))
         out_pad = out_pad if any(out_pad) else None
-    return (lambda: b.ConvTranspose(g, n.x(1), output_padding=out_pad, **kw),
+    def grad_x():
+        if not n.lead:
+            return b.ConvTranspose(g, n.x(1), output_padding=out_pad, **kw)
+        folded = b.Reshape(g, b.Concat(b.i64([-1]), b.Shape(g, start=2), axis=0))  # K into batch: [K·B, C, …]
+        return b.Reshape(b.ConvTranspose(folded, n.x(1), output_padding=out_pad, **kw), n.grad_shape(0))
+    return (grad_x,
             lambda: (_ for _ in ()).throw(LrpcError(f"node '{n.node.name}' (Conv): weights that depend on the "
                                                     "input are not supported")),
-            lambda: b.ReduceSum(g, b.i64([0] + list(range(2, n.rank(0)))), keepdims=0))
+            lambda: b.ReduceSum(g, b.i64([n.grad_axis(a) for a in [0] + list(range(2, n.rank(0)))]), keepdims=0))
 
 
 def einsum(n, g):
@@ -130,5 +139,6 @@ def einsum(n, g):
         if not set(own) <= set(out) | set(other):
             raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): an index summed inside one operand is not "
                             "supported")
-        return n.b.Einsum(g, n.x(1 - i), equation=f"{out},{other}->{own}")
+        k = next(c for c in "KLMNOPQRSTUVWXYZklmnopqrstuvwxyz" if c not in eq) if n.lead else ""  # ĝ's K axis
+        return n.b.Einsum(g, n.x(1 - i), equation=f"{k}{out},{other}->{k}{own}")
     return (lambda: grad(0), lambda: grad(1))

@@ -66,16 +66,18 @@ def layer_norm_grad(n, g, frozen_std: bool):
     axis = n.attr("axis", -1)
     if r is None and axis >= 0:
         raise LrpcError(f"node '{n.node.name}' (LayerNormalization): input rank unknown")
-    axes = b.i64(list(range(axis, r)) if axis >= 0 else list(range(axis, 0)))
+    normalised = list(range(axis, r)) if axis >= 0 else list(range(axis, 0))
+    axes = b.i64(normalised)
+    grad_axes = b.i64([n.grad_axis(a) for a in normalised]) if n.lead and axis >= 0 else axes  # of ĝ-shaped h
     x = n.x(0)
-    mean = lambda v: b.ReduceMean(v, axes, keepdims=1)
+    mean = lambda v, over=axes: b.ReduceMean(v, over, keepdims=1)  # noqa: E731
     centred = b.Sub(x, mean(x))
     inv_std = b.Reciprocal(b.Sqrt(b.Add(mean(b.Mul(centred, centred)), b.f32(n.attr("epsilon", 1e-5)))))
     h = b.Mul(g, n.x(1))
-    grad = b.Sub(h, mean(h))
+    grad = b.Sub(h, mean(h, grad_axes))
     if not frozen_std:
         x_hat = b.Mul(centred, inv_std)
-        grad = b.Sub(grad, b.Mul(x_hat, mean(b.Mul(h, x_hat))))
+        grad = b.Sub(grad, b.Mul(x_hat, mean(b.Mul(h, x_hat), grad_axes)))
     return b.Mul(grad, inv_std)
 
 

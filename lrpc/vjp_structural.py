@@ -44,7 +44,9 @@ def slice_(n, g):
     static = _static_slice_pads(n, axes_const)
     if static is not None:
         def padded():
-            grad = b.Pad(g, b.i64(static), mode="constant")
+            lead = [0] * n.lead  # ĝ's K axis is not padded
+            grad = b.Pad(g, b.i64(lead + static[:len(static) // 2] + lead + static[len(static) // 2:])
+                         if n.lead else b.i64(static), mode="constant")
             grad.type, grad.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(n.dims(0))  # for pads_to_concat
             return grad
         return (padded,)
@@ -55,12 +57,13 @@ def slice_(n, g):
         s = _clamp_index(b, starts, dims, zero)
         after = b.Sub(dims, b.Max(_clamp_index(b, ends, dims, zero), s))
         if r is None or axes_const is None:
-            return b.Pad(g, b.Concat(s, after, axis=0), None, axes, mode="constant")
+            return b.Pad(g, b.Concat(s, after, axis=0), None, n.grad_axes(axes), mode="constant")
         # full-rank pads without the `axes` input (onnxruntime's transpose optimizer mishandles that form)
         where = {int(a) % r: i for i, a in enumerate(axes_const)}
         pick = lambda v, d: b.Slice(v, b.i64([where[d]]), b.i64([where[d] + 1])) if d in where else zero  # noqa
-        return b.Pad(g, b.Concat(*[pick(s, d) for d in range(r)], *[pick(after, d) for d in range(r)], axis=0),
-                     mode="constant")
+        lead = [zero] * n.lead  # ĝ's K axis is not padded
+        return b.Pad(g, b.Concat(*lead, *[pick(s, d) for d in range(r)], *lead, *[pick(after, d) for d in range(r)],
+                                 axis=0), mode="constant")
     return (pad,)
 
 
@@ -90,12 +93,13 @@ def _clamp_index(b, index, dims, zero):
 
 def _slice_scatter(n, g, starts, ends, axes: list[int]):
     """Strided slices: the indices read along each axis are the same Slice applied to Range(0, d)."""
-    b, r = n.b, n.rank(0)
+    b, r = n.b, n.rank(0) + n.lead   # the rank of ĝ
     steps = b.Cast(n.raw(4), to=7)
     grad = g
-    for i, axis in enumerate(axes):
+    for i, forward_axis in enumerate(axes):
+        axis = n.grad_axis(forward_axis)
         one = lambda v: b.Slice(v, b.i64([i]), b.i64([i + 1]))  # noqa: E731
-        dim = b.Shape(n.raw(0), start=axis, end=axis + 1)
+        dim = b.Shape(n.raw(0), start=forward_axis, end=forward_axis + 1)
         read = b.Slice(b.Range(b.i64(0), b.Squeeze(dim, b.i64([0])), b.i64(1)), one(starts), one(ends), b.i64([0]),
                        one(steps))
         index = b.Expand(b.Reshape(read, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(grad))
@@ -113,27 +117,29 @@ def gather(n, g):
     flat = lambda: b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1]))
 
     def rows(flat_idx):  # ĝ_y with the index axes flattened into one: [*x.shape[:axis], n, *x.shape[axis+1:]]
-        pieces = ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + [b.Shape(flat_idx)] + \
-                 [b.Shape(n.raw(0), start=axis + 1)]
+        pieces = ([n.k_shape] if n.lead else []) + ([b.Shape(n.raw(0), end=axis)] if axis > 0 else []) + \
+                 [b.Shape(flat_idx)] + [b.Shape(n.raw(0), start=axis + 1)]
         return b.Reshape(g, b.Concat(*pieces, axis=0))
 
     def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k
         idx = flat()
-        return b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
+        return b.ScatterND(n.grad_zeros(0), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
 
     def scatter_elements():
         if r is None:
             raise LrpcError(f"node '{n.node.name}' (Gather): data rank unknown; re-export with static ranks")
         idx = flat()
         g_r = rows(idx)
-        index = b.Expand(b.Reshape(idx, b.i64([1] * axis + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
-        return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g_r, axis=axis, reduction="add")
-    return (scatter_rows if axis == 0 else scatter_elements, None)
+        at = n.grad_axis(axis)
+        index = b.Expand(b.Reshape(idx, b.i64([1] * at + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
+        return b.ScatterElements(n.grad_zeros(0), index, g_r, axis=at, reduction="add")
+    return (scatter_rows if axis == 0 and not n.lead else scatter_elements, None)
 
 
 def gather_elements(n, g):
     b = n.b
-    return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw(1), g, axis=n.attr("axis", 0),
+    index = lambda: b.Expand(n.raw(1), b.Shape(g)) if n.lead else n.raw(1)  # noqa: E731  (one per K slice)
+    return (lambda: b.ScatterElements(n.grad_zeros(0), index(), g, axis=n.grad_axis(n.attr("axis", 0)),
                                       reduction="add"), None)
 
 
@@ -143,7 +149,10 @@ def gather_nd(n, g):
     if n.attr("batch_dims", 0) != 0:
         raise LrpcError(f"node '{n.node.name}' (GatherND): batch_dims ≠ 0 on a relevance-carrying tensor is not "
                         "supported")
-    return (lambda: b.ScatterND(n.zeros_like(b.Shape(n.raw(0))), b.Cast(n.raw(1), to=7), g, reduction="add"), None)
+    if n.lead:
+        raise LrpcError(f"node '{n.node.name}' (GatherND) on a relevance-carrying tensor is not supported with "
+                        "--targets; compile without it and explain one target per run")
+    return (lambda: b.ScatterND(n.grad_zeros(0), b.Cast(n.raw(1), to=7), g, reduction="add"), None)
 
 
 def where(n, g):

@@ -1,6 +1,6 @@
 """Linear layers (MatMul / Gemm / Conv with constant weights): the ε-rule with ε → 0 is the exact VJP and
 needs no record. With options, the explicit ε-rule (Eq. 8), ĝ_x = Wᵀ(ĝ_z ⊙ z / (z + E·sign z)), or the
-γ-rule, ĝ_x = W_γᵀ(ĝ_z ⊙ z / stab(z_γ)) with W_γ = W + γ·W⁺, on layers whose node name matches `layers`.
+generalised γ-rule (zennit's Gamma; lrpc/gamma.py), on layers whose node name matches `layers`.
 
 z is the layer's pre-activation including its bias: when the exporter writes nn.Linear as MatMul then
 Add(bias), the Add carries the rule and the MatMul is inside the layer.

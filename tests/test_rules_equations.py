@@ -412,36 +412,63 @@ def test_epsilon_rule_matmul_plus_bias_add():
     assert rel_err(res.relevance["x"], x * ((g_z * z / _stab(z, E)) @ W.T)) <= TOL
 
 
-def test_gamma_rule_matmul():
-    """--gamma-linear G: ĝ_x = W_γ (ĝ_z ⊙ z / stab(z_γ)), W_γ = W + G·W⁺, z_γ = x W_γ, stab ε = 1e-6."""
+def _gamma_relevance(x, W, bias, G, R_z):
+    """The generalised γ-rule (zennit's Gamma) in relevance form, contribution by contribution, for
+    z = x W + b (x [batch, in], W [in, out]): where z_j > 0, R_ij = c⁺_ij R_j / stab(Σ_i c⁺_ij + b_j + G·b⁺_j)
+    with c⁺_ij = x⁺_i (W + G·W⁺)_ij + x⁻_i (W + G·W⁻)_ij; where z_j < 0 the same with W⁺ and W⁻ swapped
+    (bias b_j + G·b⁻_j); stab(d) = d + 1e-6·sign(d), sign(0) = 1."""
+    x, W, bias = (np.asarray(v, np.float64) for v in (x, W, bias))
+    z = x @ W + bias
+    R = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(W.shape[1]):
+            if z[n, j] == 0:
+                continue
+            up = 1 if z[n, j] > 0 else -1   # which sign's contributions are boosted
+            boost = lambda v, s: v + G * (np.maximum(v, 0) if s > 0 else np.minimum(v, 0))  # noqa: E731
+            c = np.array([boost(W[i, j], up if x[n, i] > 0 else -up) * x[n, i] for i in range(x.shape[1])])
+            R[n] += c * R_z[n, j] / _stab(c.sum() + boost(bias[j], up), 1e-6)
+    return R
+
+
+@pytest.mark.parametrize("G", [0.0, 0.25, 100.0])
+def test_gamma_rule_matmul(G):
+    """--gamma-linear G on a MatMul, inputs and outputs of both signs, explaining a positive and a negative
+    output: the generalised γ-rule, which differs from the textbook W + G·W⁺ form on negative inputs."""
     rng = RNG(14)
-    W, G = rng.normal(size=(5, 3)), 0.25
+    W = rng.normal(size=(5, 3))
     model = build([node("MatMul", ["x", "W"], "z")], {"x": ["b", 5]}, {"z": ["b", 3]}, {"W": W})
     x = rng.normal(size=(2, 5)).astype(np.float32)
-    target = [1, 2]
+    z = x.astype(np.float64) @ W
+    target = [int(np.argmax(z[0])), int(np.argmin(z[1]))]
+    assert z[0, target[0]] > 0 > z[1, target[1]]
     res = explain(model, {"x": x}, target, gamma_linear=G)
-    Wg = W + G * np.maximum(W, 0)
-    z, zg = x.astype(np.float64) @ W, x.astype(np.float64) @ Wg
-    g_z = np.eye(3)[target]
-    want = x * ((g_z * z / _stab(zg, 1e-6)) @ Wg.T)
+    want = _gamma_relevance(x, W, np.zeros(3), G, z * np.eye(3)[target])
     assert rel_err(res.relevance["x"], want) <= TOL
-    assert rel_err(want, x * (g_z @ W.T)) > 1e-2
+    if G > 0:   # the textbook form (W + G·W⁺ for every output and input sign) is a different rule here
+        Wg = W + G * np.maximum(W, 0)
+        textbook = x * ((z * np.eye(3)[target] / _stab(x.astype(np.float64) @ Wg, 1e-6)) @ Wg.T)
+        assert rel_err(textbook, want) > 1e-2
     assert list(rules_of(model, gamma_linear=G).values()) == ["gamma"]
 
 
-def test_gamma_rule_gemm_with_bias():
-    """γ-rule on a Gemm with bias: W_γ = W + G·W⁺ and b_γ = b + G·b⁺; z and z_γ both include their bias."""
+@pytest.mark.parametrize("layout", ["gemm", "matmul+add"])
+def test_gamma_rule_with_bias(layout):
+    """γ-rule with a bias (Gemm transB=1, or MatMul + Add as nn.Linear exports): the bias enters the
+    denominator boosted with the sign of the explained output (b + G·b⁺ where z > 0, b + G·b⁻ where z < 0)."""
     rng = RNG(15)
-    W, bias, G = rng.normal(size=(3, 5)), rng.normal(size=(3,)), 0.25
-    model = build([node("Gemm", ["x", "W", "bias"], "z", transB=1)], {"x": ["b", 5]}, {"z": ["b", 3]},
-                  {"W": W, "bias": bias})
+    W, bias, G = rng.normal(size=(5, 3)), rng.normal(size=(3,)), 0.25
+    if layout == "gemm":
+        nodes, inits = [node("Gemm", ["x", "Wt", "bias"], "z", transB=1)], {"Wt": W.T, "bias": bias}
+    else:
+        nodes, inits = [node("MatMul", ["x", "W"], "xw"), node("Add", ["xw", "bias"], "z")], {"W": W, "bias": bias}
+    model = build(nodes, {"x": ["b", 5]}, {"z": ["b", 3]}, inits)
     x = rng.normal(size=(2, 5)).astype(np.float32)
-    target = [0, 2]
+    z = x.astype(np.float64) @ W + bias
+    target = [int(np.argmax(z[0])), int(np.argmin(z[1]))]
+    assert z[0, target[0]] > 0 > z[1, target[1]]
     res = explain(model, {"x": x}, target, gamma_linear=G)
-    Wg, bg = W + G * np.maximum(W, 0), bias + G * np.maximum(bias, 0)
-    z, zg = x.astype(np.float64) @ W.T + bias, x.astype(np.float64) @ Wg.T + bg
-    g_z = np.eye(3)[target]
-    assert rel_err(res.relevance["x"], x * ((g_z * z / _stab(zg, 1e-6)) @ Wg)) <= TOL
+    assert rel_err(res.relevance["x"], _gamma_relevance(x, W, bias, G, z * np.eye(3)[target])) <= TOL
 
 
 # ---- attention: softmax + two bilinear products, masked with −inf; cp-lrp ---------------------------

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--output", metavar="NAME", help="model output to explain (default: the first)")
     p.add_argument("--seed", default="target", choices=["target", "vector"],
                    help="target: explain y[target] (input lrp_target); vector: explain Σ seed·y (input lrp_seed)")
+    p.add_argument("--targets", metavar="K|dynamic", help="explain K targets per input row in one run: "
+                   "lrp_target / lrp_position become [batch, K] and each relevance.<name> gains a K axis after "
+                   "batch (dynamic: K chosen per run)")
     p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
     p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
@@ -44,6 +47,6 @@ def run(args) -> int:
                  seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
                  gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers,
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
-                 checkpoint=args.checkpoint)
+                 checkpoint=args.checkpoint, targets=args.targets)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0

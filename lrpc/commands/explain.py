@@ -46,9 +46,11 @@ def add_arguments(p) -> None:
     out.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     out.add_argument("--png", metavar="PATH", help="write a PNG: the heatmap over the image (vision), the per-layer "
                      "picture (--layers), else a token heatmap; several results get PATH-<n>.png")
-    add_force_option(out, "--html / --png files")
+    add_force_option(out, "--html / --png / --out files")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--cache", metavar="DIR", help="folder for compiled explainers")
+    from lrpc import corpus_run   # --out, --resume, --engine, …: corpus-scale runs
+    corpus_run.add_arguments(p)
 
 
 def run(args) -> int:
@@ -67,6 +69,9 @@ def run(args) -> int:
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size")
+    from lrpc import corpus_run
+    if corpus_run.wanted(args):
+        return corpus_run.run_cli(args)
     sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)

@@ -1,0 +1,152 @@
+"""Issue 14's K axis (docs/design-kaxis.md): an explainer compiled with `targets=K` explains K targets per
+input row in one run. Oracle: the single-target explainer (itself checked against torch autograd in
+test_gxi_zoo.py and against the paper's equations in test_attnlrp_reference.py), run once per target."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import lrpc
+from lrpc import models
+from lrpc.errors import LrpcError
+from oracles import relative_error
+
+FAMILIES = ("llama", "gpt2", "qwen3", "bert", "hf-vit")
+CASES = [(name, exporter, preset) for name in FAMILIES for exporter in models.get(name).exporters
+         for preset in ("attnlrp", "cp-lrp", "gxi")]
+
+
+def _inputs(entry, seq, seed=5):
+    return {k: v.numpy() for k, v in entry.inputs(2, seq, seed=seed).items()}
+
+
+def _single_rows(explainer, inputs, target, position):
+    """Relevance [batch, K, …] from K single-target runs, one per column."""
+    columns = [explainer.explain(inputs, target=target[:, k],
+                                 position=None if position is None else position[:, k]).relevance
+               for k in range(target.shape[1])]
+    return {name: np.stack([c[name] for c in columns], axis=1) for name in columns[0]}
+
+
+@pytest.mark.parametrize("name,exporter,preset", CASES, ids=["-".join(c) for c in CASES])
+def test_each_row_equals_the_single_target_explainer(name, exporter, preset, zoo_export):
+    entry = models.get(name)
+    _, proto = zoo_export(name, exporter)
+    single = lrpc.Explainer(lrpc.compile(proto, preset=preset))
+    many = lrpc.Explainer(lrpc.compile(proto, preset=preset, targets="dynamic"))
+    rank = many.meta["rank"]
+    # two runs with different K (and sequence lengths) through one session: K is a dynamic dim
+    for k, seq in ((3, entry.example_shape[1]), (2, entry.example_shape[1] + 2)):
+        inputs = _inputs(entry, seq)
+        classes = single.forward(inputs)[entry.output_name].shape[-1]
+        target = np.array([[1, classes - 2, 1][:k], [0, 3 % classes, classes - 1][:k]])
+        position = np.array([[-1, -1, 1][:k], [1, -2, -1][:k]]) if rank == 3 else None
+        got = many.explain(inputs, target=target, position=position)
+        ref = _single_rows(single, inputs, target, position)
+        assert got.logit.shape == (2, k)
+        for attributed, expected in ref.items():
+            assert got.relevance[attributed].shape == expected.shape
+            assert relative_error(got.relevance[attributed], expected) <= 1e-5, (attributed, k)
+
+
+@pytest.mark.parametrize("name", ("llama", "bert"))
+def test_k_of_one_equals_the_single_target_explainer(name, zoo_export):
+    entry = models.get(name)
+    _, proto = zoo_export(name)
+    single = lrpc.Explainer(lrpc.compile(proto))
+    one = lrpc.Explainer(lrpc.compile(proto, targets=1))
+    inputs = _inputs(entry, entry.example_shape[1])
+    rank = one.meta["rank"]
+    target, position = np.array([[2], [0]]), (np.array([[-1], [1]]) if rank == 3 else None)
+    got = one.explain(inputs, target=target, position=position)
+    ref = single.explain(inputs, target=target[:, 0], position=None if position is None else position[:, 0])
+    for attributed, expected in ref.relevance.items():
+        assert got.relevance[attributed].shape == (2, 1) + expected.shape[1:]
+        assert relative_error(got.relevance[attributed][:, 0], expected) <= 1e-6
+    np.testing.assert_allclose(got.logit[:, 0], ref.logit, rtol=1e-6)
+
+
+def test_vector_seed_with_targets_is_linear_in_the_seed(zoo_export):
+    """A [batch, K, classes] seed: row k equals the single-target explainer's Σ_c seed[k, c]·R(c)."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama")
+    single = lrpc.Explainer(lrpc.compile(proto))
+    many = lrpc.Explainer(lrpc.compile(proto, seed="vector", targets=2))
+    inputs = _inputs(entry, entry.example_shape[1])
+    classes = single.forward(inputs)[entry.output_name].shape[-1]
+    seed = np.zeros((2, 2, classes), np.float32)
+    seed[:, 0, 3], seed[:, 1, 4], seed[:, 1, 7] = 1.0, 2.0, -1.0
+    got = many.explain(inputs, seed=seed, position=[[-1, 1], [-2, -1]])
+    r = lambda t, p: single.explain(inputs, target=[t, t], position=p).relevance["input_ids"]  # noqa: E731
+    expected = np.stack([r(3, [-1, -2]), 2 * r(4, [1, -1]) - r(7, [1, -1])], axis=1)
+    assert relative_error(got.relevance["input_ids"], expected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama_k(zoo_export, tmp_path_factory):
+    _, proto = zoo_export("llama")
+    path = tmp_path_factory.mktemp("k") / "k.onnx"
+    lrpc.compile(proto, targets="dynamic", output=path)
+    return path
+
+
+@pytest.mark.parametrize("target,position,message", [
+    (np.zeros((2, 0), np.int64), None, "K = 0"),
+    ([[1, 2], [3, 4]], [[-1], [-1]], "one position per target"),
+    ([[1, 2], [3, 4]], [[-1, 99], [-1, -1]], "position"),
+    ([[1, 2], [3, 10 ** 6]], None, "target"),
+    ([[1, 2]] * 3, None, "batch=2"),
+    (None, None, "target=[batch, K]"),
+])
+def test_bad_k_inputs_are_refused_in_one_line(llama_k, target, position, message):
+    explainer = lrpc.Explainer(llama_k)
+    inputs = _inputs(models.get("llama"), 6)
+    with pytest.raises(LrpcError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        explainer.explain(inputs, target=target, position=position)
+    assert "\n" not in str(err.value)
+
+
+def test_a_fixed_k_explainer_refuses_another_k(zoo_export):
+    _, proto = zoo_export("bert")
+    explainer = lrpc.Explainer(lrpc.compile(proto, targets=2))
+    with pytest.raises(LrpcError, match="--targets 2"):
+        explainer.explain(_inputs(models.get("bert"), 6), target=[[0, 1, 1], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("feed,check", [
+    ({"lrp_target": np.zeros((2, 0), np.int64), "lrp_position": np.zeros((2, 0), np.int64)}, "nonempty"),
+    ({"lrp_target": np.ones((2, 2), np.int64), "lrp_position": np.full((2, 3), -1, np.int64)}, "same_shape"),
+    ({"lrp_target": np.ones((2, 2), np.int64), "lrp_position": np.array([[-1, 6], [0, 0]])}, "in_range"),
+])
+def test_the_graph_checks_k_inputs_itself(llama_k, feed, check):
+    """A deployed explainer runs without lrpc's Python checks: the graph refuses bad [batch, K] inputs."""
+    session = ort.InferenceSession(str(llama_k), providers=["CPUExecutionProvider"])
+    inputs = _inputs(models.get("llama"), 6)
+    names = {i.name for i in session.get_inputs()}
+    with pytest.raises(Exception, match=check):
+        session.run(None, {**{k: v for k, v in inputs.items() if k in names}, **feed})
+
+
+@pytest.mark.parametrize("bad", ("0", "-3", "many"))
+def test_bad_targets_option(bad, zoo_export, tmp_path):
+    _, proto = zoo_export("bert")
+    with pytest.raises(LrpcError, match="--targets"):
+        lrpc.compile(proto, targets=bad)
+    model = tmp_path / "m.onnx"
+    import onnx
+    onnx.save(proto, model)
+    run = subprocess.run([sys.executable, "-m", "lrpc.cli", "compile", str(model), "-o", str(tmp_path / "e.onnx"),
+                          "--targets", bad], capture_output=True, text=True)
+    assert run.returncode == 2 and "--targets" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_lrpc_explain_refuses_a_k_explainer_in_one_line(llama_k):
+    run = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(llama_k), "--tokenizer", "toy",
+                          "--text", "the cat sat"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--targets" in run.stderr and "Traceback" not in run.stderr, run.stderr
