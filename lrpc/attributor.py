@@ -141,10 +141,7 @@ class Attributor:
         if isinstance(inputs, str):
             return [self._text_item(inputs)]
         if isinstance(inputs, dict):
-            arrays = {k: np.asarray(v) for k, v in inputs.items()}
-            for name, array in arrays.items():  # without the batch axis, [seq] ids would become seq inputs
-                if name in self.explainer.inputs:
-                    validate.rank(name, array, self.explainer.inputs[name].shape)
+            arrays = self.explainer.check_inputs(inputs)  # names, dtypes, ranks: [seq] ids are not seq inputs
             batch = next(iter(arrays.values())).shape[0] if arrays else 0
             if batch and all(a.ndim >= 1 and a.shape[0] == batch for a in arrays.values()):
                 return [self._array_item({k: a[i:i + 1] for k, a in arrays.items()}) for i in range(batch)]

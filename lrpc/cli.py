@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lrpc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout (`| head`) stopped reading: not an error of lrpc's
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except Exception as exc:  # never a traceback for the user; LRPC_DEBUG=1 shows it
         if os.environ.get("LRPC_DEBUG"):
             raise

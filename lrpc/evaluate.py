@@ -348,8 +348,14 @@ def evaluate(evaluator: Evaluator, examples: list[Example], methods=METHODS, ste
 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Tab-separated sentence pairs, one per line; '#' lines and blank lines are skipped."""
+    if not Path(path).is_file():
+        raise LrpcError(f"{path} does not exist: give a file of tab-separated sentence pairs")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LrpcError(f"{path} is not UTF-8 text: give a file of tab-separated sentence pairs") from None
     pairs = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         parts = line.split("\t")
@@ -382,7 +388,7 @@ def similarity_examples(evaluator: Evaluator, pairs, tokenizer, special_ids=(101
 
 def load_tokenizer(path: str | os.PathLike | None):
     """A `tokenizers` tokenizer from tokenizer.json (or a folder holding one); default: the shipped MiniLM's."""
-    from tokenizers import Tokenizer
+    from lrpc.inputs import read_tokenizer_file
     if path is None:
         from lrpc.demo import minilm_tokenizer
         tokenizer = minilm_tokenizer()
@@ -393,4 +399,4 @@ def load_tokenizer(path: str | os.PathLike | None):
         path = path / "tokenizer.json"
     if not path.is_file():
         raise LrpcError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer_file(path)

@@ -43,7 +43,6 @@ class Tokenizer:
 
     @classmethod
     def load(cls, where: str | os.PathLike) -> Tokenizer:
-        from tokenizers import Tokenizer as Backend
         path = Path(where)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -51,8 +50,12 @@ class Tokenizer:
         pad = None
         config = file.parent / "config.json"
         if config.is_file():
-            pad = json.loads(config.read_text()).get("pad_token_id")
-        return cls(Backend.from_file(str(file)), pad)
+            try:
+                pad = json.loads(config.read_text()).get("pad_token_id")
+            except (ValueError, AttributeError):
+                raise LrpcError(f"{config} is not a JSON object: fix it, or give the tokenizer.json file "
+                                "itself") from None
+        return cls(read_tokenizer_file(file), pad)
 
     @classmethod
     def toy(cls) -> Tokenizer:
@@ -87,6 +90,17 @@ class Tokenizer:
 
     def token(self, index: int) -> str:
         return self.backend.id_to_token(int(index)) or str(index)
+
+
+def read_tokenizer_file(file: Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, or one line saying the file is not one."""
+    from tokenizers import Tokenizer as Backend
+    try:
+        return Backend.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001  (tokenizers raises a bare Exception for every parse error)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise LrpcError(f"{file} is not a tokenizer.json the tokenizers library can read ({first}): give the "
+                        "model's own tokenizer") from None
 
 
 def load_image(source, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:

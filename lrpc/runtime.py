@@ -97,7 +97,7 @@ class Explainer:
             options.add_session_config_entry(key, str(value))
         if not graph_optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors reach the user as one LrpcError line, not log lines
         self._source = model
         if isinstance(model, onnx.ModelProto):
             source = model.SerializeToString()
@@ -123,18 +123,10 @@ class Explainer:
         self.explained = self.meta["output"]
 
     # ---- inputs --------------------------------------------------------------------------------
-    def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
-        missing = [n for n in self.model_inputs if n not in inputs]
-        unknown = [n for n in inputs if n not in self.model_inputs]
-        if missing or unknown:
-            raise LrpcError("wrong inputs: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) +
-                ([f"unknown {', '.join(unknown)}"] if unknown else [])) +
-                f"; the model takes {', '.join(self.model_inputs)}")
-        feed = {}
-        for name in self.model_inputs:
-            spec = self.inputs[name]
-            feed[name] = validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
+    def check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
+        """The model inputs as a feed: exactly the model's names, each array validated, and a symbolic
+        dim shared by several inputs of one size."""
+        feed = checked_feed({n: self.inputs[n] for n in self.model_inputs}, inputs)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -156,7 +148,7 @@ class Explainer:
     def forward(self, inputs: dict) -> dict[str, np.ndarray]:
         """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
         second copy of the weights is loaded."""
-        feed = dict(self._check_inputs(inputs))
+        feed = dict(self.check_inputs(inputs))
         batch = self._batch(feed)
         for name in (contract.TARGET, contract.POSITION, contract.SEED):
             if name in self.inputs:
@@ -176,7 +168,7 @@ class Explainer:
         classes]) and returns relevance [batch, K, …]."""
         if "targets" in self.meta:
             return self._explain_k(inputs, target, position, seed)
-        feed = self._check_inputs(inputs)
+        feed = self.check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
         batch = self._batch(feed)
@@ -216,7 +208,7 @@ class Explainer:
 
     def _explain_k(self, inputs: dict, target, position, seed) -> Explanation:
         """explain() of a K explainer: every index input is [batch, K] (docs/design-kaxis.md)."""
-        feed = dict(self._check_inputs(inputs))
+        feed = dict(self.check_inputs(inputs))
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         k = self.meta["targets"] if isinstance(self.meta["targets"], int) else None
         batch = self._batch(feed)
@@ -288,6 +280,19 @@ class Explainer:
         seq = dims[1] if len(dims) == 3 else None
         return seq, dims[-1]
 
+
+
+def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:
+    """`inputs` as a feed for these onnxruntime input specs ({name: NodeArg}): exactly their names, each
+    array of the dtype, rank and size they take and finite (lrpc.validate.input_array)."""
+    missing = [n for n in specs if n not in inputs]
+    unknown = [n for n in inputs if n not in specs]
+    if missing or unknown:
+        raise LrpcError("wrong inputs: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) +
+            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}")
+    return {name: validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
+            for name, spec in specs.items()}
 
 
 def _check_finite(results: dict, model_outputs: list[str], attributed: list[str]) -> None:

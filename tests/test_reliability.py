@@ -628,3 +628,52 @@ def test_bench_inputs_follow_the_models_specs(model_files):
     assert ids.shape == (3, 7) and ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < 20  # vocab 20
     x = spec_inputs(model_files / "floats.onnx", 2, 7)
     assert set(x) == {"x"} and x["x"].shape == (2, 6) and x["x"].dtype == np.float32
+
+
+# ---- class 6: errors that reached users as "(unexpected; rerun with LRPC_DEBUG=1)" ----------------------
+
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    np.savez(folder / "wrong-name.npz", foo=np.ones((1, 3), np.int64))
+    np.savez(folder / "strings.npz", input_ids=np.array([["a", "b"]]), x=np.array([["a"] * 6]))
+    np.savez(folder / "no-arrays.npz")
+    (folder / "pickled.npz").write_bytes(b"garbage, not a zip")
+    (folder / "tokenizer-without-model.json").write_text("{}")
+    (folder / "broken-tokenizer").mkdir()
+    (folder / "broken-tokenizer" / "tokenizer.json").write_text("{broken")
+    return folder
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("explain", ["tokens.onnx", "--input", "wrong-name.npz"], ["missing input_ids", "unknown foo"]),
+    ("explain", ["tokens.onnx", "--input", "no-arrays.npz"], ["missing input_ids"]),
+    ("explain", ["tokens.onnx", "--input", "strings.npz"], ["wrong inputs"]),
+    ("explain", ["tokens.onnx", "--tokenizer", "tokenizer-without-model.json", "--text", "hi"],
+     ["not a tokenizer.json"]),
+    ("explain", ["tokens.onnx", "--tokenizer", "broken-tokenizer", "--text", "hi"], ["not a tokenizer.json"]),
+    ("evaluate", ["floats.onnx", "--inputs", "pickled.npz"], ["not a NumPy .npz"]),
+    ("evaluate", ["floats.onnx", "--inputs", "wrong-name.npz"], ["missing x", "unknown foo"]),
+    ("evaluate", ["tokens.onnx", "--inputs", "strings.npz"], ["unknown x"]),
+])
+def test_hostile_files_get_a_real_message(command, args, words, model_files, hostile_files, tmp_path):
+    """Old: KeyError / ValueError / IndexError / the tokenizers library's bare Exception, shown as
+    "unexpected"."""
+    where = {name: str(model_files / name) for name in ("tokens.onnx", "floats.onnx")}
+    args = [where.get(a, str(hostile_files / a) if (hostile_files / a).exists() else a) for a in args]
+    extra = ["--cache", tmp_path / "cache"] if command == "explain" else []
+    rc, err = cli(command, *args, *extra)
+    one_line_error(rc, err, *words)
+
+
+def test_string_arrays_name_their_dtype(model_files, hostile_files, tmp_path):
+    np.savez(tmp_path / "s.npz", input_ids=np.array([["a", "b"]]))
+    rc, err = cli("explain", model_files / "tokens.onnx", "--input", tmp_path / "s.npz", "--cache", tmp_path / "c")
+    one_line_error(rc, err, "input 'input_ids' has dtype <U1")
+
+
+def test_missing_sentence_pairs_file():
+    from lrpc.evaluate import read_pairs
+    with pytest.raises(LrpcError, match="does not exist"):
+        read_pairs("no-such-pairs.tsv")
+

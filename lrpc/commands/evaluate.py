@@ -63,11 +63,11 @@ def _evaluate(args, model, name: str, sources) -> int:
     import json
     from pathlib import Path
 
-    import numpy as np
-
-    from lrpc import safeio
+    from lrpc import contract, safeio, validate
     from lrpc.errors import LrpcError
     from lrpc.evaluate import Evaluator, Example, evaluate, load_tokenizer, read_pairs, similarity_examples
+    from lrpc.inputs import read_npz
+    from lrpc.runtime import checked_feed
     replace_id = args.replace_id
     if args.pairs and replace_id is None and args.replace != "zero":
         replace_id = {"mask": 103, "pad": 0}[args.replace]
@@ -80,18 +80,17 @@ def _evaluate(args, model, name: str, sources) -> int:
         pairs = read_pairs(args.pairs)[:args.limit]
         examples = similarity_examples(evaluator, pairs, load_tokenizer(args.tokenizer))
     else:
-        if not Path(args.inputs).is_file():
-            raise LrpcError(f"{args.inputs} does not exist: give an .npz with one array per model input")
-        data = dict(np.load(args.inputs))
-        missing = [n for n in evaluator.inputs if n != evaluator.embeds and n not in data]
-        if missing:
-            raise LrpcError(f"{args.inputs} lacks the model input(s) {', '.join(missing)}")
-        count = len(next(iter(data.values())))
+        data = read_npz(Path(args.inputs))
+        specs = {i.name: i for i in evaluator.forward_session.get_inputs() if i.name != evaluator.embeds}
+        arrays = checked_feed(specs, {n: a for n, a in data.items() if n != contract.TARGET})
+        count = len(next(iter(arrays.values())))
+        if contract.TARGET in data:
+            data[contract.TARGET] = validate.indices(contract.TARGET, data[contract.TARGET], count, None)
         examples = []
         for i in range(count if args.limit is None else min(count, args.limit)):
-            inputs = {n: data[n][i:i + 1] for n in evaluator.inputs if n != evaluator.embeds}
+            inputs = {n: a[i:i + 1] for n, a in arrays.items()}
             ex = Example(inputs)
-            ex.target = int(data["lrp_target"][i]) if "lrp_target" in data else int(evaluator.predict(ex).argmax())
+            ex.target = int(data[contract.TARGET][i]) if contract.TARGET in data else int(evaluator.predict(ex).argmax())
             examples.append(ex)
     results = evaluate(evaluator, examples, args.methods, args.steps, name=name)
     print(f"{name}: {results.n} examples, {results.seconds:.1f} s")
