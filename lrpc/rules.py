@@ -693,3 +693,7 @@ LRP_RULES.update({
     "epsilon": _linear_epsilon,
     "gamma": _linear_gamma,
 })
+
+
+from lrpc import vjp_more  # noqa: E402  (rows for more ops, issue 18; moved into the op registry at merge)
+VJP.update(vjp_more.ROWS)
