@@ -153,15 +153,25 @@ def _global_max_pool(n, g):
 
 
 def _pool_geometry(n):
-    """(kernel, strides, pads, dilations) of a pooling node with explicit padding."""
-    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        _refuse(n, f"auto_pad={n.attr('auto_pad')} is not supported; re-export with explicit pads")
+    """(kernel, strides, pads, dilations) of a pooling node, auto_pad SAME_* written as explicit pads."""
     if n.attr("ceil_mode", 0):
         _refuse(n, "ceil_mode=1 is not supported")
     kernel = list(n.attr("kernel_shape"))
     k = len(kernel)
-    return (kernel, list(n.attr("strides") or [1] * k), list(n.attr("pads") or [0] * (2 * k)),
-            list(n.attr("dilations") or [1] * k))
+    strides, dilations = list(n.attr("strides") or [1] * k), list(n.attr("dilations") or [1] * k)
+    pads, auto_pad = list(n.attr("pads") or [0] * (2 * k)), n.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        dims = n.dims(0)
+        if dims is None or not all(isinstance(d, int) for d in dims[2:]):
+            _refuse(n, f"auto_pad={auto_pad} needs static spatial dims")
+        total = [max((-(-d // s) - 1) * s + (kk - 1) * dl + 1 - d, 0)
+                 for d, s, kk, dl in zip(dims[2:], strides, kernel, dilations)]
+        small = [t // 2 for t in total]   # SAME_UPPER puts the odd one at the end
+        pads = (small + [t - h for t, h in zip(total, small)]) if auto_pad == "SAME_UPPER" else \
+            ([t - h for t, h in zip(total, small)] + small)
+    elif auto_pad not in ("NOTSET", "VALID"):
+        _refuse(n, f"auto_pad={auto_pad} is not supported")
+    return kernel, strides, pads, dilations
 
 
 def _max_pool(n, g):
@@ -182,22 +192,27 @@ def _max_pool(n, g):
     return (grad,)
 
 
+def _pool_transpose_shape(n, kernel, strides, pads, dilations):
+    """(channels, output_padding) for the ConvTranspose that spreads a pooling's ĝ back to its input size."""
+    dims = n.dims(0)
+    if dims is None or not all(isinstance(d, int) for d in dims[1:]):
+        _refuse(n, "channels and spatial dims must be static")
+    k = len(kernel)
+    out_dims = [(d + pads[i] + pads[i + k] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+                for i, d in enumerate(dims[2:])]
+    full = [(o - 1) * strides[i] - pads[i] - pads[i + k] + dilations[i] * (kernel[i] - 1) + 1
+            for i, o in enumerate(out_dims)]
+    return dims[1], [s - f for s, f in zip(dims[2:], full)]
+
+
 def _average_pool(n, g):
     """ĝ_x = ConvTranspose(ĝ_y / count, ones) per channel, count the elements each window averaged."""
     b = n.b
     kernel, strides, pads, dilations = _pool_geometry(n)
-    dims = n.dims(0)
-    if dims is None or not all(isinstance(d, int) for d in dims[1:]):
-        _refuse(n, "channels and spatial dims must be static")
-    channels, spatial = dims[1], dims[2:]
+    channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
+    spatial = n.dims(0)[2:]
     ones = b.f32(np.ones([channels, 1] + kernel, np.float32))
     geometry = dict(strides=strides, pads=pads, dilations=dilations)
-    # the output padding that makes ConvTranspose return the input's spatial size
-    out_dims = [(d + pads[i] + pads[i + len(kernel)] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-                for i, d in enumerate(spatial)]
-    full = [(o - 1) * strides[i] - pads[i] - pads[i + len(kernel)] + dilations[i] * (kernel[i] - 1) + 1
-            for i, o in enumerate(out_dims)]
-    extra = [s - f for s, f in zip(spatial, full)]
 
     def grad():
         if n.attr("count_include_pad", 0):
@@ -357,6 +372,116 @@ def _space_to_depth(n, g):
                               b.i64(dims)),)
 
 
+def _reduce_prod(n, g):
+    """∂y/∂x_i is the product of the other elements: y/x_i without zeros; with one zero only that element's,
+    the product of the non-zeros; with two or more, 0 (no division by a zero)."""
+    b = n.b
+
+    def grad():
+        axes, x = _axes(n), n.x(0)
+        reduce = lambda op, v: b.op(op, v, *([axes] if axes is not None else []), keepdims=1)  # noqa: E731
+        is_zero = b.Equal(x, b.f32(0.0))
+        nonzero = b.Where(is_zero, b.f32(1.0), x)
+        product = reduce("ReduceProd", nonzero)        # the product of the non-zeros
+        zeros = reduce("ReduceSum", b.Cast(is_zero, to=1))
+        others = b.Where(b.Equal(zeros, b.f32(0.0)), b.Div(product, nonzero),
+                         b.Where(b.And(is_zero, b.Equal(zeros, b.f32(1.0))), product, b.f32(0.0)))
+        return b.Mul(b.Expand(_kept(n, g, axes), b.Shape(n.raw(0))), others)
+    return (grad,)
+
+
+def _lp_pool(n, g):
+    """y = (Σ_window |x|^p)^(1/p): ĝ_x = ConvTranspose(ĝ_y ⊙ y^(1−p), ones) ⊙ sign(x)·|x|^(p−1), with 0 where
+    a window's y is 0 (every element 0: no direction increases y faster than another)."""
+    b, p = n.b, float(n.attr("p", 2))
+    kernel, strides, pads, dilations = _pool_geometry(n)
+    channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
+
+    def grad():
+        y, x = n.y(), n.x(0)
+        safe = b.Where(b.Equal(y, b.f32(0.0)), b.f32(1.0), y)
+        scaled = b.Where(b.Equal(y, b.f32(0.0)), b.f32(0.0), b.Mul(g, b.Pow(safe, b.f32(1.0 - p))))
+        spread = b.ConvTranspose(scaled, b.f32(np.ones([channels, 1] + kernel, np.float32)), group=channels,
+                                 strides=strides, pads=pads, dilations=dilations,
+                                 output_padding=extra if any(extra) else None)
+        return b.Mul(spread, b.Mul(b.Sign(x), b.Pow(b.Abs(x), b.f32(p - 1.0))))
+    return (grad,)
+
+
+def _mean_variance_norm(n, g):
+    """y = (x − E x)/√(E x² − (E x)²) over `axes`: ĝ_x = (h − mean h − y·mean(h·y))/σ, h = ĝ_y."""
+    b = n.b
+
+    def grad():
+        axes = b.i64(list(n.attr("axes", [0, 2, 3])))
+        mean = lambda v: b.ReduceMean(v, axes, keepdims=1)  # noqa: E731
+        x = n.x(0)
+        centred = b.Sub(x, mean(x))
+        inv_std = b.Reciprocal(b.Sqrt(mean(b.Mul(centred, centred))))
+        x_hat = b.Mul(centred, inv_std)
+        return b.Mul(b.Sub(b.Sub(g, mean(g)), b.Mul(x_hat, mean(b.Mul(g, x_hat)))), inv_std)
+    return (grad,)
+
+
+def _top_k(n, g):
+    """The values output: ĝ_x scatters ĝ_values to the indices they were read from (indices: no ĝ)."""
+    b = n.b
+    axis = n.attr("axis", -1)
+    grad_values = n.grads[0]
+    if grad_values is None:
+        return (None, None)
+    return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw_out(1), grad_values, axis=axis,
+                                      reduction="add"), None)
+
+
+def _max_unpool(n, g):
+    """y[indices[j]] = x[j] (flat indices over the whole tensor): ĝ_x = ĝ_y read at the indices."""
+    b = n.b
+    if len(n.inputs) > 2 and n.inputs[2] is not None:
+        _refuse(n, "an explicit output_shape is not supported")
+    flat = b.i64([-1])
+    return (lambda: b.Reshape(b.Gather(b.Reshape(g, flat), b.Reshape(n.raw(1), flat)), b.Shape(n.raw(0))),
+            None, None)
+
+
+def _pad(n, g):
+    """Constant Pad: ĝ_x is ĝ_y padded by the negated amounts (a crop; a negative pad, a crop, comes back as
+    zeros); the padding value receives everything ĝ_y has outside x."""
+    b, mode = n.b, n.attr("mode", "constant")
+    if mode != "constant":
+        _refuse(n, f"mode={mode} is not supported")
+    axes = n.raw(3) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+    grad_x = n.cached("x", lambda: b.Pad(g, b.Neg(b.Cast(n.raw(1), to=7)), None, axes, mode="constant"))
+    return (grad_x, None,
+            lambda: b.Sub(b.ReduceSum(g, keepdims=0), b.ReduceSum(grad_x(), keepdims=0)), None)
+
+
+def _dims_along(n, axes):
+    """Input 0's dims along `axes` (all when None), read at run time."""
+    shape = n.b.Shape(n.raw(0))
+    return shape if axes is None else n.b.Gather(shape, n.b.i64(list(axes)))
+
+
+def _compress(n, g):
+    """y = x at the true positions of the condition along `axis` (of the flattened x without it):
+    ĝ_x scatters ĝ_y back to those positions."""
+    b, axis = n.b, n.attr("axis")
+
+    def grad():
+        picked = b.Reshape(b.NonZero(n.raw(1)), b.i64([-1]))
+        if axis is None:
+            flat = b.i64([-1])
+            zeros = n.zeros_like(b.Shape(b.Reshape(n.raw(0), flat)))
+            return b.Reshape(b.ScatterElements(zeros, picked, b.Reshape(g, flat), axis=0), b.Shape(n.raw(0)))
+        r = n.rank(0)
+        if r is None:
+            _refuse(n, "input rank unknown")
+        a = axis % r
+        index = b.Expand(b.Reshape(picked, b.i64([1] * a + [-1] + [1] * (r - a - 1))), b.Shape(g))
+        return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g, axis=a)
+    return (grad, None)
+
+
 ROWS = {
     **{op: _pointwise(d) for op, d in POINTWISE.items()},
     **REDUCTIONS,
@@ -367,6 +492,14 @@ ROWS = {
     "GroupNormalization": _group_norm,
     "CumSum": _cumsum, "ScatterElements": _scatter_elements, "ScatterND": _scatter_nd, "Tile": _tile,
     "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
+    "ReduceProd": _reduce_prod, "LpPool": _lp_pool, "MeanVarianceNormalization": _mean_variance_norm,
+    "TopK": _top_k, "Pad": _pad, "MaxUnpool": _max_unpool, "Compress": _compress,
+    # self-transposing: the same op maps ĝ_y back (the centre offsets of a crop and its pad coincide)
+    "ReverseSequence": lambda n, g: (lambda: n.b.ReverseSequence(g, n.raw(1), batch_axis=n.attr("batch_axis", 1),
+                                                                  time_axis=n.attr("time_axis", 0)), None),
+    "CenterCropPad": lambda n, g: (lambda: n.b.CenterCropPad(g, _dims_along(n, n.attr("axes")), axes=n.attr("axes")),
+                                   None),
+    "Hardmax": lambda n, g: (None,),   # piecewise constant: zero derivative
 }
 
 # How the passes must see the new ops (for the op registry; dataflow.py already lists the starred ones).
