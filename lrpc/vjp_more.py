@@ -267,36 +267,59 @@ def _group_stats_grad(n, g, x, groups_shape, affine_shape, scale, eps):
     return grad, x_hat
 
 
-def _instance_norm(n, g):
-    """y = (x − μ)/σ·scale + B with μ, σ over the spatial dims of each (sample, channel)."""
-    b, r = n.b, n.rank(0)
-    if r is None:
-        _refuse(n, "input rank unknown")
-    eps = n.attr("epsilon", 1e-5)
-    flat = b.i64([0, 0, -1])
-    stats = n.cached("stats", lambda: _group_stats_grad(n, g, n.x(0), flat, _channel_shape(n, r), n.x(1), eps))
-    others = b.i64([0] + list(range(2, r)))
-    x_hat = lambda: b.Reshape(stats()[1], b.Shape(n.raw(0)))  # noqa: E731
-    return (lambda: b.Reshape(stats()[0], b.Shape(n.raw(0))),
-            lambda: b.ReduceSum(b.Mul(g, x_hat()), others, keepdims=0),
-            lambda: b.ReduceSum(g, others, keepdims=0))
+def _grouped_norm(groups):
+    """InstanceNormalization (groups=None: each channel its own group) and GroupNormalization: statistics over
+    each group of channels and the spatial dims, then a per-channel scale and bias."""
+    def row(n, g):
+        b, r = n.b, n.rank(0)
+        if r is None:
+            _refuse(n, "input rank unknown")
+        eps = n.attr("epsilon", 1e-5)
+        grouped = b.i64([0, 0 if groups is None else n.attr(groups), -1])
+        stats = n.cached("stats", lambda: _group_stats_grad(n, g, n.x(0), grouped, _channel_shape(n, r), n.x(1), eps))
+        others = b.i64([0] + list(range(2, r)))
+        x_hat = lambda: b.Reshape(stats()[1], b.Shape(n.raw(0)))  # noqa: E731
+        return (lambda: b.Reshape(stats()[0], b.Shape(n.raw(0))),
+                lambda: b.ReduceSum(b.Mul(g, x_hat()), others, keepdims=0),
+                lambda: b.ReduceSum(g, others, keepdims=0))
+    return row
 
 
-def _group_norm(n, g):
-    """GroupNormalization (opset 21): statistics over each group of channels and the spatial dims, then a
-    per-channel scale and bias."""
-    b, r = n.b, n.rank(0)
-    groups = n.attr("num_groups")
-    if r is None:
-        _refuse(n, "input rank unknown")
-    eps = n.attr("epsilon", 1e-5)
-    grouped = b.i64([0, groups, -1])
-    stats = n.cached("stats", lambda: _group_stats_grad(n, g, n.x(0), grouped, _channel_shape(n, r), n.x(1), eps))
-    others = b.i64([0] + list(range(2, r)))
-    x_hat = lambda: b.Reshape(stats()[1], b.Shape(n.raw(0)))  # noqa: E731
-    return (lambda: b.Reshape(stats()[0], b.Shape(n.raw(0))),
-            lambda: b.ReduceSum(b.Mul(g, x_hat()), others, keepdims=0),
-            lambda: b.ReduceSum(g, others, keepdims=0))
+def _nll_grad(n, g):
+    """ĝ of the scores of y = −w[t]·scores[n, t, …] per element (0 where t is ignore_index), summed, or
+    averaged over Σ w[t]: −ĝ·w[t] (÷ Σ w[t] for the mean) at the target class, 0 elsewhere."""
+    b, reduction, ignore = n.b, n.attr("reduction", "mean"), n.attr("ignore_index")
+    target = n.raw(1)
+    keep = b.f32(1.0) if ignore is None else b.Cast(b.Not(b.Equal(target, b.i64(ignore))), to=1)
+    safe = target if ignore is None else b.Where(b.Equal(target, b.i64(ignore)), b.i64(0), target)
+    weight = b.Mul(keep, b.Gather(n.x(2), safe)) if len(n.inputs) > 2 and n.inputs[2] is not None else keep
+    per_element = g if reduction == "none" else b.Expand(g, b.Shape(target))
+    if reduction == "mean":
+        per_element = b.Div(per_element, b.ReduceSum(b.Expand(weight, b.Shape(target)), keepdims=0))
+    onehot = b.OneHot(safe, b.Shape(n.raw(0), start=1, end=2), b.f32([0.0, 1.0]), axis=1)
+    return b.Neg(b.Mul(onehot, b.Unsqueeze(b.Mul(per_element, weight), b.i64([1]))))
+
+
+def _weight_refused(n):
+    return lambda: _refuse(n, "a class weight that carries relevance is not supported")
+
+
+def _nll_loss(n, g):
+    return (lambda: _nll_grad(n, g), None, _weight_refused(n))
+
+
+def _softmax_cross_entropy(n, g):
+    """loss = NLL(log_softmax(x, axis 1)), log_prob its second output: ĝ_x = h − softmax·Σ_c h, with h the
+    ĝ of log_prob (from the loss and from the output itself)."""
+    b = n.b
+
+    def grad():
+        h = _nll_grad(n, n.grads[0]) if n.grads[0] is not None else None
+        if len(n.grads) > 1 and n.grads[1] is not None:
+            h = n.grads[1] if h is None else b.Add(h, n.grads[1])
+        softmax = b.Softmax(n.x(0), axis=1)
+        return b.Sub(h, b.Mul(softmax, b.ReduceSum(h, b.i64([1]), keepdims=1)))
+    return (grad, None, _weight_refused(n))
 
 
 # ---- structural ---------------------------------------------------------------------------------
@@ -488,8 +511,9 @@ ROWS = {
     "PRelu": _prelu, "Mean": _mean,
     "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
     "MaxPool": _max_pool, "AveragePool": _average_pool,
-    "BatchNormalization": _batch_norm, "InstanceNormalization": _instance_norm,
-    "GroupNormalization": _group_norm,
+    "BatchNormalization": _batch_norm, "InstanceNormalization": _grouped_norm(None),
+    "GroupNormalization": _grouped_norm("num_groups"), "NegativeLogLikelihoodLoss": _nll_loss,
+    "SoftmaxCrossEntropyLoss": _softmax_cross_entropy,
     "CumSum": _cumsum, "ScatterElements": _scatter_elements, "ScatterND": _scatter_nd, "Tile": _tile,
     "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
     "ReduceProd": _reduce_prod, "LpPool": _lp_pool, "MeanVarianceNormalization": _mean_variance_norm,
