@@ -56,12 +56,22 @@ def decompose_fused(model: ir.Model) -> ir.Model:
             if new is not None:
                 new.shape = new.shape if new.shape is not None else old.shape
                 new.dtype = new.dtype if new.dtype is not None else old.dtype
-        # The fused node keeps computing the model's outputs (bit for bit what onnxruntime's kernel gives);
-        # its decomposition, read by nothing in the forward, carries the relevance (ops.alias).
-        node.meta[ops.ALIAS] = replacements
-        if node.domain == PROTECTED_DOMAIN:
-            node.domain = ""   # back where onnxruntime registers it (protected only for the opset converter)
         b.dirty = True
+        if node.domain in ("", "ai.onnx"):
+            # An ONNX op: the node keeps computing the model's outputs (bit for bit what onnxruntime's kernel
+            # gives); its decomposition, read by nothing in the forward, carries the relevance (ops.ALIAS).
+            node.meta[ops.ALIAS] = replacements
+            continue
+        # onnxruntime's contrib ops (whose outputs onnx cannot type) are replaced by their decomposition
+        for old, new in zip(node.outputs, replacements):
+            if not used(old):
+                continue
+            name = old.name
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            if name:
+                old.name = None
+                new.name = name   # the model keeps its output names (and its readable tensor names)
+        graph.remove(node, safe=True)
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return model
 

@@ -82,7 +82,8 @@ def layer_norm_grad(n, g, frozen_std: bool):
         return grad
     # the Mean and InvStdDev outputs read downstream: ∂μ/∂x = 1/N, ∂σ⁻¹/∂x = −σ⁻³·(x − μ)/N
     inv_count = b.Div(b.Cast(b.Size(mean(x)), to=1), b.Cast(b.Size(x), to=1))   # 1/N
-    grad_mean, grad_inv = (n.grads[1:] + [None])[:2]
+    # (ĝ of a statistic summed over the normalised axes: it may arrive broadcast to x's shape)
+    grad_mean, grad_inv = [None if v is None else b.ReduceSum(v, axes, keepdims=1) for v in (n.grads[1:] + [None])[:2]]
     if grad_mean is not None:
         grad = b.Add(grad, b.Mul(grad_mean, inv_count))
     if grad_inv is not None:

@@ -41,7 +41,7 @@ def run_ort(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model as lrpc's relevance sees it: each fused node (kept for the explainer's forward) replaced by
-    its decomposition (lrpc.ops.ALIAS)."""
+    its decomposition (lrpc.ops.ALIAS; contrib ops are replaced by it already)."""
     model = load(proto)
     for node in [n for n in model.graph if ops.ALIAS in n.meta]:
         for old, new in zip(node.outputs, node.meta[ops.ALIAS]):
@@ -50,6 +50,10 @@ def decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
                 ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
                 old.name, new.name = None, name
         model.graph.remove(node, safe=True)
+    for node in model.graph:   # (a decomposition's inner value onnx could not type: leave it untyped)
+        for value in node.outputs:
+            if value.type is not None and value.dtype is None:
+                value.type = None
     return ir.to_proto(model)
 
 
