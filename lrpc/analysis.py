@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from lrpc import ops
 from lrpc.errors import LrpcError
-from lrpc.graph import const_array, is_float
+from lrpc.graph import const_array, is_float, outer_captures
 
 # Ops that carry integer ids unchanged in value from a model input to an embedding lookup.
 ID_PATH_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Cast", "Identity", "Expand", "CastLike"}
@@ -93,6 +93,8 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     for node in graph:  # graph nodes are kept in topological order
         if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
-        if any(i is not None and i in carrying for i in node.inputs):
+        read = ops.differentiable_inputs(node) + outer_captures(node)
+        if any(i is not None and i in carrying for i in read):
             carrying.update(o for o in node.outputs if _maybe_float(o) and o not in cut)
     return carrying
+

@@ -58,6 +58,8 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return proto
+    if _guessed_split(proto):
+        return proto
     try:
         inferred = _run_symbolic(SymbolicShapeInference, _without_weights(proto))
     except Exception:  # noqa: BLE001 (an unsupported op, a shape it cannot follow, another onnxruntime)
@@ -72,6 +74,15 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         else:
             proto.graph.value_info.append(info)
     return proto
+
+
+def _guessed_split(proto: onnx.ModelProto) -> bool:
+    """A Split whose sizes come at run time: symbolic inference guesses an equal split and annotates shapes
+    that onnxruntime then enforces (and fails on), so ONNX's own shapes must do."""
+    constants = {t.name for t in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return any(n.op_type == "Split" and len(n.input) > 1 and n.input[1] and n.input[1] not in constants
+               for n in proto.graph.node)
 
 
 def _run_symbolic(inference, model: onnx.ModelProto) -> onnx.ModelProto:

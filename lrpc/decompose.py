@@ -46,23 +46,32 @@ def decompose_fused(model: ir.Model) -> ir.Model:
         b.anchor = node
         b.dtype = float_type(node, *range(len(node.inputs)))
         replacements = handler(node, b, ctx)
-        for i, old in enumerate(node.outputs):
-            new = replacements[i] if i < len(replacements) else None
+        if replacements is None:   # nothing to decompose here (the op's rule decides what to do)
+            continue
+        replacements = list(replacements)
+        replacements += [None] * (len(node.outputs) - len(replacements))
+        for i, (old, new) in enumerate(zip(node.outputs, replacements)):
+            if used(old) and new is None:
+                raise fail(node, f"its output {i} being used")
+            if new is not None:
+                new.shape = new.shape if new.shape is not None else old.shape
+                new.dtype = new.dtype if new.dtype is not None else old.dtype
+        b.dirty = True
+        if node.domain in ("", "ai.onnx"):
+            # An ONNX op: the node keeps computing the model's outputs (bit for bit what onnxruntime's kernel
+            # gives); its decomposition, read by nothing in the forward, carries the relevance (ops.ALIAS).
+            node.meta[ops.ALIAS] = replacements
+            continue
+        # onnxruntime's contrib ops (whose outputs onnx cannot type) are replaced by their decomposition
+        for old, new in zip(node.outputs, replacements):
             if not used(old):
                 continue
-            if new is None:
-                raise fail(node, f"its output {i} being used")
             name = old.name
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
             if name:
                 old.name = None
                 new.name = name   # the model keeps its output names (and its readable tensor names)
-            if old.shape is not None and new.shape is None:
-                new.shape = old.shape
-            if old.dtype is not None and new.dtype is None:
-                new.dtype = old.dtype
         graph.remove(node, safe=True)
-        b.dirty = True
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return model
 

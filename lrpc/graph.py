@@ -247,3 +247,23 @@ class Builder:
 
     def f32(self, values) -> ir.Value:
         return self.const(np.asarray(values, dtype=np.float32), hint="f32")
+
+
+def outer_captures(node: ir.Node) -> list[ir.Value]:
+    """The outer-scope tensors the subgraphs of `node` (If, Loop, Scan) read: inputs of their nodes that no
+    subgraph defines. They feed the node's outputs as much as its inputs do."""
+    graphs, defined, read = subgraphs(node), set(), []
+    while graphs:
+        graph = graphs.pop()
+        defined.update(graph.inputs)
+        defined.update(graph.initializers.values())
+        for inner in graph:
+            defined.update(inner.outputs)
+            read.extend(i for i in inner.inputs if i is not None)
+            graphs += subgraphs(inner)
+    return [v for v in read if v not in defined]
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = [a.value for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    return graphs + [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.value]

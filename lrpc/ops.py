@@ -14,7 +14,9 @@ Kinds:
   NORMALISATION       Softmax and the normalisation ops
   STRUCTURAL          moves or selects values without arithmetic
   NON_DIFFERENTIABLE  zero derivative: its outputs never carry relevance
-  FUSED               decomposed into standard ops before analysis (lrpc.decompose)
+  FUSED               kept for the forward, decomposed into standard ops for the relevance (lrpc.decompose)
+  CONTROL_FLOW        If / Loop / Scan: a static If is inlined like a fused op, the rest refused when relevance
+                      flows through it
   REFUSED             a fused op lrpc recognises and refuses, saying why
 """
 
@@ -27,14 +29,15 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrpc import fused_attention as fa, fused_norms as fn, rows
-from lrpc import vjp_linear as lin, vjp_norms as nrm, vjp_pointwise as pw, vjp_structural as st
+from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, rows
+from lrpc import vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
+from lrpc import vjp_scatter as sc, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
-from lrpc.vjp_common import kept, mean_scale, pointwise, reduce, reshape_back, same
+from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
 ELEMENTWISE, NONLINEAR, REDUCTION, LINEAR = "elementwise", "nonlinear", "reduction", "linear"
 NORMALISATION, STRUCTURAL, NON_DIFFERENTIABLE = "normalisation", "structural", "non-differentiable"
-FUSED, REFUSED = "fused", "refused"
+FUSED, REFUSED, CONTROL_FLOW = "fused", "refused", "control flow"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Op:
     broadcasts: bool = False             # the emitter sums each input's ĝ back over broadcast axes
     rows: Callable | None = None         # row form (lrpc.rows), None: the VJP needs the whole ĝ
     decompose: Callable | None = None    # FUSED: handler(node, builder, ctx) → replacement outputs
+    differentiable: tuple[int, ...] | None = None   # the inputs relevance flows into (None: all); the others
+    #                                                 are shapes, types, indices, masks, ratios
+    why: str = ""                        # REFUSED / CONTROL_FLOW: what is refused and why (`lrpc ops` says it)
 
 
 # ---- definers: the kind of row, named ----------------------------------------------------------------
@@ -63,23 +69,47 @@ def unary(derivative) -> Op:
     return Op(ELEMENTWISE, pointwise(derivative), rows=rows.pointwise)
 
 
-def structural(vjp, row_form=None) -> Op:
-    return Op(STRUCTURAL, vjp, rows=row_form)
+def structural(vjp, row_form=None, differentiable=(0,)) -> Op:
+    """Moves or selects the values of its data inputs (by default the first; the others say where)."""
+    return Op(STRUCTURAL, vjp, rows=row_form, differentiable=differentiable)
 
 
 def reduction(vjp) -> Op:
-    return Op(REDUCTION, vjp)
+    """A Reduce*; with noop_with_empty_axes and no axes it is the identity."""
+    def rule(n, g):
+        return same(g) if n.attr("noop_with_empty_axes", 0) and not has_axes(n) else vjp(n, g)
+    return Op(REDUCTION, rule, differentiable=(0,))
 
 
 NO_GRADIENT = Op(NON_DIFFERENTIABLE)
 
 
+ALIAS = "lrpc.decomposition"   # node.meta key: a fused node's decomposed outputs, one per output (lrpc.decompose)
+
+
+def _alias(n, g):
+    """A fused node: ĝ of each output is ĝ of the same output of its decomposition, whose nodes the walk
+    reaches next (they come before the fused node)."""
+    targets = n.node.meta.get(ALIAS)
+    if targets is None:   # control flow left as it is (a run-time condition, a loop)
+        refuse(n, "relevance through control flow whose subgraph reads a relevance-carrying tensor is not "
+                  "supported (only an If with a static condition); export the model without it")
+    return {new: (lambda grad=grad: grad) for new, grad in zip(targets, n.grads) if new is not None and grad is not None}
+
+
+def control_flow(handler=None) -> Op:
+    why = ("a static condition: the taken branch is inlined; " if handler else "") + \
+        "refused when relevance flows through a subgraph"
+    return Op(CONTROL_FLOW, _alias, decompose=handler, why=why)
+
+
 def fused(handler) -> Op:
-    return Op(FUSED, decompose=handler)
+    """A fused op: kept for the forward, decomposed into standard ops for the relevance."""
+    return Op(FUSED, _alias, decompose=handler)
 
 
 def refused(reason: str) -> Op:
-    return Op(REFUSED, decompose=fa.refuse(reason))
+    return Op(REFUSED, decompose=fa.refuse(reason), why=reason)
 
 
 def _transpose(n, g):
@@ -87,11 +117,6 @@ def _transpose(n, g):
     if perm is None and n.lead:  # the default perm reverses the forward axes, not ĝ's K axis
         perm = list(reversed(range(n.rank(0))))
     return (lambda: n.b.Transpose(g, perm=n.grad_perm(np.argsort(perm))) if perm else n.b.Transpose(g),)
-
-
-def _reduce_l2(n, g):
-    axes = n.raw(1) if len(n.inputs) > 1 else None
-    return (lambda: n.b.Div(n.b.Mul(reduce(n, g), n.x(0)), kept(n, n.y(), n.attr("keepdims", 1), axes)),)
 
 
 # ---- the table: default-domain ops by op type, other domains as "domain::op_type" ------------------------
@@ -109,13 +134,14 @@ OPS: dict[str, Op] = {
     "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
     "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
     "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
-    "Dropout": arithmetic(lambda n, g: same(g), broadcasts=False),
-    "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None)),
-    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True),
-    "Where": Op(ELEMENTWISE, st.where, broadcasts=True),
+    "Dropout": Op(ELEMENTWISE, pw.dropout, rows=rows.pointwise, differentiable=(0,)),
+    "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), differentiable=(0,)),   # input 1 gives the type
+    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True, differentiable=(0,)),
+    "Where": Op(ELEMENTWISE, st.where, broadcasts=True, differentiable=(1, 2)),
     "Max": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
     "Min": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
-    "Clip": Op(ELEMENTWISE, pw.clip),
+    "Clip": Op(ELEMENTWISE, pw.clip, broadcasts=True),
+    "Mod": arithmetic(pw.mod),
     # elementwise functions
     "Sqrt": unary(lambda n: n.b.Div(n.b.f32(0.5), n.y())),
     "Reciprocal": unary(lambda n: n.b.Neg(n.b.Mul(n.y(), n.y()))),
@@ -123,6 +149,15 @@ OPS: dict[str, Op] = {
     "Abs": unary(lambda n: n.b.Sign(n.x(0))),
     "Sin": unary(lambda n: n.b.Cos(n.x(0))),
     "Cos": unary(lambda n: n.b.Neg(n.b.Sin(n.x(0)))),
+    "Tan": unary(pw.tan_derivative),
+    "Asin": unary(pw.asin_derivative),
+    "Acos": unary(pw.acos_derivative),
+    "Atan": unary(pw.atan_derivative),
+    "Sinh": unary(lambda n: n.b.Cosh(n.x(0))),
+    "Cosh": unary(lambda n: n.b.Sinh(n.x(0))),
+    "Asinh": unary(pw.asinh_derivative),
+    "Acosh": unary(pw.acosh_derivative),
+    "Atanh": unary(pw.atanh_derivative),
     # activations (start an activation region)
     "Exp": activation(lambda n: n.y()),
     "Tanh": activation(lambda n: n.b.Sub(n.b.f32(1.0), n.b.Mul(n.y(), n.y()))),
@@ -141,46 +176,78 @@ OPS: dict[str, Op] = {
     "Gelu": activation(pw.gelu_derivative),
     "Softplus": activation(lambda n: n.b.Sigmoid(n.x(0))),
     "Mish": activation(pw.mish_derivative),
+    "Swish": activation(pw.swish_derivative),
     "PRelu": Op(NONLINEAR, pw.prelu, broadcasts=True, rows=rows.pointwise),
     # linear contractions
     "MatMul": Op(LINEAR, lin.matmul, rows=rows.matmul),
     "Gemm": Op(LINEAR, lin.gemm),
     "Conv": Op(LINEAR, lin.conv),
     "Einsum": Op(LINEAR, lin.einsum),
+    "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
+    # pooling (a fixed linear map of each window, or a selection from it)
+    "AveragePool": Op(LINEAR, pool.average_pool),
+    "GlobalAveragePool": reduction(pool.global_average_pool),
+    "LpPool": reduction(pool.lp_pool),
+    "MaxPool": structural(pool.max_pool),
+    "GlobalMaxPool": structural(pool.global_max_pool),
     # structural
     "Reshape": structural(reshape_back, rows.reshape),
     "Flatten": structural(reshape_back),
     "Squeeze": structural(reshape_back),
     "Unsqueeze": structural(reshape_back),
     "Transpose": structural(_transpose, rows.transpose),
-    "Concat": structural(st.concat, rows.concat),
+    "Concat": structural(st.concat, rows.concat, differentiable=None),
     "Split": structural(st.split),
     "Slice": structural(st.slice_, rows.slice_),
     "Gather": structural(st.gather),
     "GatherElements": structural(st.gather_elements),
     "GatherND": structural(st.gather_nd),
+    "Tile": structural(st.tile),
+    "Pad": structural(st.pad, differentiable=(0, 2)),
+    "DepthToSpace": structural(st.depth_to_space),
+    "SpaceToDepth": structural(st.space_to_depth),
+    "ReverseSequence": structural(st.reverse_sequence),
+    "CenterCropPad": structural(st.center_crop_pad),
+    "ScatterElements": structural(sc.scatter_elements, differentiable=(0, 2)),
+    "ScatterND": structural(sc.scatter_nd, differentiable=(0, 2)),
+    "TopK": structural(sc.top_k),
+    "MaxUnpool": structural(sc.max_unpool),
+    "Compress": structural(sc.compress),
     "Trilu": structural(lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None,
                                                         upper=n.attr("upper", 1)),)),
     # reductions
     "ReduceSum": reduction(lambda n, g: (lambda: reduce(n, g),)),
     "ReduceMean": reduction(lambda n, g: (lambda: reduce(n, g, mean_scale),)),
-    "ReduceL2": reduction(_reduce_l2),
+    "ReduceL2": reduction(pw.reduce_l2),
     "ReduceSumSquare": reduction(lambda n, g: (lambda: n.b.Mul(reduce(n, g), n.b.Mul(n.b.f32(2.0), n.x(0))),)),
     "ReduceL1": reduction(pw.reduce_l1),
     "ReduceLogSumExp": reduction(pw.reduce_log_sum_exp),
     "ReduceMax": reduction(pw.reduce_extremum),
     "ReduceMin": reduction(pw.reduce_extremum),
+    "ReduceLogSum": reduction(pw.reduce_log_sum),
+    "ReduceProd": reduction(pw.reduce_prod),
     # normalisations
     "Softmax": Op(NORMALISATION, nrm.softmax, rows=rows.softmax),
     "LogSoftmax": Op(NORMALISATION, nrm.log_softmax),
     "LayerNormalization": Op(NORMALISATION, nrm.layer_norm, rows=rows.normalisation),
     "LpNormalization": Op(NORMALISATION, nrm.lp_norm),
+    "BatchNormalization": Op(NORMALISATION, nrm.batch_norm),
+    "InstanceNormalization": Op(NORMALISATION, nrm.grouped_norm(None)),
+    "GroupNormalization": Op(NORMALISATION, nrm.grouped_norm("num_groups")),
+    "MeanVarianceNormalization": Op(NORMALISATION, nrm.mean_variance_norm),
+    # losses, w.r.t. the scores
+    "NegativeLogLikelihoodLoss": Op(LINEAR, loss.nll_loss, differentiable=(0, 2)),
+    "SoftmaxCrossEntropyLoss": Op(NORMALISATION, loss.softmax_cross_entropy, differentiable=(0, 2)),
     # zero derivative
     **{op: NO_GRADIENT for op in (
         "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Mod")},
+        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax")},
+    # control flow
+    "If": control_flow(cf.inline_static_if),
+    "Loop": control_flow(),
+    "Scan": control_flow(),
     # fused ops, rewritten into the standard ops above (lrpc.decompose)
     "RMSNormalization": fused(fn.simplified_layer_norm),
     "SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
@@ -218,6 +285,14 @@ def is_kind(node: ir.Node | None, *kinds: str) -> bool:
     return op is not None and op.kind in kinds
 
 
+def differentiable_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """The inputs of `node` relevance can flow into (all, for an op outside the table)."""
+    op = lookup(node)
+    if op is None or op.differentiable is None:
+        return list(node.inputs)
+    return [node.inputs[i] for i in op.differentiable if i < len(node.inputs)]
+
+
 def vjp(node: ir.Node) -> Callable | None:
     op = lookup(node)
     return op.vjp if op is not None else None
@@ -234,9 +309,28 @@ FUSED_KEYS = {tuple(k.split("::")) if "::" in k else ("", k) for k, op in OPS.it
 
 def with_vjp() -> list[str]:
     """Op types relevance can flow through: an exact VJP (and, where the passes assign one, an AttnLRP rule)."""
-    return sorted(k for k, op in OPS.items() if op.vjp is not None)
+    return sorted(k for k, op in OPS.items() if op.vjp is not None and op.kind not in (FUSED, CONTROL_FLOW))
 
 
 def of_kind(kind: str) -> list[str]:
     """The op types of a kind, as `lrpc ops` lists them (without lrpc's own protected domain)."""
     return sorted(k for k, op in OPS.items() if op.kind == kind and not k.startswith(PROTECTED_DOMAIN + "::"))
+
+
+STATUS = {FUSED: "decomposed", REFUSED: "refused", CONTROL_FLOW: "control flow",
+          NON_DIFFERENTIABLE: "zero derivative"}
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(op, what lrpc does with it, detail) for every row, as `lrpc ops` prints them: "rule" (an exact VJP,
+    AttnLRP rules where the passes assign one), "decomposed", "control flow", "refused", "zero derivative"."""
+    table = []
+    for k, op in sorted(OPS.items()):
+        if k.startswith(PROTECTED_DOMAIN + "::"):
+            continue
+        detail = op.why or op.kind
+        if op.differentiable is not None:
+            detail += f"; relevance into input{'s' if len(op.differentiable) > 1 else ''} " + \
+                ", ".join(map(str, op.differentiable)) + " only"
+        table.append((k, STATUS.get(op.kind, "rule"), detail))
+    return table

@@ -16,7 +16,7 @@ from lrpc.gamma import linear_gamma
 from lrpc.graph import same_dim
 from lrpc.plan import Rule
 from lrpc.vjp_common import stabilised
-from lrpc.vjp_norms import layer_norm_grad
+from lrpc.vjp_norms import divide_by_lp_norm, layer_norm_grad
 
 ACTIVATION_EPS = 1e-10   # identity rule (Eq. 9): ĝ_u = ĝ_v ⊙ v / (u + ε·sign(u)), sign(0) = 1
 
@@ -43,8 +43,7 @@ def _layer_norm_frozen_std(n, g):
 
 def _lp_norm_frozen(n, g):
     """LpNormalization with the norm frozen (Prop. 3.4): ĝ_x = ĝ_y / ‖x‖."""
-    b = n.b
-    return (lambda: b.Div(g, b.ReduceL2(n.x(0), b.i64([n.attr("axis", -1)]), keepdims=1)),)
+    return (lambda: divide_by_lp_norm(n, g),)
 
 
 def _identity_region(n, g, input: str):

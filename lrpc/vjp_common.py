@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lrpc.errors import LrpcError
+
 
 def same(g):
     return (lambda: g,)
@@ -23,24 +25,45 @@ def pointwise(derivative):
     return lambda n, g: (lambda: n.b.Mul(g, derivative(n)),)
 
 
+def refuse(n, why: str):
+    """Refuse the node in one line naming it, its op and why."""
+    raise LrpcError(f"node '{n.node.name}' ({n.node.op_type}): {why}")
+
+
+def has_axes(n) -> bool:
+    """Whether a reduction names its axes (an input, non-empty when known, or the attribute)."""
+    if len(n.inputs) > 1 and n.inputs[1] is not None:
+        known = n.const(1)
+        return known is None or known.size > 0
+    return bool(n.attr("axes"))
+
+
+def reduced_axes(n):
+    """A reduction's axes as an int64 tensor (None: all), from the input (opset ≥ 18) or the attribute."""
+    if not has_axes(n):
+        return None
+    if len(n.inputs) > 1 and n.inputs[1] is not None:
+        return n.b.Cast(n.raw(1), to=7)
+    axes = n.attr("axes")
+    return n.b.i64(list(axes)) if axes else None
+
+
+def kept(n, value):
+    """A reduction output (or its ĝ) shaped to broadcast against the input (the keepdims=1 form)."""
+    axes = reduced_axes(n)
+    return value if n.attr("keepdims", 1) or axes is None else n.b.Unsqueeze(value, axes)
+
 
 def reduce(n, g, scale=None):
-    """ĝ of a reduction: unsqueeze the reduced axes back (if dropped), broadcast to x, scale by ∂y/∂x."""
-    b, x = n.b, n.raw(0)
-    axes = n.raw(1) if len(n.inputs) > 1 and n.inputs[1] is not None else None
-    keep = n.attr("keepdims", 1)
-    if not keep and axes is not None:
-        g = b.Unsqueeze(g, n.grad_axes(b.Cast(axes, to=7)))
-    grad = b.Expand(g, b.Shape(x))  # broadcasts: a K axis of ĝ stays
-    return grad if scale is None else b.Mul(grad, scale(n, keep, axes))
+    """ĝ of a reduction: ĝ_y with the reduced axes back (if dropped), broadcast to x, times ∂y/∂x."""
+    axes = reduced_axes(n)
+    if not n.attr("keepdims", 1) and axes is not None:
+        g = n.b.Unsqueeze(g, n.grad_axes(axes))   # axes of ĝ (a K axis shifts them)
+    grad = n.b.Expand(g, n.b.Shape(n.raw(0)))    # broadcasts: a K axis of ĝ stays
+    return grad if scale is None else n.b.Mul(grad, scale(n))
 
 
-def kept(n, value, keep, axes):
-    """A reduction output reshaped so it broadcasts against the input (keepdims=1 form)."""
-    return value if keep or axes is None else n.b.Unsqueeze(value, n.b.Cast(axes, to=7))
-
-
-def mean_scale(n, keep, axes):
+def mean_scale(n):
     b = n.b  # 1/N with N = |x| / |y|, the number of elements averaged into each output
     return b.Div(b.Cast(b.Size(n.raw_out(0)), to=1), b.Cast(b.Size(n.raw(0)), to=1))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from lrpc.errors import LrpcError
-from lrpc.vjp_common import kept, reduce
+from lrpc.vjp_common import kept, reduce, reduced_axes, refuse
 
 
 def power(n, g):
@@ -20,14 +20,44 @@ def power(n, g):
 
 
 def clip(n, g):
+    """y = min(max(x, lo), hi): ĝ goes to hi where it binds, else to lo where it binds, else to x."""
     b = n.b
-    x = n.x(0)
-    keep = b.f32(1.0)
-    if len(n.inputs) > 1 and n.inputs[1] is not None:
-        keep = b.Mul(keep, b.Cast(b.GreaterOrEqual(x, n.x(1)), to=1))
-    if len(n.inputs) > 2 and n.inputs[2] is not None:
-        keep = b.Mul(keep, b.Cast(b.LessOrEqual(x, n.x(2)), to=1))
-    return (lambda: b.Mul(g, keep), None, None)
+    has = lambda i: len(n.inputs) > i and n.inputs[i] is not None  # noqa: E731
+    low = n.cached("low", lambda: b.Max(n.x(0), n.x(1)) if has(1) else n.x(0))
+    inside = n.cached("inside", lambda: b.Mul(g, b.Cast(b.LessOrEqual(low(), n.x(2)), to=1)) if has(2) else g)
+    above_low = lambda: b.Cast(b.GreaterOrEqual(n.x(0), n.x(1)), to=1) if has(1) else b.f32(1.0)  # noqa: E731
+    return (lambda: b.Mul(inside(), above_low()),
+            lambda: b.Sub(inside(), b.Mul(inside(), above_low())),
+            lambda: b.Sub(g, inside()))
+
+
+def mod(n, g):
+    """Float y = a − b·q with q = trunc(a/b) (fmod = 1) or floor(a/b), constant between its jumps:
+    ĝ_a = ĝ_y, ĝ_b = −ĝ_y·q."""
+    b = n.b
+
+    def quotient():
+        ratio = b.Div(n.x(0), n.x(1))
+        if not n.attr("fmod", 0):
+            return b.Floor(ratio)
+        return b.Mul(b.Sign(ratio), b.Floor(b.Abs(ratio)))    # trunc
+    return (lambda: g, lambda: b.Neg(b.Mul(g, quotient())))
+
+
+def dropout(n, g):
+    """Inference: the identity. Training mode (a true third input): y = x ⊙ mask / (1 − ratio), with the mask
+    this run drew (the node's second output, added to the node when the model does not read it)."""
+    b, has = n.b, lambda i: len(n.inputs) > i and n.inputs[i] is not None  # noqa: E731
+    if not has(2) or (n.const(2) is not None and not bool(n.const(2))):
+        return (lambda: g,)
+    if len(n.node.outputs) < 2 or n.raw_out(1) is None:
+        refuse(n, "training-mode Dropout without its mask output; export the model in inference mode")
+
+    def grad():
+        ratio = n.x(1) if has(1) else b.f32(0.5)
+        scale = b.Where(n.raw(2), b.Reciprocal(b.Sub(b.f32(1.0), ratio)), b.f32(1.0))
+        return b.Mul(g, b.Mul(n.y(1), scale))
+    return (grad,)
 
 
 def extremum(n, g):
@@ -42,10 +72,13 @@ def extremum(n, g):
 def reduce_extremum(n, g):
     """ReduceMax/Min: ĝ goes to the element(s) equal to the result, split evenly between ties."""
     b = n.b
-    keep, axes = n.attr("keepdims", 1), (n.raw(1) if len(n.inputs) > 1 else None)
-    mask = b.Cast(b.Equal(n.x(0), kept(n, n.y(), keep, axes)), to=1)
-    count = b.ReduceSum(mask, *([axes] if axes is not None else []), keepdims=1)
-    return (lambda: b.Mul(reduce(n, g), b.Div(mask, count)),)
+
+    def grad():
+        axes = reduced_axes(n)
+        mask = b.Cast(b.Equal(n.x(0), kept(n, n.y())), to=1)
+        count = b.ReduceSum(mask, *([axes] if axes is not None else []), keepdims=1)
+        return b.Mul(reduce(n, g), b.Div(mask, count))
+    return (grad,)
 
 
 def gelu_derivative(n):
@@ -133,9 +166,75 @@ def reduce_l1(n, g):
     return (lambda: n.b.Mul(reduce(n, g), n.b.Sign(n.x(0))),)
 
 
-def reduce_log_sum_exp(n, g):
-    """y = log Σ eˣ: ĝ_x = ĝ_y·e^{x − y} (the softmax weights)."""
-    b = n.b
-    axes = n.raw(1) if len(n.inputs) > 1 and n.inputs[1] is not None else None
-    return (lambda: b.Mul(reduce(n, g), b.Exp(b.Sub(n.x(0), kept(n, n.y(), n.attr("keepdims", 1), axes)))),)
+def reduce_l2(n, g):
+    """y = √Σx²: ĝ_x = ĝ_y·x/y."""
+    return (lambda: n.b.Div(n.b.Mul(reduce(n, g), n.x(0)), kept(n, n.y())),)
 
+
+def reduce_log_sum_exp(n, g):
+    """y = log Σ eˣ: ĝ_x = ĝ_y·e^{x − y} (the softmax weights; no eˣ of a large x on its own)."""
+    return (lambda: n.b.Mul(reduce(n, g), n.b.Exp(n.b.Sub(n.x(0), kept(n, n.y())))),)
+
+
+def reduce_log_sum(n, g):
+    """y = log Σ x: ĝ_x = ĝ_y / Σ x = ĝ_y·e^{−y}."""
+    return (lambda: n.b.Mul(reduce(n, g), n.b.Exp(n.b.Neg(kept(n, n.y())))),)
+
+
+def reduce_prod(n, g):
+    """∂y/∂x_i is the product of the other elements: y/x_i without zeros; with one zero only that element's,
+    the product of the non-zeros; with two or more, 0 (no division by a zero)."""
+    b = n.b
+
+    def grad():
+        axes, x = reduced_axes(n), n.x(0)
+        over = [axes] if axes is not None else []
+        is_zero = b.Equal(x, b.f32(0.0))
+        nonzero = b.Where(is_zero, b.f32(1.0), x)
+        product = b.ReduceProd(nonzero, *over, keepdims=1)        # the product of the non-zeros
+        zeros = b.ReduceSum(b.Cast(is_zero, to=1), *over, keepdims=1)
+        others = b.Where(b.Equal(zeros, b.f32(0.0)), b.Div(product, nonzero),
+                         b.Where(b.And(is_zero, b.Equal(zeros, b.f32(1.0))), product, b.f32(0.0)))
+        return b.Mul(reduce(n, g), others)
+    return (grad,)
+
+
+# ---- elementwise functions ----------------------------------------------------------------------------
+
+def swish_derivative(n):
+    """y = x·σ(αx): σ + αx·σ(1 − σ)."""
+    b, x, alpha = n.b, n.x(0), n.attr("alpha", 1.0)
+    s = b.Sigmoid(b.Mul(x, b.f32(alpha)))
+    return b.Add(s, b.Mul(b.Mul(b.f32(alpha), x), b.Mul(s, b.Sub(b.f32(1.0), s))))
+
+
+def _one_minus_square(n):
+    return n.b.Sub(n.b.f32(1.0), n.b.Mul(n.x(0), n.x(0)))
+
+
+def tan_derivative(n):
+    return n.b.Add(n.b.f32(1.0), n.b.Mul(n.y(), n.y()))
+
+
+def asin_derivative(n):
+    return n.b.Reciprocal(n.b.Sqrt(_one_minus_square(n)))
+
+
+def acos_derivative(n):
+    return n.b.Neg(asin_derivative(n))
+
+
+def atan_derivative(n):
+    return n.b.Reciprocal(n.b.Add(n.b.f32(1.0), n.b.Mul(n.x(0), n.x(0))))
+
+
+def asinh_derivative(n):
+    return n.b.Reciprocal(n.b.Sqrt(n.b.Add(n.b.Mul(n.x(0), n.x(0)), n.b.f32(1.0))))
+
+
+def acosh_derivative(n):
+    return n.b.Reciprocal(n.b.Sqrt(n.b.Sub(n.b.Mul(n.x(0), n.x(0)), n.b.f32(1.0))))
+
+
+def atanh_derivative(n):
+    return n.b.Reciprocal(_one_minus_square(n))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc.errors import LrpcError
+from lrpc.vjp_common import refuse
 
 
 def concat(n, g):
@@ -159,3 +160,81 @@ def where(n, g):
     b, zero = n.b, n.b.f32(0.0)
     return (None, lambda: b.Where(n.raw(0), g, zero), lambda: b.Where(n.raw(0), zero, g))
 
+
+def tile(n, g):
+    """ĝ_x sums ĝ_y over the copies: ĝ_y reshaped to [r₀, d₀, r₁, d₁, …], summed over the r axes."""
+    b, r = n.b, n.rank(0)
+    if r is None:
+        refuse(n, "input rank unknown")
+    if r == 0:
+        return (lambda: g, None)
+
+    def grad():
+        column = b.i64([-1, 1])
+        pairs = b.Concat(b.Reshape(b.Cast(n.raw(1), to=7), column), b.Reshape(b.Shape(n.raw(0)), column), axis=1)
+        return b.ReduceSum(b.Reshape(g, b.Reshape(pairs, b.i64([-1]))), b.i64(list(range(0, 2 * r, 2))), keepdims=0)
+    return (grad, None)
+
+
+def _unpermute(n, g, dims, inner, perm):
+    """ĝ of x → Reshape(inner) → Transpose(perm) → Reshape: the steps undone on ĝ_y, in reverse."""
+    permuted = [inner[p] for p in perm]
+    return (lambda: n.b.Reshape(n.b.Transpose(n.b.Reshape(g, n.b.i64(permuted)), perm=list(np.argsort(perm))),
+                                n.b.i64(dims)),)
+
+
+def _static_dims(n):
+    dims = n.dims(0)
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        refuse(n, "the input's dims must be known at compile time")
+    return dims
+
+
+def depth_to_space(n, g):
+    """DCR: [N, C, H, W] → [N, bs, bs, C/bs², H, W] → (0, 3, 4, 1, 5, 2); CRD: [N, C/bs², bs, bs, H, W] →
+    (0, 1, 4, 2, 5, 3); ĝ undoes the permutation and the reshapes."""
+    bs, dims = n.attr("blocksize"), _static_dims(n)
+    batch, c, h, w = dims
+    if n.attr("mode", "DCR") == "DCR":
+        inner, perm = [batch, bs, bs, c // (bs * bs), h, w], [0, 3, 4, 1, 5, 2]
+    else:
+        inner, perm = [batch, c // (bs * bs), bs, bs, h, w], [0, 1, 4, 2, 5, 3]
+    return _unpermute(n, g, dims, inner, perm)
+
+
+def space_to_depth(n, g):
+    """[N, C, H, W] → [N, C, H/bs, bs, W/bs, bs] → DCR (0, 3, 5, 1, 2, 4) or CRD (0, 1, 3, 5, 2, 4) →
+    [N, C·bs², H/bs, W/bs]; ĝ undoes the permutation and the reshapes."""
+    bs, dims = n.attr("blocksize"), _static_dims(n)
+    batch, c, h, w = dims
+    inner = [batch, c, h // bs, bs, w // bs, bs]
+    perm = [0, 3, 5, 1, 2, 4] if n.attr("mode", "DCR") == "DCR" else [0, 1, 3, 5, 2, 4]
+    return _unpermute(n, g, dims, inner, perm)
+
+
+def pad(n, g):
+    """Constant Pad: ĝ_x is ĝ_y padded by the negated amounts (a crop; a negative pad, a crop, comes back as
+    zeros); the padding value receives everything ĝ_y has outside x."""
+    b, mode = n.b, n.attr("mode", "constant")
+    if mode != "constant":
+        refuse(n, f"mode={mode} is not supported")
+    axes = n.raw(3) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+    grad_x = n.cached("x", lambda: b.Pad(g, b.Neg(b.Cast(n.raw(1), to=7)), None, axes, mode="constant"))
+    return (grad_x, None,
+            lambda: b.Sub(b.ReduceSum(g, keepdims=0), b.ReduceSum(grad_x(), keepdims=0)), None)
+
+
+def reverse_sequence(n, g):
+    """Self-transposing: the same reversal maps ĝ_y back."""
+    return (lambda: n.b.ReverseSequence(g, n.raw(1), batch_axis=n.grad_axis(n.attr("batch_axis", 1)),
+                                        time_axis=n.grad_axis(n.attr("time_axis", 0))), None)
+
+
+def center_crop_pad(n, g):
+    """Self-transposing: cropping/padding ĝ_y back to x's dims (the centre offsets of a crop and its pad
+    coincide)."""
+    def grad():
+        axes, shape = n.attr("axes"), n.b.Shape(n.raw(0))
+        dims = shape if axes is None else n.b.Gather(shape, n.b.i64(list(axes)))
+        return n.b.CenterCropPad(g, dims, axes=None if axes is None else [n.grad_axis(a) for a in axes])
+    return (grad, None)

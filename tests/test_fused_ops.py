@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import lrpc
-from lrpc import models
+from lrpc import models, ops
 from lrpc.compiler import load
 from lrpc.decompose import protect_nonstandard_ops
 
@@ -40,7 +40,21 @@ def run_ort(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 
 def decomposed(proto: onnx.ModelProto) -> onnx.ModelProto:
-    return ir.to_proto(load(proto))
+    """The model as lrpc's relevance sees it: each fused node (kept for the explainer's forward) replaced by
+    its decomposition (lrpc.ops.ALIAS; contrib ops are replaced by it already)."""
+    model = load(proto)
+    for node in [n for n in model.graph if ops.ALIAS in n.meta]:
+        for old, new in zip(node.outputs, node.meta[ops.ALIAS]):
+            if new is not None:
+                name = old.name
+                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+                old.name, new.name = None, name
+        model.graph.remove(node, safe=True)
+    for node in model.graph:   # (a decomposition's inner value onnx could not type: leave it untyped)
+        for value in node.outputs:
+            if value.type is not None and value.dtype is None:
+                value.type = None
+    return ir.to_proto(model)
 
 
 def fused_ops(proto: onnx.ModelProto) -> set[str]:

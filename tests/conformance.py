@@ -1,0 +1,467 @@
+"""ONNX's backend node tests as a conformance suite for lrpc's relevance (issue 18).
+
+Every node test of the installed `onnx` package (generated from its `onnx.backend.test.case.node` modules;
+the wheel ships no data folder) whose output depends on a float32 input is wrapped so it explains one scalar,
+s = Σ_k Σ w_k ⊙ y_k over its float outputs y_k (fixed random w_k), exposed as a [1, 1] output. The wrapper
+is compiled with `preset="gxi"` and the relevance R = x ⊙ ĝ is compared with an independent oracle: central
+finite differences of s, run in float64 (onnxruntime on the wrapper with its float tensors retyped to
+double, else ONNX's numpy reference evaluator, else float32 onnxruntime with larger steps). The difference
+is taken along x ⊙ u for random u, so it estimates ⟨u, x ⊙ ∂s/∂x⟩ = ⟨u, R⟩ directly; a direction where two
+step sizes disagree crosses a kink or a tie and is skipped. Each case is then
+
+  exact     every differentiable direction agrees;
+  wrong     an explainer was produced and its relevance disagrees (or is not finite): silently wrong;
+  crash     an explainer was produced and onnxruntime rejects it or fails, or compile raised something
+            other than an LrpcError;
+  refused   compile raised an LrpcError (its message must be one line naming the op);
+  n/a       no float32 input with a non-zero derivative, a non-finite forward, or nothing differentiable
+            at the test point.
+
+Cases compiled with `gxi` are also compiled with `attnlrp`: its relevance must be finite and the forward
+outputs bitwise those of the plain model. Collected cases and compiled explainers are cached in the
+temporary folder (keyed by the onnx version and by lrpc's sources), so a rerun takes seconds.
+
+    python tests/conformance.py --report          # the per-op table and the coverage line
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import os
+import pickle
+import re
+import sys
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_ELEMENTS = 4096      # inputs larger than this (in total) are skipped: the suite must stay fast
+DIRECTIONS = 3           # random directions u per attributed input
+SCALAR = "lrpc_conformance_s"
+STATUSES = ("exact", "wrong", "crash", "refused", "n/a")
+
+
+@dataclass
+class Case:
+    name: str
+    op: str                  # the op under test (for an expanded function body: the op it expands)
+    model: bytes
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class Outcome:
+    case: str
+    op: str
+    status: str
+    detail: str = ""
+    attnlrp: str = ""        # "" when fine or not run, else what failed
+    attributed: list[str] = field(default_factory=list)
+
+
+# ---- collecting the node tests ------------------------------------------------------------------
+
+def _cache_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / f"lrpc-conformance-onnx{onnx.__version__}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _float_inputs(model: onnx.ModelProto) -> list[str]:
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input
+            if i.name not in inits and i.type.tensor_type.elem_type == TensorProto.FLOAT]
+
+
+def collect() -> list[Case]:
+    """The node tests with a float32 input, small enough to run (cached: onnx builds them in ~40 s)."""
+    cache = _cache_dir() / "cases.pickle"
+    if cache.exists():  # stored as tuples: this module also runs as __main__
+        return [Case(*fields) for fields in pickle.loads(cache.read_bytes())]
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull:
+        warnings.simplefilter("ignore")
+        stdout, sys.stdout = sys.stdout, devnull
+        try:
+            from onnx.backend.test.case.node import collect_testcases
+            raw = collect_testcases(None)
+        finally:
+            sys.stdout = stdout
+    single = {t.name: t.model.graph.node[0].op_type for t in raw if len(t.model.graph.node) == 1}
+    cases = []
+    for t in raw:
+        model = t.model
+        if not _float_inputs(model) or not t.data_sets:
+            continue
+        inputs_list, outputs_list = t.data_sets[0]
+        names = [i.name for i in model.graph.input]
+        inputs = {n: v for n, v in zip(names, inputs_list) if isinstance(v, np.ndarray)}
+        if len(inputs) != len(inputs_list) or sum(v.size for v in inputs.values()) > MAX_ELEMENTS:
+            continue
+        outputs = {o.name: v for o, v in zip(model.graph.output, outputs_list) if isinstance(v, np.ndarray)}
+        base = t.name.split("_expanded")[0]
+        op = single.get(t.name) or (single.get(base, base.removeprefix("test_")) + " (expanded)")
+        cases.append(Case(t.name, op, model.SerializeToString(), inputs, outputs))
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps([(c.name, c.op, c.model, c.inputs, c.outputs) for c in cases]))
+    os.replace(tmp, cache)
+    return cases
+
+
+# ---- the wrapper model and the oracle -----------------------------------------------------------
+
+def wrap(case: Case) -> tuple[onnx.ModelProto, list[str]] | None:
+    """The case's model with s = Σ w ⊙ y over its float outputs added as a [1, 1] output, and the names of
+    those outputs; None when the forward is not finite or no output is float."""
+    model = onnx.load_from_string(case.model)
+    graph = model.graph
+    floats = [o.name for o in graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT
+              and o.name in case.outputs]
+    if not floats or not all(np.all(np.isfinite(case.outputs[o])) for o in floats):
+        return None
+    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+    terms = []
+    for k, name in enumerate(floats):
+        weight = f"{SCALAR}_w{k}"
+        shape = case.outputs[name].shape
+        graph.initializer.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, shape).astype(np.float32), weight))
+        graph.node.append(helper.make_node("Mul", [name, weight], [f"{SCALAR}_p{k}"]))
+        graph.node.append(helper.make_node("ReduceSum", [f"{SCALAR}_p{k}"], [f"{SCALAR}_t{k}"], keepdims=0))
+        terms.append(f"{SCALAR}_t{k}")
+    graph.node.append(helper.make_node("Sum", terms, [f"{SCALAR}_sum"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 1], np.int64), f"{SCALAR}_shape"))
+    graph.node.append(helper.make_node("Reshape", [f"{SCALAR}_sum", f"{SCALAR}_shape"], [SCALAR]))
+    graph.output.append(helper.make_tensor_value_info(SCALAR, TensorProto.FLOAT, [1, 1]))
+    return model, floats
+
+
+def _as_double(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The wrapper with every float32 graph input, output and initializer retyped to float64."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    del graph.value_info[:]
+    for value in list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64),
+                                                                  init.name))
+    return model
+
+
+class Oracle:
+    """s(inputs) in the most precise way this model allows: float64 onnxruntime, float64 reference
+    evaluator, or float32 onnxruntime (`precise` False: larger steps, looser tolerance)."""
+
+    def __init__(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]):
+        import onnxruntime as ort
+        self.inputs = inputs
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        double = _as_double(model)
+        trials = [
+            ("ort64", lambda: ort.InferenceSession(double.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"]), True),
+            ("ref64", lambda: _Reference(double), True),
+            ("ort32", lambda: ort.InferenceSession(model.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"]), False),
+        ]
+        self.error = None
+        for kind, make, precise in trials:
+            try:
+                session = make()
+                self.session, self.kind, self.precise = session, kind, precise
+                feed = self._feed(inputs)
+                with np.errstate(all="ignore"):
+                    self.s0 = float(np.asarray(session.run([SCALAR], feed)[0]).sum())
+                if np.isfinite(self.s0):
+                    return
+            except Exception as exc:  # noqa: BLE001  (any failure: try the next, less precise, oracle)
+                self.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        self.session = None
+
+    def _feed(self, inputs):
+        dtype = np.float64 if self.precise else np.float32
+        return {k: (np.asarray(v, dtype) if v.dtype == np.float32 else v) for k, v in inputs.items()}
+
+    def s(self, name: str, value: np.ndarray) -> float:
+        feed = self._feed({**self.inputs, name: np.asarray(value)})
+        with np.errstate(all="ignore"):
+            return float(np.asarray(self.session.run([SCALAR], feed)[0], np.float64).sum())
+
+    def directional(self, name: str, u: np.ndarray) -> tuple[float, float] | None:
+        """(⟨u, x ⊙ ∂s/∂x⟩ by central differences, its noise), or None where two steps disagree."""
+        x = self.inputs[name].astype(np.float64)
+        steps = (1e-6, 4e-6) if self.precise else (2e-3, 8e-3)
+        limit, floor = (1e-4, 1e-9) if self.precise else (3e-2, 1e-5)
+        slopes = []
+        for h in steps:
+            plus, minus = x * (1 + h * u), x * (1 - h * u)
+            if not self.precise:  # the rounding of the steps to float32 is within the tolerance
+                plus, minus = plus.astype(np.float32), minus.astype(np.float32)
+            try:
+                s_plus, s_minus = self.s(name, plus), self.s(name, minus)
+            except Exception:  # noqa: BLE001  (the oracle cannot evaluate there: no estimate)
+                return None
+            # one-sided slopes: they differ at a kink or a tie even where the central ones agree
+            slopes += [(s_plus - self.s0) / h, (self.s0 - s_minus) / h]
+        if not np.all(np.isfinite(slopes)):
+            return None
+        central = [(slopes[0] + slopes[1]) / 2, (slopes[2] + slopes[3]) / 2]
+        scale = max(abs(v) for v in slopes) + abs(self.s0) * floor
+        if max(slopes) - min(slopes) > limit * scale + floor:
+            return None
+        return central[0], abs(central[0] - central[1])
+
+
+class _Reference:
+    """onnx.reference.ReferenceEvaluator with onnxruntime's run(names, feed) signature."""
+
+    def __init__(self, model):
+        from onnx.reference import ReferenceEvaluator
+        self.evaluator = ReferenceEvaluator(model)
+
+    def run(self, names, feed):
+        return self.evaluator.run(names, feed)
+
+
+# ---- compiling (cached) and classifying ---------------------------------------------------------
+
+def _sources_key() -> bytes:
+    files = sorted((ROOT / "lrpc").glob("*.py")) + sorted((ROOT / "passes").glob("*.py"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).digest()
+
+
+_SOURCES = None
+
+
+def compile_cached(model: onnx.ModelProto, preset: str, attribute: list[str]) -> tuple[str, object]:
+    """("ok", explainer bytes) | ("refused", message) | ("error", message), cached by model and sources."""
+    global _SOURCES
+    import lrpc
+    if _SOURCES is None:
+        _SOURCES = _sources_key()
+    key = hashlib.sha256(_SOURCES + model.SerializeToString() + preset.encode() + ",".join(attribute).encode())
+    path = _cache_dir() / f"{key.hexdigest()[:24]}.pickle"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = ("ok", lrpc.compile(model, preset=preset, attribute=attribute,
+                                         output_name=SCALAR).SerializeToString())
+        except lrpc.LrpcError as exc:
+            result = ("refused", str(exc))
+        except Exception as exc:  # noqa: BLE001  (a traceback from the compiler is a crash of the suite's kind)
+            result = ("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def _run(model_bytes: bytes, feed: dict) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    full = {**feed, "lrp_target": np.zeros(1, np.int64)}
+    outs = session.run(None, {k: full[k] for k in names})
+    return {o.name: v for o, v in zip(session.get_outputs(), outs)}
+
+
+def _op_types(graph: onnx.GraphProto) -> set[str]:
+    found = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                found |= _op_types(g)
+    return found
+
+
+def _refusal_problem(message: str, model: onnx.ModelProto) -> str:
+    """What is wrong with a refusal message ('' when it is one line naming an op of the model)."""
+    if "\n" in message.strip():
+        return "refusal message spans several lines"
+    # an op of the model, or one the canonical form introduced (Upsample becomes Resize): "op X" or "(X)"
+    if not any(op in message for op in _op_types(model.graph)) and not re.search(r"\bop [A-Z]\w+|\([A-Z]\w+[ )]",
+                                                                                   message):
+        return "refusal message names no op"
+    return ""
+
+
+# refusals about the test model's form, not about an op: the case does not apply
+NOT_ACCEPTED = ("imports no default ONNX opset", "could not upgrade the model")
+
+
+def run_case(case: Case) -> Outcome:
+    wrapped = wrap(case)
+    if wrapped is None:
+        return Outcome(case.name, case.op, "n/a", "no finite float output")
+    model, float_outputs = wrapped
+    try:
+        _run(model.SerializeToString(), case.inputs)
+    except Exception as exc:  # noqa: BLE001
+        return Outcome(case.name, case.op, "n/a", f"onnxruntime cannot run the original model: {exc}"[:200])
+    oracle = Oracle(model, case.inputs)
+    if oracle.session is None:
+        return Outcome(case.name, case.op, "n/a", f"the original model does not run: {oracle.error}")
+    # the oracle's differences along x ⊙ u, per float input
+    estimates: dict[str, list] = {}
+    for name in _float_inputs(model):
+        rng = np.random.default_rng(zlib.crc32((case.name + name).encode()))
+        us = [rng.standard_normal(case.inputs[name].shape) for _ in range(DIRECTIONS)]
+        estimates[name] = [(u, oracle.directional(name, u)) for u in us]
+    tiny = 1e-7 * (1 + abs(oracle.s0))
+    moving = [k for k, es in estimates.items() if any(e is not None and abs(e[0]) > tiny for _, e in es)]
+    defined = [k for k, es in estimates.items() if any(e is not None for _, e in es)]
+    attribute = moving or defined
+    if not attribute:
+        return Outcome(case.name, case.op, "n/a", "not differentiable at the test point")
+    status, result = compile_cached(model, "gxi", attribute)
+    outcome = Outcome(case.name, case.op, "exact", attributed=attribute)
+    if status == "refused":
+        if not moving and "does not depend" in result:
+            return Outcome(case.name, case.op, "n/a", "zero derivative in every float input", attributed=attribute)
+        if any(reason in result for reason in NOT_ACCEPTED):
+            return Outcome(case.name, case.op, "n/a", "model form not accepted: " + result, attributed=attribute)
+        if "does not depend" in result:  # the analysis misses a dependence the oracle sees
+            outcome.status, outcome.detail = "wrong", "compile says the output does not depend on " + \
+                ", ".join(moving) + " but it does"
+            return outcome
+        problem = _refusal_problem(result, model)
+        outcome.status, outcome.detail = ("crash", problem + ": " + result) if problem else ("refused", result)
+        return outcome
+    if status == "error":
+        outcome.status, outcome.detail = "crash", "compile raised " + result
+        return outcome
+    feed = dict(case.inputs)
+    try:
+        got = _run(result, feed)
+    except Exception as exc:  # noqa: BLE001
+        outcome.status, outcome.detail = "crash", f"onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return outcome
+    rtol, atol = (2e-3, 1e-5) if oracle.precise else (3e-2, 1e-3)
+    checked = 0
+    for name in attribute:
+        relevance = got["relevance." + name].astype(np.float64)
+        if not np.all(np.isfinite(relevance)):
+            outcome.status, outcome.detail = "wrong", f"relevance of {name} is not finite"
+            return outcome
+        for u, estimate in estimates[name]:
+            if estimate is None:
+                continue
+            d, noise = estimate
+            p = float(np.sum(u * relevance))
+            tol = 3 * noise + rtol * (float(np.sum(np.abs(u * relevance))) + abs(d)) + atol
+            checked += 1
+            if abs(p - d) > tol:
+                outcome.status = "wrong"
+                outcome.detail = f"⟨u, R_{name}⟩ = {p:.6g}, finite differences ({oracle.kind}) {d:.6g}"
+                return outcome
+    outcome.detail = f"{checked} directions, oracle {oracle.kind}"
+    outcome.attnlrp = _check_attnlrp(model, attribute, case.inputs, float_outputs)
+    return outcome
+
+
+def _check_attnlrp(model, attribute, inputs, float_outputs) -> str:
+    """'' when the attnlrp explainer's relevance is finite and its forward outputs are the plain model's."""
+    status, result = compile_cached(model, "attnlrp", attribute)
+    if status != "ok":
+        return f"attnlrp {status}: {result}"
+    try:
+        plain = _run(model.SerializeToString(), inputs)
+        got = _run(result, inputs)
+    except Exception as exc:  # noqa: BLE001
+        return f"attnlrp: onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    for name in attribute:
+        if not np.all(np.isfinite(got["relevance." + name])):
+            return f"attnlrp: relevance of {name} is not finite"
+    for name in float_outputs + [SCALAR]:
+        if not np.array_equal(plain[name], got[name], equal_nan=True):
+            change = float(np.max(np.abs(plain[name].astype(np.float64) - got[name])))
+            return f"attnlrp: forward output {name} changed (by up to {change:.3g})"
+    return ""
+
+
+def failing(outcome: Outcome) -> bool:
+    return outcome.status in ("wrong", "crash") or bool(outcome.attnlrp)
+
+
+def run_all(cases: list[Case] | None = None) -> list[Outcome]:
+    cases = collect() if cases is None else cases
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [run_case(c) for c in cases]
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def per_op(outcomes: list[Outcome]) -> dict[str, str]:
+    """One status per op: wrong/crash if any case is, else exact if any case is, else refused, else n/a."""
+    by_op = collections.defaultdict(list)
+    for o in outcomes:
+        by_op[o.op].append("crash" if o.attnlrp and o.status == "exact" else o.status)
+    order = ("wrong", "crash", "exact", "refused", "n/a")
+    return {op: next(s for s in order if s in statuses) for op, statuses in sorted(by_op.items())}
+
+
+def coverage_line(outcomes: list[Outcome]) -> str:
+    ops = per_op(outcomes)
+    counts = collections.Counter(ops.values())
+    cases = collections.Counter(o.status for o in outcomes)
+    return (f"ONNX node tests (onnx {onnx.__version__}): {distinct_exact(ops)} distinct ops verified exact; per op "
+            f"(expanded function bodies separately): {counts['exact']} exact, {counts['wrong']} wrong, "
+            f"{counts['crash']} crash, {counts['refused']} refused, {counts['n/a']} n/a "
+            f"(cases: {', '.join(f'{cases[s]} {s}' for s in STATUSES)})")
+
+
+def distinct_exact(ops: dict[str, str]) -> int:
+    """ONNX ops verified exact, by their own node test or their expanded body, with neither wrong nor crashing."""
+    by_base = collections.defaultdict(set)
+    for op, status in ops.items():
+        by_base[op.removesuffix(" (expanded)")].add(status)
+    return sum(1 for statuses in by_base.values() if "exact" in statuses and not statuses & {"wrong", "crash"})
+
+
+def report(outcomes: list[Outcome], out=sys.stdout) -> None:
+    ops = per_op(outcomes)
+    by_op = collections.defaultdict(list)
+    for o in outcomes:
+        by_op[o.op].append(o)
+    for op, status in ops.items():
+        cases = by_op[op]
+        counts = collections.Counter(c.status for c in cases)
+        print(f"{status:8s} {op:40s} " + " ".join(f"{k}={v}" for k, v in sorted(counts.items())), file=out)
+        for c in cases:
+            if c.status in ("wrong", "crash", "refused") or c.attnlrp:
+                print(f"           {c.case}: {c.status} {c.detail} {c.attnlrp}".rstrip()[:240], file=out)
+    print(coverage_line(outcomes), file=out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="print the per-op table (default)")
+    parser.add_argument("-k", help="only cases whose name contains this")
+    args = parser.parse_args(argv)
+    cases = [c for c in collect() if not args.k or args.k in c.name]
+    outcomes = run_all(cases)
+    report(outcomes)
+    return 1 if any(failing(o) for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Hand-built cases of issue 18 (once silently wrong or crashing), each with its exact relevance derived by hand
+(or by float64 finite differences in numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+
+F, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=21):
+    graph = helper.make_graph(nodes, "case", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _relevance(model, feed, attribute, preset="gxi", seed_vector=None):
+    """Compile and run the explainer: {input: relevance}, with a one-hot seed at class 0 or a seed vector."""
+    explainer = lrpc.compile(model, preset=preset, attribute=attribute, seed="vector" if seed_vector is not None
+                             else "target")
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    extra = {"lrp_seed": seed_vector} if seed_vector is not None else {"lrp_target": np.zeros(1, np.int64)}
+    full = {**feed, **extra}
+    names = [i.name for i in session.get_inputs()]
+    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: full[k] for k in names})))
+    return {a: outs["relevance." + a] for a in attribute}, outs
+
+
+def _xfail(reason):
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+def _if_model(condition_is_static: bool):
+    """y = 2x + If(c){4x}else{0}: the then branch reads x from the outer graph."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "four"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", F, [1, 1])],
+                             [numpy_helper.from_array(np.float32([[4.0]]), "four")])
+    other = helper.make_graph([helper.make_node("Identity", ["zero"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", F, [1, 1])],
+                              [numpy_helper.from_array(np.float32([[0.0]]), "zero")])
+    inputs = [helper.make_tensor_value_info("x", F, [1, 1])]
+    inits = [("two", np.float32([[2.0]]))]
+    if condition_is_static:
+        inits.append(("c", np.array(True)))
+    else:
+        inputs.append(helper.make_tensor_value_info("c", BOOL, []))
+    return _model([helper.make_node("Mul", ["x", "two"], ["a"]),
+                   helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
+                   helper.make_node("Add", ["a", "b"], ["y"])],
+                  inputs, [helper.make_tensor_value_info("y", F, [1, 1])], inits)
+
+
+@pytest.mark.parametrize("preset", ["gxi", "attnlrp"])
+def test_if_with_a_static_condition_passes_relevance_through_the_taken_branch(preset):
+    # ∂y/∂x = 2 + 4 = 6, so R = 6 at x = 1 (the branch read as a constant would give 2)
+    r, outs = _relevance(_if_model(True), {"x": np.float32([[1.0]])}, ["x"], preset=preset)
+    np.testing.assert_allclose(r["x"], [[6.0]], rtol=1e-6)
+
+
+def test_if_with_a_run_time_condition_capturing_a_carrying_tensor_is_refused():
+    with pytest.raises(lrpc.LrpcError, match=r"node '.*' \(If\): relevance through control flow") as info:
+        lrpc.compile(_if_model(False), preset="gxi", attribute=["x"])
+    assert "\n" not in str(info.value)
+
+
+def test_float_mod_passes_relevance():
+    # y = x + fmod(x, 5): ∂y/∂x = 2 away from the jumps, so R = 4 at x = 2 (Mod zeroed gives 2)
+    model = _model([helper.make_node("Mod", ["x", "five"], ["m"], fmod=1), helper.make_node("Add", ["x", "m"], ["y"])],
+                   [helper.make_tensor_value_info("x", F, [1, 1])], [helper.make_tensor_value_info("y", F, [1, 1])],
+                   [("five", np.float32([[5.0]]))])
+    r, _ = _relevance(model, {"x": np.float32([[2.0]])}, ["x"])
+    np.testing.assert_allclose(r["x"], [[4.0]], rtol=1e-6)
+
+
+def test_castlike_constant_is_not_a_bilinear_operand():
+    # y = CastLike(0.5, x)·x is linear in x: R = x·0.5 = 1 at x = 2 under attnlrp (the uniform rule gives 0.5)
+    model = _model([helper.make_node("CastLike", ["half", "x"], ["h"]), helper.make_node("Mul", ["h", "x"], ["y"])],
+                   [helper.make_tensor_value_info("x", F, [1, 1])], [helper.make_tensor_value_info("y", F, [1, 1])],
+                   [("half", np.float32(0.5))])
+    r, _ = _relevance(model, {"x": np.float32([[2.0]])}, ["x"], preset="attnlrp")
+    np.testing.assert_allclose(r["x"], [[1.0]], rtol=1e-6)
+
+
+def test_clip_bound_carries_relevance_where_active():
+    # y = clip(x, lo, 5) with x = 1 < lo = 2: y = lo, ∂y/∂lo = 1, ∂y/∂x = 0, so R_lo = 2, R_x = 0
+    model = _model([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])],
+                   [helper.make_tensor_value_info("x", F, [1, 1]), helper.make_tensor_value_info("lo", F, [])],
+                   [helper.make_tensor_value_info("y", F, [1, 1])], [("hi", np.float32(5.0))])
+    r, _ = _relevance(model, {"x": np.float32([[1.0]]), "lo": np.array(2.0, np.float32)}, ["x", "lo"])
+    np.testing.assert_allclose(r["x"], [[0.0]], atol=1e-7)
+    np.testing.assert_allclose(r["lo"], 2.0, rtol=1e-6)
+
+
+def test_training_dropout_uses_its_mask_and_scale():
+    # y = x ⊙ mask / (1 − ratio): R = x ⊙ mask · 2 for ratio ½ (the mask is the one this run drew)
+    model = _model([helper.make_node("Dropout", ["x", "ratio", "train"], ["y", "mask"], seed=0)],
+                   [helper.make_tensor_value_info("x", F, [1, 8])],
+                   [helper.make_tensor_value_info("y", F, [1, 8]), helper.make_tensor_value_info("mask", BOOL, [1, 8])],
+                   [("ratio", np.float32(0.5)), ("train", np.array(True))])
+    x = np.arange(1, 9, dtype=np.float32).reshape(1, 8)
+    r, outs = _relevance(model, {"x": x}, ["x"], seed_vector=np.ones((1, 8), np.float32))
+    np.testing.assert_allclose(r["x"], x * outs["mask"] * 2.0, rtol=1e-6)
+
+
+def test_lp_normalization_zero_slice_is_finite():
+    # Σ y for the row (3, 4): R_i = x_i/‖x‖ − (x₁ + x₂)·x_i²/‖x‖³ = (0.096, −0.096); the zero row: 0
+    model = _model([helper.make_node("LpNormalization", ["x"], ["y"], axis=-1, p=2)],
+                   [helper.make_tensor_value_info("x", F, [2, 2])], [helper.make_tensor_value_info("y", F, [2, 2])])
+    r, _ = _relevance(model, {"x": np.float32([[0.0, 0.0], [3.0, 4.0]])}, ["x"],
+                      seed_vector=np.ones((2, 2), np.float32))
+    np.testing.assert_allclose(r["x"], [[0.0, 0.0], [0.096, -0.096]], atol=1e-6)
+
+
+@_xfail("InvStdDev read through a broadcasting Add: its share is off (not yet understood; ONNX's node tests, "
+        "which read Mean and InvStdDev directly, are exact)")
+def test_layer_norm_statistics_outputs_carry_relevance():
+    # y = Y + (3·Mean + InvStdDev) broadcast over the row's 4 elements; s = Σ y; R = x ⊙ ∂s/∂x by float64
+    # central differences in numpy
+    model = _model([helper.make_node("LayerNormalization", ["x", "w", "bias"], ["Y", "mean", "inv"], axis=-1),
+                    helper.make_node("Mul", ["mean", "three"], ["m3"]),
+                    helper.make_node("Add", ["m3", "inv"], ["stats"]),
+                    helper.make_node("Add", ["Y", "stats"], ["y"])],
+                   [helper.make_tensor_value_info("x", F, [1, 4])], [helper.make_tensor_value_info("y", F, [1, 4])],
+                   [("w", np.float32([1.0, 2.0, 0.5, -1.0])), ("bias", np.float32([0.1, 0.2, 0.3, 0.4])),
+                    ("three", np.float32(3.0))])
+    x = np.float32([[0.5, -1.0, 2.0, 0.25]])
+    w = np.float64([1.0, 2.0, 0.5, -1.0])
+
+    def s(v):
+        mu = v.mean()
+        inv = 1 / np.sqrt(((v - mu) ** 2).mean() + 1e-5)
+        return float(np.sum((v - mu) * inv * w + np.float64([0.1, 0.2, 0.3, 0.4]) + 4 * (3 * mu + inv)))
+    x64, h = x.astype(np.float64)[0], 1e-6
+    grad = [(s(x64 + h * e) - s(x64 - h * e)) / (2 * h) for e in np.eye(4)]
+    r, _ = _relevance(model, {"x": x}, ["x"], seed_vector=np.ones((1, 4), np.float32))
+    np.testing.assert_allclose(r["x"][0], x64 * grad, rtol=1e-4, atol=1e-5)
+
+
+def test_split_with_run_time_sizes():
+    # sizes (1, 3): y = concat(2·b, 3·a) with a = x[:1], b = x[1:]; Σ y gives R = (3x₀, 2x₁, 2x₂, 2x₃)
+    model = _model([helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1),
+                    helper.make_node("Mul", ["b", "two"], ["b2"]), helper.make_node("Mul", ["a", "three"], ["a3"]),
+                    helper.make_node("Concat", ["b2", "a3"], ["y"], axis=1)],
+                   [helper.make_tensor_value_info("x", F, [1, 4]), helper.make_tensor_value_info("sizes", I64, [2])],
+                   [helper.make_tensor_value_info("y", F, [1, 4])],
+                   [("two", np.float32(2.0)), ("three", np.float32(3.0))])
+    x = np.float32([[1.0, 2.0, 3.0, 4.0]])
+    r, _ = _relevance(model, {"x": x, "sizes": np.array([1, 3], np.int64)}, ["x"],
+                      seed_vector=np.ones((1, 4), np.float32))
+    np.testing.assert_allclose(r["x"], [[3.0, 4.0, 6.0, 8.0]], rtol=1e-6)
+
+
+# ONNX node tests once failing (strict xfails: still failing), checked by the conformance suite's oracle (float64
+# finite differences)
+@pytest.mark.parametrize("name", [
+    pytest.param("test_attention_23_boolmask_fullymasked_row_nan_robustness",
+                 marks=_xfail("a fully masked query row gives NaN relevance where the forward is finite")),
+    pytest.param("test_rms_normalization_2d_axis1_expanded",
+                 marks=_xfail("the expanded RMSNormalization's explainer fails in onnxruntime")),
+    "test_rotary_embedding_expanded",
+])
+def test_node_case_is_exact(name):
+    import conformance
+    case = next(c for c in conformance.collect() if c.name == name)
+    outcome = conformance.run_case(case)
+    assert (outcome.status, outcome.attnlrp) == ("exact", ""), outcome.detail
