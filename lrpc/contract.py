@@ -108,6 +108,8 @@ def _refuse_reserved_names(graph: ir.Graph) -> None:
     """The runtime tells the explainer's own inputs and outputs from the model's by these prefixes."""
     for kind, values in (("input", graph.inputs), ("output", graph.outputs)):
         for value in values:
+            if value.is_initializer():   # a weight listed among the inputs (old ir versions) is no input to feed
+                continue
             if value.name.startswith(("lrp_", RELEVANCE_PREFIX)):
                 raise LrpcError(f"the model has an {kind} named '{value.name}', but the names 'lrp_*' and "
                                 f"'{RELEVANCE_PREFIX}*' are the explainer's own; rename it when exporting")

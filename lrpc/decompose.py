@@ -53,9 +53,11 @@ def decompose_fused(model: ir.Model) -> ir.Model:
         for i, (old, new) in enumerate(zip(node.outputs, replacements)):
             if used(old) and new is None:
                 raise fail(node, f"its output {i} being used")
-            if new is not None:
-                new.shape = new.shape if new.shape is not None else old.shape
-                new.dtype = new.dtype if new.dtype is not None else old.dtype
+            if new is not None:   # (only what is known: a `dtype = None` would write an untypable Tensor(None))
+                if new.shape is None and old.shape is not None:
+                    new.shape = old.shape
+                if new.dtype is None and old.dtype is not None:
+                    new.dtype = old.dtype
         b.dirty = True
         if node.domain in ("", "ai.onnx"):
             # An ONNX op: the node keeps computing the model's outputs (bit for bit what onnxruntime's kernel
