@@ -80,7 +80,7 @@ class Attributor:
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
             self.name = Path(model).name if Path(model).exists() else str(model)
         self.meta = self.explainer.meta
-        if "targets" in self.meta:  # its index inputs are [batch, K] (docs/design-kaxis.md)
+        if "targets" in self.meta:  # its index inputs are [batch, K] (docs/design.md, "Many targets: the K axis")
             raise LrpcError("this explainer explains K targets per row (compiled with --targets): run it with "
                             "lrpc.Explainer(...).explain(inputs, target=[[...]]), or give `lrpc explain` the "
                             "original model or an explainer compiled without --targets")

@@ -91,7 +91,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     emitter = Emitter(graph, plan, carrying, b)
     wanted = {p for a in attributions for p in a.points} | set(latents)
     seed_grad = contract.seed(graph, b, y, seed, targets)
-    if targets is not None:  # ĝ gains a leading K axis (docs/design-kaxis.md)
+    if targets is not None:  # ĝ gains a leading K axis (docs/design.md, "Many targets: the K axis")
         emitter.with_targets(seed_grad, contract.k_dim(targets))
     grads = emitter.run({y: seed_grad}, wanted)
     for a in attributions:
@@ -143,7 +143,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     explainer's copies of the model's external-data weights are references to the original weights file
     (which must lie in the explainer's folder or below it) instead of copies. With `targets=K` (an int, or
     "dynamic" for a K chosen per run) the explainer explains K targets per input row in one run (the
-    K-axis contract, docs/design-kaxis.md).
+    K-axis contract, docs/design.md, "Many targets: the K axis").
     """
     targets = validate.targets_option(targets)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, layers=layers)

@@ -6,7 +6,7 @@ explained row when ĝ is one row), builds with `n.b`, and asks the walk through 
 it never touches the walk itself.
 
 ĝ axes: ĝ of a tensor has the tensor's axes, and under --targets one more in front: a K axis
-(docs/design-kaxis.md), ĝ [K, *shape]. Forward values broadcast against it as they stand; a rule that
+(docs/design.md, "Many targets: the K axis"), ĝ [K, *shape]. Forward values broadcast against it as they stand; a rule that
 names an axis of ĝ maps it with `grad_axis` / `grad_axes` / `grad_perm`, and shapes ĝ with `grad_shape`
 / `grad_zeros`, so the K axis changes the mapping, not the rules.
 """

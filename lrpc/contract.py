@@ -62,7 +62,7 @@ def add_output(graph: ir.Graph, builder: Builder, value: ir.Value, name: str, sh
 def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str | None = None) -> ir.Value:
     """ĝ at the explained output: one-hot at (row, [position,] target), or the seed vector.
 
-    With `targets` (K, an int or "dynamic"; docs/design-kaxis.md) the inputs are [batch, K] (the seed
+    With `targets` (K, an int or "dynamic"; docs/design.md, "Many targets: the K axis") the inputs are [batch, K] (the seed
     vector [batch, K, classes]) and ĝ gains a leading K axis: [K, batch, (seq,) classes], each of the K
     slices the single-target seed of one column.
 

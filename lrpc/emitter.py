@@ -28,7 +28,7 @@ class Emitter:
         self._f32: dict[ir.Value, ir.Value] = {}
         self.rows = Rows(graph, carrying, builder)   # which ĝ are kept as one sequence row (lrpc.rows)
         self.totals: dict[ir.Value, ir.Value] = {}  # ĝ of every tensor the walk reached (lrpc.checkpoint)
-        # With --targets, every ĝ has a leading K axis (docs/design-kaxis.md): k_shape is its run-time [K],
+        # With --targets, every ĝ has a leading K axis (docs/design.md, "Many targets: the K axis"): k_shape is its run-time [K],
         # k_dim its declared dim (an int or a name); None / None without one
         self.k_shape: ir.Value | None = None
         self.k_dim = None

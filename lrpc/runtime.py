@@ -207,7 +207,7 @@ class Explainer:
                                  seed if vector else None)
 
     def _explain_k(self, inputs: dict, target, position, seed) -> Explanation:
-        """explain() of a K explainer: every index input is [batch, K] (docs/design-kaxis.md)."""
+        """explain() of a K explainer: every index input is [batch, K] (docs/design.md, "Many targets: the K axis")."""
         feed = dict(self.check_inputs(inputs))
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         k = self.meta["targets"] if isinstance(self.meta["targets"], int) else None

@@ -1,4 +1,4 @@
-"""Issue 14's K axis (docs/design-kaxis.md): an explainer compiled with `targets=K` explains K targets per
+"""Issue 14's K axis (docs/design.md, "Many targets: the K axis"): an explainer compiled with `targets=K` explains K targets per
 input row in one run. Oracle: the single-target explainer (itself checked against torch autograd in
 test_gxi_zoo.py and against the paper's equations in test_attnlrp_reference.py), run once per target."""
 
