@@ -35,7 +35,7 @@ POSITIVE = [n("Mul", ["x", "x"], "sq"), n("Add", ["sq", "half"], "xp")]   # xp =
 GATHER_ND = np.stack(np.meshgrid(np.arange(B), np.arange(S), [0, 3], indexing="ij"), -1)   # [B, S, 2, 3]
 
 # op → (nodes from the input x [B, S, D] to "o" [B, S, k], constants). One recipe per op with a VJP.
-SMALL = [n("Mul", ["x", "third"], "xs")]                         # xs = x/3, inside (−1, 1) here
+SMALL = [n("Tanh", ["x"], "xt"), n("Mul", ["xt", "third"], "xs")]   # xs = 0.9·tanh(x): inside (−1, 1) for any x
 ABOVE_ONE = POSITIVE + [n("Add", ["xp", "one"], "x1")]          # x1 = x² + 1.5 > 1
 CHANNELS_LAST = [n("Transpose", ["x"], "ncl", perm=[0, 2, 1])]   # [B, D, S] as [N, C, L] for the pools
 BACK = n("Transpose", ["p"], "o", perm=[0, 2, 1])
@@ -44,7 +44,7 @@ UNARY = ["Abs", "Cos", "Sin", "Exp", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "El
          "Asinh", "Atan", "Swish"]
 RECIPES = {op: ([n(op, ["x"], "o")], {}) for op in UNARY}
 RECIPES.update({op: (POSITIVE + [n(op, ["xp"], "o")], {}) for op in ("Sqrt", "Reciprocal", "Log")})
-RECIPES.update({op: (SMALL + [n(op, ["xs"], "o")], {"third": np.array(1 / 3)}) for op in ("Tan", "Asin", "Acos",
+RECIPES.update({op: (SMALL + [n(op, ["xs"], "o")], {"third": np.array(0.9)}) for op in ("Tan", "Asin", "Acos",
                                                                                          "Atanh")})
 RECIPES["Acosh"] = (ABOVE_ONE + [n("Acosh", ["x1"], "o")], {"one": np.array(1.0)})
 RECIPES.update({op: (CHANNELS_LAST + [n(op, ["ncl"], "p", kernel_shape=[2], pads=[0, 1], **extra), BACK], {})
