@@ -65,10 +65,12 @@ class Rows:
         onehot = mask.inputs[0].producer() if mask is not None and mask.op_type == "Unsqueeze" else None
         if onehot is None or onehot.op_type != "OneHot" or row is None or row.op_type != "Unsqueeze":
             return None
-        position = onehot.inputs[0]
-        if position is None or position not in self.graph.inputs:
+        position = source = onehot.inputs[0]
+        while source is not None and _is_input_check(source.producer()):   # contract's in-graph range checks
+            source = source.producer().inputs[0]
+        if source is None or source not in self.graph.inputs:
             return None
-        return position, node.inputs[1]
+        return position, node.inputs[1]   # the checked position: the check stays a data dependency
 
     # ---- one-row ĝ -------------------------------------------------------------------------------
     def compact_of(self, grad: ir.Value) -> tuple[int, int] | None:
@@ -274,3 +276,8 @@ def identity_region(m: Match) -> RowPlan | None:
         if v is not None and v is not u:
             m.read(v)
     return m.plan
+
+
+def _is_input_check(node: ir.Node | None) -> bool:
+    """contract's check of an explainer input: a Reshape named lrp_check_… that passes its input through."""
+    return node is not None and node.op_type == "Reshape" and (node.name or "").startswith("lrp_check_")

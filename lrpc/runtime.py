@@ -296,13 +296,15 @@ def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:
 
 
 def _check_finite(results: dict, model_outputs: list[str], attributed: list[str]) -> None:
-    """Relevance must be finite wherever the model's forward is: NaN / Inf relevance from finite outputs is
-    an overflow inside the relevance pass (e.g. float16 weights), never a result to hand back."""
-    if not all(np.isfinite(results[n]).all() for n in model_outputs if results[n].dtype.kind == "f"):
-        return
+    """Relevance is never handed back NaN / Inf. From finite outputs it is an overflow inside the relevance
+    pass (e.g. float16 weights); otherwise an input's ±Inf reached the outputs."""
+    outputs_finite = all(np.isfinite(results[n]).all() for n in model_outputs if results[n].dtype.kind == "f")
     for name, value in results.items():
         if name.startswith(contract.RELEVANCE_PREFIX) and not np.isfinite(value).all():
             bare = name[len(contract.RELEVANCE_PREFIX):]
             what = f"input '{bare}'" if bare in attributed else f"tensor '{bare}'"
-            raise LrpcError(f"the relevance of {what} is not finite although the model's outputs are (an "
-                            "overflow in the explainer, e.g. float16 weights): compile the model in float32")
+            if outputs_finite:
+                raise LrpcError(f"the relevance of {what} is not finite although the model's outputs are (an "
+                                "overflow in the explainer, e.g. float16 weights): compile the model in float32")
+            raise LrpcError(f"the relevance of {what} is not finite: an input's ±Inf (or NaN) reached the "
+                            "model's outputs, which are not finite either; give finite inputs")

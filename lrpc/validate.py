@@ -83,7 +83,8 @@ def export_opset(opset: int | None, newest: int, oldest: int) -> int | None:
 
 def input_array(name: str, value, dtype: np.dtype, shape: list) -> np.ndarray:
     """A model input: the dtype kind the model takes, its rank (an array without the batch axis is refused,
-    not read as a batch of rows), its fixed dims, non-empty, and finite once converted to `dtype`."""
+    not read as a batch of rows), its fixed dims, non-empty, and no NaN or float32 overflow once converted
+    to `dtype` (±Inf is allowed: −inf attention masks are common; non-finite relevance is refused after the run)."""
     array = np.asarray(value)
     dtype = np.dtype(dtype)
     if array.dtype.kind not in "biuf" or (array.dtype.kind != dtype.kind and not
@@ -99,7 +100,9 @@ def input_array(name: str, value, dtype: np.dtype, shape: list) -> np.ndarray:
     if dtype.kind in "iu" and array.dtype.kind in "iu" and np.iinfo(array.dtype).max > np.iinfo(dtype).max and \
             (array.max() > np.iinfo(dtype).max or array.min() < np.iinfo(dtype).min):
         raise LrpcError(f"input '{name}' holds values beyond {dtype}'s range")
-    return finite(f"input '{name}'", array, dtype) if dtype.kind == "f" else array.astype(dtype, copy=False)
+    if dtype.kind != "f":
+        return array.astype(dtype, copy=False)
+    return finite(f"input '{name}'", array, dtype, allow_inf=True)   # ±Inf masks: see runtime's relevance check
 
 
 def rank(name: str, array: np.ndarray, shape: list) -> None:
@@ -110,13 +113,17 @@ def rank(name: str, array: np.ndarray, shape: list) -> None:
                         f"expects rank {len(shape)} ({shape}){hint}")
 
 
-def finite(name: str, value, dtype=np.float32) -> np.ndarray:
+def finite(name: str, value, dtype=np.float32, *, allow_inf: bool = False) -> np.ndarray:
     """The array as `dtype`, refused if any entry is NaN or ±Inf there (float64 values beyond float32's
-    range become Inf on conversion: refused too, naming them as such)."""
+    range become Inf on conversion: refused too, naming them as such). `allow_inf` lets a deliberate ±Inf
+    through (an additive −inf attention mask); the explainer then checks that the relevance is finite."""
     array = np.asarray(value)
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(dtype, copy=False)
-    if not np.isfinite(converted).all():
+    bad = ~np.isfinite(converted)
+    if allow_inf:
+        bad &= ~np.isinf(array)   # what was ±Inf before the conversion is meant; NaN and overflow are not
+    if bad.any():
         if np.isnan(array).any():
             problem = "NaN"
         elif np.isinf(array).any():

@@ -247,15 +247,19 @@ def test_token_input_arrays(array, words):
         assert word in str(info.value)
 
 
-@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf"), (1e39, "range")])
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (1e39, "range")])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_input_arrays_must_be_finite_in_float32(bad, word, dtype):
+    """NaN and float32 overflow are refused up front; a deliberate ±Inf (an additive −inf mask) passes here
+    and the explainer refuses non-finite relevance after the run (test_explainer_refuses_infinite_inputs…)."""
     x = np.ones((2, 6), dtype)
     if dtype == np.float32 and bad == 1e39:
         pytest.skip("1e39 is already Inf in float32: the ±Inf case")
     x[1, 3] = bad
     with pytest.raises(LrpcError, match=word):
         validate.input_array("x", x, np.float32, ["batch", 6])
+    x[1, 3] = -np.inf
+    assert np.isneginf(validate.input_array("x", x, np.float32, ["batch", 6])[1, 3])
     x[1, 3] = 3.0e38  # large, finite in float32
     assert validate.input_array("x", x, np.float32, ["batch", 6]).dtype == np.float32
 
