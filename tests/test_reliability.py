@@ -613,6 +613,17 @@ def test_non_finite_relevance_from_finite_outputs_is_an_error(scale, tmp_path):
     assert np.isfinite(explainer.explain({"x": x}, seed=[1.0, 0.0, 0.0]).relevance["x"]).all()
 
 
+def test_non_finite_relevance_is_an_error_on_the_k_target_path_too(tmp_path):
+    """A K explainer (--targets) goes through the same check after its run."""
+    path = tmp_path / "e.onnx"
+    lrpc.compile(float_model(classes=3), output=path, seed="vector", targets=2)
+    explainer = lrpc.Explainer(path)
+    x = np.full((1, 6), 10.0, np.float32)
+    with pytest.raises(LrpcError, match="relevance of input 'x' is not finite"):
+        explainer.explain({"x": x}, seed=[[[3e38] * 3, [1.0, 0.0, 0.0]]])
+    assert np.isfinite(explainer.explain({"x": x}, seed=[[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).relevance["x"]).all()
+
+
 # ---- class 5: lrpc bench on an ONNX file --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tokens.onnx", "floats.onnx"])
