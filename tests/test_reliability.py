@@ -681,6 +681,13 @@ def test_hostile_files_get_a_real_message(command, args, words, model_files, hos
     one_line_error(rc, err, *words)
 
 
+def test_a_npy_file_for_input_gets_a_real_message(model_files, tmp_path):
+    """Old: TypeError ('numpy.ndarray' object does not support the context manager protocol), "unexpected"."""
+    np.save(tmp_path / "x.npy", np.ones((1, 6), np.float32))
+    rc, err = cli("explain", model_files / "floats.onnx", "--input", tmp_path / "x.npy", "--cache", tmp_path / "c")
+    one_line_error(rc, err, ".npy file", "np.savez")
+
+
 def test_string_arrays_name_their_dtype(model_files, hostile_files, tmp_path):
     np.savez(tmp_path / "s.npz", input_ids=np.array([["a", "b"]]))
     rc, err = cli("explain", model_files / "tokens.onnx", "--input", tmp_path / "s.npz", "--cache", tmp_path / "c")
