@@ -35,7 +35,7 @@ from lrpc.cache import compiled_explainer, is_explainer, model_metadata
 from lrpc.errors import LrpcError
 from lrpc.inputs import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Tokenizer, load_image
 from lrpc.presets import PRESETS
-from lrpc.results import Attribution, Attributions
+from lrpc.results import Attribution, Attributions, Generation
 from lrpc.runtime import Explainer
 
 
@@ -65,6 +65,11 @@ class Attributor:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
         self.layer_labels: dict[str, str] = {}
+        # what the K explainer of the same model is compiled from, when one is needed (`_many`)
+        self._source = None if isinstance(model, Explainer) or is_explainer(model) else model
+        self._compile = dict(preset=preset, task=task, output_name=output_name, cache=cache)
+        self._session = dict(providers=providers, threads=threads, session_config=session_config)
+        self._k_explainer: Explainer | None = None
         if isinstance(model, Explainer):
             self.explainer = model
         elif is_explainer(model):
@@ -162,13 +167,16 @@ class Attributor:
         if not text.strip():
             raise LrpcError("empty text: give at least one word")
         ids, tokens = self.tokenizer.encode(text)
-        spec = self.explainer.inputs.get("input_ids")
-        if spec is None:
-            raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         vocab = self.config.get("vocab_size") or self.config.get("n_vocab")
         if vocab and max(ids) >= vocab:
             raise LrpcError(f"the tokenizer gives id {max(ids)} but the model's vocabulary has {vocab} entries: "
                             "pass the model's own tokenizer with --tokenizer")
+        return _Item(self._token_arrays(ids), tokens, title=text)
+
+    def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions."""
+        if self.explainer.inputs.get("input_ids") is None:
+            raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         arrays = {"input_ids": np.array([ids], np.int64)}
         for name in self.explainer.model_inputs:
             if name == "input_ids":
@@ -179,7 +187,7 @@ class Attributor:
                 arrays[name] = (np.zeros if name == "token_type_ids" else _arange)((1, len(ids)), np.int64)
             else:
                 raise LrpcError(f"the model also takes '{name}', which text alone does not give: use --input")
-        return _Item(arrays, tokens, title=text)
+        return arrays
 
     def _image_item(self, source) -> _Item:
         name = self.main_input
@@ -362,6 +370,61 @@ class Attributor:
         if logits is not None:
             return int(logits.shape[-1])
         return int(self.explainer.output_dims(feed)[1])
+
+    # ---- many targets of one input: the K explainer ----------------------------------------------
+    def _many(self) -> Explainer:
+        """The K explainer of the same model (`--targets dynamic`, vector seed; compiled on the way and
+        cached): one run explains many targets of one input (docs/design.md, "Many targets: the K axis")."""
+        if self._k_explainer is None:
+            if self._source is None:
+                raise LrpcError("explaining many targets in one run needs the original model (an ONNX file, a "
+                                "Hugging Face folder or a zoo name), not a compiled explainer")
+            path, _ = compiled_explainer(self._source, seed="vector", targets="dynamic", **self._compile)
+            self._k_explainer = Explainer(path, **self._session)
+        return self._k_explainer
+
+    def generate(self, prompt: str, max_new_tokens: int = 16, *, stop_at_eos: bool = True) -> Generation:
+        """Greedily generate up to `max_new_tokens` tokens after `prompt` with the model's own forward in
+        onnxruntime (stopping after the model's end-of-sequence token), then explain every generated token
+        in ONE run of the K explainer: the `Generation` holds the [generated, prompt + generated] matrix."""
+        n = validate.at_least_one(max_new_tokens, "max_new_tokens (--generate)")
+        if not isinstance(prompt, str):
+            raise LrpcError("generation takes one prompt text")
+        if self.rank != 3 or self.attributed.get(self.main_input) != "token":
+            raise LrpcError("generation needs a causal language model (token ids in, logits [batch, seq, vocab] "
+                            f"out); '{self.explainer.explained}' is not one")
+        item = self._text_item(prompt)
+        ids = [int(i) for i in item.inputs["input_ids"][0]]
+        start, stop = len(ids), self._eos_ids() if stop_at_eos else set()
+        for _ in range(n):
+            logits = self.explainer.forward(self._token_arrays(ids))[self.explainer.explained]
+            ids.append(int(np.argmax(logits[0, -1])))   # the first maximum, as torch.argmax (greedy decoding)
+            if ids[-1] in stop:
+                break
+        generated = ids[start:]
+        k, classes = len(generated), logits.shape[-1]
+        seed = np.zeros((1, k, classes), np.float32)
+        seed[0, np.arange(k), generated] = 1.0
+        # generated token i is the prediction at position start + i − 1
+        out = self._many().explain(self._token_arrays(ids), seed=seed,
+                                   position=np.arange(start - 1, start - 1 + k)[None])
+        token = self.tokenizer.token
+        return Generation(matrix=np.asarray(out.relevance[self.main_input][0], np.float32),
+                          source_tokens=item.tokens + [token(i) for i in generated],
+                          generated_tokens=[token(i) for i in generated], generated_ids=generated,
+                          prompt_length=start, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
+                          model=str(self.name))
+
+    def _eos_ids(self) -> set[int]:
+        """The model's end-of-sequence ids: config.json's eos_token_id, else the tokenizer's EOS token."""
+        eos = self.config.get("eos_token_id")
+        if eos is not None:
+            return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        for name in ("[EOS]", "</s>", "<|endoftext|>", "<eos>", "<|eot_id|>"):
+            found = self.tokenizer.backend.token_to_id(name) if self.tokenizer else None
+            if found is not None:
+                return {int(found)}
+        return set()
 
 
 def _arange(shape, dtype):
