@@ -9,8 +9,8 @@
 
 Models are compiled on the way with a *vector* seed (input `lrp_seed`), so one explainer serves every
 target kind: the predicted class or next token, a class index / label / token string, the top-k
-classes (one padded batch, the input repeated k times with k one-hot seeds), a sequence position and a
-contrastive target A − B (seed e_A − e_B). Compiled explainers are cached under $LRPC_CACHE or
+classes (one run of the same model's K explainer, `--targets dynamic`, with k one-hot seeds per input),
+a sequence position and a contrastive target A − B (seed e_A − e_B). Compiled explainers are cached under $LRPC_CACHE or
 ~/.cache/lrpc (lrpc/cache.py).
 
 Inputs of different lengths run as one right-padded batch through the attention mask; each row is
@@ -327,32 +327,36 @@ class Attributor:
                 if v is not None and classes and not 0 <= v < classes:
                     raise LrpcError(f"target {v} is out of range for {classes} classes (use 0..{classes - 1})")
         take = np.array([r[0] for r in rows])
-        batch = {k: v[take] for k, v in feed.items()}
         pos = np.array([positions[i] for i in take], np.int64) if positions is not None else None
-        if self.vector:
-            seed = np.zeros((len(rows), classes), np.float32)
-            for r, (_, c, b) in enumerate(rows):
-                seed[r, c] += 1.0
-                if b is not None:
-                    seed[r, b] -= 1.0
-            out = ex.explain(batch, seed=seed, position=pos)
+        per_input = len(rows) // n   # the same number of targets for every input (1, or top-k)
+        if per_input > 1 and self.vector and self._source is not None and not self.latent_names:
+            # several targets of one input: one run of the K explainer, not the input repeated per target
+            out = self._many().explain(feed, seed=_seeds(rows, classes).reshape(n, per_input, classes),
+                                       position=None if pos is None else pos.reshape(n, per_input))
+            relevance = {name: v.reshape(n * per_input, *v.shape[2:]) for name, v in out.relevance.items()}
+            logit = out.logit.reshape(-1)
         else:
-            if contrast is not None:
-                raise LrpcError("a contrastive target needs a vector-seed explainer: compile with --seed vector, "
-                                "or give the original model")
-            out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
+            batch = {k: v[take] for k, v in feed.items()}
+            if self.vector:
+                out = ex.explain(batch, seed=_seeds(rows, classes), position=pos)
+            else:
+                if contrast is not None:
+                    raise LrpcError("a contrastive target needs a vector-seed explainer: compile with --seed vector, "
+                                    "or give the original model")
+                out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
+            relevance, logit = out.relevance, out.logit
         results = []
         for r, (i, c, b) in enumerate(rows):
             item, length = items[i], lengths[i]
             relevances = {}
             for name in self.attributed:
-                rel = out.relevance[name][r]
+                rel = relevance[name][r]
                 if self.attributed[name] == "token" and length is not None:
                     rel = rel[:length]
                 relevances[name] = rel
             latent = {}
             for name in self.latent_names:
-                value = out.relevance.get(name)
+                value = relevance.get(name)
                 if value is None:
                     continue
                 value = value[r]
@@ -360,7 +364,7 @@ class Attributor:
                 latent[self.layer_labels.get(name, name)] = per_token[:length] if length is not None else per_token
             label = self.label(c) + (f" − {self.label(b)}" if b is not None else "")
             results.append(Attribution(
-                relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(out.logit[r]),
+                relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(logit[r]),
                 target_label=label, contrast=b, position=None if pos is None else int(pos[r]),
                 input_name=self.main_input, relevances=relevances, latent=latent, image=item.image,
                 title=item.title, model=str(self.name)))
@@ -425,6 +429,16 @@ class Attributor:
             if found is not None:
                 return {int(found)}
         return set()
+
+
+def _seeds(rows, classes: int) -> np.ndarray:
+    """One seed per (input, class, contrast) row: e_class, minus e_contrast when there is one."""
+    seed = np.zeros((len(rows), classes), np.float32)
+    for r, (_, c, b) in enumerate(rows):
+        seed[r, c] += 1.0
+        if b is not None:
+            seed[r, b] -= 1.0
+    return seed
 
 
 def _arange(shape, dtype):

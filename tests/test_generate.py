@@ -1,7 +1,8 @@
-"""Generation attribution (issue 14): `Attributor.generate` / `lrpc explain --generate N` greedily generate
-with onnxruntime and explain every generated token in one K-explainer run. Oracles: Hugging Face
-`generate(do_sample=False)` on the same torch model for the tokens; the single-target explainer (checked
-against torch autograd in test_gxi_zoo.py), run once per generated token, for the matrix."""
+"""Many targets of one input in one K-explainer run (issue 14): generation attribution
+(`Attributor.generate` / `lrpc explain --generate N` greedily generate with onnxruntime and explain every
+generated token at once) and the attributor's top-k. Oracles: Hugging Face `generate(do_sample=False)` on
+the same torch model for the tokens; the single-target explainer (checked against torch autograd in
+test_gxi_zoo.py), run once per target, for the relevance."""
 
 from __future__ import annotations
 
@@ -135,3 +136,25 @@ def test_generation_needs_a_causal_lm(zoo_export, cache):
     _, proto = zoo_export("bert")
     with pytest.raises(lrpc.LrpcError, match="causal language model"):
         lrpc.Attributor(proto, tokenizer="toy", cache=cache).generate("a great movie", 2)
+
+
+@pytest.mark.parametrize("name,k,contrast", [("llama", 3, "dog"), ("bert", 2, None)])
+def test_top_k_is_one_k_run_equal_to_the_k_loop(name, k, contrast, saved, cache):
+    _, path = saved(name)
+    attributor = lrpc.Attributor(path, tokenizer="toy", cache=cache)
+    many, single = attributor._many(), attributor.explainer
+    calls = {"many": 0, "single": 0}
+    for key, explainer in (("many", many), ("single", single)):
+        def counted(names, feed, run=explainer._run, key=key):
+            calls[key] += 1
+            return run(names, feed)
+        explainer._run = counted
+    texts = ["a great movie , i love it", "the cat sat on the"]   # two lengths: one padded batch
+    got = attributor.attribute(texts, top_k=k, contrast=contrast)
+    assert calls == {"many": 1, "single": 1}   # the forward that ranks the classes, then ONE explainer run
+    assert len(got) == 2 * k
+    for a in got:  # the K-loop: each target explained alone by the single-target explainer
+        ref = attributor.attribute(texts[0] if a.tokens == got[0].tokens else texts[1], target=a.target,
+                                   contrast=contrast)
+        assert relative_error(a.relevance, ref.relevance) <= 1e-5
+        assert a.logit == pytest.approx(ref.logit, rel=1e-5) and a.position == ref.position
