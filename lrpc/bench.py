@@ -239,15 +239,21 @@ def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats:
         return _bench(model, scratch, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers, True)
 
 
-def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
-           force) -> dict:
-    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers, force)
-    inputs = token_inputs(entry, batch, seq, path)
+def _methods(path, explainer, module, entry, inputs: dict, threads: int):
+    """The forward session and the functions timed in every bench: forward, explainer, torch (zoo models)."""
     fwd, exp = _session(path, threads), _session(explainer, threads)
     feed = _feeds(inputs, exp, _target(entry))
     fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
     if module is not None:
         fns["torch"] = _torch_gxi(module, inputs, threads)
+    return fwd, fns
+
+
+def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
+           force) -> dict:
+    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers, force)
+    inputs = token_inputs(entry, batch, seq, path)
+    fwd, fns = _methods(path, explainer, module, entry, inputs, threads)
     times = _time_interleaved(fns, repeats)
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
               "compile_s": compile_s, "checkpoint": checkpoint,
@@ -300,11 +306,7 @@ def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, 
     many = workdir / (path.stem + ".explainer-targets.onnx")
     lrpc.compile(str(path), output=many, force=force, targets="dynamic")
     inputs = token_inputs(entry, batch, seq, path)
-    fwd, exp = _session(path, threads), _session(explainer, threads)
-    feed = _feeds(inputs, exp, _target(entry))
-    fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
-    if module is not None:
-        fns["torch"] = _torch_gxi(module, inputs, threads)
+    _, fns = _methods(path, explainer, module, entry, inputs, threads)
     fns.update({f"K={k}": _k_run(many, inputs, k, threads, chunk) for k in targets})
     times = _time_interleaved(fns, repeats, block=1)
     med = {name: 1e3 * float(np.median(v)) for name, v in times.items()}

@@ -25,8 +25,9 @@ ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 
 # Targets per run of a `--targets dynamic` explainer (Explainer's target_chunk): K = 64 at 256 tokens on
-# the 8-layer llama-bench workload then peaks at ≤ 2× the single-target explainer (README, "Performance").
-TARGET_CHUNK = 32
+# the 8-layer llama-bench workload then peaked at 1.43× the single-target explainer (1.73× unchunked or in
+# chunks of 32), for 3 extra forwards out of ≈ 80 (README, "Performance").
+TARGET_CHUNK = 16
 
 
 def default_providers() -> list[str]:

@@ -158,3 +158,11 @@ def test_top_k_is_one_k_run_equal_to_the_k_loop(name, k, contrast, saved, cache)
                                    contrast=contrast)
         assert relative_error(a.relevance, ref.relevance) <= 1e-5
         assert a.logit == pytest.approx(ref.logit, rel=1e-5) and a.position == ref.position
+
+
+def test_generation_from_a_compiled_explainer_asks_for_the_model(saved, cache):
+    _, path = saved("llama")
+    explainer = lrpc.Explainer(lrpc.compile(str(path), seed="vector"))
+    with pytest.raises(lrpc.LrpcError, match="needs the original model") as err:
+        lrpc.Attributor(explainer, tokenizer="toy").generate(PROMPT, 2)
+    assert "\n" not in str(err.value)

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", type=_counts, metavar="K[,K…]", help="compare one run of a --targets explainer "
                    "for K targets with K single-target runs and K torch autograd passes, for each K")
     p.add_argument("--chunk", type=int, metavar="C", help="with --targets: targets per run of the K explainer "
-                   "(default: lrpc.Explainer's, 32)")
+                   "(default: lrpc.Explainer's)")
     p.add_argument("--json", action="store_true")
 
 
