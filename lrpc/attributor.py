@@ -166,9 +166,7 @@ class Attributor:
         if spec is None:
             raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         vocab = self.config.get("vocab_size") or self.config.get("n_vocab")
-        if vocab and max(ids) >= vocab:
-            raise LrpcError(f"the tokenizer gives id {max(ids)} but the model's vocabulary has {vocab} entries: "
-                            "pass the model's own tokenizer with --tokenizer")
+        validate.token_ids(ids, vocab)
         arrays = {"input_ids": np.array([ids], np.int64)}
         for name in self.explainer.model_inputs:
             if name == "input_ids":

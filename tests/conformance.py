@@ -20,7 +20,8 @@ step sizes disagree crosses a kink or a tie and is skipped. Each case is then
 Cases compiled with `gxi` are also compiled with `attnlrp`: its relevance must be finite and the forward
 outputs bitwise those of the plain model. Where the attnlrp passes claim no node its explainer is the gxi
 one, whose run is checked instead. Collected cases and compiled explainers are cached in the temporary
-folder (keyed by the onnx version and by lrpc's sources), so a rerun takes seconds.
+folder (keyed by the onnx version and by lrpc's sources; the oracle's side by the model alone), so a
+rerun takes seconds and a change of lrpc recompiles without redoing the finite differences.
 
     python tests/conformance.py --report          # the per-op table and the coverage line
 """
@@ -338,25 +339,47 @@ def _refusal_problem(message: str, model: onnx.ModelProto) -> str:
 NOT_ACCEPTED = ("imports no default ONNX opset", "could not upgrade the model")
 
 
+def measure(case: Case, model: onnx.ModelProto) -> tuple:
+    """What is known about the wrapped model without lrpc: ("n/a", why), or ("ok", its outputs from
+    onnxruntime, the oracle's kind / precision / s, and per float input the oracle's differences along
+    x ⊙ u for each direction u). Cached by the model, onnxruntime's version and this file, so a change
+    of lrpc's sources reruns only the compiles and the explainers."""
+    import onnxruntime as ort
+    key = hashlib.sha256(model.SerializeToString() + ort.__version__.encode() + Path(__file__).read_bytes())
+    path = _cache_dir() / f"oracle-{key.hexdigest()[:24]}.pickle"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    try:
+        plain = _run(model.SerializeToString(), case.inputs)
+    except Exception as exc:  # noqa: BLE001
+        result = ("n/a", f"onnxruntime cannot run the original model: {exc}"[:200])
+    else:
+        oracle = Oracle(model, case.inputs)
+        if oracle.session is None:
+            result = ("n/a", f"the original model does not run: {oracle.error}")
+        else:
+            estimates = {}
+            for name in _float_inputs(model):
+                rng = np.random.default_rng(zlib.crc32((case.name + name).encode()))
+                us = [rng.standard_normal(case.inputs[name].shape) for _ in range(DIRECTIONS)]
+                estimates[name] = [(u, oracle.directional(name, u)) for u in us]
+            result = ("ok", plain, {"kind": oracle.kind, "precise": oracle.precise, "s0": oracle.s0}, estimates)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
 def run_case(case: Case) -> Outcome:
     wrapped = wrap(case)
     if wrapped is None:
         return Outcome(case.name, case.op, "n/a", "no finite float output")
     model, float_outputs = wrapped
-    try:
-        plain = _run(model.SerializeToString(), case.inputs)
-    except Exception as exc:  # noqa: BLE001
-        return Outcome(case.name, case.op, "n/a", f"onnxruntime cannot run the original model: {exc}"[:200])
-    oracle = Oracle(model, case.inputs)
-    if oracle.session is None:
-        return Outcome(case.name, case.op, "n/a", f"the original model does not run: {oracle.error}")
-    # the oracle's differences along x ⊙ u, per float input
-    estimates: dict[str, list] = {}
-    for name in _float_inputs(model):
-        rng = np.random.default_rng(zlib.crc32((case.name + name).encode()))
-        us = [rng.standard_normal(case.inputs[name].shape) for _ in range(DIRECTIONS)]
-        estimates[name] = [(u, oracle.directional(name, u)) for u in us]
-    tiny = 1e-7 * (1 + abs(oracle.s0))
+    measured = measure(case, model)
+    if measured[0] == "n/a":
+        return Outcome(case.name, case.op, "n/a", measured[1])
+    _, plain, oracle, estimates = measured
+    tiny = 1e-7 * (1 + abs(oracle["s0"]))
     moving = [k for k, es in estimates.items() if any(e is not None and abs(e[0]) > tiny for _, e in es)]
     defined = [k for k, es in estimates.items() if any(e is not None for _, e in es)]
     attribute = moving or defined
@@ -386,7 +409,7 @@ def run_case(case: Case) -> Outcome:
     except Exception as exc:  # noqa: BLE001
         outcome.status, outcome.detail = "crash", f"onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
         return outcome
-    rtol, atol = (2e-3, 1e-5) if oracle.precise else (3e-2, 1e-3)
+    rtol, atol = (2e-3, 1e-5) if oracle["precise"] else (3e-2, 1e-3)
     checked = 0
     for name in attribute:
         relevance = got["relevance." + name].astype(np.float64)
@@ -402,9 +425,9 @@ def run_case(case: Case) -> Outcome:
             checked += 1
             if abs(p - d) > tol:
                 outcome.status = "wrong"
-                outcome.detail = f"⟨u, R_{name}⟩ = {p:.6g}, finite differences ({oracle.kind}) {d:.6g}"
+                outcome.detail = f"⟨u, R_{name}⟩ = {p:.6g}, finite differences ({oracle['kind']}) {d:.6g}"
                 return outcome
-    outcome.detail = f"{checked} directions, oracle {oracle.kind}"
+    outcome.detail = f"{checked} directions, oracle {oracle['kind']}"
     outcome.attnlrp = _check_attnlrp(compiled["attnlrp"], got, plain, attribute, case.inputs, float_outputs)
     return outcome
 
