@@ -168,9 +168,7 @@ class Attributor:
             raise LrpcError("empty text: give at least one word")
         ids, tokens = self.tokenizer.encode(text)
         vocab = self.config.get("vocab_size") or self.config.get("n_vocab")
-        if vocab and max(ids) >= vocab:
-            raise LrpcError(f"the tokenizer gives id {max(ids)} but the model's vocabulary has {vocab} entries: "
-                            "pass the model's own tokenizer with --tokenizer")
+        validate.token_ids(ids, vocab)
         return _Item(self._token_arrays(ids), tokens, title=text)
 
     def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:

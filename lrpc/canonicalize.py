@@ -6,7 +6,10 @@ shapes inferred (ranks and symbolic dims let the emitter undo broadcasting stati
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
+from pathlib import Path
 
 import onnx
 from onnx import shape_inference, version_converter
@@ -54,9 +57,8 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     follows shapes computed at run time (Shape → Gather → Concat → Reshape, as TorchScript exports build
     every attention reshape): with `batch`/`sequence` known everywhere, the emitter proves broadcasting
     static instead of emitting run-time shape arithmetic. Any failure keeps ONNX's shapes."""
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:
+    SymbolicShapeInference = _symbolic_shape_inference()
+    if SymbolicShapeInference is None:
         return proto
     if _guessed_shapes(proto):
         return proto
@@ -84,6 +86,21 @@ def _guessed_shapes(proto: onnx.ModelProto) -> bool:
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     return any((n.op_type == "Split" or n.op_type.startswith("Reduce")) and len(n.input) > 1 and n.input[1]
                and n.input[1] not in constants for n in proto.graph.node)
+
+
+@functools.cache
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference (None without it), loaded from its own file: importing it as
+    `onnxruntime.tools.symbolic_shape_infer` first runs the package's __init__, which imports torch when
+    torch is installed — seconds of every compile's start-up for a module that never uses it."""
+    spec = importlib.util.find_spec("onnxruntime")
+    path = Path(spec.origin).parent / "tools" / "symbolic_shape_infer.py" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        return None
+    module_spec = importlib.util.spec_from_file_location("lrpc_ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _run_symbolic(inference, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,7 +1,8 @@
 """Control flow (If, Loop, Scan) for the relevance. An If whose condition is static has its taken branch
 inlined next to it, a Scan of static length its body unrolled: the node keeps computing the forward, the
-inlined copy carries the relevance (lrpc.ops, the alias of a decomposition). Control flow whose subgraphs read a relevance-carrying tensor otherwise is
-refused in one line (lrpc.analysis counts those captures, so it is never taken for a constant)."""
+inlined copy carries the relevance (lrpc.ops, the alias of a decomposition). Control flow whose subgraphs
+read a relevance-carrying tensor otherwise is refused in one line (lrpc.analysis counts those captures, so
+it is never taken for a constant)."""
 
 from __future__ import annotations
 

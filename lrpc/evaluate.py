@@ -171,7 +171,9 @@ class Evaluator:
     def base(self, example: Example) -> np.ndarray:
         """The input that is perturbed: the token embeddings [1, s, h], or the float input."""
         if self.ids is not None:
-            return self.table[np.asarray(example.inputs[self.ids])]
+            ids = np.asarray(example.inputs[self.ids])
+            validate.token_ids(ids, len(self.table))
+            return self.table[ids]
         return np.asarray(example.inputs[self.float_input], np.float32)
 
     def features(self, example: Example) -> np.ndarray:

@@ -193,6 +193,13 @@ def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
     return seed
 
 
+def token_ids(ids, vocab: int | None) -> None:
+    """Token ids the model's embedding table has rows for (a tokenizer that is not the model's gives more)."""
+    if vocab and len(ids) and int(np.max(ids)) >= vocab:
+        raise LrpcError(f"the tokenizer gives id {int(np.max(ids))} but the model's vocabulary has {vocab} "
+                        "entries: pass the model's own tokenizer with --tokenizer")
+
+
 def known_token(token: str, ids: list[int], unknown_id: int | None) -> int:
     """The one id a target word encodes to; a word the tokenizer maps to its unknown token is refused."""
     if len(ids) != 1:

@@ -18,8 +18,10 @@ step sizes disagree crosses a kink or a tie and is skipped. Each case is then
             at the test point.
 
 Cases compiled with `gxi` are also compiled with `attnlrp`: its relevance must be finite and the forward
-outputs bitwise those of the plain model. Collected cases and compiled explainers are cached in the
-temporary folder (keyed by the onnx version and by lrpc's sources), so a rerun takes seconds.
+outputs bitwise those of the plain model. Where the attnlrp passes claim no node its explainer is the gxi
+one, whose run is checked instead. Collected cases and compiled explainers are cached in the temporary
+folder (keyed by the onnx version and by lrpc's sources; the oracle's side by the model alone), so a
+rerun takes seconds and a change of lrpc recompiles without redoing the finite differences.
 
     python tests/conformance.py --report          # the per-op table and the coverage line
 """
@@ -43,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from lrpc import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_ELEMENTS = 4096      # inputs larger than this (in total) are skipped: the suite must stay fast
@@ -170,17 +174,12 @@ class Oracle:
     evaluator, or float32 onnxruntime (`precise` False: larger steps, looser tolerance)."""
 
     def __init__(self, model: onnx.ModelProto, inputs: dict[str, np.ndarray]):
-        import onnxruntime as ort
         self.inputs = inputs
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         double = _as_double(model)
         trials = [
-            ("ort64", lambda: ort.InferenceSession(double.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"]), True),
+            ("ort64", lambda: _session(double.SerializeToString(), optimised=False), True),
             ("ref64", lambda: _Reference(double), True),
-            ("ort32", lambda: ort.InferenceSession(model.SerializeToString(), options,
-                                                   providers=["CPUExecutionProvider"]), False),
+            ("ort32", lambda: _session(model.SerializeToString(), optimised=False), False),
         ]
         self.error = None
         for kind, make, precise in trials:
@@ -251,36 +250,64 @@ def _sources_key() -> bytes:
 _SOURCES = None
 
 
-def compile_cached(model: onnx.ModelProto, preset: str, attribute: list[str]) -> tuple[str, object]:
-    """("ok", explainer bytes) | ("refused", message) | ("error", message), cached by model and sources."""
+def compile_cached(model: onnx.ModelProto, attribute: list[str]) -> dict[str, tuple[str, object]]:
+    """{preset: ("ok", explainer bytes) | ("refused", message) | ("error", message)} for gxi and attnlrp,
+    cached by model and sources; attnlrp is ("same", "") when its passes claim no node: its explainer is
+    then gxi's (the emitter reads only the graph and the plan), so it is neither compiled nor run again.
+    The model is loaded (canonicalised) once for both: `lrpc.compile` is `build_explainer(load(model))`."""
     global _SOURCES
-    import lrpc
     if _SOURCES is None:
         _SOURCES = _sources_key()
-    key = hashlib.sha256(_SOURCES + model.SerializeToString() + preset.encode() + ",".join(attribute).encode())
+    key = hashlib.sha256(_SOURCES + model.SerializeToString() + ",".join(attribute).encode())
     path = _cache_dir() / f"{key.hexdigest()[:24]}.pickle"
     if path.exists():
         return pickle.loads(path.read_bytes())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            result = ("ok", lrpc.compile(model, preset=preset, attribute=attribute,
-                                         output_name=SCALAR).SerializeToString())
-        except lrpc.LrpcError as exc:
-            result = ("refused", str(exc))
-        except Exception as exc:  # noqa: BLE001  (a traceback from the compiler is a crash of the suite's kind)
-            result = ("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        *gxi, claims = _compile(model, attribute, "gxi", plan_first="attnlrp")
+        attnlrp = ("same", "") if gxi[0] == "ok" and claims == 0 else _compile(model, attribute, "attnlrp")[:2]
+    result = {"gxi": tuple(gxi), "attnlrp": attnlrp}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(pickle.dumps(result))
     os.replace(tmp, path)
     return result
 
 
-def _run(model_bytes: bytes, feed: dict) -> dict[str, np.ndarray]:
+def _compile(model, attribute, preset, plan_first=None) -> tuple[str, object, int | None]:
+    """(status, bytes or message, claims): claims is the number of nodes `plan_first`'s passes claim on the
+    same loaded model (None when not asked or when that fails)."""
+    import lrpc
+    import onnx_ir as ir
+    claims = None
+    try:
+        canonical = compiler.load(model)
+        if plan_first:
+            try:
+                claims = len(compiler.analyse_and_plan(canonical, plan_first, attribute)[2].records)
+            except Exception:  # noqa: BLE001  (that preset is then compiled on its own, and fails there)
+                claims = None
+        explainer = compiler.build_explainer(canonical, preset=preset, attribute=attribute, output_name=SCALAR)
+        result = ("ok", ir.to_proto(explainer).SerializeToString())
+    except lrpc.LrpcError as exc:
+        result = ("refused", str(exc))
+    except Exception as exc:  # noqa: BLE001  (a traceback from the compiler is a crash of the suite's kind)
+        result = ("error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+    return result + (claims,)
+
+
+def _session(model_bytes: bytes, optimised: bool = True):
+    """One way to open a session: the explainers and the plain model as users run them (onnxruntime's
+    default optimisations, so their forward outputs compare bitwise); the oracle's unoptimised."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    if not optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def _run(model_bytes: bytes, feed: dict) -> dict[str, np.ndarray]:
+    session = _session(model_bytes)
     names = [i.name for i in session.get_inputs()]
     full = {**feed, "lrp_target": np.zeros(1, np.int64)}
     outs = session.run(None, {k: full[k] for k in names})
@@ -312,31 +339,54 @@ def _refusal_problem(message: str, model: onnx.ModelProto) -> str:
 NOT_ACCEPTED = ("imports no default ONNX opset", "could not upgrade the model")
 
 
+def measure(case: Case, model: onnx.ModelProto) -> tuple:
+    """What is known about the wrapped model without lrpc: ("n/a", why), or ("ok", its outputs from
+    onnxruntime, the oracle's kind / precision / s, and per float input the oracle's differences along
+    x ⊙ u for each direction u). Cached by the model, onnxruntime's version and this file, so a change
+    of lrpc's sources reruns only the compiles and the explainers."""
+    import onnxruntime as ort
+    key = hashlib.sha256(model.SerializeToString() + ort.__version__.encode() + Path(__file__).read_bytes())
+    path = _cache_dir() / f"oracle-{key.hexdigest()[:24]}.pickle"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    try:
+        plain = _run(model.SerializeToString(), case.inputs)
+    except Exception as exc:  # noqa: BLE001
+        result = ("n/a", f"onnxruntime cannot run the original model: {exc}"[:200])
+    else:
+        oracle = Oracle(model, case.inputs)
+        if oracle.session is None:
+            result = ("n/a", f"the original model does not run: {oracle.error}")
+        else:
+            estimates = {}
+            for name in _float_inputs(model):
+                rng = np.random.default_rng(zlib.crc32((case.name + name).encode()))
+                us = [rng.standard_normal(case.inputs[name].shape) for _ in range(DIRECTIONS)]
+                estimates[name] = [(u, oracle.directional(name, u)) for u in us]
+            result = ("ok", plain, {"kind": oracle.kind, "precise": oracle.precise, "s0": oracle.s0}, estimates)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
 def run_case(case: Case) -> Outcome:
     wrapped = wrap(case)
     if wrapped is None:
         return Outcome(case.name, case.op, "n/a", "no finite float output")
     model, float_outputs = wrapped
-    try:
-        _run(model.SerializeToString(), case.inputs)
-    except Exception as exc:  # noqa: BLE001
-        return Outcome(case.name, case.op, "n/a", f"onnxruntime cannot run the original model: {exc}"[:200])
-    oracle = Oracle(model, case.inputs)
-    if oracle.session is None:
-        return Outcome(case.name, case.op, "n/a", f"the original model does not run: {oracle.error}")
-    # the oracle's differences along x ⊙ u, per float input
-    estimates: dict[str, list] = {}
-    for name in _float_inputs(model):
-        rng = np.random.default_rng(zlib.crc32((case.name + name).encode()))
-        us = [rng.standard_normal(case.inputs[name].shape) for _ in range(DIRECTIONS)]
-        estimates[name] = [(u, oracle.directional(name, u)) for u in us]
-    tiny = 1e-7 * (1 + abs(oracle.s0))
+    measured = measure(case, model)
+    if measured[0] == "n/a":
+        return Outcome(case.name, case.op, "n/a", measured[1])
+    _, plain, oracle, estimates = measured
+    tiny = 1e-7 * (1 + abs(oracle["s0"]))
     moving = [k for k, es in estimates.items() if any(e is not None and abs(e[0]) > tiny for _, e in es)]
     defined = [k for k, es in estimates.items() if any(e is not None for _, e in es)]
     attribute = moving or defined
     if not attribute:
         return Outcome(case.name, case.op, "n/a", "not differentiable at the test point")
-    status, result = compile_cached(model, "gxi", attribute)
+    compiled = compile_cached(model, attribute)
+    status, result = compiled["gxi"]
     outcome = Outcome(case.name, case.op, "exact", attributed=attribute)
     if status == "refused":
         if not moving and "does not depend" in result:
@@ -359,7 +409,7 @@ def run_case(case: Case) -> Outcome:
     except Exception as exc:  # noqa: BLE001
         outcome.status, outcome.detail = "crash", f"onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
         return outcome
-    rtol, atol = (2e-3, 1e-5) if oracle.precise else (3e-2, 1e-3)
+    rtol, atol = (2e-3, 1e-5) if oracle["precise"] else (3e-2, 1e-3)
     checked = 0
     for name in attribute:
         relevance = got["relevance." + name].astype(np.float64)
@@ -375,23 +425,26 @@ def run_case(case: Case) -> Outcome:
             checked += 1
             if abs(p - d) > tol:
                 outcome.status = "wrong"
-                outcome.detail = f"⟨u, R_{name}⟩ = {p:.6g}, finite differences ({oracle.kind}) {d:.6g}"
+                outcome.detail = f"⟨u, R_{name}⟩ = {p:.6g}, finite differences ({oracle['kind']}) {d:.6g}"
                 return outcome
-    outcome.detail = f"{checked} directions, oracle {oracle.kind}"
-    outcome.attnlrp = _check_attnlrp(model, attribute, case.inputs, float_outputs)
+    outcome.detail = f"{checked} directions, oracle {oracle['kind']}"
+    outcome.attnlrp = _check_attnlrp(compiled["attnlrp"], got, plain, attribute, case.inputs, float_outputs)
     return outcome
 
 
-def _check_attnlrp(model, attribute, inputs, float_outputs) -> str:
-    """'' when the attnlrp explainer's relevance is finite and its forward outputs are the plain model's."""
-    status, result = compile_cached(model, "attnlrp", attribute)
-    if status != "ok":
+def _check_attnlrp(compiled, got_gxi, plain, attribute, inputs, float_outputs) -> str:
+    """'' when the attnlrp explainer's relevance is finite and its forward outputs are the plain model's
+    (the gxi explainer's run stands for it when it is the same explainer)."""
+    status, result = compiled
+    if status == "same":
+        got = got_gxi
+    elif status != "ok":
         return f"attnlrp {status}: {result}"
-    try:
-        plain = _run(model.SerializeToString(), inputs)
-        got = _run(result, inputs)
-    except Exception as exc:  # noqa: BLE001
-        return f"attnlrp: onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    else:
+        try:
+            got = _run(result, inputs)
+        except Exception as exc:  # noqa: BLE001
+            return f"attnlrp: onnxruntime: {type(exc).__name__}: {exc}".splitlines()[0][:300]
     for name in attribute:
         if not np.all(np.isfinite(got["relevance." + name])):
             return f"attnlrp: relevance of {name} is not finite"

@@ -73,20 +73,21 @@ def test_recurrent_layer_matches_torch_autograd(op):
 
 
 def test_scan_of_static_length_is_unrolled():
-    # a running product over 3 steps: state ← state ⊙ x_t, y_t = state; Σ y = a x₀ + a x₀x₁ + a x₀x₁x₂ for a
-    # one-element state a: ∂/∂x₀ = a(1 + x₁ + x₁x₂), ∂/∂x₁ = a x₀(1 + x₂), ∂/∂x₂ = a x₀x₁; R = x ⊙ ∂
+    # a running product over 3 steps: state ← state ⊙ x_t, y_t = state; Σ y = a x₀ + a x₀x₁ + a x₀x₁x₂ for
+    # a one-element state a: ∂/∂x₀ = a(1 + x₁ + x₁x₂), ∂/∂x₁ = a x₀(1 + x₂), ∂/∂x₂ = a x₀x₁; R = x ⊙ ∂
+    def info(name, shape):
+        return helper.make_tensor_value_info(name, F, shape)
     body = helper.make_graph([helper.make_node("Mul", ["s_in", "x_t"], ["s_out"]),
                               helper.make_node("Identity", ["s_out"], ["y_t"])], "body",
-                             [helper.make_tensor_value_info("s_in", F, [1]), helper.make_tensor_value_info("x_t", F, [1])],
-                             [helper.make_tensor_value_info("s_out", F, [1]), helper.make_tensor_value_info("y_t", F, [1])])
+                             [info("s_in", [1]), info("x_t", [1])], [info("s_out", [1]), info("y_t", [1])])
     graph = helper.make_graph([helper.make_node("Scan", ["a", "x"], ["s", "ys"], body=body, num_scan_inputs=1),
                                helper.make_node("Reshape", ["ys", "shape"], ["y"])], "scan",
-                              [helper.make_tensor_value_info("a", F, [1]), helper.make_tensor_value_info("x", F, [3, 1])],
-                              [helper.make_tensor_value_info("y", F, [1, 3])],
+                              [info("a", [1]), info("x", [3, 1])], [info("y", [1, 3])],
                               [numpy_helper.from_array(np.array([1, 3], np.int64), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     a, (x0, x1, x2) = 2.0, (0.5, 3.0, -1.0)
-    got = _run(model, {"a": np.float32([a]), "x": np.float32([[x0], [x1], [x2]])}, np.ones((1, 3), np.float32), "gxi")
+    feed = {"a": np.float32([a]), "x": np.float32([[x0], [x1], [x2]])}
+    got = _run(model, feed, np.ones((1, 3), np.float32), "gxi")
     expected = [x0 * a * (1 + x1 + x1 * x2), x1 * a * x0 * (1 + x2), x2 * a * x0 * x1]
     np.testing.assert_allclose(got["relevance.x"].ravel(), expected, rtol=1e-6)
     np.testing.assert_allclose(got["relevance.a"], [a * (x0 + x0 * x1 + x0 * x1 * x2)], rtol=1e-6)

@@ -688,6 +688,14 @@ def test_a_npy_file_for_input_gets_a_real_message(model_files, tmp_path):
     one_line_error(rc, err, ".npy file", "np.savez")
 
 
+def test_evaluate_with_a_tokenizer_beyond_the_vocabulary(model_files, tmp_path):
+    """Old: IndexError (index 101 is out of bounds for axis 0 with size 20), "unexpected": the default
+    tokenizer's ids do not fit the toy model's 20-row embedding table."""
+    (tmp_path / "pairs.tsv").write_text("a\tb\n")
+    rc, err = cli("evaluate", model_files / "tokens.onnx", "--pairs", tmp_path / "pairs.tsv")
+    one_line_error(rc, err, "vocabulary has 20 entries", "--tokenizer")
+
+
 def test_string_arrays_name_their_dtype(model_files, hostile_files, tmp_path):
     np.savez(tmp_path / "s.npz", input_ids=np.array([["a", "b"]]))
     rc, err = cli("explain", model_files / "tokens.onnx", "--input", tmp_path / "s.npz", "--cache", tmp_path / "c")
