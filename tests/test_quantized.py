@@ -1,0 +1,152 @@
+"""Quantized models as onnxruntime users make them (issue 16 item 3; docs/design.md, "Quantized models").
+
+Oracles: for each quantization op, a small graph whose float meaning is written by hand (the straight-through
+reading: quantize → dequantize is the identity, an integer contraction is the contraction with the
+dequantized weight); Input×Gradient of the quantized explainer must equal central finite differences of that
+float graph (onnxruntime, independent of lrpc). On zoo models quantized with onnxruntime's own
+`quantize_dynamic` / `quantize_static` (QDQ): the explainer's outputs equal the quantized model's bit for
+bit, and its relevance is finite and close to the float model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+from lrpc import deployed
+from lrpc.presets import PRESETS
+
+B, S, D, M, CLASSES = 2, 4, 5, 6, 3
+RNG = np.random.default_rng(16)
+TARGET, POSITION = [1, 2], [1, 3]
+W_INT = RNG.integers(-127, 128, (D, M)).astype(np.int8)    # an int8 weight [D, M], its zero point and scale
+W_ZP, W_SCALE = np.int8(3), np.float32(0.02)
+W_DEQ = (W_INT.astype(np.float32) - W_ZP) * W_SCALE
+CONV_INT = RNG.integers(-127, 128, (M, D, 2)).astype(np.int8)   # a Conv1d weight [M, C=D, 2]
+CONV_DEQ = (CONV_INT.astype(np.float32) - W_ZP) * W_SCALE
+MS = "com.microsoft"
+
+
+def n(op, inputs, outputs, **attrs):
+    return helper.make_node(op, inputs, [outputs] if isinstance(outputs, str) else outputs, **attrs)
+
+
+DQL = n("DynamicQuantizeLinear", ["x"], ["q", "s", "zp"])
+RESCALE = [n("Cast", ["qy"], "qyf", to=TensorProto.FLOAT), n("Mul", ["s", "w_scale"], "sw"), n("Mul", ["qyf", "sw"], "o")]
+TO_NCL, FROM_NCL = n("Transpose", ["x"], "ncl", perm=[0, 2, 1]), n("Transpose", ["c"], "o", perm=[0, 2, 1])
+INT_WEIGHT = {"w": W_INT, "w_zp": W_ZP, "w_scale": W_SCALE}
+
+# op → (quantized nodes from x [B, S, D] to o, their constants, the float meaning: nodes, constants)
+RECIPES = {
+    "QuantizeLinear": ([n("QuantizeLinear", ["x", "a_scale", "a_zp"], "q"), n("DequantizeLinear", ["q", "a_scale", "a_zp"], "o")],
+                       {"a_scale": np.float32(0.01), "a_zp": np.int8(-2)}, [n("Identity", ["x"], "o")], {}),
+    "MatMulInteger": ([DQL, n("MatMulInteger", ["q", "w", "zp", "w_zp"], "qy"), *RESCALE], INT_WEIGHT,
+                      [n("MatMul", ["x", "w"], "o")], {"w": W_DEQ}),
+    "ConvInteger": ([TO_NCL, n("DynamicQuantizeLinear", ["ncl"], ["q", "s", "zp"]),
+                     n("ConvInteger", ["q", "w", "zp", "w_zp"], "qy", pads=[0, 1]), *RESCALE[:2],
+                     n("Mul", ["qyf", "sw"], "c"), FROM_NCL], {**INT_WEIGHT, "w": CONV_INT},
+                    [TO_NCL, n("Conv", ["ncl", "w"], "c", pads=[0, 1]), FROM_NCL], {"w": CONV_DEQ}),
+    f"{MS}::DynamicQuantizeMatMul": ([n("DynamicQuantizeMatMul", ["x", "w", "w_scale", "w_zp"], "o", domain=MS)],
+                                     INT_WEIGHT, [n("MatMul", ["x", "w"], "o")], {"w": W_DEQ}),
+    f"{MS}::MatMulIntegerToFloat": ([DQL, n("MatMulIntegerToFloat", ["q", "w", "s", "w_scale", "zp", "w_zp"], "o",
+                                            domain=MS)], INT_WEIGHT, [n("MatMul", ["x", "w"], "o")], {"w": W_DEQ}),
+}
+RECIPES["DynamicQuantizeLinear"] = RECIPES["MatMulInteger"]
+RECIPES["DequantizeLinear"] = RECIPES["QuantizeLinear"]
+
+
+def build(nodes, constants, readout) -> onnx.ModelProto:
+    """x [B, S, D] → nodes → o → MatMul(readout) → y [B, S, CLASSES], uint8/int8 constants kept integer."""
+    tensors = [numpy_helper.from_array(np.asarray(v), k) for k, v in {**constants, "readout": readout}.items()]
+    graph = helper.make_graph(nodes + [n("MatMul", ["o", "readout"], "y")], "q",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, CLASSES])], tensors)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MS, 1)])
+
+
+def float_relevance(proto, x, step=1e-3):
+    """x ⊙ ∂/∂x Σ_b y[b, position_b, target_b] of a float graph by central differences (float64 sums)."""
+    session = ort.InferenceSession(proto.SerializeToString())
+
+    def explained(v):
+        y = session.run(None, {"x": v.astype(np.float32)})[0].astype(np.float64)
+        return sum(y[b, POSITION[b], TARGET[b]] for b in range(B))
+    grad = np.zeros(x.shape)
+    for i in np.ndindex(x.shape):
+        up, down = x.astype(np.float64), x.astype(np.float64)
+        up[i] += step
+        down[i] -= step
+        grad[i] = (explained(up) - explained(down)) / (2 * step)
+    return x * grad
+
+
+@pytest.mark.parametrize("op", sorted(RECIPES))
+def test_quantized_op_is_straight_through(op):
+    nodes, constants, float_nodes, float_constants = RECIPES[op]
+    width = M if any(node.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+                     for node in nodes) else D
+    readout = RNG.uniform(-1, 1, (width, CLASSES)).astype(np.float32)
+    proto = build(nodes, constants, readout)
+    x = RNG.normal(size=(B, S, D)).astype(np.float32)
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    for preset in PRESETS:
+        result = lrpc.Explainer(lrpc.compile(proto, preset=preset)).explain({"x": x}, target=TARGET, position=POSITION)
+        assert np.array_equal(result.outputs["y"], model_y), preset      # the quantized forward, bit for bit
+        assert np.isfinite(result.relevance["x"]).all(), preset
+        if preset == "gxi":
+            want = float_relevance(build(float_nodes, {**constants, **float_constants}, readout), x)
+            got = result.relevance["x"]
+            assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
+
+
+def test_an_all_zero_activation_quantizes_to_scale_zero_without_nan():
+    proto = build(RECIPES["MatMulInteger"][0], INT_WEIGHT, np.ones((M, CLASSES), np.float32))
+    result = lrpc.Explainer(lrpc.compile(proto)).explain({"x": np.zeros((B, S, D), np.float32)}, target=TARGET,
+                                                         position=POSITION)
+    assert np.array_equal(result.relevance["x"], np.zeros((B, S, D), np.float32))
+
+
+def test_a_quantized_product_of_two_activations_is_refused_in_one_line():
+    nodes = [DQL, n("Transpose", ["q"], "qt", perm=[0, 2, 1]), n("MatMulInteger", ["q", "qt", "zp", "zp"], "qy"),
+             n("Cast", ["qy"], "o", to=TensorProto.FLOAT)]
+    with pytest.raises(lrpc.LrpcError, match="MatMulInteger of two relevance-carrying tensors"):
+        lrpc.compile(build(nodes, {}, np.ones((S, CLASSES), np.float32)))
+
+
+# ---- zoo models quantized with onnxruntime's own tools ------------------------------------------------
+
+def _session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    return ort.InferenceSession(str(path), options)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("kind", ["dynamic", "qdq"])
+def test_zoo_model_quantized_by_onnxruntime(zoo_export, tmp_path, name, kind):
+    entry = lrpc.models.get(name)
+    float_path = tmp_path / "float.onnx"
+    onnx.save(zoo_export(name)[1], float_path)
+    feeds = [{k: v.numpy() for k, v in entry.inputs(*entry.example_shape, seed=s).items()} for s in range(3)]
+    quantized = deployed.make(kind, float_path, tmp_path / f"{kind}.onnx", feeds)
+    compiled = lrpc.compile(quantized)
+    onnx.save(compiled, tmp_path / "explainer.onnx")
+    feed = feeds[0]
+    explained = lrpc.Explainer(compiled).explain(feed)
+    relevance = explained.relevance["input_ids"]
+    assert np.isfinite(relevance).all() and np.abs(relevance).sum() > 0
+    # the forward is the quantized model's, untouched: bit for bit under the same onnxruntime graph
+    # optimisations (ORT_ENABLE_BASIC: no fusion of the quantized ops, which relevance reads can block)
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    lrp_feed = {**feed, "lrp_target": np.zeros(len(feed["input_ids"]), np.int64)}
+    explainer_session = _session(tmp_path / "explainer.onnx", basic)
+    if "lrp_position" in {i.name for i in explainer_session.get_inputs()}:
+        lrp_feed["lrp_position"] = np.full(len(feed["input_ids"]), -1, np.int64)
+    assert np.array_equal(_session(quantized, basic).run(None, feed)[0], explainer_session.run(["logits"], lrp_feed)[0])
+    # and its relevance is close to the float model's
+    reference = lrpc.Explainer(lrpc.compile(float_path)).explain(feed, target=explained.target).relevance["input_ids"]
+    cosine = (relevance * reference).sum(-1) / np.linalg.norm(relevance, axis=-1) / np.linalg.norm(reference, axis=-1)
+    assert cosine.min() > 0.9, cosine
