@@ -121,6 +121,18 @@ def _transpose(n, g):
     return (lambda: n.b.Transpose(g, perm=n.grad_perm(np.argsort(perm))) if perm else n.b.Transpose(g),)
 
 
+# quantization (onnxruntime's quantize_dynamic / quantize_static): straight-through, weights dequantized
+QUANTIZATION: dict[str, Op] = {
+    "QuantizeLinear": Op(ELEMENTWISE, qt.quantize, rows=rows.pointwise, differentiable=(0,), quantized=(0,)),
+    "DynamicQuantizeLinear": Op(ELEMENTWISE, qt.dynamic_quantize, differentiable=(0,), quantized=(0,)),
+    "DequantizeLinear": Op(ELEMENTWISE, qt.dequantize, rows=rows.pointwise, differentiable=(0,)),
+    "MatMulInteger": Op(LINEAR, qt.matmul_integer, rows=rows.matmul, differentiable=(0, 1), quantized=(0,)),
+    "ConvInteger": Op(LINEAR, qt.conv_integer, differentiable=(0, 1), quantized=(0,)),
+    f"{MS}::DynamicQuantizeMatMul": Op(LINEAR, qt.dynamic_quantize_matmul, differentiable=(0,)),
+    f"{MS}::MatMulIntegerToFloat": Op(LINEAR, qt.matmul_integer_to_float, differentiable=(0, 1)),
+}
+
+
 # ---- the table: default-domain ops by op type, other domains as "domain::op_type" ------------------------
 
 OPS: dict[str, Op] = {
@@ -186,14 +198,7 @@ OPS: dict[str, Op] = {
     "Conv": Op(LINEAR, lin.conv),
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
-    # quantization (onnxruntime's quantize_dynamic / quantize_static): straight-through, weights dequantized
-    "QuantizeLinear": Op(ELEMENTWISE, qt.quantize, rows=rows.pointwise, differentiable=(0,), quantized=(0,)),
-    "DynamicQuantizeLinear": Op(ELEMENTWISE, qt.dynamic_quantize, differentiable=(0,), quantized=(0,)),
-    "DequantizeLinear": Op(ELEMENTWISE, qt.dequantize, rows=rows.pointwise, differentiable=(0,)),
-    "MatMulInteger": Op(LINEAR, qt.matmul_integer, rows=rows.matmul, differentiable=(0, 1), quantized=(0,)),
-    "ConvInteger": Op(LINEAR, qt.conv_integer, differentiable=(0, 1), quantized=(0,)),
-    f"{MS}::DynamicQuantizeMatMul": Op(LINEAR, qt.dynamic_quantize_matmul, differentiable=(0,)),
-    f"{MS}::MatMulIntegerToFloat": Op(LINEAR, qt.matmul_integer_to_float, differentiable=(0, 1)),
+    **QUANTIZATION,
     # pooling (a fixed linear map of each window, or a selection from it)
     "AveragePool": Op(LINEAR, pool.average_pool),
     "GlobalAveragePool": reduction(pool.global_average_pool),
@@ -313,6 +318,10 @@ def carrying_outputs(node: ir.Node, is_float: Callable, quantized_input: bool) -
     if quantized_input and op is not None and op.kind == STRUCTURAL:
         return list(node.outputs)
     return [o for o in node.outputs if is_float(o)]
+
+
+def is_quantized(node: ir.Node) -> bool:
+    return key(node) in QUANTIZATION
 
 
 def vjp(node: ir.Node) -> Callable | None:
