@@ -43,7 +43,8 @@ def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value
     for value in graph.inputs:
         copies[value] = b.Where(b.Equal(value, value), value, value)
         copies[value].dtype, copies[value].shape = value.dtype, value.shape
-    for node in forward:
+    forward = set(forward)
+    for node in [n for n in graph if n in forward]:   # (lrpc.optimise may have merged or removed some)
         inputs = [None if v is None else copies.get(v, v) for v in node.inputs]
         attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
         copy = ir.Node(node.domain, node.op_type, inputs, attributes, num_outputs=len(node.outputs),
