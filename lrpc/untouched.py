@@ -51,10 +51,12 @@ def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value
                        version=node.version, name=PREFIX + (node.name or ""))
         graph.append(copy)
         for old, new in zip(node.outputs, copy.outputs):
-            new.dtype, new.shape, new.name = old.dtype, old.shape, PREFIX + (old.name or "")
+            new.name = PREFIX + (old.name or "")
+            if old.dtype is not None:   # (a custom op's output may have no known type)
+                new.dtype, new.shape = old.dtype, old.shape
             copies[old] = new
     for i, value in enumerate(list(graph.outputs)):
-        if value in model_outputs:
+        if value in model_outputs and value.producer() is not None:   # (a model input passed through stays)
             name, copy = value.name, copies[value]
             value.name, copy.name = PREFIX + name, name
             graph.outputs[i] = copy

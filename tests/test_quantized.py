@@ -18,10 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 import lrpc
 from lrpc import deployed
 from lrpc.presets import PRESETS
+from test_ops_registry import B, CLASSES, POSITION, S, TARGET, D, finite_difference_relevance  # (tests/ on sys.path)
 
-B, S, D, M, CLASSES = 2, 4, 5, 6, 3
+M = 6
 RNG = np.random.default_rng(16)
-TARGET, POSITION = [1, 2], [1, 3]
 W_INT = RNG.integers(-127, 128, (D, M)).astype(np.int8)    # an int8 weight [D, M], its zero point and scale
 W_ZP, W_SCALE = np.int8(3), np.float32(0.02)
 W_DEQ = (W_INT.astype(np.float32) - W_ZP) * W_SCALE
@@ -67,22 +67,6 @@ def build(nodes, constants, readout) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MS, 1)])
 
 
-def float_relevance(proto, x, step=1e-3):
-    """x ⊙ ∂/∂x Σ_b y[b, position_b, target_b] of a float graph by central differences (float64 sums)."""
-    session = ort.InferenceSession(proto.SerializeToString())
-
-    def explained(v):
-        y = session.run(None, {"x": v.astype(np.float32)})[0].astype(np.float64)
-        return sum(y[b, POSITION[b], TARGET[b]] for b in range(B))
-    grad = np.zeros(x.shape)
-    for i in np.ndindex(x.shape):
-        up, down = x.astype(np.float64), x.astype(np.float64)
-        up[i] += step
-        down[i] -= step
-        grad[i] = (explained(up) - explained(down)) / (2 * step)
-    return x * grad
-
-
 @pytest.mark.parametrize("op", sorted(RECIPES))
 def test_quantized_op_is_straight_through(op):
     nodes, constants, float_nodes, float_constants = RECIPES[op]
@@ -97,7 +81,7 @@ def test_quantized_op_is_straight_through(op):
         assert np.array_equal(result.outputs["y"], model_y), preset      # the quantized forward, bit for bit
         assert np.isfinite(result.relevance["x"]).all(), preset
         if preset == "gxi":
-            want = float_relevance(build(float_nodes, {**constants, **float_constants}, readout), x)
+            want = finite_difference_relevance(build(float_nodes, {**constants, **float_constants}, readout), x)
             got = result.relevance["x"]
             assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
 
