@@ -38,13 +38,31 @@ def embedding_lookups(graph: ir.Graph, ids: ir.Value) -> list[ir.Value]:
                 continue
             if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
                 table = node.inputs[0]
-                if is_float(table) and const_array_is_known(table):
+                looked_up = node.outputs[0] if is_float(table) else _dequantized(node.outputs[0])
+                if looked_up is not None and _constant_table(table):
                     seen.add(node)
-                    found.append(node.outputs[0])
+                    found.append(looked_up)
             elif node.op_type in ID_PATH_OPS and index == 0 and node.domain in ("", "ai.onnx"):
                 seen.add(node)
                 frontier.append(node.outputs[0])
     return found
+
+
+def _dequantized(value: ir.Value) -> ir.Value | None:
+    """The float embedding of rows looked up in a quantized table: the DequantizeLinear that is the lookup's
+    only reader (onnxruntime's quantizers quantize embedding tables so)."""
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0][0].op_type == "DequantizeLinear" and uses[0][1] == 0:
+        return uses[0][0].outputs[0]
+    return None
+
+
+def _constant_table(table: ir.Value) -> bool:
+    """A constant table, or one dequantized from a constant (quantize_static's QDQ format)."""
+    producer = table.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        table = producer.inputs[0]
+    return const_array_is_known(table)
 
 
 def const_array_is_known(value: ir.Value) -> bool:
@@ -93,8 +111,9 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     for node in graph:  # graph nodes are kept in topological order
         if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
-        read = ops.differentiable_inputs(node) + outer_captures(node)
-        if any(i is not None and i in carrying for i in read):
-            carrying.update(o for o in node.outputs if _maybe_float(o) and o not in cut)
+        read = [i for i in ops.differentiable_inputs(node) + outer_captures(node) if i is not None and i in carrying]
+        if read:
+            quantized = any(not _maybe_float(i) for i in read)
+            carrying.update(o for o in ops.carrying_outputs(node, _maybe_float, quantized) if o not in cut)
     return carrying
 

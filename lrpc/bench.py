@@ -36,8 +36,10 @@ def _session(path, threads: int, optimise: bool = True, low_memory: bool | None 
     """low_memory None: as lrpc.Explainer does (no weight pre-packing for --checkpoint explainers)."""
     import onnxruntime as ort
     from lrpc import contract
+    from lrpc.runtime import avoid_known_crashes
+    meta = contract.peek_metadata(path)
     if low_memory is None:
-        low_memory = contract.wants_low_memory(contract.peek_metadata(path))
+        low_memory = contract.wants_low_memory(meta)
     o = ort.SessionOptions()
     if low_memory:
         o.add_session_config_entry("session.disable_prepacking", "1")
@@ -48,6 +50,7 @@ def _session(path, threads: int, optimise: bool = True, low_memory: bool | None 
     o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimise:
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    avoid_known_crashes(o, meta)
     return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
 
 

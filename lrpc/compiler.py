@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc import __version__, contract, planio, safeio, validate
+from lrpc import __version__, contract, planio, safeio, untouched, validate
 from lrpc.analysis import find_attributions
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
@@ -80,6 +80,8 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
+    forward = list(graph) if untouched.needed(graph) else None   # (lrpc/untouched.py)
+    model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
     if exposed:
         attributions = embeddings.as_token_attributions(graph, attributions, exposed)
@@ -112,7 +114,11 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
         **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
         **({"targets": targets} if targets is not None else {}),
+        **({"unsafe_optimizers": unsafe} if (unsafe := contract.unsafe_optimizers(graph)) else {}),
+        **({"untouched_forward": True} if forward is not None else {}),
     })
+    if forward is not None:   # the outputs from a forward nothing else reads, as onnxruntime runs the model
+        untouched.attach(graph, forward, model_outputs)
     return ir_model
 
 

@@ -41,11 +41,11 @@ class Context:
     def x(self, i: int) -> ir.Value:
         v = self.node.inputs[i]
         axis = self.compact.rows.get(v) if self.compact is not None else None
-        return self._walk.as_f32(v if axis is None else self._walk.rows.row(v, axis))
+        return self._walk.as_f32(v) if axis is None else self._row(v, axis)
 
     def y(self, i: int = 0) -> ir.Value:
         v = self.node.outputs[i]
-        return self._walk.as_f32(v if self.compact is None else self._walk.rows.row(v, self.compact.axis))
+        return self._walk.as_f32(v) if self.compact is None else self._row(v, self.compact.axis)
 
     def f32(self, value: ir.Value) -> ir.Value:
         """A forward value as the rules read it (float32; its explained row when ĝ is row-compact and the
@@ -53,8 +53,14 @@ class Context:
         if self.compact is not None:
             axis = self._walk.rows.row_axis(value, self.compact.axis, self.compact.rank)
             if axis is not None:
-                return self._walk.as_f32(self._walk.rows.row(value, axis))
+                return self._row(value, axis)
         return self._walk.as_f32(value)
+
+    def _row(self, value: ir.Value, axis: int) -> ir.Value:
+        """The explained row of a forward value, as float32. The row is taken after the cast: a float16
+        tensor read only through Casts to float32 keeps onnxruntime's float32 chain of the forward (a
+        GatherND of the float16 tensor would make it round there, and the model's outputs move by an ulp)."""
+        return self._walk.rows.row(self._walk.as_f32(value), axis)
 
     def attr(self, name: str, default=None):
         return attr(self.node, name, default)

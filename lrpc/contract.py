@@ -248,3 +248,17 @@ def wants_low_memory(meta: dict | None) -> bool:
     pre-packed copies of every MatMul/Gemm weight (forward, rematerialised and relevance nodes each hold
     one) would otherwise dominate memory, which --checkpoint was asked to bound."""
     return bool(meta and (meta.get("checkpoint") or {}).get("segments"))
+
+
+# onnxruntime (1.32 and earlier) segfaults while building a CPU session at ORT_ENABLE_ALL for some float16
+# models with a Conv — a float16 torchvision-style ViT — inside its NchwcTransformer (upstream; issue 20
+# item 5). Such explainers record it and are loaded with that optimizer off (lrpc.runtime).
+UNSAFE_FP16_CONV_OPTIMIZER = "NchwcTransformer"
+
+
+def unsafe_optimizers(graph) -> list[str]:
+    """The onnxruntime optimizers known to crash on this graph (a float16 Conv: the NchwcTransformer)."""
+    fp16_conv = any(node.op_type == "Conv" and node.inputs[0] is not None
+                    and node.inputs[0].dtype == ir.DataType.FLOAT16 for node in graph)
+    return [UNSAFE_FP16_CONV_OPTIMIZER] if fp16_conv else []
+

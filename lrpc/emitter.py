@@ -48,7 +48,8 @@ class Emitter:
         if value.dtype == F32:
             return value
         if value not in self._f32:
-            self._f32[value] = self.b.Cast(value, to=F32)
+            cast = self._f32[value] = self.b.Cast(value, to=F32)
+            cast.shape, cast.dtype = value.shape, F32   # (lrpc.rows reads a row of it by its shape)
         return self._f32[value]
 
     def unbroadcast(self, grad: ir.Value, target: ir.Value, source: ir.Value, core: int = 0) -> ir.Value:

@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_recurrent as fr, rows
 from lrpc import vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
-from lrpc import vjp_scatter as sc, vjp_structural as st
+from lrpc import vjp_quant as qt, vjp_scatter as sc, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
 from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
@@ -50,6 +50,8 @@ class Op:
     differentiable: tuple[int, ...] | None = None   # the inputs relevance flows into (None: all); the others
     #                                                 are shapes, types, indices, masks, ratios
     why: str = ""                        # REFUSED / CONTROL_FLOW: what is refused and why (`lrpc ops` says it)
+    quantized: tuple[int, ...] = ()      # outputs that carry relevance although integer: a quantized tensor
+    #                                      stands for the float it approximates (its other outputs carry none)
 
 
 # ---- definers: the kind of row, named ----------------------------------------------------------------
@@ -118,6 +120,18 @@ def _transpose(n, g):
     return (lambda: n.b.Transpose(g, perm=n.grad_perm(np.argsort(perm))) if perm else n.b.Transpose(g),)
 
 
+# quantization (onnxruntime's quantize_dynamic / quantize_static): straight-through, weights dequantized
+QUANTIZATION: dict[str, Op] = {
+    "QuantizeLinear": Op(ELEMENTWISE, qt.quantize, rows=rows.pointwise, differentiable=(0,), quantized=(0,)),
+    "DynamicQuantizeLinear": Op(ELEMENTWISE, qt.dynamic_quantize, differentiable=(0,), quantized=(0,)),
+    "DequantizeLinear": Op(ELEMENTWISE, qt.dequantize, rows=rows.pointwise, differentiable=(0,)),
+    "MatMulInteger": Op(LINEAR, qt.matmul_integer, rows=rows.matmul, differentiable=(0, 1), quantized=(0,)),
+    "ConvInteger": Op(LINEAR, qt.conv_integer, differentiable=(0, 1), quantized=(0,)),
+    f"{MS}::DynamicQuantizeMatMul": Op(LINEAR, qt.dynamic_quantize_matmul, differentiable=(0,)),
+    f"{MS}::MatMulIntegerToFloat": Op(LINEAR, qt.matmul_integer_to_float, differentiable=(0, 1)),
+}
+
+
 # ---- the table: default-domain ops by op type, other domains as "domain::op_type" ------------------------
 
 OPS: dict[str, Op] = {
@@ -183,6 +197,7 @@ OPS: dict[str, Op] = {
     "Conv": Op(LINEAR, lin.conv),
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
+    **QUANTIZATION,
     # pooling (a fixed linear map of each window, or a selection from it)
     "AveragePool": Op(LINEAR, pool.average_pool),
     "GlobalAveragePool": reduction(pool.global_average_pool),
@@ -293,6 +308,22 @@ def differentiable_inputs(node: ir.Node) -> list[ir.Value | None]:
     if op is None or op.differentiable is None:
         return list(node.inputs)
     return [node.inputs[i] for i in op.differentiable if i < len(node.inputs)]
+
+
+def carrying_outputs(node: ir.Node, is_float: Callable, quantized_input: bool) -> list[ir.Value]:
+    """The outputs of a node with a carrying input that carry relevance: its quantized outputs (integer);
+    every output of a structural op moving a quantized (integer) carrying input; else every output
+    `is_float` accepts."""
+    op = lookup(node)
+    if op is not None and op.quantized:
+        return [node.outputs[i] for i in op.quantized]
+    if quantized_input and op is not None and op.kind == STRUCTURAL:
+        return list(node.outputs)
+    return [o for o in node.outputs if is_float(o)]
+
+
+def is_quantized(node: ir.Node) -> bool:
+    return key(node) in QUANTIZATION
 
 
 def vjp(node: ir.Node) -> Callable | None:

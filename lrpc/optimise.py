@@ -2,7 +2,7 @@
 graph that onnxruntime's own optimisers do not make.
 
 The reverse pass of a transformer is mostly ĝ·Wᵀ products, emitted as `Reshape(Gemm(Reshape(ĝ), W, transB=1))`
-(vjp_linear._matmul_weight_grad). Around them sit two cheap-looking ops that each cost a pass over a
+(vjp_linear.matmul_weight_grad). Around them sit two cheap-looking ops that each cost a pass over a
 [tokens, hidden] tensor and a kernel launch:
 
 - `scale_into_gemm`:  c · Reshape(Gemm(A, W, α))            →  Reshape(Gemm(A, W, α·c))

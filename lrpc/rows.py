@@ -206,7 +206,7 @@ def pointwise(m: Match) -> RowPlan | None:
 
 def matmul(m: Match) -> RowPlan | None:
     """ĝ·Wᵀ of a row is a row; a @ b with the sequence along a's rows: ĝ_a a row, ĝ_b = a_rowᵀ·ĝ whole."""
-    a, w = m.node.inputs
+    a, w = m.node.inputs[:2]   # MatMulInteger's zero points after them
     if w.shape is not None and w.shape.rank() == 2 and not m.carries(w):
         if not (m.is_seq(a) and a.shape.rank() == m.rank and m.axis <= m.rank - 2):
             return None

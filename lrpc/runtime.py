@@ -93,9 +93,9 @@ class Explainer:
         split into runs of this many, each repeating the forward; None: all at once), which bounds the
         memory of the K-wide relevance pass."""
         self.target_chunk = None if target_chunk is None else validate.at_least_one(target_chunk, "target_chunk")
+        meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
+            if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
         if low_memory is None:
-            meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
-                if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
             low_memory = contract.wants_low_memory(meta)
         self.low_memory = bool(low_memory)
         options = ort.SessionOptions()
@@ -107,6 +107,7 @@ class Explainer:
             options.add_session_config_entry(key, str(value))
         if not graph_optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        avoid_known_crashes(options, meta)
         options.log_severity_level = 4  # its errors reach the user as one LrpcError line, not log lines
         self._source = model
         if isinstance(model, onnx.ModelProto):
@@ -298,6 +299,16 @@ class Explainer:
         seq = dims[1] if len(dims) == 3 else None
         return seq, dims[-1]
 
+
+
+def avoid_known_crashes(options, meta: dict | None) -> None:
+    """Turn off the onnxruntime optimizers known to crash on this explainer (contract.unsafe_optimizers),
+    saying so in one line."""
+    unsafe = (meta or {}).get("unsafe_optimizers")
+    if unsafe and options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+        options.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(unsafe))
+        warnings.warn(f"lrpc: onnxruntime's {', '.join(unsafe)} is off for this float16 model with a Conv (it "
+                      "crashes onnxruntime on some such models)", stacklevel=3)
 
 
 def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:

@@ -34,7 +34,7 @@ def matmul(n, g):
                                     keepdims=0),
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
     if rb == 2 and ra is not None and ra >= 2 and not n.carries(1):
-        return (lambda: _matmul_weight_grad(n, g), None)
+        return (lambda: matmul_weight_grad(n, g), None)
     # only the batch dims (all but the last two) can have been broadcast
     if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
         grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb, grad=True), n.x(0)), rb, grad=True)  # noqa: E731
@@ -63,15 +63,19 @@ def _is_swap_of_full_batch(n, i: int) -> bool:
     return all(same_dim(d, e) for d, e in zip(list(v.shape)[:-2], list(y.shape)[:-2]))
 
 
-def _matmul_weight_grad(n, g):
-    """ĝ_a of y = a @ W for a rank-2 weight W [K, N] that carries no relevance: ĝ_y · Wᵀ as a Gemm with
+def matmul_weight_grad(n, g, weight=None):
+    """ĝ_a of y = a @ W for a weight W [K, N] that carries no relevance (input 1, or the float `weight` of
+    its shape: a quantized op's dequantized weight): ĝ_y · Wᵀ as a Gemm with
     transB=1 on ĝ_y flattened to [-1, N], so no transposed copy of W is ever stored (onnxruntime's constant
     folding would keep one per Transpose(W)). The Reshape back to [..., K] also keeps the Gemm's output
     from feeding a Sum directly (GemmSumFusion crashes on that pattern)."""
     b, w = n.b, n.raw(1)
+    weight = n.x(1) if weight is None else weight
+    if n.rank(1) != 2:   # a batched weight: the general form
+        return n.unbroadcast(b.MatMul(g, _swap_last(n, weight, n.rank(1))), 0, core=2)
     dims = list(w.shape) if w.shape is not None else [None, None]
     cols = b.i64([-1, dims[1]]) if isinstance(dims[1], int) else b.Concat(b.i64([-1]), b.Shape(w, start=1), axis=0)
-    flat = b.Gemm(b.Reshape(g, cols), n.x(1), transB=1)
+    flat = b.Gemm(b.Reshape(g, cols), weight, transB=1)
     # ĝ_a is shaped like a (its one row, when ĝ is row-compact); every ĝ·Wᵀ into a reshapes to the same
     # target, which lets optimise.accumulate_in_gemm sum them
     return b.Reshape(flat, n.grad_shape(0))
@@ -94,8 +98,10 @@ def gemm(n, g):
     return (grad_a, grad_b, grad_c)
 
 
-def conv(n, g):
+def conv(n, g, weight=None):
+    """weight: the float weight when it is not input 1 as it stands (a quantized op's dequantized weight)."""
     b = n.b
+    weight = n.x(1) if weight is None else weight
     if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise LrpcError(f"node '{n.node.name}' (Conv): auto_pad={n.attr('auto_pad')} is not supported; "
                         "re-export with explicit pads")
@@ -116,9 +122,9 @@ def conv(n, g):
         out_pad = out_pad if any(out_pad) else None
     def grad_x():
         if not n.lead:
-            return b.ConvTranspose(g, n.x(1), output_padding=out_pad, **kw)
+            return b.ConvTranspose(g, weight, output_padding=out_pad, **kw)
         folded = b.Reshape(g, b.Concat(b.i64([-1]), b.Shape(g, start=2), axis=0))  # K into batch: [K·B, C, …]
-        return b.Reshape(b.ConvTranspose(folded, n.x(1), output_padding=out_pad, **kw), n.grad_shape(0))
+        return b.Reshape(b.ConvTranspose(folded, weight, output_padding=out_pad, **kw), n.grad_shape(0))
     return (grad_x,
             lambda: (_ for _ in ()).throw(LrpcError(f"node '{n.node.name}' (Conv): weights that depend on the "
                                                     "input are not supported")),

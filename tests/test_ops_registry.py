@@ -168,7 +168,8 @@ def finite_difference_relevance(proto, x, step=1e-3):
 
 
 def test_every_op_with_a_vjp_has_a_recipe():
-    assert set(RECIPES) == set(ops.with_vjp())
+    from test_quantized import RECIPES as STRAIGHT_THROUGH   # quantization ops: their own oracle (tests/ on sys.path)
+    assert set(RECIPES) | set(STRAIGHT_THROUGH) == set(ops.with_vjp())
 
 
 @pytest.mark.parametrize("op", sorted(RECIPES))

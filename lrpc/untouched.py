@@ -1,0 +1,63 @@
+"""The model's outputs from an untouched copy of its forward (docs/design.md, "Explainer contract").
+
+onnxruntime does not run a graph as written: it fuses quantized ops (DynamicQuantizeLinear + MatMulInteger
++ Cast + Mul → MatMulIntegerToFloat, QDQ groups → QLinearMatMul / QGemm / QLinearSoftmax, …) and, on CPU, runs
+float16 ops in float32, skipping the float16 rounding of a tensor that only its own inserted casts read. A
+tensor the relevance pass reads gains a consumer, which blocks the fusion or forces the rounding there, so
+the outputs of a quantized or float16 model would move (by an ulp, or for QDQ by a quantization step).
+
+For such models the explainer keeps the forward twice: the relevance pass reads the forward it was
+compiled on, and the model's outputs come from a copy of the forward that nothing else reads, so onnxruntime
+transforms it exactly as it transforms the model itself. The copy reads each model input through
+`Where(x == x, x, x)` (the value itself, bit for bit, NaN included), which no onnxruntime rewrite removes,
+so its nodes can never be merged with the other forward's (common-subexpression elimination), except the
+constant ones, which are the same either way. It costs one more forward per run; float32 models, whose
+outputs are bit for bit without it, do not get one.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from lrpc import ops
+from lrpc.graph import Builder
+
+REDUCED = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+PREFIX = "lrp_forward."
+
+
+def needed(graph: ir.Graph) -> bool:
+    """A quantized or float16 / bfloat16 model whose forward has no subgraphs (which are not copied)."""
+    nodes = list(graph)
+    if any(a.type == ir.AttributeType.GRAPH or a.type == ir.AttributeType.GRAPHS
+           for node in nodes for a in node.attributes.values()):
+        return False
+    return any(ops.is_quantized(node) or any(o.dtype in REDUCED for o in node.outputs) for node in nodes)
+
+
+def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value]) -> None:
+    """Give `model_outputs` (made by the `forward` nodes) to a copy of those nodes that reads the model
+    inputs through an opaque identity; the originals keep their nodes under a `lrp_forward.` name."""
+    b = Builder(graph)
+    copies: dict[ir.Value, ir.Value] = {}
+    for value in graph.inputs:
+        copies[value] = b.Where(b.Equal(value, value), value, value)
+        copies[value].dtype, copies[value].shape = value.dtype, value.shape
+    forward = set(forward)
+    for node in [n for n in graph if n in forward]:   # (lrpc.optimise may have merged or removed some)
+        inputs = [None if v is None else copies.get(v, v) for v in node.inputs]
+        attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+        copy = ir.Node(node.domain, node.op_type, inputs, attributes, num_outputs=len(node.outputs),
+                       version=node.version, name=PREFIX + (node.name or ""))
+        graph.append(copy)
+        for old, new in zip(node.outputs, copy.outputs):
+            new.name = PREFIX + (old.name or "")
+            if old.dtype is not None:   # (a custom op's output may have no known type)
+                new.dtype, new.shape = old.dtype, old.shape
+            copies[old] = new
+    for i, value in enumerate(list(graph.outputs)):
+        if value in model_outputs and value.producer() is not None:   # (a model input passed through stays)
+            name, copy = value.name, copies[value]
+            value.name, copy.name = PREFIX + name, name
+            graph.outputs[i] = copy
+    graph.sort()

@@ -1,0 +1,94 @@
+"""VJPs of the quantization ops that onnxruntime's quantizers emit (docs/design.md, "Quantized models").
+
+The explainer's forward keeps the quantized ops; the relevance pass runs in float through them:
+a quantize op is straight-through (ĝ_x = ĝ_q / scale: rounding counts as the identity), a dequantize
+op is its exact VJP (ĝ_q = ĝ_y · scale), so a Q→DQ pair on an activation is the identity. An integer
+contraction (MatMulInteger, ConvInteger, com.microsoft's DynamicQuantizeMatMul / MatMulIntegerToFloat)
+uses its dequantized weight (w − w_zero_point) · w_scale as a float constant.
+"""
+
+from __future__ import annotations
+
+from lrpc import vjp_linear as lin
+from lrpc.vjp_common import refuse
+
+
+def _safe(n, scale):
+    """A scale as a divisor: a zero scale (an all-zero tensor was quantized) divides by 1 — its ĝ is 0."""
+    b = n.b
+    return b.Where(b.Equal(scale, b.f32(0.0)), b.f32(1.0), scale)
+
+
+def _along(n, i: int, data: int = 0):
+    """Input i (a scale or zero point) shaped to broadcast against input `data`: per-tensor as it is,
+    per-axis [C] reshaped to [C, 1, …] at the op's `axis` (default 1). Blocked quantization is refused."""
+    value = n.x(i)
+    if n.rank(i) == 0:
+        return value
+    if n.attr("block_size", 0):
+        refuse(n, "blocked quantization of a relevance-carrying tensor is not supported; quantize activations "
+                  "per tensor")
+    r = n.rank(data)
+    if r is None:
+        refuse(n, "a per-axis scale on a tensor of unknown rank; re-export the model with static ranks")
+    axis = n.attr("axis", 1) % r
+    return n.b.Reshape(value, n.b.i64([-1] + [1] * (r - axis - 1)))
+
+
+def _centred(n, i: int, zero_point: int, channels_first: bool = False):
+    """Input i minus its zero point (input `zero_point`, optional), in float32. A per-channel zero point [C]
+    lies along the last axis (a MatMul weight's columns), or along the first when `channels_first` (a Conv
+    weight's output channels)."""
+    if len(n.inputs) <= zero_point or n.inputs[zero_point] is None:
+        return n.x(i)
+    zp = n.x(zero_point)
+    if channels_first and n.rank(zero_point) == 1:
+        zp = n.b.Reshape(zp, n.b.i64([-1] + [1] * (n.rank(i) - 1)))
+    return n.b.Sub(n.x(i), zp)
+
+
+def _constant_weight(n, op: str):
+    if n.carries(1):
+        refuse(n, f"{op} of two relevance-carrying tensors (a quantized activation product) is not supported; "
+                  "quantize only MatMuls with constant weights (onnxruntime: extra_options MatMulConstBOnly=True)")
+
+
+def quantize(n, g):
+    """QuantizeLinear: straight-through, ĝ_x = ĝ_q / scale."""
+    return (lambda: n.b.Div(g, _safe(n, _along(n, 1))),)
+
+
+def dynamic_quantize(n, g):
+    """DynamicQuantizeLinear (x → uint8 q, its scale, its zero point): straight-through on q, ĝ_x = ĝ_q / scale."""
+    return (lambda: n.b.Div(g, _safe(n, n.y(1))),)
+
+
+def dequantize(n, g):
+    """DequantizeLinear y = (q − zero_point) · scale: ĝ_q = ĝ_y · scale."""
+    return (lambda: n.b.Mul(g, _along(n, 1)),)
+
+
+def matmul_integer(n, g):
+    """MatMulInteger y = (a − a_zp)·(b − b_zp) in int32: ĝ_a = ĝ_y·(b − b_zp)ᵀ."""
+    _constant_weight(n, "MatMulInteger")
+    return (lambda: lin.matmul_weight_grad(n, g, _centred(n, 1, 3)), None)
+
+
+def conv_integer(n, g):
+    """ConvInteger y = conv(x − x_zp, w − w_zp) in int32: ĝ_x as Conv's, with the weight w − w_zp."""
+    _constant_weight(n, "ConvInteger")
+    return (lin.conv(n, g, weight=_centred(n, 1, 3, channels_first=True))[0], None)
+
+
+def dynamic_quantize_matmul(n, g):
+    """com.microsoft::DynamicQuantizeMatMul y = a·((b − b_zp)·b_scale) + bias (a float; its quantization
+    inside the op is straight-through): ĝ_a = ĝ_y·((b − b_zp)·b_scale)ᵀ."""
+    _constant_weight(n, "DynamicQuantizeMatMul")
+    return (lambda: lin.matmul_weight_grad(n, g, n.b.Mul(_centred(n, 1, 3), n.x(2))),)
+
+
+def matmul_integer_to_float(n, g):
+    """com.microsoft::MatMulIntegerToFloat y = (a − a_zp)·(b − b_zp)·a_scale·b_scale + bias:
+    ĝ_a = ĝ_y·((b − b_zp)·b_scale·a_scale)ᵀ."""
+    _constant_weight(n, "MatMulIntegerToFloat")
+    return (lambda: lin.matmul_weight_grad(n, g, n.b.Mul(n.b.Mul(_centred(n, 1, 5), n.x(3)), n.x(2))), None)
