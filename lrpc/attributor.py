@@ -14,7 +14,9 @@ contrastive target A − B (seed e_A − e_B). Compiled explainers are cached un
 ~/.cache/lrpc (lrpc/cache.py).
 
 Inputs of different lengths run as one right-padded batch through the attention mask; each row is
-the input explained alone, and padding gets exactly zero relevance.
+the input explained alone, and padding gets exactly zero relevance. A model without an attention mask
+runs them grouped by length instead (one batch per length). `attribute_file` explains a JSON-lines batch
+file, keeping the lines that fail as `LineError`s.
 """
 
 
