@@ -207,6 +207,17 @@ def json_text(doc) -> str:
     return json.dumps(finite(doc))
 
 
+def _relevances(doc: dict) -> dict[str, np.ndarray]:
+    """The main input's relevance, and the other attributed inputs' share (token-type ids, …) as one value,
+    so `conservation` read back is the `relevance_sum` that was written."""
+    relevance = np.asarray(doc["relevance"], np.float32)
+    out = {doc.get("input") or "input": relevance}
+    total = (doc.get("conservation") or {}).get("relevance_sum")
+    if isinstance(total, (int, float)):
+        out["other inputs"] = np.array([total - float(np.sum(relevance, dtype=np.float64))])
+    return out
+
+
 def load_results(path: str | os.PathLike) -> Attributions:
     """Read what `to_json()` (or `lrpc explain --json`, one object or JSON lines) wrote back into
     `Attributions` (relevance, tokens, target, logit and layers; pictures need the model again)."""
@@ -227,7 +238,7 @@ def load_results(path: str | os.PathLike) -> Attributions:
             relevance=np.asarray(d["relevance"], np.float32), tokens=d.get("tokens"), target=d["target"],
             logit=float(d["logit"]), target_label=d.get("target_label") or "", contrast=d.get("contrast"),
             position=d.get("position"), input_name=d.get("input") or "", title=d.get("title") or "",
-            model=d.get("model") or "", relevances={d.get("input") or "input": np.asarray(d["relevance"], np.float32)},
+            model=d.get("model") or "", relevances=_relevances(d),
             latent={k: np.asarray(v, np.float32) for k, v in (d.get("layers") or {}).items()}, index=d.get("index") or 0,
             line=d.get("line"), token_ids=d.get("token_ids"),
             offsets=None if d.get("offsets") is None else [tuple(o) for o in d["offsets"]]) for d in docs), errors)
