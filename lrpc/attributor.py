@@ -339,7 +339,8 @@ class Attributor:
         done: dict[int, list[Attribution]] = {}
         errors: list[LineError] = []
         groups: dict[str, tuple[dict, list]] = {}   # lines with the same target options run together
-        for line in read_jsonl(Path(path), defaults):
+        lines = read_jsonl(Path(path), defaults)
+        for line in lines:
             try:
                 if line.error:
                     raise LrpcError(line.error)
@@ -352,7 +353,7 @@ class Attributor:
                 errors.append(_line_error(line.number, exc))
                 if progress is not None:
                     progress(1)
-        for spec, lines in groups.values():
+        for spec, group in groups.values():
             advanced = 0
 
             def step(k: int) -> None:
@@ -361,22 +362,21 @@ class Attributor:
                 if progress is not None:
                     progress(k)
             try:
-                for a in self._explain_items([it for _, it in lines], batch_size=batch_size, progress=step, **spec):
-                    done.setdefault(lines[a.index][0], []).append(a)
+                for a in self._explain_items([it for _, it in group], batch_size=batch_size, progress=step, **spec):
+                    done.setdefault(group[a.index][0], []).append(a)
             except LrpcError:   # one line failed its batch (or the options are wrong): run each alone to find it
-                for number, item in lines:
+                for number, item in group:
                     try:
                         done[number] = list(self._explain_items([item], batch_size=1, progress=None, **spec))
                     except LrpcError as exc:
-                        done.pop(number, None)
                         errors.append(_line_error(number, exc))
                 if progress is not None:
-                    progress(len(lines) - advanced)
-        ordered = sorted(done)
-        for index, number in enumerate(ordered):
-            for a in done[number]:
-                a.index, a.line = index, number
-        return Attributions((a for number in ordered for a in done[number]), sorted(errors, key=lambda e: e.line))
+                    progress(len(group) - advanced)
+        index = {line.number: i for i, line in enumerate(lines)}   # the input's place among the file's inputs
+        for number, explained in done.items():
+            for a in explained:
+                a.index, a.line = index[number], number
+        return Attributions((a for number in sorted(done) for a in done[number]), sorted(errors, key=lambda e: e.line))
 
     __call__ = attribute
 

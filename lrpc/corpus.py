@@ -34,6 +34,8 @@ SCHEMA = pa.schema([
     ("id", pa.string()),                   # the line's "id", else its line number
     ("line", pa.int64()),                  # 1-based line number in the corpus file
     ("tokens", pa.list_(pa.string())),     # null for images
+    ("token_ids", pa.list_(pa.int64())),   # null for images
+    ("offsets", pa.list_(pa.list_(pa.int32()))),   # each token's [start, end) characters in the text
     ("relevance", pa.list_(pa.float32())),  # flattened; `shape` gives its shape ([tokens] or [C, H, W])
     ("shape", pa.list_(pa.int32())),
     ("target", pa.int64()),
@@ -224,14 +226,15 @@ class WindowExplainer:
 
 def result_row(line: Line, a) -> dict:
     relevance = np.asarray(a.relevance, np.float32)
-    return {"id": line.id, "line": line.number, "tokens": a.tokens, "relevance": relevance.reshape(-1),
+    return {"id": line.id, "line": line.number, "tokens": a.tokens, "token_ids": a.token_ids,
+            "offsets": None if a.offsets is None else [list(o) for o in a.offsets], "relevance": relevance.reshape(-1),
             "shape": list(relevance.shape), "target": a.target, "label": a.target_label, "logit": a.logit,
             "conservation": a.conservation, "error": None}
 
 
 def error_row(line: Line, message: str) -> dict:
-    return {"id": line.id, "line": line.number, "tokens": None, "relevance": None, "shape": None, "target": None,
-            "label": None, "logit": None, "conservation": None, "error": message}
+    return {"id": line.id, "line": line.number, "tokens": None, "token_ids": None, "offsets": None, "relevance": None,
+            "shape": None, "target": None, "label": None, "logit": None, "conservation": None, "error": message}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ class Attribution:
     tokens: the tokens (None when unknown). target: the explained class / token index; target_label
         says it in words (with the contrast, if any). logit: the explained value s (y_A − y_B for a
         contrast). latent: per-layer relevance per token ({layer label: [tokens]}) with `layers`.
+    index: which input of the call this explains (0-based, in a batch file among its non-blank lines; top-k
+        rows of one input share it); line: its 1-based line number in a batch file
+        (`Attributor.attribute_file`), else None. token_ids: the token ids; offsets: each token's
+        [start, end) characters in the input text ((0, 0) for added special tokens), to map relevance
+        back to the text (None where unknown: arrays, images).
     """
 
     relevance: np.ndarray

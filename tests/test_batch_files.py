@@ -133,7 +133,7 @@ def test_cli_file_without_bad_lines_exits_0_and_terminal_lists_errors(model_file
 def test_attribute_file_errors_and_rows_read_back(attributor, tmp_path):
     results = attributor.attribute_file(batch_file(tmp_path / "in.jsonl"))
     assert [e.line for e in results.errors] == list(ERRORS)
-    assert [a.line for a in results] == [1, 7, 7, 8] and [a.index for a in results] == [0, 1, 1, 2]
+    assert [a.line for a in results] == [1, 7, 7, 8] and [a.index for a in results] == [0, 5, 5, 6]   # 6 is blank
     path = tmp_path / "r.json"
     path.write_text(results.to_json())
     back = lrpc.load_results(path)

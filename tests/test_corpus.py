@@ -111,6 +111,7 @@ def test_rows_equal_single_explanations_and_bad_lines_are_error_rows(bert, tmp_p
         assert [r["target"] for r in got] == [e.target for e in expected]
         for r, e in zip(got, expected):
             assert r["id"] == doc.get("id", str(number)) and r["tokens"] == e.tokens and r["error"] is None
+            assert r["token_ids"] == e.token_ids and [doc["text"][s:t] for s, t in r["offsets"]] == e.tokens
             assert np.allclose(r["relevance"], e.relevance, rtol=0, atol=1e-6) and r["shape"] == [len(e.tokens)]
             assert abs(r["logit"] - e.logit) <= 1e-6 and abs(r["conservation"] - e.conservation) <= 1e-6
     assert not by_line

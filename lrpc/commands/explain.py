@@ -54,7 +54,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
     import sys
     from pathlib import Path
 
