@@ -1,9 +1,11 @@
-"""Every ```bash and ```python block of the README runs (the convention is in the README's Layout part).
+"""Every ```bash and ```python block of the README runs, and the `$ ` commands of every ```console block
+(their output is an example: random-weight zoo models; not compared). The convention is in the README's
+Layout part.
 
 Each block runs in a fresh folder holding the names the blocks use. `lrpc` lines run in process through
 `lrpc.cli.main` and must exit 0; zoo models come from the test session's exports (tests/conftest.py), and
 the MiniLM is replaced by the tiny zoo BERT (same kind of inputs, seconds instead of a real export). A
-block marked `<!-- skip-test: reason -->` is skipped with that reason; console and plain blocks are not run.
+block marked `<!-- skip-test: reason -->` is skipped with that reason; plain ``` blocks (output) are not run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-RUNNABLE = ("bash", "python")
+RUNNABLE = ("bash", "console", "python")
 SKIP = re.compile(r"^<!--\s*skip-test:\s*(.+?)\s*-->\s*$")
 SUBSTITUTE = {"minilm-sentence": "bert"}   # the real MiniLM's export takes minutes on 2 cores
 
@@ -37,7 +39,10 @@ def blocks() -> list[tuple[int, str, str, str | None]]:
         previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         skip = SKIP.match(previous)
         if fence.group(1) in RUNNABLE:
-            found.append((i + 1, fence.group(1), "\n".join(lines[i + 1:end]), skip.group(1) if skip else None))
+            code = lines[i + 1:end]
+            if fence.group(1) == "console":   # the commands; the other lines are their output
+                code = [line[2:] if line.startswith("$ ") else "" for line in code]
+            found.append((i + 1, fence.group(1), "\n".join(code), skip.group(1) if skip else None))
         i = end + 1
     return found
 
@@ -98,7 +103,7 @@ def test_readme_block_runs(where, language, code, skip, fixtures, zoo_from_the_s
     shutil.copytree(fixtures, work)
     monkeypatch.chdir(work)
     monkeypatch.setenv("LRPC_CACHE", str(fixtures.parent / "readme-cache"))   # shared by the blocks
-    if language == "bash":
+    if language in ("bash", "console"):
         run_bash(code, where)
     else:
         exec(compile(code, f"README.md:{where}", "exec"), {"__name__": "__readme__"})  # noqa: S102
