@@ -108,3 +108,29 @@ def test_compile_api_refuses_the_old_layers_keyword():
     from tests.onnx_builders import float_model
     with pytest.raises(lrpc.LrpcError, match=r"compile\(rule_nodes=REGEX\)"):
         lrpc.compile(float_model(), gamma_linear=0.25, layers="^mlp")
+
+
+def test_totals_agree_in_every_output_with_token_type_ids(tmp_path):
+    """Token-type ids carry relevance too (BERT-like): the explainer's conservation(), the Attribution,
+    --json's relevance_sum, the terminal's Σ and the HTML report give one total, their share included."""
+    import json
+
+    from rich.console import Console
+
+    from lrpc.inputs import Tokenizer
+    from tests.onnx_builders import mean_pool_model
+    a = lrpc.Attributor(mean_pool_model(token_types=True), tokenizer="toy", cache=tmp_path)
+    r = a.attribute("a great movie , i love it")
+    share = float(np.sum(r.relevances["token_type_ids"], dtype=np.float64))
+    assert abs(share) > 1e-4   # the share is there, so leaving it out would show
+    ids, _ = Tokenizer.toy().encode("a great movie , i love it")
+    feed = {"input_ids": np.array([ids]), "token_type_ids": np.zeros((1, len(ids)), np.int64)}
+    seed = np.zeros((1, a.explainer.output_dims(feed)[1]), np.float32)
+    seed[0, r.target] = 1
+    assert float(a.explainer.explain(feed, seed=seed).conservation()[0]) == pytest.approx(r.conservation, rel=1e-6)
+    assert json.loads(r.to_json())["conservation"]["relevance_sum"] == r.conservation
+    console = Console(record=True, width=200, color_system=None)
+    r.show(console)
+    printed = float(re.search(r"Σ relevance = ([+-][0-9.]+)", console.export_text()).group(1))
+    assert printed == round(r.conservation, 4)
+    assert float(re.search(r"Σ relevance = ([+-][0-9.]+)", r.to_html()).group(1)) == round(r.conservation, 5)

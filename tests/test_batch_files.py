@@ -10,30 +10,14 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import lrpc
 from lrpc.attributor import Attributor
 from lrpc.inputs import Tokenizer
+from tests.onnx_builders import mean_pool_model
 
-VOCAB, HIDDEN, CLASSES = 128, 6, 5   # the toy tokenizer's 128 words
-
-
-def mean_pool_model(seed=0) -> onnx.ModelProto:
-    """ids [batch, seq] → embedding E → mean over the sequence → W → logits [batch, classes]. No attention
-    mask: padding would change the mean, so inputs of different lengths cannot share a run. Linear, so the
-    relevance of token t for class c is exactly E[id_t]·W[:, c] / T (every rule is the identity here)."""
-    rng = np.random.default_rng(seed)
-    E, W = rng.normal(size=(VOCAB, HIDDEN)), rng.normal(size=(HIDDEN, CLASSES))
-    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
-             helper.make_node("ReduceMean", ["emb", "axes"], ["pooled"], keepdims=0),
-             helper.make_node("MatMul", ["pooled", "W"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "mean_pool", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        [numpy_helper.from_array(E.astype(np.float32), "E"), numpy_helper.from_array(W.astype(np.float32), "W"),
-         numpy_helper.from_array(np.array([1], np.int64), "axes")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+VOCAB = 128   # the toy tokenizer's 128 words
 
 
 def expected(model: onnx.ModelProto, text: str, target: int | None = None) -> tuple[int, np.ndarray]:
