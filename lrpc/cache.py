@@ -94,15 +94,16 @@ def onnx_source(model, task: str | None):
 
 def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", latent: str | None = None,
                        layers: bool = False, task: str | None = None, output_name: str | None = None,
-                       cache: str | os.PathLike | None = None) -> tuple[Path, dict]:
+                       cache: str | os.PathLike | None = None, targets: int | str | None = None) -> tuple[Path, dict]:
     """Path of the explainer of `model` (compiled now or found in the cache) and its sidecar info
-    ({"layers": [[tensor, label], ...]})."""
+    ({"layers": [[tensor, label], ...]}). targets: as `lrpc compile --targets` (a K explainer)."""
     from lrpc.compiler import build_explainer, load
     from lrpc.latent import residual_stream
     from lrpc.loading import save_model
     model_key, stem = model_hash(model)
     options = json.dumps({"preset": preset, "seed": seed, "latent": latent, "layers": layers, "task": task,
-                          "output": output_name, "compiler": compiler_fingerprint()}, sort_keys=True)
+                          "output": output_name, "compiler": compiler_fingerprint(),
+                          **({"targets": targets} if targets is not None else {})}, sort_keys=True)
     key = hashlib.sha256((model_key + options).encode()).hexdigest()[:16]
     folder = cache_dir(cache)
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-{preset}-{key}.onnx"
@@ -123,7 +124,8 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         pattern = "^(" + "|".join(re.escape(n) for n, _ in found) + ")$" if found else None
     elif latent:
         info["layers"] = None
-    explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name)
+    explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name,
+                                targets=targets)
     save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
     info["digest"] = explainer_digest(path)
     safeio.write_text(sidecar, json.dumps(info), force=True)
