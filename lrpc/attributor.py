@@ -14,7 +14,9 @@ a sequence position and a contrastive target A − B (seed e_A − e_B). Compile
 ~/.cache/lrpc (lrpc/cache.py).
 
 Inputs of different lengths run as one right-padded batch through the attention mask; each row is
-the input explained alone, and padding gets exactly zero relevance.
+the input explained alone, and padding gets exactly zero relevance. A model without an attention mask
+runs them grouped by length instead (one batch per length). `attribute_file` explains a JSON-lines batch
+file, keeping the lines that fail as `LineError`s.
 """
 
 
@@ -32,10 +34,11 @@ import onnx
 
 from lrpc import contract, validate
 from lrpc.cache import compiled_explainer, is_explainer, model_metadata
+from lrpc.compiler import is_torch_module
 from lrpc.errors import LrpcError
 from lrpc.inputs import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Tokenizer, load_image
 from lrpc.presets import PRESETS
-from lrpc.results import Attribution, Attributions, Generation
+from lrpc.results import Attribution, Attributions, Generation, LineError
 from lrpc.runtime import Explainer
 
 
@@ -45,13 +48,16 @@ class _Item:
     tokens: list[str] | None = None
     image: np.ndarray | None = None
     title: str = ""
+    token_ids: list[int] | None = None
+    offsets: list[tuple[int, int]] | None = None
 
 
 class Attributor:
     """Captum-style: `Attributor(model).attribute(inputs, target=...)`.
 
     model: a zoo name, a Hugging Face folder, an ONNX file or proto (compiled on the way with a vector
-    seed, cached), an explainer file, or an `lrpc.Explainer`. tokenizer: a folder / tokenizer.json (default:
+    seed, cached), an explainer file, an `lrpc.Explainer`, or a torch module with `example_inputs` (a dict
+    of named tensors, as for `lrpc.compile`). tokenizer: a folder / tokenizer.json (default:
     the model folder's, or the toy word tokenizer for the tiny zoo models). layers=True adds the relevance
     of each layer's residual stream (`latent=REGEX` picks other tensors).
     """
@@ -60,11 +66,22 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None):
+                 image_std=None, example_inputs=None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
         self.layer_labels: dict[str, str] = {}
+        if is_torch_module(model):   # exported through the torch frontend, then compiled like an ONNX model
+            if example_inputs is None:
+                raise LrpcError(f"a torch module ({type(model).__name__}) is exported to ONNX first: pass "
+                                "example_inputs={'input_ids': ids} (tensors it takes), or give an ONNX file, a "
+                                "Hugging Face folder or a zoo name")
+            from lrpc.frontend import torch_to_onnx
+            self.name = type(model).__name__
+            model = torch_to_onnx(model, example_inputs)
+        elif not isinstance(model, (str, os.PathLike, onnx.ModelProto, Explainer)):
+            raise LrpcError(f"cannot explain a {type(model).__name__}: give a zoo name, a Hugging Face folder, an "
+                            "ONNX file or onnx.ModelProto, an explainer, or a torch module with example_inputs")
         # what the K explainer of the same model is compiled from, when one is needed (`_many`)
         self._source = None if isinstance(model, Explainer) or is_explainer(model) else model
         self._compile = dict(preset=preset, task=task, output_name=output_name, cache=cache)
@@ -120,10 +137,10 @@ class Attributor:
             return tokenizer
         if isinstance(tokenizer, str) and tokenizer == "toy":
             return Tokenizer.toy()
-        if tokenizer is not None:
-            if hasattr(tokenizer, "encode") and hasattr(tokenizer, "token_to_id"):
-                return Tokenizer(tokenizer)
+        if isinstance(tokenizer, (str, os.PathLike)):
             return Tokenizer.load(tokenizer)
+        if tokenizer is not None:
+            return Tokenizer.from_object(tokenizer)
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             folder = path if path.is_dir() else path.parent
@@ -166,10 +183,10 @@ class Attributor:
             raise LrpcError("text input needs a tokenizer: pass --tokenizer DIR (a folder with tokenizer.json)")
         if not text.strip():
             raise LrpcError("empty text: give at least one word")
-        ids, tokens = self.tokenizer.encode(text)
+        ids, tokens, offsets = self.tokenizer.encode_with_offsets(text)
         vocab = self.config.get("vocab_size") or self.config.get("n_vocab")
         validate.token_ids(ids, vocab)
-        return _Item(self._token_arrays(ids), tokens, title=text)
+        return _Item(self._token_arrays(ids), tokens, title=text, token_ids=ids, offsets=offsets)
 
     def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
         """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions."""
@@ -209,19 +226,18 @@ class Attributor:
                           for k, v in arrays.items()}   # strip right padding: it is added back per batch
                 flat = flat[:mask_len]
             tokens = [self.tokenizer.token(i) if self.tokenizer else str(int(i)) for i in flat]
-        return _Item(arrays, tokens, title=" ".join(tokens) if tokens and len(tokens) <= 12 else "input")
+        return _Item(arrays, tokens, title=" ".join(tokens) if tokens and len(tokens) <= 12 else "input",
+                     token_ids=None if tokens is None else [int(i) for i in flat])
 
     def pad(self, items: Sequence[_Item]) -> tuple[dict[str, np.ndarray], list[int | None]]:
         """One right-padded batch: sequence inputs padded to the longest (ids with the pad id, the mask
         with 0). Returns the feed and each row's real length (None for inputs without a sequence)."""
-        feed, lengths = {}, []
-        token_names = [n for n in self.explainer.model_inputs
-                       if len(self.explainer.inputs[n].shape) == 2 and not isinstance(self.explainer.inputs[n].shape[1], int)]
+        feed = {}
+        token_names = self._sequence_inputs()
         seq = {n: [np.asarray(it.inputs[n]).shape[-1] for it in items] for n in token_names}
         longest = max((max(v) for v in seq.values()), default=0)
-        for it in items:
-            lengths.append(np.asarray(it.inputs[token_names[0]]).shape[-1] if token_names else None)
-        if token_names and len(set(lengths)) > 1 and self.mask_name is None:
+        lengths = [self._length(it) for it in items]
+        if token_names and len(set(lengths)) > 1 and self.mask_name is None:   # attribute() groups by length
             raise LrpcError("inputs of different lengths need an attention-mask input to batch them; this model "
                             "has none: explain them one at a time")
         for name in self.explainer.model_inputs:
@@ -236,6 +252,28 @@ class Attributor:
                 rows.append(a)
             feed[name] = np.concatenate(rows, axis=0)
         return feed, lengths
+
+    def _sequence_inputs(self) -> list[str]:
+        """The model inputs shaped [batch, seq] with a dynamic seq (token ids, masks, …)."""
+        specs = self.explainer.inputs
+        return [n for n in self.explainer.model_inputs
+                if len(specs[n].shape) == 2 and not isinstance(specs[n].shape[1], int)]
+
+    def _length(self, item: _Item) -> int | None:
+        names = self._sequence_inputs()
+        return np.asarray(item.inputs[names[0]]).shape[-1] if names and names[0] in item.inputs else None
+
+    def _batches(self, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
+        """Indices of `items` per run: consecutive batches of `batch_size`; on a model without an attention
+        mask (nothing marks padding) inputs of one length together, one run per length."""
+        if self.mask_name is not None or not self._sequence_inputs():
+            groups = [list(range(len(items)))]
+        else:
+            by_length: dict[int | None, list[int]] = {}
+            for i, item in enumerate(items):
+                by_length.setdefault(self._length(item), []).append(i)
+            groups = list(by_length.values())
+        return [g[start:start + batch_size] for g in groups for start in range(0, len(g), batch_size)]
 
     # ---- targets -------------------------------------------------------------------------------
     def _class_index(self, target) -> int:
@@ -271,19 +309,80 @@ class Attributor:
 
         Returns an `Attribution` for one input and one target, else an `Attributions` list (input-major,
         the top-k in descending order)."""
-        if top_k is not None:
-            validate.at_least_one(top_k, "top-k")
         batch_size = validate.at_least_one(batch_size, "batch size")
         items = self._items(inputs, image)
         if not items:
             raise LrpcError("nothing to explain")
-        results = Attributions()
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            results.extend(self._run(chunk, target, position, contrast, top_k))
-            if progress is not None:
-                progress(len(chunk))
+        results = self._explain_items(items, target, position, contrast, top_k, batch_size, progress)
         return results[0] if len(results) == 1 and not top_k and len(items) == 1 else results
+
+    def _explain_items(self, items, target, position, contrast, top_k, batch_size, progress) -> Attributions:
+        """Input-major results (`index`: the input's place in `items`), run in `_batches`."""
+        if top_k is not None:
+            validate.at_least_one(top_k, "top-k")
+        per_item: list[list[Attribution]] = [[] for _ in items]
+        for batch in self._batches(items, batch_size):
+            out = self._run([items[i] for i in batch], target, position, contrast, top_k)
+            k = len(out) // len(batch)   # top_k rows per input, else one
+            for j, i in enumerate(batch):
+                per_item[i] = out[j * k:(j + 1) * k]
+                for a in per_item[i]:
+                    a.index = i
+            if progress is not None:
+                progress(len(batch))
+        return Attributions(a for rows in per_item for a in rows)
+
+    def attribute_file(self, path: str | os.PathLike, target=None, *, position: int | None = None, contrast=None,
+                       top_k: int | None = None, batch_size: int = 16, progress=None) -> Attributions:
+        """Explain a JSON-lines batch file (`lrpc explain --file`): one {"text": …}, {"image": PATH},
+        {"npz": PATH} or {"inputs": {…}} a line, optionally with its own "target", "contrast", "position",
+        "top_k" (the arguments are the defaults). A line that cannot be explained (not JSON, no input,
+        empty text, a target out of range, …) becomes a `LineError` in `.errors` and the others go on.
+        Returns the explanations in line order, each with its `line` number."""
+        from lrpc.inputs import read_jsonl
+        batch_size = validate.at_least_one(batch_size, "batch size")
+        defaults = {"target": target, "contrast": contrast, "position": position, "top_k": top_k}
+        done: dict[int, list[Attribution]] = {}
+        errors: list[LineError] = []
+        groups: dict[str, tuple[dict, list]] = {}   # lines with the same target options run together
+        lines = read_jsonl(Path(path), defaults)
+        for line in lines:
+            try:
+                if line.error:
+                    raise LrpcError(line.error)
+                item = self._items(None, image=line.item) if isinstance(line.item, Path) else self._items(line.item)
+                if len(item) != 1:
+                    raise LrpcError(f"give one input a line (this line holds {len(item)})")
+                key = json.dumps(line.spec, sort_keys=True, default=repr)
+                groups.setdefault(key, (line.spec, []))[1].append((line.number, item[0]))
+            except LrpcError as exc:
+                errors.append(_line_error(line.number, exc))
+                if progress is not None:
+                    progress(1)
+        for spec, group in groups.values():
+            advanced = 0
+
+            def step(k: int) -> None:
+                nonlocal advanced
+                advanced += k
+                if progress is not None:
+                    progress(k)
+            try:
+                for a in self._explain_items([it for _, it in group], batch_size=batch_size, progress=step, **spec):
+                    done.setdefault(group[a.index][0], []).append(a)
+            except LrpcError:   # one line failed its batch (or the options are wrong): run each alone to find it
+                for number, item in group:
+                    try:
+                        done[number] = list(self._explain_items([item], batch_size=1, progress=None, **spec))
+                    except LrpcError as exc:
+                        errors.append(_line_error(number, exc))
+                if progress is not None:
+                    progress(len(group) - advanced)
+        index = {line.number: i for i, line in enumerate(lines)}   # the input's place among the file's inputs
+        for number, explained in done.items():
+            for a in explained:
+                a.index, a.line = index[number], number
+        return Attributions((a for number in sorted(done) for a in done[number]), sorted(errors, key=lambda e: e.line))
 
     __call__ = attribute
 
@@ -296,7 +395,7 @@ class Attributor:
             positions = []
             for length in lengths:
                 length = length if length is not None else 1
-                p = length - 1 if position is None else int(position)
+                p = length - 1 if position is None else validate.whole_number(position, "position")
                 p = length + p if p < 0 else p
                 if not 0 <= p < length:
                     raise LrpcError(f"position {position} is out of range for an input of {length} tokens")
@@ -365,7 +464,7 @@ class Attributor:
                 relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(logit[r]),
                 target_label=label, contrast=b, position=None if pos is None else int(pos[r]),
                 input_name=self.main_input, relevances=relevances, latent=latent, image=item.image,
-                title=item.title, model=str(self.name)))
+                title=item.title, model=str(self.name), token_ids=item.token_ids, offsets=item.offsets))
         return results
 
     def _num_classes(self, feed, logits) -> int:
@@ -437,6 +536,11 @@ def _seeds(rows, classes: int) -> np.ndarray:
         if b is not None:
             seed[r, b] -= 1.0
     return seed
+
+
+def _line_error(number: int, exc: LrpcError) -> LineError:
+    message = str(exc)
+    return LineError(number, message if message.startswith(f"line {number}:") else f"line {number}: {message}")
 
 
 def _arange(shape, dtype):

@@ -8,7 +8,7 @@ In one run, side by side (interleaved repetitions, so machine noise hits every m
 - ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
 
 With ``--targets K1,K2,…`` (`bench_targets`): one run of a ``--targets dynamic`` explainer for K targets
-against K single-target runs and K torch passes, and the K run in forward passes (issue 14).
+against K single-target runs and K torch passes, and the K run in forward passes.
 
 Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
 runs it once: it includes the interpreter, onnxruntime and the weights. A repetition runs each method
@@ -288,7 +288,7 @@ def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory
 def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1, threads: int = 2,
                   repeats: int = 5, chunk: int | None = None, memory: bool = True, workdir=None,
                   layers: int | None = None, force: bool = False) -> dict:
-    """Many targets per input (issue 14), side by side in one process: one run of a `--targets dynamic`
+    """Many targets per input, side by side in one process: one run of a `--targets dynamic`
     explainer for K targets against K single-target explainer runs and K torch autograd Input×Gradient
     passes, for each K in `targets`; and the K run in forward passes. chunk: the K explainer's
     target_chunk (None: lrpc.Explainer's default)."""

@@ -139,7 +139,7 @@ def _latent_tensors(graph: ir.Graph, carrying: set[ir.Value], pattern: str | Non
 def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str | os.PathLike | None = None,
             output_name: str | None = None, attribute: list[str] | None = None, seed: str = "target",
             latent: str | None = None, force: bool = False, epsilon: float | None = None,
-            gamma_linear: float | None = None, gamma_conv: float | None = None, layers: str | None = None,
+            gamma_linear: float | None = None, gamma_conv: float | None = None, rule_nodes: str | None = None,
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             targets: int | str | None = None, **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
@@ -151,12 +151,15 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     "dynamic" for a K chosen per run) the explainer explains K targets per input row in one run (the
     K-axis contract, docs/design.md, "Many targets: the K axis").
     """
+    if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
+        raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
+                        "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
-    options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, layers=layers)
+    options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, rule_nodes=rule_nodes)
     sources = safeio.input_files(model)
     if output is not None:  # an output that is the model (or its data) is refused before any work
         check_writable(output, force, sources)
-    if example_inputs is not None or _is_torch_module(model):
+    if example_inputs is not None or is_torch_module(model):
         from lrpc.frontend import torch_to_onnx
         model = torch_to_onnx(model, example_inputs, **frontend_options)
     ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
@@ -168,6 +171,6 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     return ir.to_proto(ir_model)
 
 
-def _is_torch_module(model) -> bool:
+def is_torch_module(model) -> bool:
     return type(model).__module__.startswith("torch") or any(
         c.__module__.startswith("torch.nn") for c in type(model).__mro__)

@@ -24,16 +24,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lrpc import safeio
+from lrpc import inputs, safeio
 from lrpc.attributor import Attributor
 from lrpc.errors import LrpcError
-from lrpc.inputs import IMAGE_SUFFIXES
+from lrpc.inputs import SPEC_KEYS
 from lrpc.results import Attributions
 
 SCHEMA = pa.schema([
     ("id", pa.string()),                   # the line's "id", else its line number
     ("line", pa.int64()),                  # 1-based line number in the corpus file
     ("tokens", pa.list_(pa.string())),     # null for images
+    ("token_ids", pa.list_(pa.int64())),   # null for images
+    ("offsets", pa.list_(pa.list_(pa.int32()))),   # each token's [start, end) characters in the text
     ("relevance", pa.list_(pa.float32())),  # flattened; `shape` gives its shape ([tokens] or [C, H, W])
     ("shape", pa.list_(pa.int32())),
     ("target", pa.int64()),
@@ -42,7 +44,6 @@ SCHEMA = pa.schema([
     ("conservation", pa.float64()),        # Σ relevance over every attributed input (≈ logit)
     ("error", pa.string()),                # null, or why this input could not be explained
 ])
-SPEC_KEYS = ("target", "contrast", "position", "top_k")
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 ROW_GROUP = 1024          # rows per Parquet row group of the published file (fixed: same bytes after a resume)
 
@@ -63,32 +64,22 @@ class Line:
 
 
 def parse_line(raw: str, number: int, folder: Path, defaults: dict, plain_text: bool) -> Line | None:
-    """A corpus line as a `Line` (None for a blank line). JSON lines: {"text": …} or {"image": PATH relative
-    to the corpus}, optionally with "id", "target", "contrast", "position", "top_k"; plain text files: the line."""
+    """A corpus line as a `Line` (None for a blank line). JSON lines are read by `lrpc.inputs.parse_line`
+    ({"text": …} or {"image": PATH relative to the corpus}, optionally with "id", "target", "contrast",
+    "position", "top_k"); plain text files: the line."""
     raw = raw.rstrip("\r\n")
     if not raw.strip():
         return None
-    spec = {k: defaults.get(k) for k in SPEC_KEYS}
     if plain_text:
-        return Line(number, str(number), text=raw, spec=spec)
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        return Line(number, str(number), error=f"line {number}: not JSON ({exc})")
-    if isinstance(doc, str):
-        doc = {"text": doc}
-    if not isinstance(doc, dict):
-        return Line(number, str(number), error=f'line {number}: expected an object like {{"text": "…"}}')
-    line = Line(number, str(doc["id"]) if doc.get("id") is not None else str(number),
-                spec={k: doc.get(k, spec[k]) for k in SPEC_KEYS})
-    if isinstance(doc.get("text"), str):
-        line.text = doc["text"]
-    elif isinstance(doc.get("image"), str):
-        line.image = Path(folder, doc["image"])
-        if line.image.suffix.lower() not in IMAGE_SUFFIXES or not line.image.is_file():
-            line.error = f"line {number}: image {line.image} not found (or not an image file)"
-    else:
-        line.error = f'line {number}: give "text" (a string) or "image" (a path)'
+        return Line(number, str(number), text=raw, spec={k: defaults.get(k) for k in SPEC_KEYS})
+    parsed = inputs.parse_line(raw, number, folder, defaults)
+    line = Line(number, parsed.id, spec=parsed.spec, error=parsed.error)
+    if isinstance(parsed.item, str):
+        line.text = parsed.item
+    elif isinstance(parsed.item, Path):
+        line.image = parsed.item
+    elif line.error is None:   # arrays ("npz", "inputs"): explained by `lrpc explain --file` without --out
+        line.error = f'line {number}: --out takes "text" (a string) or "image" (a path) lines'
     return line
 
 
@@ -235,14 +226,15 @@ class WindowExplainer:
 
 def result_row(line: Line, a) -> dict:
     relevance = np.asarray(a.relevance, np.float32)
-    return {"id": line.id, "line": line.number, "tokens": a.tokens, "relevance": relevance.reshape(-1),
+    return {"id": line.id, "line": line.number, "tokens": a.tokens, "token_ids": a.token_ids,
+            "offsets": None if a.offsets is None else [list(o) for o in a.offsets], "relevance": relevance.reshape(-1),
             "shape": list(relevance.shape), "target": a.target, "label": a.target_label, "logit": a.logit,
             "conservation": a.conservation, "error": None}
 
 
 def error_row(line: Line, message: str) -> dict:
-    return {"id": line.id, "line": line.number, "tokens": None, "relevance": None, "shape": None, "target": None,
-            "label": None, "logit": None, "conservation": None, "error": message}
+    return {"id": line.id, "line": line.number, "tokens": None, "token_ids": None, "offsets": None, "relevance": None,
+            "shape": None, "target": None, "label": None, "logit": None, "conservation": None, "error": message}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -137,4 +137,4 @@ def run_cli(args) -> int:
             print(f"{out.partial} keeps what was written: continue with --resume", file=sys.stderr)
         raise
     print(f"{args.out}: {rows} rows ({errors} error rows in this run)", file=sys.stderr)
-    return 0
+    return 1 if errors else 0   # as `lrpc explain --file` without --out: the output is whole, some lines failed

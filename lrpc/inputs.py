@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,17 @@ class Tokenizer:
         return cls(read_tokenizer_file(file), pad)
 
     @classmethod
+    def from_object(cls, obj) -> Tokenizer:
+        """A tokenizer object people already hold: a `tokenizers.Tokenizer` or a transformers fast tokenizer
+        (its `backend_tokenizer`). lrpc works on a copy: the caller's padding / truncation stay as they are."""
+        backend = getattr(obj, "backend_tokenizer", obj)
+        if not (hasattr(backend, "to_str") and hasattr(backend, "token_to_id")):
+            raise LrpcError(f"tokenizer: a {type(obj).__name__} is not one lrpc can use: give a folder with "
+                            "tokenizer.json, a tokenizers.Tokenizer, or a transformers fast tokenizer (use_fast=True)")
+        from tokenizers import Tokenizer as Backend
+        return cls(Backend.from_str(backend.to_str()), getattr(obj, "pad_token_id", None))
+
+    @classmethod
     def toy(cls) -> Tokenizer:
         """Word-level, 128 ids: [PAD]=0 [BOS]=1 [EOS]=2 [UNK]=3 and 124 English words (zoo models)."""
         from tokenizers import Tokenizer as Backend
@@ -72,8 +84,14 @@ class Tokenizer:
         return cls(backend, 0)
 
     def encode(self, text: str) -> tuple[list[int], list[str]]:
+        ids, tokens, _ = self.encode_with_offsets(text)
+        return ids, tokens
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+        """(ids, tokens, offsets): each token's [start, end) characters in `text` ((0, 0) for added
+        special tokens such as [CLS])."""
         enc = self.backend.encode(text)
-        return list(enc.ids), list(enc.tokens)
+        return list(enc.ids), list(enc.tokens), [tuple(o) for o in enc.offsets]
 
     def token_id(self, token: str) -> int:
         for candidate in (token, "Ġ" + token.lstrip(), "▁" + token.lstrip()):
@@ -137,39 +155,61 @@ def read_npz(path: Path) -> dict:
         raise LrpcError(f"{path} is not a NumPy .npz file ({exc}); {how}") from None
 
 
-def read_jsonl(path: Path, defaults: dict) -> list[tuple[dict, list]]:
-    """Lines grouped by target options (consecutive lines with the same options run as padded batches)."""
+SPEC_KEYS = ("target", "contrast", "position", "top_k")   # per-line target options of a batch file
+
+
+@dataclass
+class BatchLine:
+    """One line of a batch file: what to explain (text, an image path or a dict of arrays) with its own
+    target options, or why it cannot be explained (then `item` is None)."""
+    number: int                       # 1-based line number in the file
+    id: str                           # the line's "id", else its line number
+    item: object = None
+    spec: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def parse_line(raw: str, number: int, folder: Path, defaults: dict) -> BatchLine | None:
+    """A JSON line as a `BatchLine` (None for a blank line): {"text": …}, {"image": PATH}, {"npz": PATH}
+    (paths relative to the file's folder) or {"inputs": {name: array}}, optionally with "id", "target",
+    "contrast", "position", "top_k". A line that cannot be read becomes an error, never an exception."""
+    if not raw.strip():
+        return None
+    spec = {k: defaults.get(k) for k in SPEC_KEYS}
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return BatchLine(number, str(number), spec=spec, error=f"line {number}: not JSON ({exc})")
+    if isinstance(doc, str):
+        doc = {"text": doc}
+    if not isinstance(doc, dict):
+        return BatchLine(number, str(number), spec=spec, error=f'line {number}: expected an object like {{"text": "…"}}')
+    line = BatchLine(number, str(doc["id"]) if doc.get("id") is not None else str(number),
+                     spec={k: doc.get(k, spec[k]) for k in SPEC_KEYS})
+    try:
+        if isinstance(doc.get("text"), str):
+            line.item = doc["text"]
+        elif isinstance(doc.get("image"), str):
+            line.item = Path(folder, doc["image"])
+            if line.item.suffix.lower() not in IMAGE_SUFFIXES or not line.item.is_file():
+                raise LrpcError(f"image {line.item} not found (or not an image file)")
+        elif isinstance(doc.get("npz"), str):
+            line.item = read_npz(Path(folder, doc["npz"]))
+        elif isinstance(doc.get("inputs"), dict):
+            line.item = {k: np.asarray(v) for k, v in doc["inputs"].items()}
+        else:
+            raise LrpcError('give "text" (a string), "image" or "npz" (a path) or "inputs" (an object of arrays)')
+    except (LrpcError, ValueError) as exc:
+        line.item, line.error = None, f"line {number}: {exc}"
+    return line
+
+
+def read_jsonl(path: Path, defaults: dict) -> list[BatchLine]:
+    """Every non-blank line of a JSON-lines batch file (`parse_line`); bad lines are kept as errors."""
     if not path.is_file():
         raise LrpcError(f"{path} does not exist")
-    groups: list[tuple[dict, list]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except ValueError as exc:
-            raise LrpcError(f"{path}:{number}: not JSON ({exc})") from None
-        if isinstance(doc, str):
-            doc = {"text": doc}
-        if not isinstance(doc, dict):
-            raise LrpcError(f"{path}:{number}: expected an object like {{\"text\": \"…\"}}")
-        if "text" in doc:
-            item = str(doc["text"])
-        elif "image" in doc:
-            item = Path(path.parent, doc["image"])
-            if item.suffix.lower() not in IMAGE_SUFFIXES or not item.is_file():
-                raise LrpcError(f"{path}:{number}: image {item} not found (or not an image file)")
-        elif "npz" in doc:
-            item = read_npz(Path(path.parent, doc["npz"]))
-        elif "inputs" in doc:
-            item = {k: np.asarray(v) for k, v in doc["inputs"].items()}
-        else:
-            raise LrpcError(f"{path}:{number}: give \"text\", \"image\", \"npz\" or \"inputs\"")
-        spec = {k: doc.get(k, defaults.get(k)) for k in ("target", "contrast", "position", "top_k")}
-        if groups and groups[-1][0] == spec:
-            groups[-1][1].append(item)
-        else:
-            groups.append((spec, [item]))
-    if not groups:
+    lines = [line for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if (line := parse_line(raw, number, path.parent, defaults)) is not None]
+    if not lines:
         raise LrpcError(f"{path} has no inputs")
-    return groups
+    return lines

@@ -34,15 +34,15 @@ PRESETS = tuple(TABLE)   # the preset names, for the command line and the API
 
 @dataclass(frozen=True)
 class Options:
-    """Rule options of the linear pass; `layers` is a regex over node names selecting where they apply."""
+    """Rule options of the linear pass; `rule_nodes` is a regex over node names selecting where they apply."""
 
     epsilon: float | None = None
     gamma_linear: float | None = None
     gamma_conv: float | None = None
-    layers: str | None = None
+    rule_nodes: str | None = None
 
     def __post_init__(self):
-        validate.rule_options(self.epsilon, self.gamma_linear, self.gamma_conv, self.layers)
+        validate.rule_options(self.epsilon, self.gamma_linear, self.gamma_conv, self.rule_nodes)
 
 
 def get(name: str) -> Preset:

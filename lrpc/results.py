@@ -22,6 +22,11 @@ class Attribution:
     tokens: the tokens (None when unknown). target: the explained class / token index; target_label
         says it in words (with the contrast, if any). logit: the explained value s (y_A − y_B for a
         contrast). latent: per-layer relevance per token ({layer label: [tokens]}) with `layers`.
+    index: which input of the call this explains (0-based, in a batch file among its non-blank lines; top-k
+        rows of one input share it); line: its 1-based line number in a batch file
+        (`Attributor.attribute_file`), else None. token_ids: the token ids; offsets: each token's
+        [start, end) characters in the input text ((0, 0) for added special tokens), to map relevance
+        back to the text (None where unknown: arrays, images).
     """
 
     relevance: np.ndarray
@@ -37,6 +42,10 @@ class Attribution:
     image: np.ndarray | None = field(default=None, repr=False)          # the picture shown (H×W×3 uint8)
     title: str = ""
     model: str = ""
+    index: int = 0
+    line: int | None = None
+    token_ids: list[int] | None = None
+    offsets: list[tuple[int, int]] | None = None
 
     @property
     def conservation(self) -> float:
@@ -123,15 +132,31 @@ class Attribution:
         out = {"model": self.model, "title": self.title, "target": self.target, "target_label": self.target_label,
                "contrast": self.contrast, "position": self.position, "logit": self.logit,
                "conservation": {"relevance_sum": self.conservation, "explained_value": self.logit},
-               "input": self.input_name, "tokens": self.tokens,
+               "input": self.input_name, "index": self.index, "line": self.line, "tokens": self.tokens,
+               "token_ids": self.token_ids, "offsets": None if self.offsets is None else [list(o) for o in self.offsets],
                "relevance": np.asarray(self.relevance).tolist()}
         if self.latent:
             out["layers"] = {k: v.tolist() for k, v in self.latent.items()}
         return out
 
 
+@dataclass
+class LineError:
+    """A line of a batch file that could not be explained, and why (one line, starting "line N:")."""
+    line: int
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, "error": self.message}
+
+
 class Attributions(list):
-    """Several explanations (a batch, or the top-k of one input): a list with the same pictures."""
+    """Several explanations (a batch, or the top-k of one input): a list with the same pictures.
+    `errors`: the lines of a batch file that could not be explained (`Attributor.attribute_file`)."""
+
+    def __init__(self, items=(), errors=()):
+        super().__init__(items)
+        self.errors: list[LineError] = list(errors)
 
     def show(self, console=None) -> None:
         for a in self:
@@ -160,10 +185,12 @@ class Attributions(list):
         return text
 
     def to_dicts(self) -> list[dict]:
-        return [a.to_dict() for a in self]
+        """One dict per explanation and per error ({"line": N, "error": "line N: …"}), in line order."""
+        rows = [a.to_dict() for a in self] + [e.to_dict() for e in self.errors]
+        return sorted(rows, key=lambda row: row["line"] or 0) if self.errors else rows
 
     def to_json(self) -> str:
-        """JSON text: a list of `Attribution.to_dict()` objects (`lrpc.load_results` reads it back)."""
+        """JSON text: the list `to_dicts()` (`lrpc.load_results` reads it back)."""
         return json_text(self.to_dicts())
 
     def _repr_html_(self) -> str:   # Jupyter shows the HTML report inline
@@ -253,6 +280,17 @@ def json_text(doc) -> str:
     return json.dumps(finite(doc))
 
 
+def _relevances(doc: dict) -> dict[str, np.ndarray]:
+    """The main input's relevance, and the other attributed inputs' share (token-type ids, …) as one value,
+    so `conservation` read back is the `relevance_sum` that was written."""
+    relevance = np.asarray(doc["relevance"], np.float32)
+    out = {doc.get("input") or "input": relevance}
+    total = (doc.get("conservation") or {}).get("relevance_sum")
+    if isinstance(total, (int, float)):
+        out["other inputs"] = np.array([total - float(np.sum(relevance, dtype=np.float64))])
+    return out
+
+
 def load_results(path: str | os.PathLike) -> Attributions:
     """Read what `to_json()` (or `lrpc explain --json`, one object or JSON lines) wrote back into
     `Attributions` (relevance, tokens, target, logit and layers; pictures need the model again)."""
@@ -266,12 +304,16 @@ def load_results(path: str | os.PathLike) -> Attributions:
         except json.JSONDecodeError as exc:
             raise LrpcError(f"{path} is not lrpc results JSON: {exc}") from None
     docs = docs if isinstance(docs, list) else [docs]
+    errors = [LineError(d["line"], d["error"]) for d in docs if isinstance(d, dict) and d.get("error")]
+    docs = [d for d in docs if not (isinstance(d, dict) and d.get("error"))]
     try:
-        return Attributions(Attribution(
+        return Attributions((Attribution(
             relevance=np.asarray(d["relevance"], np.float32), tokens=d.get("tokens"), target=d["target"],
             logit=float(d["logit"]), target_label=d.get("target_label") or "", contrast=d.get("contrast"),
             position=d.get("position"), input_name=d.get("input") or "", title=d.get("title") or "",
-            model=d.get("model") or "", relevances={d.get("input") or "input": np.asarray(d["relevance"], np.float32)},
-            latent={k: np.asarray(v, np.float32) for k, v in (d.get("layers") or {}).items()}) for d in docs)
+            model=d.get("model") or "", relevances=_relevances(d),
+            latent={k: np.asarray(v, np.float32) for k, v in (d.get("layers") or {}).items()}, index=d.get("index") or 0,
+            line=d.get("line"), token_ids=d.get("token_ids"),
+            offsets=None if d.get("offsets") is None else [tuple(o) for o in d["offsets"]]) for d in docs), errors)
     except (KeyError, TypeError) as exc:
         raise LrpcError(f"{path} is not lrpc results JSON (missing {exc})") from None

@@ -41,6 +41,13 @@ def at_least_one(value, what: str) -> int:
     return int(value)
 
 
+def whole_number(value, what: str) -> int:
+    """An index given as a whole number (a position, which may be negative)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise LrpcError(f"{what} {value!r} must be a whole number")
+    return int(value)
+
+
 def regex(pattern: str | None, what: str) -> re.Pattern | None:
     if pattern is None:
         return None
@@ -50,23 +57,23 @@ def regex(pattern: str | None, what: str) -> re.Pattern | None:
         raise LrpcError(f"{what} {pattern!r} is not a valid regular expression ({exc})") from None
 
 
-def rule_options(epsilon=None, gamma_linear=None, gamma_conv=None, layers=None) -> None:
-    """The linear-layer rule options (--epsilon, --gamma-linear, --gamma-conv, --layers) each make sense."""
+def rule_options(epsilon=None, gamma_linear=None, gamma_conv=None, rule_nodes=None) -> None:
+    """The linear-layer rule options (--epsilon, --gamma-linear, --gamma-conv, --rule-nodes) each make sense."""
     finite_number(epsilon, "--epsilon", positive=True)
     finite_number(gamma_linear, "--gamma-linear")
     finite_number(gamma_conv, "--gamma-conv")
-    regex(layers, "--layers")
+    regex(rule_nodes, "--rule-nodes")
 
 
 def rule_options_took_effect(plan, options) -> None:
     """--epsilon / --gamma-* that reached no layer would be a silent no-op (like --latent matching nothing,
-    which is an error too): refuse, saying whether --layers filtered every layer out."""
+    which is an error too): refuse, saying whether --rule-nodes filtered every layer out."""
     asked = [flag for flag, value in (("--epsilon", options.epsilon), ("--gamma-linear", options.gamma_linear),
                                       ("--gamma-conv", options.gamma_conv)) if value is not None]
     if not asked or any(r.rule in ("epsilon", "gamma") for r in plan.records.values()):
         return
-    if options.layers:
-        raise LrpcError(f"--layers {options.layers!r} matches no linear layer, so {', '.join(asked)} would change "
+    if options.rule_nodes:
+        raise LrpcError(f"--rule-nodes {options.rule_nodes!r} matches no linear layer, so {', '.join(asked)} would change "
                         "nothing; `lrpc plan` lists the layer names")
     raise LrpcError(f"{', '.join(asked)}: the model has no linear layer with a constant weight on the relevance "
                     "path, so the option would change nothing; drop it")

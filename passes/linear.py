@@ -36,7 +36,7 @@ def bias_add(node: ir.Node, carrying: set[ir.Value]) -> ir.Node | None:
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
     if options.epsilon is None and options.gamma_linear is None and options.gamma_conv is None:
         return
-    selected = re.compile(options.layers) if options.layers else None
+    selected = re.compile(options.rule_nodes) if options.rule_nodes else None
     for node in graph:
         if not (is_default_domain(node) and node.op_type in LINEAR_OPS) or node in plan.records:
             continue

@@ -36,3 +36,25 @@ def float_model(features=6, classes=3, seed=0, opset=18) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def mean_pool_model(vocab=128, hidden=6, classes=5, seed=0, token_types=False) -> onnx.ModelProto:
+    """ids [batch, seq] → embedding E (+ T[token_type_ids]) → mean over the sequence → W → [batch, classes].
+    No attention mask: padding would change the mean. Linear, so the relevance of token t for class c is
+    exactly E[id_t]·W[:, c] / T (and T[type_t]·W[:, c] / T for its token type)."""
+    rng = np.random.default_rng(seed)
+    inits = {"E": rng.normal(size=(vocab, hidden)), "W": rng.normal(size=(hidden, classes))}
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb"])]
+    if token_types:
+        inits["T"] = rng.normal(size=(2, hidden))
+        inputs.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "seq"]))
+        nodes += [helper.make_node("Gather", ["T", "token_type_ids"], ["types"]),
+                  helper.make_node("Add", ["emb", "types"], ["summed"])]
+    nodes += [helper.make_node("ReduceMean", [nodes[-1].output[0], "axes"], ["pooled"], keepdims=0),
+              helper.make_node("MatMul", ["pooled", "W"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "mean_pool", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

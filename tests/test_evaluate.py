@@ -140,4 +140,8 @@ def test_cli_compile_embeddings_input_and_evaluate(tmp_path, capsys):
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["examples"] == 4 and set(summary["methods"]) == {"attnlrp", "random"}
     assert (tmp_path / "c.png").stat().st_size > 1000
+    code = main(["evaluate", str(model_path), "--inputs", str(tmp_path / "inputs.npz"), "--methods", "random",
+                 "--replace", "pad", "--replace-id", "0", "--json"])   # --json alone: stdout, as in explain/bench
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["examples"] == 4 and "Random" in err
     assert main(["evaluate", str(model_path), "--inputs", str(tmp_path / "missing.npz")]) == 2

@@ -127,12 +127,12 @@ def test_conv_net_matches_zennit(conv_net, gamma):
 
 
 def test_gamma_layers_selector(conv_net):
-    """--layers keeps the γ-rule to the matching layers: γ on the convolutions only equals zennit with
+    """--rule-nodes keeps the γ-rule to the matching layers: γ on the convolutions only equals zennit with
     Gamma on Conv2d and the exact gradient (LRP-0) on the Linear layers."""
     module, x = conv_net
     target = _rows_pos_neg(module, x)
     want = zennit_relevance(module, x, target, 0.25, None)
-    got = lrpc_relevance(module, "x", x, target, gamma_conv=0.25, gamma_linear=0.25, layers="conv|Conv")
+    got = lrpc_relevance(module, "x", x, target, gamma_conv=0.25, gamma_linear=0.25, rule_nodes="conv|Conv")
     assert rel_err(got, want) <= TOL
 
 

@@ -168,9 +168,9 @@ def test_gammas_must_be_finite_and_not_negative(flag, value):
 
 
 def test_sensible_rule_options_pass():
-    validate.rule_options(epsilon=1e-6, gamma_linear=0.0, gamma_conv=0.25, layers="^mlp")
+    validate.rule_options(epsilon=1e-6, gamma_linear=0.0, gamma_conv=0.25, rule_nodes="^mlp")
     with pytest.raises(LrpcError, match="not a valid regular expression"):
-        validate.rule_options(layers="(")
+        validate.rule_options(rule_nodes="(")
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "2"])
@@ -195,10 +195,10 @@ def _plan(options):
 @pytest.mark.parametrize("layers", ["^no-such-layer$", "Conv"])
 def test_layers_matching_nothing_is_an_error(layers):
     from lrpc.presets import Options
-    options = Options(gamma_linear=0.25, layers=layers)
-    with pytest.raises(LrpcError, match="--layers .* matches no linear layer"):
+    options = Options(gamma_linear=0.25, rule_nodes=layers)
+    with pytest.raises(LrpcError, match="--rule-nodes .* matches no linear layer"):
         validate.rule_options_took_effect(_plan(options), options)
-    matched = Options(gamma_linear=0.25, layers=".")
+    matched = Options(gamma_linear=0.25, rule_nodes=".")
     validate.rule_options_took_effect(_plan(matched), matched)
 
 
@@ -208,8 +208,8 @@ def test_compile_refuses_bad_rule_options_end_to_end():
 
 
 def test_compile_refuses_layers_matching_nothing_end_to_end():
-    with pytest.raises(LrpcError, match="--layers"):
-        lrpc.compile(float_model(), gamma_linear=0.25, layers="^nothing$")
+    with pytest.raises(LrpcError, match="--rule-nodes"):
+        lrpc.compile(float_model(), gamma_linear=0.25, rule_nodes="^nothing$")
 
 
 @pytest.mark.parametrize("name", ["lrp_target", "lrp_mask", "relevance.x"])
@@ -461,12 +461,13 @@ def model_files(tmp_path_factory):
 @pytest.mark.parametrize("options, word", [
     (["--epsilon", "nan"], "--epsilon"), (["--epsilon", "inf"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
     (["--gamma-linear", "inf"], "--gamma-linear"), (["--gamma-linear", "-5"], "--gamma-linear"),
-    (["--gamma-conv", "nan"], "--gamma-conv"), (["--layers", "("], "regular expression"),
-    (["--gamma-linear", "0.25", "--layers", "^nothing$"], "matches no linear layer"),
-    (["--epsilon", "1e-6", "--layers", "no-such-node"], "matches no linear layer"),
+    (["--gamma-conv", "nan"], "--gamma-conv"), (["--rule-nodes", "("], "regular expression"),
+    (["--gamma-linear", "0.25", "--rule-nodes", "^nothing$"], "matches no linear layer"),
+    (["--epsilon", "1e-6", "--rule-nodes", "no-such-node"], "matches no linear layer"),
+    (["--layers", "mlp"], "--rule-nodes 'mlp'"),   # the old name: refused, saying the new one
 ])
 def test_rule_options_that_make_no_sense_on_the_command_line(command, options, word, model_files, tmp_path):
-    """Old: NaN / Inf / negative values compiled into NaN or nonsense relevance; --layers matching nothing
+    """Old: NaN / Inf / negative values compiled into NaN or nonsense relevance; --rule-nodes matching nothing
     made --gamma-* a silent no-op."""
     out = tmp_path / ("e.onnx" if command == "compile" else "plan.json")
     rc, err = cli(command, model_files / "floats.onnx", *options, "-o", out)
@@ -475,9 +476,9 @@ def test_rule_options_that_make_no_sense_on_the_command_line(command, options, w
 
 
 @pytest.mark.parametrize("kwargs", [{"epsilon": math.inf}, {"gamma_conv": -1.0}, {"epsilon": 0.0},
-                                    {"epsilon": 1e-6, "layers": "^nothing$"}])
+                                    {"epsilon": 1e-6, "rule_nodes": "^nothing$"}])
 def test_compile_refuses_them_through_the_api_before_writing(kwargs, tmp_path):
-    with pytest.raises(LrpcError, match="--epsilon|--gamma|--layers"):
+    with pytest.raises(LrpcError, match="--epsilon|--gamma|--rule-nodes"):
         lrpc.compile(float_model(), output=tmp_path / "e.onnx", **kwargs)
     assert not list(tmp_path.iterdir())
 

@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 import lrpc
@@ -41,6 +42,17 @@ def test_the_total_is_the_same_in_the_terminal_json_and_conservation():
     total = float(re.search(r"Σ relevance = ([+-][0-9.]+)", shown(a)).group(1))
     assert total == round(expected, 4)
     assert json.loads(a.to_json())["conservation"]["relevance_sum"] == expected
+    html_total = re.search(r"Σ relevance = ([+-][0-9.]+)", a.to_html()).group(1)
+    assert float(html_total) == round(expected, 5)                        # the HTML report says the same
+
+
+def test_the_total_reads_back_with_the_token_type_share(tmp_path):
+    a = attribution()
+    path = tmp_path / "r.json"
+    path.write_text(a.to_json())
+    back = lrpc.load_results(path)[0]
+    assert back.conservation == pytest.approx(a.conservation, abs=1e-7)   # not only Σ of the token relevance
+    np.testing.assert_array_equal(back.relevance, a.relevance)
 
 
 def test_json_text_reads_back(tmp_path):

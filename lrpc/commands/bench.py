@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 HELP = ("time and peak memory: onnxruntime forward vs explainer vs torch autograd Input×Gradient vs token "
         "occlusion, side by side")
 EXAMPLES = """examples:
@@ -18,7 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--layers", type=int, help="llama-bench only: number of layers (default 8)")
+    p.add_argument("--depth", type=int, metavar="N", help="llama-bench only: number of layers (default 8)")
+    p.add_argument("--layers", help=argparse.SUPPRESS)   # the old name of --depth: refused (one meaning per flag)
     p.add_argument("--checkpoint", metavar="auto|N", help="compile the explainer with --checkpoint")
     p.add_argument("--occlusion", default="sample", choices=["sample", "full", "off"],
                    help="sample: time 2 batches of occluded sequences and extrapolate; full: all of them")
@@ -45,7 +48,10 @@ def run(args) -> int:
     from lrpc.bench import bench, bench_targets, format_result, format_targets
     from lrpc.commands.common import check_counts
     from lrpc.errors import LrpcError
-    check_counts(args, "batch", "threads", "repeats", "layers", "chunk")
+    if args.layers is not None:
+        raise LrpcError(f"--layers N is now --depth N in `lrpc bench` (--layers means per-layer relevance in "
+                        f"`lrpc explain`): give --depth {args.layers}")
+    check_counts(args, "batch", "threads", "repeats", "depth", "chunk")
     for flag in ("seq", "targets"):
         for value in getattr(args, flag) or ():
             validate.at_least_one(value, f"--{flag}")
@@ -58,11 +64,11 @@ def run(args) -> int:
         if args.targets:
             result = bench_targets(args.model, args.targets, seq=seq, batch=args.batch, threads=args.threads,
                                    repeats=args.repeats, chunk=args.chunk, memory=not args.no_memory,
-                                   workdir=args.workdir, layers=args.layers, force=args.force)
+                                   workdir=args.workdir, layers=args.depth, force=args.force)
         else:
             result = bench(args.model, seq=seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
                            occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
-                           workdir=args.workdir, layers=args.layers, force=args.force)
+                           workdir=args.workdir, layers=args.depth, force=args.force)
         results.append(result)
         if not args.json:
             print((format_targets if args.targets else format_result)(result), flush=True)

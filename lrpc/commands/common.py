@@ -20,14 +20,19 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, metavar="E", help="explicit ε-rule on linear layers")
     p.add_argument("--gamma-linear", type=float, metavar="G", help="γ-rule on MatMul/Gemm layers")
     p.add_argument("--gamma-conv", type=float, metavar="G", help="γ-rule on Conv layers")
-    p.add_argument("--layers", metavar="REGEX", help="apply --epsilon/--gamma-* only to nodes whose name matches")
+    p.add_argument("--rule-nodes", metavar="REGEX", help="apply --epsilon/--gamma-* only to nodes whose name matches")
+    p.add_argument("--layers", metavar="REGEX", help=argparse.SUPPRESS)   # the old name of --rule-nodes: refused
 
 
 def rule_options(args):
     """The `lrpc.presets.Options` the rule options on the command line ask for."""
+    from lrpc.errors import LrpcError
     from lrpc.presets import Options
+    if args.layers is not None:   # one meaning per flag: --layers is per-layer relevance (lrpc explain)
+        raise LrpcError(f"--layers REGEX is now --rule-nodes REGEX here (the nodes --epsilon / --gamma-* apply to); "
+                        f"--layers means per-layer relevance in `lrpc explain`: give --rule-nodes {args.layers!r}")
     return Options(epsilon=args.epsilon, gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv,
-                   layers=args.layers)
+                   rule_nodes=args.rule_nodes)
 
 
 def check_counts(args, *flags: str) -> None:

@@ -45,7 +45,7 @@ def run(args) -> int:
     model = model_source(args.model, args)
     lrpc.compile(model, preset=args.preset, output=args.out, output_name=args.output, attribute=args.attribute,
                  seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
-                 gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, layers=args.layers,
+                 gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, rule_nodes=args.rule_nodes,
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
                  checkpoint=args.checkpoint, targets=args.targets)
     print(f"wrote {args.out} (preset {args.preset})")

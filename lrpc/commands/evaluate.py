@@ -30,7 +30,8 @@ def add_arguments(p) -> None:
                    help="attention rollout row: mean over tokens (mean pooling) or the first (class) token")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--plot", help="write the curves to this PNG")
-    p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE", help="machine-readable output: the metrics as "
+                   "JSON on stdout (the table goes to stderr), or written to FILE")
     p.add_argument("--force", action="store_true", help="overwrite --plot / --json files if they exist (never the "
                    "inputs)")
     p.add_argument("--threads", type=int, help="onnxruntime threads")
@@ -46,7 +47,7 @@ def run(args) -> int:
     if args.plot:
         require("matplotlib", purpose="--plot")
     sources = safeio.input_files(args.model, args.pairs, args.inputs, args.tokenizer)
-    for path in filter(None, [args.plot, args.json]):
+    for path in filter(None, [args.plot, None if args.json == "-" else args.json]):
         safeio.check_output(path, force=args.force, inputs=sources)
     if args.model == "minilm-sentence" and not Path(args.model).exists():
         from lrpc import models
@@ -92,14 +93,18 @@ def _evaluate(args, model, name: str, sources) -> int:
             ex = Example(inputs)
             ex.target = int(data[contract.TARGET][i]) if contract.TARGET in data else int(evaluator.predict(ex).argmax())
             examples.append(ex)
+    import sys
     results = evaluate(evaluator, examples, args.methods, args.steps, name=name)
-    print(f"{name}: {results.n} examples, {results.seconds:.1f} s")
-    print(results.markdown())
+    report = sys.stderr if args.json == "-" else sys.stdout   # stdout holds only the JSON then
+    print(f"{name}: {results.n} examples, {results.seconds:.1f} s", file=report)
+    print(results.markdown(), file=report)
     if args.plot:
         results.plot(args.plot, "cosine similarity" if args.pairs else "target logit", force=args.force,
                      inputs=sources)
-        print(f"wrote {args.plot}")
-    if args.json:
+        print(f"wrote {args.plot}", file=report)
+    if args.json == "-":
+        print(json.dumps(results.summary(), indent=1))
+    elif args.json:
         safeio.write_text(args.json, json.dumps(results.summary(), indent=1) + "\n", force=args.force,
                           inputs=sources)
         print(f"wrote {args.json}")

@@ -58,14 +58,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import json
     import sys
     from pathlib import Path
 
     from lrpc import safeio
     from lrpc.attributor import Attributor
     from lrpc.errors import LrpcError, require
-    from lrpc.inputs import read_jsonl, read_npz
+    from lrpc.inputs import read_npz
     from lrpc.results import Attributions, json_text
     given = [x for x in (args.text, args.image, args.input, args.file) if x]
     if len(given) != 1:
@@ -96,17 +95,12 @@ def run(args) -> int:
         return _generation(attributor.generate(args.text[0], args.generate), args, sources)
     spec = {"target": args.target, "contrast": args.contrast, "position": args.position, "top_k": args.top_k}
     if args.file:
-        groups = read_jsonl(Path(args.file), spec)
-        results = Attributions()
-        total = sum(len(g[1]) for g in groups)
         from rich.console import Console
         from rich.progress import Progress
         with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("explaining", total=total)
-            for line_spec, inputs in groups:
-                for a in _as_list(attributor.attribute(inputs, batch_size=args.batch_size,
-                                                       progress=lambda k: bar.advance(task, k), **line_spec)):
-                    results.append(a)
+            task = bar.add_task("explaining", total=None)
+            results = attributor.attribute_file(args.file, batch_size=args.batch_size,
+                                                progress=lambda k: bar.advance(task, k), **spec)
     else:
         if args.text:
             inputs, image = args.text, None
@@ -125,6 +119,8 @@ def run(args) -> int:
             print(json_text(docs[0] if len(docs) == 1 else docs))
     else:
         results.show()
+    for error in results.errors:
+        print(f"lrpc: {error.message}", file=sys.stderr)
     if args.html:
         results.to_html(args.html, force=args.force, inputs=sources)
         print(f"HTML report: {args.html}", file=sys.stderr if args.json else sys.stdout)
@@ -135,6 +131,10 @@ def run(args) -> int:
                 f"{Path(args.png).stem}-{i}{Path(args.png).suffix or '.png'}")
             written.append(str(a.save_png(path, force=args.force, inputs=sources)))
         print(f"PNG: {', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
+    if results.errors:   # every other line was explained and written: exit 1 tells scripts some were not
+        print(f"lrpc: {len(results.errors)} line(s) of {args.file} could not be explained (exit code 1)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
