@@ -30,8 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, rows
-from lrpc import vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
-from lrpc import vjp_scatter as sc, vjp_structural as st
+from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
+from lrpc import vjp_sampling as smp, vjp_scatter as sc, vjp_spectral as spectral, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
 from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
@@ -182,6 +182,14 @@ OPS: dict[str, Op] = {
     "MatMul": Op(LINEAR, lin.matmul, rows=rows.matmul),
     "Gemm": Op(LINEAR, lin.gemm),
     "Conv": Op(LINEAR, lin.conv),
+    "ConvTranspose": Op(LINEAR, conv.conv_transpose),
+    "Col2Im": Op(LINEAR, conv.col2im, differentiable=(0,)),
+    # resampling: linear in the data for fixed coordinates
+    "Resize": Op(LINEAR, smp.resize),
+    "AffineGrid": Op(LINEAR, smp.affine_grid, differentiable=(0,)),
+    "GridSample": Op(LINEAR, smp.grid_sample),
+    "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
+    "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
     # pooling (a fixed linear map of each window, or a selection from it)
@@ -213,6 +221,7 @@ OPS: dict[str, Op] = {
     "TopK": structural(sc.top_k),
     "MaxUnpool": structural(sc.max_unpool),
     "Compress": structural(sc.compress),
+    "TensorScatter": structural(sc.tensor_scatter, differentiable=(0, 1)),
     "Trilu": structural(lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None,
                                                         upper=n.attr("upper", 1)),)),
     # reductions
@@ -235,6 +244,7 @@ OPS: dict[str, Op] = {
     "InstanceNormalization": Op(NORMALISATION, nrm.grouped_norm(None)),
     "GroupNormalization": Op(NORMALISATION, nrm.grouped_norm("num_groups")),
     "MeanVarianceNormalization": Op(NORMALISATION, nrm.mean_variance_norm),
+    "LRN": Op(NORMALISATION, nrm.lrn),
     # losses, w.r.t. the scores
     "NegativeLogLikelihoodLoss": Op(LINEAR, loss.nll_loss, differentiable=(0, 2)),
     "SoftmaxCrossEntropyLoss": Op(NORMALISATION, loss.softmax_cross_entropy, differentiable=(0, 2)),
