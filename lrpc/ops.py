@@ -190,6 +190,7 @@ OPS: dict[str, Op] = {
     "GridSample": Op(LINEAR, smp.grid_sample),
     "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
     "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
+    "STFT": Op(LINEAR, spectral.stft, differentiable=(0, 2)),   # linear in the signal and in the window
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
     # pooling (a fixed linear map of each window, or a selection from it)

@@ -207,3 +207,14 @@ def test_batch_normalization_in_training_mode():
         return (x - mean) / torch.sqrt(var + 1e-5) * scale[:, None, None] + bias[:, None, None]
     check(node, {"x": x, "scale": scale, "bias": bias}, fn,
           {"mean": np.zeros(3, np.float32), "var": np.ones(3, np.float32)}, opset=15)
+
+
+def test_stft_signal_and_window_are_torch_stft():
+    signal, window = rand(2, 29, 1), RNG.uniform(0.2, 1.0, 8).astype(np.float32)
+    node = helper.make_node("STFT", ["signal", "hop", "window"], ["y"], onesided=1)   # (see the registry recipe)
+
+    def fn(signal, window):
+        spectrum = torch.stft(signal[..., 0], 8, hop_length=3, window=window, center=False, onesided=True,
+                              return_complex=True)                       # [B, bins, frames]
+        return torch.stack([spectrum.real, spectrum.imag], -1).transpose(1, 2)
+    check(node, {"signal": signal, "window": window}, fn, {"hop": np.array(3)}, opset=17)

@@ -92,6 +92,12 @@ RECIPES.update({
     "DFT": ([n("Unsqueeze", ["x", "last_axis"], "real"), n("DFT", ["real", "", "axis"], "f"),
              n("Reshape", ["f", "back"], "o")],
             {"last_axis": np.array([3]), "axis": np.array(2), "back": np.array([B, S, 2 * D])}),
+    # x as a signal [B, 20, 1], frames of 8 every 4: [B, 4 frames, 5 bins, 2] read as [B, S, 10] (onesided
+    # written out: ONNX's shape inference reads a missing one as 0, onnxruntime as the default 1)
+    "STFT": ([n("Reshape", ["x", "signal_shape"], "signal"), n("STFT", ["signal", "hop", "", "width"], "f", onesided=1),
+              n("Reshape", ["f", "back"], "o")],
+             {"signal_shape": np.array([B, S * D, 1]), "hop": np.array(4), "width": np.array(8),
+              "back": np.array([B, S, 10])}),
     # x as images [B, S, D, 1] sampled on a fixed grid [B, 3, 2, 2]: [B, S, 3, 2] read as [B, S, 6]
     "GridSample": ([n("Unsqueeze", ["x", "last_axis"], "images"), n("GridSample", ["images", "grid"], "s"),
                     n("Reshape", ["s", "back"], "o")],
