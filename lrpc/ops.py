@@ -30,8 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_recurrent as fr, rows
-from lrpc import vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
-from lrpc import vjp_quant as qt, vjp_scatter as sc, vjp_structural as st
+from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw
+from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
+from lrpc import vjp_spectral as spectral, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
 from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
@@ -195,6 +196,15 @@ OPS: dict[str, Op] = {
     "MatMul": Op(LINEAR, lin.matmul, rows=rows.matmul),
     "Gemm": Op(LINEAR, lin.gemm),
     "Conv": Op(LINEAR, lin.conv),
+    "ConvTranspose": Op(LINEAR, conv.conv_transpose),
+    "Col2Im": Op(LINEAR, conv.col2im, differentiable=(0,)),
+    # resampling: linear in the data for fixed coordinates
+    "Resize": Op(LINEAR, smp.resize),
+    "AffineGrid": Op(LINEAR, smp.affine_grid, differentiable=(0,)),
+    "GridSample": Op(LINEAR, smp.grid_sample),
+    "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
+    "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
+    "STFT": Op(LINEAR, spectral.stft, differentiable=(0, 2)),   # linear in the signal and in the window
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
     **QUANTIZATION,
@@ -227,6 +237,7 @@ OPS: dict[str, Op] = {
     "TopK": structural(sc.top_k),
     "MaxUnpool": structural(sc.max_unpool),
     "Compress": structural(sc.compress),
+    "TensorScatter": structural(sc.tensor_scatter, differentiable=(0, 1)),
     "Trilu": structural(lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None,
                                                         upper=n.attr("upper", 1)),)),
     # reductions
@@ -249,6 +260,7 @@ OPS: dict[str, Op] = {
     "InstanceNormalization": Op(NORMALISATION, nrm.grouped_norm(None)),
     "GroupNormalization": Op(NORMALISATION, nrm.grouped_norm("num_groups")),
     "MeanVarianceNormalization": Op(NORMALISATION, nrm.mean_variance_norm),
+    "LRN": Op(NORMALISATION, nrm.lrn),
     # losses, w.r.t. the scores
     "NegativeLogLikelihoodLoss": Op(LINEAR, loss.nll_loss, differentiable=(0, 2)),
     "SoftmaxCrossEntropyLoss": Op(NORMALISATION, loss.softmax_cross_entropy, differentiable=(0, 2)),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from lrpc import vjp_conv as conv_family
 from lrpc.errors import LrpcError
 from lrpc.graph import attr as node_attr, same_dim
 
@@ -102,12 +105,13 @@ def conv(n, g, weight=None):
     """weight: the float weight when it is not input 1 as it stands (a quantized op's dequantized weight)."""
     b = n.b
     weight = n.x(1) if weight is None else weight
-    if n.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise LrpcError(f"node '{n.node.name}' (Conv): auto_pad={n.attr('auto_pad')} is not supported; "
-                        "re-export with explicit pads")
+    x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
     kw = dict(strides=n.attr("strides"), pads=n.attr("pads"), dilations=n.attr("dilations"),
               group=n.attr("group", 1))
-    x, w, y = n.raw(0), n.raw(1), n.raw_out(0)
+    if n.attr("auto_pad", "NOTSET") != "NOTSET":
+        kernel = conv_family.static_weight(n, "auto_pad")[2:]
+        geo = conv_family.geometry(n, len(kernel))
+        kw["pads"] = conv_family.explicit_pads(n, kernel, geo["strides"], geo["dilations"])
     out_pad = None
     spatial_known = lambda v: v.shape is not None and all(isinstance(d, int) for d in list(v.shape)[2:])  # noqa: E731
     if all(map(spatial_known, (x, y, w))):  # the batch and channel dims play no part (batch is often dynamic)
@@ -125,9 +129,11 @@ def conv(n, g, weight=None):
             return b.ConvTranspose(g, weight, output_padding=out_pad, **kw)
         folded = b.Reshape(g, b.Concat(b.i64([-1]), b.Shape(g, start=2), axis=0))  # K into batch: [K·B, C, …]
         return b.Reshape(b.ConvTranspose(folded, weight, output_padding=out_pad, **kw), n.grad_shape(0))
-    return (grad_x,
-            lambda: (_ for _ in ()).throw(LrpcError(f"node '{n.node.name}' (Conv): weights that depend on the "
-                                                    "input are not supported")),
+    def grad_w():   # W [O, C/G, k…]: x read, ĝ_y written
+        w = conv_family.static_weight(n, "weights that carry relevance")
+        geo = {**conv_family.geometry(n, len(w) - 2), **({"pads": kw["pads"]} if kw["pads"] else {})}
+        return conv_family.weight_grad(n, n.x(0), g, w[1] * kw["group"], w[2:], geo)
+    return (grad_x, grad_w,
             lambda: b.ReduceSum(g, b.i64([n.grad_axis(a) for a in [0] + list(range(2, n.rank(0)))]), keepdims=0))
 
 
@@ -148,3 +154,26 @@ def einsum(n, g):
         k = next(c for c in "KLMNOPQRSTUVWXYZklmnopqrstuvwxyz" if c not in eq) if n.lead else ""  # ĝ's K axis
         return n.b.Einsum(g, n.x(1 - i), equation=f"{k}{out},{other}->{k}{own}")
     return (lambda: grad(0), lambda: grad(1))
+
+
+def det(n, g):
+    """y = det A over the last two axes [M, M]: ĝ_A = ĝ_y ⊙ cof(A), the cofactors (−1)^(i+j) det(minor_ij) —
+    exact also for a singular A — for a static M: all M² minors gathered at once, one Det."""
+    b, r = n.b, n.rank(0)
+    dims = n.raw(0).shape
+    if r is None or not isinstance(dims[-1], int):
+        raise LrpcError(f"node '{n.node.name}' (Det): the matrix size must be static")
+    m = dims[-1]
+
+    def grad():
+        spread = b.Unsqueeze(g, b.i64([-2, -1]))
+        if m == 1:
+            return spread
+        keep = np.array([[k for k in range(m) if k != i] for i in range(m)], np.int64)   # [M, M−1]: all but i
+        rows = b.Gather(n.x(0), b.i64(keep), axis=r - 2)                                 # [..., i, M−1, M]
+        minors = b.Gather(rows, b.i64(keep), axis=r)                                     # [..., i, M−1, j, M−1]
+        lead = list(range(r - 2))
+        cofactors = b.Det(b.Transpose(minors, perm=lead + [r - 2, r, r - 1, r + 1]))     # [..., i, j]
+        signs = np.fromfunction(lambda i, j: (-1.0) ** (i + j), (m, m)).astype(np.float32)
+        return b.Mul(spread, b.Mul(cofactors, b.f32(signs)))
+    return (grad,)

@@ -148,7 +148,7 @@ def batch_norm(n, g):
     if r is None:
         refuse(n, "input rank unknown")
     if n.attr("training_mode", 0):
-        refuse(n, "training_mode=1 is not supported; export the model in inference mode")
+        return _batch_norm_training(n, g, r)
     eps = n.attr("epsilon", 1e-5)
     per_channel = lambda v: b.Reshape(v, _channel_shape(n, r))  # noqa: E731
     others = b.i64([n.grad_axis(a) for a in [0] + list(range(2, r))])
@@ -161,6 +161,46 @@ def batch_norm(n, g):
             lambda: b.Neg(b.Mul(total(g), b.Mul(n.x(1), inv_std()))),
             lambda: b.Mul(total(b.Mul(g, centred())),
                           b.Mul(b.Mul(n.x(1), b.f32(-0.5)), b.Mul(inv_std(), b.Mul(inv_std(), inv_std())))))
+
+
+def _batch_norm_training(n, g, r):
+    """Training BatchNormalization: the batch statistics μ, σ² (population) per channel normalise x, and the
+    running statistics m·input + (1 − m)·batch are outputs too: ĝ_x = scale·(h − mean h − x̂·mean(h x̂))/σ
+    + (1 − m)/M·(ĝ_running_mean + 2(x − μ)·ĝ_running_var), M the elements per channel."""
+    b, eps, momentum = n.b, n.attr("epsilon", 1e-5), n.attr("momentum", 0.9)
+    forward_axes = b.i64([0] + list(range(2, r)))
+    grad_axes = b.i64([n.grad_axis(a) for a in [0] + list(range(2, r))])
+    per_channel = lambda v: b.Reshape(v, _channel_shape(n, r))  # noqa: E731
+    # a per-channel ĝ ([C], or [K, C]) against ĝ_x ([N, C, …], or [K, N, C, …])
+    grad_per_channel = lambda v: b.Reshape(v, b.i64(([0, 1] if n.lead else []) + [-1] + [1] * (r - 2)))  # noqa: E731
+    running_mean, running_var = (list(n.grads) + [None] * 3)[1:3]
+
+    def stats():
+        x = n.x(0)
+        centred = b.Sub(x, b.ReduceMean(x, forward_axes, keepdims=1))
+        inv_std = b.Reciprocal(b.Sqrt(b.Add(b.ReduceMean(b.Mul(centred, centred), forward_axes, keepdims=1),
+                                            b.f32(eps))))
+        count = b.Cast(b.Div(b.Size(n.raw(0)), b.Gather(b.Shape(n.raw(0)), b.i64(1))), to=1)
+        return centred, inv_std, b.Mul(centred, inv_std), count
+    stats = n.cached("stats", stats)
+
+    def grad_x():
+        centred, inv_std, x_hat, count = stats()
+        mean = lambda v: b.ReduceMean(v, grad_axes, keepdims=1)  # noqa: E731
+        rate = b.Div(b.f32(1.0 - momentum), count)
+        terms = []
+        if g is not None:
+            h = b.Mul(g, per_channel(n.x(1)))
+            terms.append(b.Mul(b.Sub(b.Sub(h, mean(h)), b.Mul(x_hat, mean(b.Mul(h, x_hat)))), inv_std))
+        if running_mean is not None:
+            terms.append(b.Mul(grad_per_channel(running_mean), rate))
+        if running_var is not None:
+            terms.append(b.Mul(grad_per_channel(running_var), b.Mul(b.Mul(rate, b.f32(2.0)), centred)))
+        return terms[0] if len(terms) == 1 else b.Sum(*terms)
+    total = lambda v: b.ReduceSum(v, grad_axes, keepdims=0)  # noqa: E731
+    carried = lambda grad: None if grad is None else (lambda: b.Mul(grad, b.f32(momentum)))  # noqa: E731
+    affine = (None, None) if g is None else (lambda: total(b.Mul(g, stats()[2])), lambda: total(g))
+    return (grad_x, *affine, carried(running_mean), carried(running_var))
 
 
 def _group_stats_grad(n, g, x, groups_shape, affine_shape, scale, eps):
@@ -207,4 +247,26 @@ def mean_variance_norm(n, g):
         inv_std = b.Reciprocal(b.Sqrt(mean(b.Mul(centred, centred))))
         x_hat = b.Mul(centred, inv_std)
         return b.Mul(b.Sub(b.Sub(g, mean(g)), b.Mul(x_hat, mean(b.Mul(g, x_hat)))), inv_std)
+    return (grad,)
+
+
+def lrn(n, g):
+    """y = x ⊙ d^−β, d = bias + α/size · Σ_window x² over a window of channels: ĝ_x = ĝ_y ⊙ d^−β −
+    (2αβ/size) · x ⊙ Σ_{windows holding x} ĝ_y ⊙ y / d (the same window sum, its pads swapped)."""
+    b = n.b
+    size, alpha, beta, bias = n.attr("size"), n.attr("alpha", 1e-4), n.attr("beta", 0.75), n.attr("bias", 1.0)
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2    # channels before and after c in c's window
+
+    def window(v, before, after):
+        """Σ over channels c − before … c + after of v [(K,) N, C, …], as one Conv over [·, 1, C, rest]."""
+        rest = b.ReduceProd(b.Shape(n.raw(0), start=2), keepdims=1)
+        flat = b.Reshape(v, b.Concat(b.i64([-1, 1]), b.Shape(n.raw(0), start=1, end=2), rest, axis=0))
+        summed = b.Conv(flat, b.f32(np.ones([1, 1, size, 1], np.float32)), pads=[before, 0, after, 0])
+        return b.Reshape(summed, b.Shape(v))
+
+    def grad():
+        x = n.x(0)
+        d = b.Add(b.f32(bias), b.Mul(b.f32(alpha / size), window(b.Mul(x, x), lo, hi)))
+        spread = window(b.Div(b.Mul(g, n.y()), d), hi, lo)
+        return b.Sub(b.Mul(g, b.Pow(d, b.f32(-beta))), b.Mul(b.f32(2 * alpha * beta / size), b.Mul(x, spread)))
     return (grad,)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 
-from lrpc.errors import LrpcError
 from lrpc.vjp_common import kept, reduce, reduced_axes, refuse
 
 
 def power(n, g):
+    """y = x^p: ĝ_x = ĝ_y·p·x^(p−1), ĝ_p = ĝ_y·y·ln x where x > 0 (elsewhere y is no real function of p)."""
     b = n.b
 
     def exponent_grad():
-        raise LrpcError(f"node '{n.node.name}' (Pow): an exponent that carries relevance is not supported")
+        x = n.x(0)
+        return b.Mul(g, b.Where(b.Greater(x, b.f32(0.0)), b.Mul(n.y(), b.Log(x)), b.f32(0.0)))
     p = n.x(1)
     return (lambda: b.Mul(g, b.Mul(p, b.Pow(n.x(0), b.Sub(p, b.f32(1.0))))), exponent_grad)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lrpc.vjp_common import refuse
+from lrpc.vjp_conv import explicit_pads
 
 
 def global_average_pool(n, g):
@@ -26,33 +27,29 @@ def global_max_pool(n, g):
 
 
 def _pool_geometry(n):
-    """(kernel, strides, pads, dilations) of a pooling node, auto_pad SAME_* written as explicit pads."""
-    if n.attr("ceil_mode", 0):
-        refuse(n, "ceil_mode=1 is not supported")
+    """(kernel, strides, pads, dilations, ceil_extra) of a pooling node, auto_pad SAME_* written as explicit
+    pads; ceil_mode=1 as floor mode with `ceil_extra` more padding at the end (windows that only the ceiling
+    lets in average over the elements they cover)."""
     kernel = list(n.attr("kernel_shape"))
     k = len(kernel)
     strides, dilations = list(n.attr("strides") or [1] * k), list(n.attr("dilations") or [1] * k)
-    pads, auto_pad = list(n.attr("pads") or [0] * (2 * k)), n.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        dims = n.dims(0)
-        if dims is None or not all(isinstance(d, int) for d in dims[2:]):
-            refuse(n, f"auto_pad={auto_pad} needs static spatial dims")
-        total = [max((-(-d // s) - 1) * s + (kk - 1) * dl + 1 - d, 0)
-                 for d, s, kk, dl in zip(dims[2:], strides, kernel, dilations)]
-        small = [t // 2 for t in total]   # SAME_UPPER puts the odd one at the end
-        pads = (small + [t - h for t, h in zip(total, small)]) if auto_pad == "SAME_UPPER" else \
-            ([t - h for t, h in zip(total, small)] + small)
-    elif auto_pad not in ("NOTSET", "VALID"):
-        refuse(n, f"auto_pad={auto_pad} is not supported")
-    return kernel, strides, pads, dilations
+    pads = explicit_pads(n, kernel, strides, dilations)
+    extra = [0] * k
+    if n.attr("ceil_mode", 0):
+        dims, out = n.dims(0), n.raw_out(0).shape
+        if dims is None or out is None or not all(isinstance(d, int) for d in dims[2:] + list(out)[2:]):
+            refuse(n, "ceil_mode=1 needs static spatial dims")
+        extra = [max(0, (o - 1) * s + dl * (kk - 1) + 1 - d - pb - pe)
+                 for d, o, s, kk, dl, pb, pe in zip(dims[2:], list(out)[2:], strides, kernel, dilations, pads[:k],
+                                                     pads[k:])]
+        pads = pads[:k] + [pe + e for pe, e in zip(pads[k:], extra)]
+    return kernel, strides, pads, dilations, extra
 
 
 def max_pool(n, g):
     """ĝ_x scatter-adds ĝ_y to the argmax of each window (MaxPool's own Indices output, row-major)."""
     b = n.b
-    kernel, strides, pads, dilations = _pool_geometry(n)
-    if n.attr("storage_order", 0):
-        refuse(n, "storage_order=1 is not supported")
+    kernel, strides, pads, dilations, _ = _pool_geometry(n)   # (storage_order only orders the Indices output)
 
     def grad():
         _, indices = b.MaxPool(n.x(0), kernel_shape=kernel, strides=strides, pads=pads, dilations=dilations,
@@ -81,15 +78,19 @@ def _pool_transpose_shape(n, kernel, strides, pads, dilations):
 def average_pool(n, g):
     """ĝ_x = ConvTranspose(ĝ_y / count, ones) per channel, count the elements each window averaged."""
     b = n.b
-    kernel, strides, pads, dilations = _pool_geometry(n)
+    kernel, strides, pads, dilations, ceil_extra = _pool_geometry(n)
     channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
-    spatial = n.dims(0)[2:]
+    spatial, k = n.dims(0)[2:], len(kernel)
     ones = b.f32(np.ones([channels, 1] + kernel, np.float32))
     geometry = dict(strides=strides, pads=pads, dilations=dilations)
 
     def grad():
-        if n.attr("count_include_pad", 0):
+        if n.attr("count_include_pad", 0) and not any(ceil_extra):
             count = b.f32(float(np.prod(kernel)))
+        elif n.attr("count_include_pad", 0):   # the padded input under each window, not what ceil_mode adds
+            padded = [d + pb + pe for d, pb, pe in zip(spatial, pads[:k], [pe - e for pe, e in zip(pads[k:], ceil_extra)])]
+            count = b.Conv(b.f32(np.ones([1, 1] + padded, np.float32)), b.f32(np.ones([1, 1] + kernel, np.float32)),
+                           strides=strides, dilations=dilations, pads=[0] * k + ceil_extra)
         else:  # the elements inside the input under each window: a convolution of ones by ones
             count = b.Conv(b.f32(np.ones([1, 1] + spatial, np.float32)), b.f32(np.ones([1, 1] + kernel, np.float32)),
                            **geometry)
@@ -102,7 +103,7 @@ def lp_pool(n, g):
     """y = (Σ_window |x|^p)^(1/p): ĝ_x = ConvTranspose(ĝ_y ⊙ y^(1−p), ones) ⊙ sign(x)·|x|^(p−1), with 0 where
     a window's y is 0 (every element 0: no direction increases y faster than another)."""
     b, p = n.b, float(n.attr("p", 2))
-    kernel, strides, pads, dilations = _pool_geometry(n)
+    kernel, strides, pads, dilations, _ = _pool_geometry(n)
     channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
 
     def grad():

@@ -1,7 +1,10 @@
-"""VJPs of the ops that scatter or select by index: CumSum, ScatterElements/ScatterND, TopK, MaxUnpool, Compress.
+"""VJPs of the ops that scatter or select by index: CumSum, ScatterElements/ScatterND, TopK, MaxUnpool, Compress,
+TensorScatter.
 Index inputs get no ĝ."""
 
 from __future__ import annotations
+
+import onnx_ir as ir
 
 from lrpc.vjp_common import refuse
 
@@ -15,21 +18,31 @@ def cumsum(n, g):
 def scatter_elements(n, g):
     """data's ĝ is ĝ_y with the overwritten positions zeroed (all of ĝ_y with reduction=add);
     the updates' ĝ is ĝ_y read at their positions."""
-    b, reduction, axis = n.b, n.attr("reduction", "none"), n.attr("axis", 0)
-    if reduction not in ("none", "add"):
-        refuse(n, f"reduction={reduction} is not supported")
-    data = (lambda: g) if reduction == "add" else \
-        (lambda: b.ScatterElements(g, n.raw(1), n.zeros_like(b.Shape(n.raw(2))), axis=n.grad_axis(axis)))
-    return (data, None, lambda: b.GatherElements(g, n.raw(1), axis=n.grad_axis(axis)))
+    b, axis = n.b, n.grad_axis(n.attr("axis", 0))
+    return _scatter(n, g, lambda v, u, **kw: b.ScatterElements(v, n.raw(1), u, axis=axis, **kw),
+                    lambda v: b.GatherElements(v, n.raw(1), axis=axis))
 
 
 def scatter_nd(n, g):
+    b = n.b
+    return _scatter(n, g, lambda v, u, **kw: b.ScatterND(v, n.raw(1), u, **kw), lambda v: b.GatherND(v, n.raw(1)))
+
+
+def _scatter(n, g, scatter, gather):
+    """The VJPs of a scatter (`scatter(v, updates, reduction=…)` / `gather(v)` at the node's indices). With
+    reduction max/min ĝ_y goes to the data or updates equal to y, split evenly between ties."""
     b, reduction = n.b, n.attr("reduction", "none")
-    if reduction not in ("none", "add"):
+    if reduction == "add":
+        return (lambda: g, None, lambda: gather(g))
+    if reduction == "none":
+        return (lambda: scatter(g, n.zeros_like(b.Shape(n.raw(2)))), None, lambda: gather(g))
+    if reduction not in ("max", "min"):
         refuse(n, f"reduction={reduction} is not supported")
-    data = (lambda: g) if reduction == "add" else \
-        (lambda: b.ScatterND(g, n.raw(1), n.zeros_like(b.Shape(n.raw(2)))))
-    return (data, None, lambda: b.GatherND(g, n.raw(1)))
+    y = n.y()
+    hit_data = n.cached("hit_data", lambda: b.Cast(b.Equal(n.x(0), y), to=1))
+    hit_updates = n.cached("hit_updates", lambda: b.Cast(b.Equal(n.x(2), gather(y)), to=1))
+    share = n.cached("share", lambda: b.Div(g, scatter(hit_data(), hit_updates(), reduction="add")))
+    return (lambda: b.Mul(share(), hit_data()), None, lambda: b.Mul(gather(share()), hit_updates()))
 
 
 def top_k(n, g):
@@ -46,9 +59,7 @@ def top_k(n, g):
 def max_unpool(n, g):
     """y[indices[j]] = x[j] (flat indices over the whole tensor): ĝ_x = ĝ_y read at the indices."""
     b = n.b
-    if len(n.inputs) > 2 and n.inputs[2] is not None:
-        refuse(n, "an explicit output_shape is not supported")
-    flat = b.i64([-1])
+    flat = b.i64([-1])   # (an explicit output_shape only sizes y: the indices are flat indices into it)
     return (lambda: b.Reshape(b.Gather(b.Reshape(g, flat), b.Reshape(n.raw(1), flat)), b.Shape(n.raw(0))),
             None, None)
 
@@ -71,3 +82,35 @@ def compress(n, g):
         index = b.Expand(b.Reshape(picked, b.i64([1] * a + [-1] + [1] * (r - a - 1))), b.Shape(g))
         return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g, axis=n.grad_axis(a))
     return (grad, None)
+
+
+def tensor_scatter(n, g):
+    """y = the cache with `update` written at write_indices[b] + i along `axis` (mod the cache length when
+    circular): the cache's ĝ is ĝ_y with the written positions zeroed, the update's ĝ_y read there."""
+    b = n.b
+    r = n.rank(0)
+    if r is None:
+        refuse(n, "the rank of the cache must be known")
+    axis = n.attr("axis", -2) % r
+    if axis == 0:
+        refuse(n, "axis 0 is the batch axis")
+    cache, update = n.raw(0), n.raw(1)
+
+    def positions():
+        """The cache index of every update element along the axis, shaped like ĝ of the update."""
+        seq = b.Reshape(b.Gather(b.Shape(update), b.i64([axis])), b.i64([]))
+        start = b.Cast(n.raw(2), to=7) if len(n.inputs) > 2 and n.inputs[2] is not None else \
+            b.ConstantOfShape(b.Shape(update, end=1), value=ir.tensor([0], dtype=ir.DataType.INT64))
+        index = b.Add(b.Unsqueeze(start, b.i64([1])), b.Range(b.i64(0), seq, b.i64(1)))            # [B, seq]
+        if n.attr("mode", "linear") == "circular":
+            index = b.Mod(index, b.Gather(b.Shape(cache), b.i64([axis])))
+        shaped = b.Reshape(index, b.i64([0] + [1] * (axis - 1) + [-1] + [1] * (r - axis - 1)))
+        target = b.Shape(update) if not n.lead else b.Concat(n.k_shape, b.Shape(update), axis=0)
+        return b.Expand(shaped, target)
+
+    def grad_cache():
+        kept = b.TensorScatter(b.ConstantOfShape(b.Shape(cache), value=ir.tensor([1.0], dtype=ir.DataType.FLOAT)),
+                               n.zeros_like(b.Shape(update)), *([n.raw(2)] if len(n.inputs) > 2 else []),
+                               axis=axis, mode=n.attr("mode", "linear"))
+        return b.Mul(g, kept)
+    return (grad_cache, lambda: b.GatherElements(g, positions(), axis=n.grad_axis(axis)), None)

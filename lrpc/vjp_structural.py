@@ -33,13 +33,13 @@ def slice_(n, g):
     has = lambda i: len(n.inputs) > i and n.inputs[i] is not None  # noqa: E731
     count = len(n.const(1)) if n.const(1) is not None else None
     axes_const = n.const(3) if has(3) else (np.arange(count) if count is not None else None)
-    if axes_const is None and not has(3):
-        raise LrpcError(f"node '{n.node.name}' (Slice): run-time starts without axes are not supported")
+    if axes_const is None and not has(3):   # run-time starts without axes
+        return (lambda: _slice_by_ramp(n, g),)
     axes = b.Cast(n.raw(3), to=7) if has(3) else b.i64(list(axes_const))
     steps = n.const(4) if has(4) else np.ones(1, np.int64)
     if steps is None or np.any(steps != 1):
         if r is None or axes_const is None:
-            raise LrpcError(f"node '{n.node.name}' (Slice): a strided slice needs a known rank and constant axes")
+            return (lambda: _slice_by_ramp(n, g),)
         return (lambda: _slice_scatter(n, g, starts, ends, [int(a) % r for a in axes_const]),)
 
     static = _static_slice_pads(n, axes_const)
@@ -108,6 +108,18 @@ def _slice_scatter(n, g, starts, ends, axes: list[int]):
                           *([b.Shape(grad, start=axis + 1)] if axis + 1 < r else []), axis=0)
         grad = b.ScatterElements(n.zeros_like(target), index, grad, axis=axis)
     return grad
+
+
+def _slice_by_ramp(n, g):
+    """Any slice (run-time axes and steps too): the flat indices it reads are the same Slice of a ramp over x;
+    ĝ_x scatters ĝ_y back to them (with a K axis, each of its K rows alike)."""
+    b, x = n.b, n.raw(0)
+    size = b.Size(x)
+    read = b.Slice(b.Reshape(b.Range(b.i64(0), size, b.i64(1)), b.Shape(x)), *n.inputs[1:])
+    flat = b.Reshape(g, b.Concat(n.k_shape, b.i64([-1]), axis=0) if n.lead else b.i64([1, -1]))
+    index = b.Expand(b.Reshape(read, b.i64([1, -1])), b.Shape(flat))
+    zeros = n.zeros_like(b.Concat(b.Shape(flat, end=1), b.Reshape(size, b.i64([1])), axis=0))
+    return b.Reshape(b.ScatterElements(zeros, index, flat, axis=1), n.grad_shape(0))
 
 
 def gather(n, g):
