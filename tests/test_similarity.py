@@ -128,6 +128,22 @@ def test_encoder_default_target_is_refused_and_similar_to_explains(tmp_path):
     np.testing.assert_allclose(first.relevances["hidden"], want, rtol=1e-4, atol=1e-6)
 
 
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from lrpc.cli import main
+    source = _encoder(tmp_path / "encoder.onnx")
+    x, m = _feed()
+    np.savez(tmp_path / "x.npz", hidden=x, attention_mask=m)
+    cache = ["--cache", str(tmp_path / "cache")]
+    for args, message in [(["--text", "a", "--similar-to", "b", "--target", "3"], "drop --target"),
+                          (["--text", "a", "--text", "b", "--similar-to", "c"], "give one --text"),
+                          (["--input", str(tmp_path / "x.npz"), "--similar-to", "c"], "drop --input"),
+                          (["--input", str(tmp_path / "x.npz")], "--similar-to"),
+                          (["--text", "a", "--image", "b.png"], "not an image–text dual encoder")]:
+        assert main(["explain", str(source), *args, *cache]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
 # ---- Hugging Face folders: random heads, and the similarity against torch autograd -------------------
 
 torch = pytest.importorskip("torch")

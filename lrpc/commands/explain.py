@@ -85,7 +85,8 @@ def run(args) -> int:
         return corpus_run.run_cli(args)
     if args.png:
         require("matplotlib", purpose="--png")
-    sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
+    similar_file = [args.similar_to] if args.similar_to and Path(args.similar_to).is_file() else []   # an image
+    sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []), *similar_file)
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
     spec = {"target": args.target, "contrast": args.contrast, "position": args.position, "top_k": args.top_k}
