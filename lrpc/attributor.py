@@ -308,7 +308,8 @@ class Attributor:
         logits = None
         if target is None and not top_k and self.hidden_states:
             raise LrpcError(f"output '{ex.explained}' is an encoder's hidden states, with no predicted class: give "
-                            "--similar-to TEXT (explain a similarity), --target UNIT, or a model with a head")
+                            "--similar-to TEXT (Attributor.similarity: explain a similarity), --target UNIT, or a "
+                            "model with a head")
         if target is None or top_k or (contrast is not None and target is None):
             y = ex.forward(feed)[ex.explained].astype(np.float32)
             logits = y[np.arange(n), positions] if self.rank == 3 else y

@@ -136,7 +136,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     cache = ["--cache", str(tmp_path / "cache")]
     for args, message in [(["--text", "a", "--similar-to", "b", "--target", "3"], "drop --target"),
                           (["--text", "a", "--text", "b", "--similar-to", "c"], "give one --text"),
-                          (["--input", str(tmp_path / "x.npz"), "--similar-to", "c"], "drop --input"),
+                          (["--input", str(tmp_path / "x.npz"), "--similar-to", "c"], "drop the other inputs"),
+                          (["--text", "a", "--pooling", "cls"], "give --similar-to B"),
                           (["--input", str(tmp_path / "x.npz")], "--similar-to"),
                           (["--text", "a", "--image", "b.png"], "not an image–text dual encoder")]:
         assert main(["explain", str(source), *args, *cache]) == 2

@@ -77,6 +77,8 @@ def run(args) -> int:
         raise LrpcError("give exactly one of --text, --image, --input, --file (or --image with --text: a dual "
                         "encoder's image–text similarity)")
     similarity = dual or args.similar_to is not None
+    if args.pooling and args.similar_to is None:
+        raise LrpcError("--pooling says how --similar-to pools an encoder: give --similar-to B, or drop --pooling")
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size")
@@ -155,7 +157,7 @@ def _similarity(args, spec):
         raise LrpcError(f"a similarity is the explained value: drop {', '.join(used)}")
     if args.similar_to is not None:
         if args.input or args.file or args.image and args.text:
-            raise LrpcError("--similar-to compares one --text or one --image with B: drop --input / --file")
+            raise LrpcError("--similar-to compares one --text or one --image with B: drop the other inputs")
         first = args.text or args.image
         if len(first) != 1:
             raise LrpcError("give one --text (or --image) to compare with --similar-to")
