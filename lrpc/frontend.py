@@ -12,11 +12,14 @@ import onnx
 from lrpc.errors import LrpcError, require
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
-         "image-classification")
+         "image-classification", "clip-image", "clip-text")
 # transformers Auto class per task
 AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
               "feature-extraction": "AutoModel", "sentence-similarity": "AutoModel",
-              "image-classification": "AutoModelForImageClassification"}
+              "image-classification": "AutoModelForImageClassification",
+              "clip-image": "AutoModel", "clip-text": "AutoModel"}   # a CLIP-style dual encoder: one tower each
+OUTPUT_NAME = {"feature-extraction": "last_hidden_state", "clip-image": "image_embedding",
+               "clip-text": "text_embedding"}
 
 
 def _require_torch():
@@ -73,8 +76,14 @@ def infer_task(config: dict) -> str:
     return "feature-extraction"
 
 
-def hf_module(model_dir: Path, task: str | None = None):
-    """A local Hugging Face folder as a torch module with plain tensor outputs, and example inputs."""
+HEAD_TASKS = ("causal-lm", "sequence-classification")   # tasks whose output layer a checkpoint may lack
+
+
+def hf_module(model_dir: Path, task: str | None = None, *, hf_output: str | None = None,
+              allow_random_head: bool = False):
+    """A local Hugging Face folder as a torch module with plain tensor outputs, and example inputs.
+    hf_output: the model output to return instead of the task's (`pooler_output`). A head the checkpoint
+    lacks (transformers initialises it at random) is refused unless allow_random_head."""
     _require_torch()
     import transformers
 
@@ -88,31 +97,50 @@ def hf_module(model_dir: Path, task: str | None = None):
         raise LrpcError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = getattr(transformers, AUTO_CLASS[task])
+    quiet = transformers.utils.logging   # lrpc reports missing weights itself, in one line
+    verbosity, bars = quiet.get_verbosity(), quiet.is_progress_bar_enabled()
+    quiet.set_verbosity_error()
+    quiet.disable_progress_bar()
     try:
-        model = auto.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+        model, loading = auto.from_pretrained(str(model_dir), attn_implementation="eager", output_loading_info=True)
     except Exception as exc:
         raise LrpcError(f"transformers cannot load {model_dir} as {task}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        quiet.set_verbosity(verbosity)
+        if bars:
+            quiet.enable_progress_bar()
+    model.eval()
+    missing = sorted(loading.get("missing_keys") or ())
+    if task in HEAD_TASKS and missing and not allow_random_head:
+        raise LrpcError(f"{model_dir} has no trained weights for the {task} head ({len(missing)} missing, e.g. "
+                        f"{missing[0]}): its output would be random; give the folder of a model trained for "
+                        f"{task}, use --task feature-extraction, or pass --allow-random-head to explain it anyway")
     if task == "image-classification":
         size = getattr(model.config, "image_size", 224)
         return hf.HFImageModel(model), hf.image_inputs(2, size=size)
+    if task == "clip-image":
+        return hf.HFClipImageTower(model), hf.image_inputs(2, size=model.config.vision_config.image_size)
+    if task == "clip-text":
+        ids = hf.token_inputs(2, 7, vocab=model.config.text_config.vocab_size, with_mask=False)
+        return hf.HFClipTextTower(model), ids
     vocab = getattr(model.config, "vocab_size", 100)
     inputs = hf.token_inputs(2, 7, vocab=vocab)
     if task == "sentence-similarity":
         return hf.HFSentenceEmbedder(model), inputs
-    output = "last_hidden_state" if task == "feature-extraction" else "logits"
-    return hf.HFTokenModel(model, output=output), inputs
+    return hf.HFTokenModel(model, output=hf_output or OUTPUT_NAME.get(task, "logits")), inputs
 
 
 def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str | os.PathLike | None = None,
-              opset: int | None = None, force: bool = False, inputs=()) -> onnx.ModelProto:
+              opset: int | None = None, force: bool = False, inputs=(), hf_output: str | None = None,
+              allow_random_head: bool = False) -> onnx.ModelProto:
     """Export a local Hugging Face folder or a zoo name to ONNX (with `output`, written through
     lrpc.safeio; `inputs`: paths the output must not replace)."""
     from lrpc import models
     path = Path(model)
     if path.is_dir():
-        module, example = hf_module(path, task)
-        names = ["logits" if (task or "") != "feature-extraction" else "last_hidden_state"]
-    elif str(model) in models.names():
+        module, example = hf_module(path, task, hf_output=hf_output, allow_random_head=allow_random_head)
+        names = [hf_output or OUTPUT_NAME.get(task or "", "logits")]
+    elif models.known(str(model)):
         entry = models.get(str(model))
         module, example = entry.build()
         names = [entry.output_name]
@@ -125,3 +153,24 @@ def export_hf(model: str | os.PathLike, *, task: str | None = None, output: str 
         from lrpc.loading import save_model
         save_model(ir.serde.deserialize_model(proto), output, force=force, inputs=inputs)
     return proto
+
+
+DUAL_TOWERS = ("image", "text")   # the towers of an image–text dual encoder (CLIP)
+
+
+def tower_sources(model) -> dict[str, tuple[str, str | None]] | None:
+    """{tower: (model source, task)} of a dual encoder — a zoo name (lrpc.models.TOWERS) or a Hugging Face
+    CLIPModel folder — else None."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    config = Path(model) / "config.json"
+    if Path(model).exists():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        except ValueError:
+            model_type = None
+        return {kind: (str(model), f"clip-{kind}") for kind in DUAL_TOWERS} if model_type == "clip" else None
+    from lrpc import models
+    if str(model) in models.TOWERS:
+        return {kind: (entry.name, None) for kind, entry in models.TOWERS[str(model)].items()}
+    return None

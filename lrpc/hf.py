@@ -79,3 +79,32 @@ def image_inputs(batch: int, *, size: int, seed: int = 1234) -> dict[str, torch.
     """Deterministic ``pixel_values`` [batch, 3, size, size]."""
     g = torch.Generator().manual_seed(seed)
     return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+class HFClipImageTower(nn.Module):
+    """The image tower of a CLIP-style dual encoder: pixel_values -> its L2-normalised projected embedding,
+    so ⟨image tower, text embedding⟩ is the model's image–text similarity (before the logit scale)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _normalised(self.hf_model.get_image_features(pixel_values=pixel_values))
+
+
+class HFClipTextTower(nn.Module):
+    """The text tower of a CLIP-style dual encoder: input_ids -> its L2-normalised projected embedding
+    (pooled where the model pools: at the end-of-text token)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return _normalised(self.hf_model.get_text_features(input_ids=input_ids))
+
+
+def _normalised(features) -> torch.Tensor:
+    features = getattr(features, "pooler_output", features)   # transformers ≥ 5 returns an output object
+    return features / features.norm(dim=-1, keepdim=True)

@@ -19,9 +19,10 @@ class Attribution:
     relevance: relevance of the main attributed input for this input alone (padding removed): one
         value per token for token ids, the input's shape (without batch) for float inputs (images:
         [channels, height, width]).
-    tokens: the tokens (None when unknown). target: the explained class / token index; target_label
-        says it in words (with the contrast, if any). logit: the explained value s (y_A − y_B for a
-        contrast). latent: per-layer relevance per token ({layer label: [tokens]}) with `layers`.
+    tokens: the tokens (None when unknown). target: the explained class / token index (None for a seed
+        vector: an embedding's similarity to another); target_label says it in words (with the contrast,
+        if any). logit: the explained value s (y_A − y_B for a contrast). latent: per-layer relevance per
+        token ({layer label: [tokens]}) with `layers`.
     index: which input of the call this explains (0-based, in a batch file among its non-blank lines; top-k
         rows of one input share it); line: its 1-based line number in a batch file
         (`Attributor.attribute_file`), else None. token_ids: the token ids; offsets: each token's
@@ -31,7 +32,7 @@ class Attribution:
 
     relevance: np.ndarray
     tokens: list[str] | None
-    target: int
+    target: int | None
     logit: float
     target_label: str = ""
     contrast: int | None = None

@@ -8,10 +8,12 @@
 
 from .zoo import (  # noqa: F401
     TASKS,
+    TOWERS,
     ZOO,
     ZooEntry,
     get,
     image_inputs,
+    known,
     minilm_dir,
     minilm_inputs,
     minilm_tokenizer,
@@ -19,5 +21,5 @@ from .zoo import (  # noqa: F401
     token_inputs,
 )
 
-__all__ = ["TASKS", "ZOO", "ZooEntry", "get", "names", "minilm_dir", "minilm_tokenizer", "minilm_inputs",
+__all__ = ["TASKS", "TOWERS", "ZOO", "ZooEntry", "get", "known", "names", "minilm_dir", "minilm_tokenizer", "minilm_inputs",
            "token_inputs", "image_inputs"]

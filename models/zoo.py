@@ -345,12 +345,55 @@ def llama_bench(layers: int = 8, hidden: int = 512) -> ZooEntry:
 BENCH: dict[str, ZooEntry] = {e.name: e for e in [llama_bench()]}
 
 
+# --------------------------------------------------------------------------------------------
+# dual encoders: one name (`lrpc explain clip --image … --text …`), one entry per tower, both towers of
+# the same random-weight model (not in names(): a tower alone has no golden plan of its own)
+# --------------------------------------------------------------------------------------------
+
+CLIP_SEED = 15
+
+
+def _clip_tower(kind: str):
+    def build():
+        import torch
+        torch.manual_seed(CLIP_SEED)   # the same weights for both towers, whichever is built
+        tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     projection_dim=16, initializer_range=0.1)
+        m = _hf("CLIPModel", "CLIPConfig", projection_dim=16,
+                text_config=dict(tower, vocab_size=VOCAB, max_position_embeddings=64, **_COMMON_TOKENS),
+                vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8))
+        from lrpc import hf
+        return hf.HFClipImageTower(m) if kind == "image" else hf.HFClipTextTower(m)
+    return build
+
+
+def _clip_text(b, s, *, seed=1234):
+    return token_inputs(b, s, seed=seed, with_mask=False)
+
+
+TOWERS: dict[str, dict[str, ZooEntry]] = {
+    "clip": {
+        "image": ZooEntry("clip-image", "clip", "clip-image", _clip_tower("image"), _img,
+                          attributed=("pixel_values",), output_name="image_embedding"),
+        "text": ZooEntry("clip-text", "clip", "clip-text", _clip_tower("text"), _clip_text,
+                         output_name="text_embedding",
+                         notes="pools at the highest token id, as the original CLIP (eos_token_id 2)"),
+    },
+}
+_TOWER_ENTRIES = {e.name: e for towers in TOWERS.values() for e in towers.values()}
+
+
 def names() -> list[str]:
     return list(ZOO)
 
 
+def known(name: str) -> bool:
+    """Whether `name` is a model the zoo builds (names(), the benchmark workloads, the dual-encoder towers)."""
+    return name in ZOO or name in BENCH or name in _TOWER_ENTRIES
+
+
 def get(name: str) -> ZooEntry:
-    try:
-        return ZOO[name] if name in ZOO else BENCH[name]
-    except KeyError:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None
+    for table in (ZOO, BENCH, _TOWER_ENTRIES):
+        if name in table:
+            return table[name]
+    raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -113,17 +114,30 @@ def test_hf_folder_export_and_compile(tmp_path):
         assert np.allclose(a.outputs["logits"], module(**inputs).numpy(), atol=1e-5)
 
 
-def test_main_job_explains_similarity(tmp_path):
-    from lrpc.demo import explain_similarity, run_demo
-    tokens, relevance, cosine, result = explain_similarity(
-        "A man is playing a guitar.", "Someone plays an instrument on stage.", cache=tmp_path)
+def test_main_job_explains_similarity(tmp_path, capsys):
+    """`lrpc demo` (the zoo's MiniLM sentence encoder, pooled in torch) and `lrpc explain FOLDER --similar-to`
+    (the generic path: the trained MiniLM's Hugging Face folder, BertModel exported, mean pooling read from its
+    sentence-transformers metadata and appended in ONNX) give the same numbers."""
+    from lrpc.cli import main
+    from lrpc.demo import explain_similarity, minilm_tokenizer, run_demo
+    pair = ("A man is playing a guitar.", "Someone plays an instrument on stage.")
+    tokens, relevance, cosine, _ = explain_similarity(*pair, cache=tmp_path)
     assert tokens[0][0] == "[CLS]" and tokens[0][-1] == "[SEP]"
     assert len(relevance[0]) == len(tokens[0]) and len(relevance[1]) == len(tokens[1])
-    # padding of the shorter sentence carries exactly zero relevance
-    n = len(tokens[0])
-    assert np.all(result.relevance["input_ids"][0, n:] == 0)
-    # the explained value is the cosine similarity of the normalised embeddings
-    assert np.allclose(result.logit, cosine, atol=1e-5)
+    assert main(["explain", str(models.minilm_dir()), "--text", pair[0], "--similar-to", pair[1], "--json",
+                 "--cache", str(tmp_path)]) == 0
+    docs = json.loads(capsys.readouterr().out)
+    assert len(docs) == 2
+    for doc, tok, rel in zip(docs, tokens, relevance):
+        assert doc["tokens"] == tok and doc["target_label"].startswith("similarity with")
+        assert np.abs(np.array(doc["relevance"]) - rel).max() <= 1e-4 * np.abs(rel).max()
+        assert doc["conservation"]["explained_value"] == pytest.approx(cosine, abs=1e-5)
+    # the explained value is the cosine similarity of the sentence embeddings torch computes
+    module, _ = models.get("minilm-sentence").build()
+    with torch.no_grad():
+        a, b = (module(torch.tensor([e.ids]), torch.tensor([e.attention_mask]))[0]
+                for e in minilm_tokenizer().encode_batch(list(pair)))
+    assert cosine == pytest.approx(float(a @ b), abs=1e-5)
     # what the relevance sums to: AttnLRP on BERT loses what biases and position embeddings absorb
     for r in relevance:
         assert 0.3 * cosine < r.sum() < 1.1 * cosine

@@ -52,7 +52,8 @@ def model_source(source: str, args):
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():
         from lrpc.frontend import export_hf
-        return export_hf(path, task=getattr(args, "task", None))
+        return export_hf(path, task=getattr(args, "task", None),
+                         allow_random_head=getattr(args, "allow_random_head", False))
     return source
 
 

@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
                    "methods); relevance is still relevance.<ids>")
     p.add_argument("--task", help="task for a Hugging Face folder (causal-lm, sequence-classification, "
                    "feature-extraction, sentence-similarity, image-classification)")
+    p.add_argument("--allow-random-head", action="store_true", help="compile a Hugging Face folder for a --task "
+                   "whose head its checkpoint lacks (transformers initialises it at random; refused otherwise)")
     add_force_option(p, "-o (and its .data file)")
     p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
                    "during the relevance pass: memory grows like √layers for one extra forward")

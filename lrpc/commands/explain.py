@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   lrpc explain model.onnx --tokenizer DIR --text "…" --target mat
   lrpc explain llama --text "the cat sat on the" --layers --png layers.png
   lrpc explain hf-vit --image cat.png --png cat-lrp.png
+  lrpc explain clip --image cat.png --text "a cat" --html r.html  # image–text similarity, both towers
+  lrpc explain ENCODER_DIR --text "a man plays guitar" --similar-to "someone makes music"
   lrpc explain model.onnx --input inputs.npz --json
   lrpc explain bert --file inputs.jsonl --json > results.jsonl    # one {"text": …} per line
   lrpc explain llama --text "the cat sat on the" --generate 8 --html gen.html   # attribute a generated answer
@@ -29,6 +31,14 @@ def add_arguments(p) -> None:
     source.add_argument("--input", metavar="FILE.npz", help="arrays named like the model's inputs (with a batch axis)")
     source.add_argument("--file", metavar="FILE.jsonl", help='many inputs, one JSON object a line: {"text": …} or '
                         '{"image": PATH} or {"npz": PATH}, optionally with "target", "contrast", "position", "top_k"')
+    sim = p.add_argument_group("similarity (the cosine similarity of two embeddings, explained over each input)")
+    sim.add_argument("--similar-to", metavar="B", help="explain why --text (or --image) is similar to B (a text, "
+                     "or an image file) for an encoder: pooled, L2-normalised embeddings")
+    sim.add_argument("--pooling", choices=("mean", "cls", "pooler"), help="how --similar-to pools the encoder's "
+                     "hidden states (default: the folder's sentence-transformers pooling, else mean)")
+    sim.add_argument("--towers", choices=("both", "image", "text"), default="both",
+                     help="--image with --text on a dual encoder (CLIP): explain their similarity over the "
+                     "image, the text, or both (default)")
     t = p.add_argument_group("target (default: the predicted class / next token)")
     t.add_argument("--target", metavar="T", help="a class index, a label, or a token string")
     t.add_argument("--top-k", type=int, metavar="K", help="explain the K highest-scoring classes (one batch)")
@@ -62,13 +72,16 @@ def run(args) -> int:
     from pathlib import Path
 
     from lrpc import safeio
-    from lrpc.attributor import Attributor
     from lrpc.errors import LrpcError, require
-    from lrpc.inputs import read_npz
-    from lrpc.results import Attributions, json_text
+    from lrpc.results import json_text
     given = [x for x in (args.text, args.image, args.input, args.file) if x]
-    if len(given) != 1:
-        raise LrpcError("give exactly one of --text, --image, --input, --file")
+    dual = bool(args.text and args.image)
+    if len(given) != 1 and not (dual and len(given) == 2):
+        raise LrpcError("give exactly one of --text, --image, --input, --file (or --image with --text: a dual "
+                        "encoder's image–text similarity)")
+    similarity = dual or args.similar_to is not None
+    if args.pooling and args.similar_to is None:
+        raise LrpcError("--pooling says how --similar-to pools an encoder: give --similar-to B, or drop --pooling")
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size", "generate")
@@ -78,7 +91,8 @@ def run(args) -> int:
             raise LrpcError("--generate explains one prompt, not a corpus: drop the corpus options (--out, …)")
         clashing = [flag for flag, value in (("--target", args.target), ("--top-k", args.top_k),
                                              ("--position", args.position), ("--contrast", args.contrast),
-                                             ("--layers", args.layers), ("--latent", args.latent)) if value]
+                                             ("--layers", args.layers), ("--latent", args.latent),
+                                             ("--image", args.image), ("--similar-to", args.similar_to)) if value]
         if clashing or not args.text or len(args.text) != 1:
             raise LrpcError("--generate explains the tokens the model generates after one --text prompt: "
                             + (f"drop {', '.join(clashing)}" if clashing else "give exactly one --text"))
@@ -86,30 +100,14 @@ def run(args) -> int:
         return corpus_run.run_cli(args)
     if args.png:
         require("matplotlib", purpose="--png")
-    sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []))
+    similar_file = [args.similar_to] if args.similar_to and Path(args.similar_to).is_file() else []   # an image
+    sources = safeio.input_files(args.model, args.tokenizer, args.input, args.file, *(args.image or []), *similar_file)
     for path in filter(None, [args.html, args.png]):
         safeio.check_output(path, force=args.force, inputs=sources)
-    attributor = Attributor(args.model, tokenizer=args.tokenizer, preset=args.preset, layers=args.layers,
-                            latent=args.latent, task=args.task, cache=args.cache)
     if args.generate is not None:
-        return _generation(attributor.generate(args.text[0], args.generate), args, sources)
+        return _generation(_attributor(args).generate(args.text[0], args.generate), args, sources)
     spec = {"target": args.target, "contrast": args.contrast, "position": args.position, "top_k": args.top_k}
-    if args.file:
-        from rich.console import Console
-        from rich.progress import Progress
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("explaining", total=None)
-            results = attributor.attribute_file(args.file, batch_size=args.batch_size,
-                                                progress=lambda k: bar.advance(task, k), **spec)
-    else:
-        if args.text:
-            inputs, image = args.text, None
-        elif args.image:
-            inputs, image = None, args.image
-        else:
-            inputs, image = read_npz(Path(args.input)), None
-        results = Attributions(_as_list(attributor.attribute(inputs, image=image, batch_size=args.batch_size,
-                                                             **spec)))
+    results = _similarity(args, spec) if similarity else _attribute(args, spec)
     if args.json:
         docs = results.to_dicts()
         if args.file:
@@ -149,6 +147,62 @@ def _generation(generation, args, sources) -> int:
     if args.png:
         print(f"PNG: {generation.save_png(args.png, force=args.force, inputs=sources)}", file=where)
     return 0
+
+
+def _attributor(args):
+    from lrpc.attributor import Attributor
+    return Attributor(args.model, tokenizer=args.tokenizer, preset=args.preset, layers=args.layers,
+                      latent=args.latent, task=args.task, cache=args.cache)
+
+
+def _attribute(args, spec):
+    """One model's inputs (--text, --image, --input or --file) for their targets."""
+    from pathlib import Path
+
+    from lrpc.inputs import read_npz
+    from lrpc.results import Attributions
+    attributor = _attributor(args)
+    if args.file:
+        from rich.console import Console
+        from rich.progress import Progress
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("explaining", total=None)
+            return attributor.attribute_file(args.file, batch_size=args.batch_size,
+                                             progress=lambda k: bar.advance(task, k), **spec)
+    if args.text:
+        inputs, image = args.text, None
+    elif args.image:
+        inputs, image = None, args.image
+    else:
+        inputs, image = read_npz(Path(args.input)), None
+    return Attributions(_as_list(attributor.attribute(inputs, image=image, batch_size=args.batch_size, **spec)))
+
+
+def _similarity(args, spec):
+    """--text/--image with --similar-to (any encoder), or --image with --text (a dual encoder): their
+    similarity explained over each input (lrpc.Similarity)."""
+    from lrpc.attributor import Similarity, dual_encoder
+    from lrpc.errors import LrpcError
+    used = [f"--{name.replace('_', '-')}" for name, value in spec.items() if value is not None]
+    used += [flag for flag, value in (("--layers", args.layers), ("--latent", args.latent)) if value]
+    if used:
+        raise LrpcError(f"a similarity is the explained value: drop {', '.join(used)}")
+    if args.similar_to is not None:
+        if args.input or args.file or args.image and args.text:
+            raise LrpcError("--similar-to compares one --text or one --image with B: drop the other inputs")
+        first = args.text or args.image
+        if len(first) != 1:
+            raise LrpcError("give one --text (or --image) to compare with --similar-to")
+        model = Similarity(args.model, pooling=args.pooling, tokenizer=args.tokenizer, task=args.task,
+                           preset=args.preset, cache=args.cache)
+        return model.attribute(first[0], args.similar_to)
+    if len(args.image) != 1 or len(args.text) != 1:
+        raise LrpcError("give one --image and one --text to compare")
+    if args.pooling or args.task:
+        raise LrpcError("a dual encoder pools in its own towers: drop --pooling / --task")
+    towers = None if args.towers == "both" else (args.towers,)
+    model = dual_encoder(args.model, tokenizer=args.tokenizer, preset=args.preset, cache=args.cache)
+    return model.attribute(args.image[0], args.text[0], towers=towers)
 
 
 def _as_list(result) -> list:

@@ -16,6 +16,8 @@ def run(args) -> int:
     from lrpc import models
     rows = [{"name": e.name, "family": e.family, "task": e.task, "exporters": list(e.exporters)}
             for e in (models.get(n) for n in models.names())]
+    rows += [{"name": name, "family": name, "task": "image-text-similarity",
+              "exporters": list(next(iter(towers.values())).exporters)} for name, towers in models.TOWERS.items()]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
