@@ -23,7 +23,7 @@ from lrpc.errors import LrpcError  # noqa: E402
 
 import reference_lrp as ref  # noqa: E402
 from oracles import relative_error  # noqa: E402
-from test_attnlrp_reference import export, seeded  # noqa: E402
+from test_attnlrp_reference import decoder  # noqa: E402,F401  (the tiny AttnLRP reference decoder, exported)
 
 TOL = 1e-5
 HEADS = {"gpt2": 4, "llama": 4, "bert": 4}
@@ -104,23 +104,8 @@ def test_gxi_unit_relevance_matches_autograd(zoo_export, name, exporter):
         assert relative_error(got.relevance[key], ref_value) <= TOL, key
 
 
-@pytest.fixture(scope="module")
-def decoder():
-    model = seeded(lambda: ref.TinyDecoder(40, 16, 2, 24, 2, rotary=True, bias=False), 7)
-
-    class Plain(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids, False)
-
-    return model, export(Plain().eval(), torch.randint(0, 40, (2, 7)), input_name="input_ids")
-
-
 def test_attnlrp_unit_relevance_matches_reference(decoder):
-    model, proto = decoder
+    model, proto, _ = decoder
     ids = np.random.default_rng(3).integers(0, 40, size=(2, 8)).astype(np.int64)
     target, position = [3, 21], [1, -3]
     explainer = lrpc.Explainer(lrpc.compile(proto, components="mlp,heads,residual"))
