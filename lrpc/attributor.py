@@ -60,11 +60,12 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None):
+                 image_std=None, components: str | None = None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
         self.layer_labels: dict[str, str] = {}
+        self.activations: dict[str, str] = {}
         if isinstance(model, Explainer):
             self.explainer = model
         elif is_explainer(model):
@@ -74,7 +75,8 @@ class Attributor:
             self.explainer = Explainer(model, providers, threads, session_config=session_config)
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
-                                            output_name=output_name, cache=cache)
+                                            output_name=output_name, cache=cache, components=components)
+            self.activations = info.get("activations", {})   # component → its tensor among the outputs
             self.layer_labels = dict(info.get("layers") or [])
             self.explainer = Explainer(path, providers, threads, session_config=session_config)
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
@@ -280,6 +282,16 @@ class Attributor:
         return results[0] if len(results) == 1 and not top_k and len(items) == 1 else results
 
     __call__ = attribute
+
+    def components(self, texts) -> dict[str, np.ndarray]:
+        """Relevance of every unit of the components this Attributor was made with (`components="mlp,heads"`)
+        for each text's own prediction: {"mlp.0": [texts, units], …} (docs/design.md, "Components and
+        interventions")."""
+        if not self.activations:
+            raise LrpcError('this Attributor has no components: create it with components="mlp,heads,residual"')
+        from lrpc.atlas import sample_scores
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return {name: s["rel"] for name, s in sample_scores(self, texts).items()}
 
     def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
         ex = self.explainer

@@ -132,6 +132,16 @@ def _component(kind, layer, value, unit_axis, position_axis) -> Component | None
     return Component(kind, layer, value, unit_axis, position_axis, units)
 
 
+def expose(ir_model: ir.Model, selectors) -> dict[str, str]:
+    """Make each selected component's tensor a model output too (its units' activations come back with the
+    model's outputs); returns component name → output name."""
+    found = resolve(ir_model, parse(selectors))
+    for c in found:
+        if not c.value.is_graph_output():
+            ir_model.graph.outputs.append(c.value)
+    return {c.name: c.value.name for c in found}
+
+
 # ---- interventions ------------------------------------------------------------------------------------
 
 def intervene(graph: ir.Graph, components: list[Component]) -> list[str]:

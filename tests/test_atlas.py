@@ -1,0 +1,125 @@
+"""Concept atlases (`lrpc concepts build / explain`, lrpc/atlas.py): the streamed top-k against a brute-force
+pass held in memory, byte-identical resume after an interrupt, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("torch")
+
+from lrpc import atlas  # noqa: E402
+from lrpc.attributor import Attributor  # noqa: E402
+from lrpc.cli import main  # noqa: E402
+from lrpc.errors import LrpcError  # noqa: E402
+
+WORDS = "the cat sat on a mat dog ran in park big small red blue house tree".split()
+K, BATCH, COMPONENTS = 3, 4, "mlp,heads"
+
+
+@pytest.fixture(scope="module")
+def setup(zoo_export, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("atlas")
+    model = folder / "bert.onnx"
+    onnx.save(zoo_export("bert")[1], model)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 9))) for _ in range(19)]
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    options = dict(components=COMPONENTS, k=K, batch_size=BATCH, tokenizer="toy", cache=folder / "cache",
+                   progress=False)
+    reference = atlas.build(model, corpus, folder / "reference.atlas", **options)
+    return folder, model, corpus, texts, options, reference
+
+
+def rows(path, component, layer, unit, kind):
+    with sqlite3.connect(path) as db:   # the atlas is plain SQLite: read without lrpc
+        return db.execute("SELECT r.sample, r.position, r.score, s.text FROM refs r JOIN samples s ON s.id = r.sample "
+                          "WHERE component = ? AND layer = ? AND unit = ? AND kind = ? ORDER BY rank",
+                          (component, layer, unit, kind)).fetchall()
+
+
+def test_top_k_equals_brute_force(setup):
+    folder, model, _, texts, options, reference = setup
+    attributor = Attributor(str(model), tokenizer="toy", components=COMPONENTS, cache=options["cache"])
+    scores = [atlas.sample_scores(attributor, texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
+    book = atlas.Atlas(reference, model=model)
+    assert book.components == {"mlp.0": 64, "mlp.1": 64, "heads.0": 4, "heads.1": 4}
+    for name, units in book.components.items():
+        kind_name, layer = name.split(".")
+        for kind in atlas.KINDS:
+            score = np.concatenate([s[name][kind] for s in scores])          # [samples, units], all in memory
+            position = np.concatenate([s[name][kind + "_pos"] for s in scores])
+            for unit in range(units):
+                best = sorted(range(len(texts)), key=lambda i: (-score[i, unit], i))[:K]
+                want = [(i, int(position[i, unit]), float(score[i, unit]), texts[i]) for i in best]
+                assert rows(reference, kind_name, int(layer), unit, kind) == want, (name, kind, unit)
+                assert book.references(name, unit, kind) == [(t, p, s) for _, p, s, t in want]
+    # the RelMax score is the unit's relevance for the sample's own prediction (padding aside)
+    alone = attributor.components(texts[5])
+    np.testing.assert_allclose(alone["mlp.1"][0], scores[1]["mlp.1"]["rel"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
+    folder, model, corpus, _, options, reference = setup
+    out = folder / "resumed.atlas"
+    real, calls = atlas.sample_scores, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(atlas, "sample_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build(model, corpus, out, **options)
+    assert not out.exists() and (folder / "resumed.atlas.partial.npz").is_file()
+    monkeypatch.setattr(atlas, "sample_scores", real)
+    seen = []
+    monkeypatch.setattr(atlas, "sample_scores", lambda *a: seen.append(1) or real(*a))
+    atlas.build(model, corpus, out, **options)
+    assert len(seen) == 3   # 5 batches: 2 done before the interrupt, 3 after
+    assert out.read_bytes() == reference.read_bytes()
+    assert not (folder / "resumed.atlas.partial.npz").exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(setup, capsys):
+    folder, model, corpus, _, options, reference = setup
+    out = folder / "bad.atlas"
+    base = ["concepts", "build", str(model), "--tokenizer", "toy", "-o", str(out), "--quiet"]
+    bad_jsonl = folder / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "the cat"}\n{"text": "a dog"\n')
+    for extra, words in [(["--corpus", str(corpus), "--components", "mlp,neurons"], "unknown component selector"),
+                         (["--corpus", str(bad_jsonl)], "bad.jsonl:2: not JSON")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists() and not (folder / "bad.atlas.partial.npz").exists()
+    other = folder / "other.onnx"
+    proto = onnx.load(model)
+    proto.doc_string = "another model"
+    onnx.save(proto, other)
+    with pytest.raises(LrpcError, match="was built from another model"):
+        atlas.Atlas(reference, model=other)
+    damaged = folder / "damaged.atlas"
+    data = reference.read_bytes()
+    damaged.write_bytes(data[:100] + bytes(200) + data[300:])
+    with pytest.raises(LrpcError, match="not a readable lrpc atlas"):
+        atlas.Atlas(damaged, model=model)
+    assert main(["concepts", "explain", str(model), "--atlas", str(damaged), "--text", "the cat"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_explain_shows_units_with_references_and_heatmaps(setup, capsys):
+    folder, model, _, _, options, reference = setup
+    book = atlas.Atlas(reference, model=model)
+    result = atlas.explain(model, "the big cat sat on the mat", book, top=1, refs=2, tokenizer="toy",
+                           cache=options["cache"])
+    assert result["units"] and all(len(u["references"]) == 2 for u in result["units"])
+    mlp = [u for u in result["units"] if u["component"].startswith("mlp")]
+    for u in mlp:
+        for ref in u["references"]:
+            assert len(ref["heatmap"]) == len(ref["tokens"]) and any(h != 0 for h in ref["heatmap"])
