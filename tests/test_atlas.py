@@ -113,13 +113,37 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_explain_shows_units_with_references_and_heatmaps(setup, capsys):
+def test_explain_heatmap_is_the_units_own_relevance(setup, zoo_export):
+    """Each reference's conditional heatmap seeds only its unit: under gxi it is E ⊙ ∂act[position, unit]/∂E
+    summed over hidden, from torch autograd on the zoo module."""
+    import torch
+
+    from lrpc.inputs import Tokenizer
     folder, model, _, _, options, reference = setup
+    module = zoo_export("bert")[0]
     book = atlas.Atlas(reference, model=model)
-    result = atlas.explain(model, "the big cat sat on the mat", book, top=1, refs=2, tokenizer="toy",
-                           cache=options["cache"])
+    result = atlas.explain(model, "the big cat sat on the mat", book, top=3, refs=2, tokenizer="toy",
+                           cache=options["cache"], preset="gxi")
     assert result["units"] and all(len(u["references"]) == 2 for u in result["units"])
+    values = [u["relevance"] for u in result["units"]]
+    positive, negative = [v for v in values if v > 0], [v for v in values if v < 0]   # each most extreme first
+    assert positive == sorted(positive, reverse=True) and negative == sorted(negative) and positive and negative
     mlp = [u for u in result["units"] if u["component"].startswith("mlp")]
+    assert mlp, "top-3 on each side includes MLP units"
     for u in mlp:
+        layer = int(u["component"].split(".")[1])
         for ref in u["references"]:
-            assert len(ref["heatmap"]) == len(ref["tokens"]) and any(h != 0 for h in ref["heatmap"])
+            ids = torch.tensor([Tokenizer.toy().encode(ref["text"])[0]])
+            seen = {}
+            hooks = [module.hf_model.bert.encoder.layer[layer].intermediate.register_forward_hook(
+                         lambda _m, _a, out: seen.__setitem__("act", out)),
+                     module.hf_model.get_input_embeddings().register_forward_hook(
+                         lambda _m, _a, out: seen.__setitem__("E", out))]
+            try:
+                module(input_ids=ids, attention_mask=torch.ones_like(ids))
+            finally:
+                for h in hooks:
+                    h.remove()
+            (grad,) = torch.autograd.grad(seen["act"][0, ref["position"], u["unit"]], seen["E"])
+            want = (seen["E"] * grad).sum(-1)[0].detach().numpy()
+            assert np.abs(np.array(ref["heatmap"]) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12)
