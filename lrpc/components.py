@@ -152,6 +152,8 @@ def intervene(graph: ir.Graph, components: list[Component]) -> list[str]:
     b = Builder(graph)
     names = []
     for c in components:
+        if c.value.is_graph_output():
+            raise LrpcError(f"cannot intervene on '{c.value.name}': it is a model output")
         name = SCALE_PREFIX + c.name
         if name in b.taken:
             raise LrpcError(f"the model already has a tensor named '{name}'; is it already an explainer? "
@@ -173,8 +175,6 @@ def intervene(graph: ir.Graph, components: list[Component]) -> list[str]:
         graph.append(ir.Node("", "Mul", [c.value, factor], outputs=[scaled], name=b.fresh("Mul")))
         for node, index in uses:
             node.replace_input_with(index, scaled)
-        if c.value.is_graph_output():
-            raise LrpcError(f"cannot intervene on '{c.value.name}': it is a model output")
         c.value = scaled
         names.append(name)
     graph.sort()
