@@ -147,3 +147,20 @@ def test_explain_heatmap_is_the_units_own_relevance(setup, zoo_export):
             (grad,) = torch.autograd.grad(seen["act"][0, ref["position"], u["unit"]], seen["E"])
             want = (seen["E"] * grad).sum(-1)[0].detach().numpy()
             assert np.abs(np.array(ref["heatmap"]) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12)
+
+
+def test_explain_command_json_and_html(setup, monkeypatch, capsys):
+    import json
+    folder, model, _, _, options, reference = setup
+    monkeypatch.setenv("LRPC_CACHE", str(options["cache"]))   # the explainers compiled above
+    html = folder / "concepts.html"
+    base = ["concepts", "explain", str(model), "--atlas", str(reference), "--text", "the big cat sat on the mat",
+            "--tokenizer", "toy", "--preset", "gxi", "--top", "1", "--refs", "1"]
+    assert main(base + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["text"] == "the big cat sat on the mat" and doc["units"][0]["references"][0]["tokens"]
+    assert main(base + ["--html", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert doc["units"][0]["component"] in out and "reference 1" in out
+    page = html.read_text()
+    assert "<html" in page.lower() and "src=\"http" not in page and doc["units"][0]["component"] in page
