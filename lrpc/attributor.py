@@ -9,8 +9,8 @@
 
 Models are compiled on the way with a *vector* seed (input `lrp_seed`), so one explainer serves every
 target kind: the predicted class or next token, a class index / label / token string, the top-k
-classes (one padded batch, the input repeated k times with k one-hot seeds), a sequence position and a
-contrastive target A − B (seed e_A − e_B). Compiled explainers are cached under $LRPC_CACHE or
+classes (one run of the same model's K explainer, `--targets dynamic`, with k one-hot seeds per input),
+a sequence position and a contrastive target A − B (seed e_A − e_B). Compiled explainers are cached under $LRPC_CACHE or
 ~/.cache/lrpc (lrpc/cache.py).
 
 Inputs of different lengths run as one right-padded batch through the attention mask; each row is
@@ -35,7 +35,7 @@ from lrpc.cache import compiled_explainer, is_explainer, model_metadata
 from lrpc.errors import LrpcError
 from lrpc.inputs import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Tokenizer, load_image
 from lrpc.presets import PRESETS
-from lrpc.results import Attribution, Attributions
+from lrpc.results import Attribution, Attributions, Generation
 from lrpc.runtime import Explainer
 
 
@@ -66,6 +66,11 @@ class Attributor:
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
         self.layer_labels: dict[str, str] = {}
         self.activations: dict[str, str] = {}
+        # what the K explainer of the same model is compiled from, when one is needed (`_many`)
+        self._source = None if isinstance(model, Explainer) or is_explainer(model) else model
+        self._compile = dict(preset=preset, task=task, output_name=output_name, cache=cache)
+        self._session = dict(providers=providers, threads=threads, session_config=session_config)
+        self._k_explainer: Explainer | None = None
         if isinstance(model, Explainer):
             self.explainer = model
         elif is_explainer(model):
@@ -164,13 +169,16 @@ class Attributor:
         if not text.strip():
             raise LrpcError("empty text: give at least one word")
         ids, tokens = self.tokenizer.encode(text)
-        spec = self.explainer.inputs.get("input_ids")
-        if spec is None:
-            raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         vocab = self.config.get("vocab_size") or self.config.get("n_vocab")
         if vocab and max(ids) >= vocab:
             raise LrpcError(f"the tokenizer gives id {max(ids)} but the model's vocabulary has {vocab} entries: "
                             "pass the model's own tokenizer with --tokenizer")
+        return _Item(self._token_arrays(ids), tokens, title=text)
+
+    def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions."""
+        if self.explainer.inputs.get("input_ids") is None:
+            raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         arrays = {"input_ids": np.array([ids], np.int64)}
         for name in self.explainer.model_inputs:
             if name == "input_ids":
@@ -181,7 +189,7 @@ class Attributor:
                 arrays[name] = (np.zeros if name == "token_type_ids" else _arange)((1, len(ids)), np.int64)
             else:
                 raise LrpcError(f"the model also takes '{name}', which text alone does not give: use --input")
-        return _Item(arrays, tokens, title=text)
+        return arrays
 
     def _image_item(self, source) -> _Item:
         name = self.main_input
@@ -331,32 +339,36 @@ class Attributor:
                 if v is not None and classes and not 0 <= v < classes:
                     raise LrpcError(f"target {v} is out of range for {classes} classes (use 0..{classes - 1})")
         take = np.array([r[0] for r in rows])
-        batch = {k: v[take] for k, v in feed.items()}
         pos = np.array([positions[i] for i in take], np.int64) if positions is not None else None
-        if self.vector:
-            seed = np.zeros((len(rows), classes), np.float32)
-            for r, (_, c, b) in enumerate(rows):
-                seed[r, c] += 1.0
-                if b is not None:
-                    seed[r, b] -= 1.0
-            out = ex.explain(batch, seed=seed, position=pos)
+        per_input = len(rows) // n   # the same number of targets for every input (1, or top-k)
+        if per_input > 1 and self.vector and self._source is not None and not self.latent_names:
+            # several targets of one input: one run of the K explainer, not the input repeated per target
+            out = self._many().explain(feed, seed=_seeds(rows, classes).reshape(n, per_input, classes),
+                                       position=None if pos is None else pos.reshape(n, per_input))
+            relevance = {name: v.reshape(n * per_input, *v.shape[2:]) for name, v in out.relevance.items()}
+            logit = out.logit.reshape(-1)
         else:
-            if contrast is not None:
-                raise LrpcError("a contrastive target needs a vector-seed explainer: compile with --seed vector, "
-                                "or give the original model")
-            out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
+            batch = {k: v[take] for k, v in feed.items()}
+            if self.vector:
+                out = ex.explain(batch, seed=_seeds(rows, classes), position=pos)
+            else:
+                if contrast is not None:
+                    raise LrpcError("a contrastive target needs a vector-seed explainer: compile with --seed vector, "
+                                    "or give the original model")
+                out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
+            relevance, logit = out.relevance, out.logit
         results = []
         for r, (i, c, b) in enumerate(rows):
             item, length = items[i], lengths[i]
             relevances = {}
             for name in self.attributed:
-                rel = out.relevance[name][r]
+                rel = relevance[name][r]
                 if self.attributed[name] == "token" and length is not None:
                     rel = rel[:length]
                 relevances[name] = rel
             latent = {}
             for name in self.latent_names:
-                value = out.relevance.get(name)
+                value = relevance.get(name)
                 if value is None:
                     continue
                 value = value[r]
@@ -364,7 +376,7 @@ class Attributor:
                 latent[self.layer_labels.get(name, name)] = per_token[:length] if length is not None else per_token
             label = self.label(c) + (f" − {self.label(b)}" if b is not None else "")
             results.append(Attribution(
-                relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(out.logit[r]),
+                relevance=relevances[self.main_input], tokens=item.tokens, target=c, logit=float(logit[r]),
                 target_label=label, contrast=b, position=None if pos is None else int(pos[r]),
                 input_name=self.main_input, relevances=relevances, latent=latent, image=item.image,
                 title=item.title, model=str(self.name)))
@@ -374,6 +386,71 @@ class Attributor:
         if logits is not None:
             return int(logits.shape[-1])
         return int(self.explainer.output_dims(feed)[1])
+
+    # ---- many targets of one input: the K explainer ----------------------------------------------
+    def _many(self) -> Explainer:
+        """The K explainer of the same model (`--targets dynamic`, vector seed; compiled on the way and
+        cached): one run explains many targets of one input (docs/design.md, "Many targets: the K axis")."""
+        if self._k_explainer is None:
+            if self._source is None:
+                raise LrpcError("explaining many targets in one run needs the original model (an ONNX file, a "
+                                "Hugging Face folder or a zoo name), not a compiled explainer")
+            path, _ = compiled_explainer(self._source, seed="vector", targets="dynamic", **self._compile)
+            self._k_explainer = Explainer(path, **self._session)
+        return self._k_explainer
+
+    def generate(self, prompt: str, max_new_tokens: int = 16, *, stop_at_eos: bool = True) -> Generation:
+        """Greedily generate up to `max_new_tokens` tokens after `prompt` with the model's own forward in
+        onnxruntime (stopping after the model's end-of-sequence token), then explain every generated token
+        in ONE run of the K explainer: the `Generation` holds the [generated, prompt + generated] matrix."""
+        n = validate.at_least_one(max_new_tokens, "max_new_tokens (--generate)")
+        if not isinstance(prompt, str):
+            raise LrpcError("generation takes one prompt text")
+        if self.rank != 3 or self.attributed.get(self.main_input) != "token":
+            raise LrpcError("generation needs a causal language model (token ids in, logits [batch, seq, vocab] "
+                            f"out); '{self.explainer.explained}' is not one")
+        item = self._text_item(prompt)
+        ids = [int(i) for i in item.inputs["input_ids"][0]]
+        start, stop = len(ids), self._eos_ids() if stop_at_eos else set()
+        for _ in range(n):
+            logits = self.explainer.forward(self._token_arrays(ids))[self.explainer.explained]
+            ids.append(int(np.argmax(logits[0, -1])))   # the first maximum, as torch.argmax (greedy decoding)
+            if ids[-1] in stop:
+                break
+        generated = ids[start:]
+        k, classes = len(generated), logits.shape[-1]
+        seed = np.zeros((1, k, classes), np.float32)
+        seed[0, np.arange(k), generated] = 1.0
+        # generated token i is the prediction at position start + i − 1
+        out = self._many().explain(self._token_arrays(ids), seed=seed,
+                                   position=np.arange(start - 1, start - 1 + k)[None])
+        token = self.tokenizer.token
+        return Generation(matrix=np.asarray(out.relevance[self.main_input][0], np.float32),
+                          source_tokens=item.tokens + [token(i) for i in generated],
+                          generated_tokens=[token(i) for i in generated], generated_ids=generated,
+                          prompt_length=start, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
+                          model=str(self.name))
+
+    def _eos_ids(self) -> set[int]:
+        """The model's end-of-sequence ids: config.json's eos_token_id, else the tokenizer's EOS token."""
+        eos = self.config.get("eos_token_id")
+        if eos is not None:
+            return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
+        for name in ("[EOS]", "</s>", "<|endoftext|>", "<eos>", "<|eot_id|>"):
+            found = self.tokenizer.backend.token_to_id(name) if self.tokenizer else None
+            if found is not None:
+                return {int(found)}
+        return set()
+
+
+def _seeds(rows, classes: int) -> np.ndarray:
+    """One seed per (input, class, contrast) row: e_class, minus e_contrast when there is one."""
+    seed = np.zeros((len(rows), classes), np.float32)
+    for r, (_, c, b) in enumerate(rows):
+        seed[r, c] += 1.0
+        if b is not None:
+            seed[r, b] -= 1.0
+    return seed
 
 
 def _arange(shape, dtype):

@@ -7,6 +7,9 @@ In one run, side by side (interleaved repetitions, so machine noise hits every m
 - ``torch``: eager PyTorch autograd Input×Gradient on the same weights (zoo models only);
 - ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
 
+With ``--targets K1,K2,…`` (`bench_targets`): one run of a ``--targets dynamic`` explainer for K targets
+against K single-target runs and K torch passes, and the K run in forward passes (issue 14).
+
 Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
 runs it once: it includes the interpreter, onnxruntime and the weights. A repetition runs each method
 three times back to back and keeps the fastest; times are the minimum and the median over the
@@ -146,25 +149,42 @@ def _time_interleaved(fns: dict, repeats: int, block: int = 3) -> dict[str, list
     return times
 
 
-def peak_rss_mb(kind: str, path: str, seq: int, batch: int, threads: int, zoo: str | None) -> float:
+def peak_rss_mb(kind: str, path: str, seq: int, batch: int, threads: int, zoo: str | None, *extra) -> float:
     """Peak RSS (MiB) of a fresh process that loads `path` and runs it once on [batch, seq] tokens."""
     code = ("import sys, json; from lrpc.bench import _child_peak; "
             "print(json.dumps(_child_peak(*json.loads(sys.argv[1]))))")
-    args = json.dumps([kind, path, seq, batch, threads, zoo])
+    args = json.dumps([kind, path, seq, batch, threads, zoo, *extra])
     out = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child_peak(kind, path, seq, batch, threads, zoo):
+def _child_peak(kind, path, seq, batch, threads, zoo, targets=None, chunk=None):
+    """kind "targets": a `--targets dynamic` explainer explaining `targets` targets per row through
+    lrpc.Explainer (so its target_chunk applies)."""
     entry = None
     if zoo:
         from lrpc import models
         entry = models.get(zoo)
     inputs = token_inputs(entry, batch, seq, path)
+    if kind == "targets":
+        _k_run(path, inputs, targets, threads, chunk)()
+        return _vm_hwm_mb()
     s = _session(path, threads)
     feed = _feeds(inputs, s, _target(entry)) if kind == "explainer" else inputs
     s.run(None, feed)
     return _vm_hwm_mb()
+
+
+def _k_run(path, inputs: dict, k: int, threads: int, chunk):
+    """One explanation of k targets per row (the next-token logits of classes 1..k at the last k positions)
+    by the K explainer at `path`: a function to time."""
+    from lrpc.runtime import Explainer
+    explainer = Explainer(path, ["CPUExecutionProvider"], threads, target_chunk=chunk,
+                          session_config={"session.intra_op.allow_spinning": "0"})
+    batch, seq = inputs["input_ids"].shape
+    target = np.broadcast_to(1 + np.arange(k) % 64, (batch, k))
+    position = np.broadcast_to(-1 - np.arange(k) % seq, (batch, k))
+    return lambda: explainer.explain(inputs, target=target, position=position)
 
 
 def _target(entry) -> int:
@@ -254,6 +274,77 @@ def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory
         result["peak_rss_mb"] = {"forward": peak_rss_mb("forward", str(path), seq, batch, threads, zoo),
                                  "explainer": peak_rss_mb("explainer", str(explainer), seq, batch, threads, zoo)}
     return result
+
+
+def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1, threads: int = 2,
+                  repeats: int = 5, chunk: int | None = None, memory: bool = True, workdir=None,
+                  layers: int | None = None, force: bool = False) -> dict:
+    """Many targets per input (issue 14), side by side in one process: one run of a `--targets dynamic`
+    explainer for K targets against K single-target explainer runs and K torch autograd Input×Gradient
+    passes, for each K in `targets`; and the K run in forward passes. chunk: the K explainer's
+    target_chunk (None: lrpc.Explainer's default)."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        return _bench_targets(model, targets, Path(workdir), seq, batch, threads, repeats, chunk, memory, layers,
+                              force)
+    with safeio.scratch_folder("lrpc-bench-") as scratch:
+        return _bench_targets(model, targets, scratch, seq, batch, threads, repeats, chunk, memory, layers, True)
+
+
+def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, chunk, memory, layers,
+                   force) -> dict:
+    import lrpc
+    from lrpc.runtime import TARGET_CHUNK
+    chunk = TARGET_CHUNK if chunk is None else chunk
+    entry, module, path, explainer, compile_s = prepare(model, workdir, None, layers, force)
+    many = workdir / (path.stem + ".explainer-targets.onnx")
+    lrpc.compile(str(path), output=many, force=force, targets="dynamic")
+    inputs = token_inputs(entry, batch, seq, path)
+    fwd, exp = _session(path, threads), _session(explainer, threads)
+    feed = _feeds(inputs, exp, _target(entry))
+    fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
+    if module is not None:
+        fns["torch"] = _torch_gxi(module, inputs, threads)
+    fns.update({f"K={k}": _k_run(many, inputs, k, threads, chunk) for k in targets})
+    times = _time_interleaved(fns, repeats, block=1)
+    med = {name: 1e3 * float(np.median(v)) for name, v in times.items()}
+    result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
+              "chunk": chunk, "compile_s": compile_s, "ms": med, "targets": {}}
+    for k in targets:
+        one = med[f"K={k}"]
+        row = {"K run ms": one, "K single runs ms": k * med["explainer"],
+               "K run / K single runs": one / (k * med["explainer"]),
+               "K run in forwards": one / med["forward"], "forward constant": (one / med["forward"] - 1) / k}
+        if "torch" in med:
+            row["K torch passes ms"] = k * med["torch"]
+            row["K torch passes / K run"] = k * med["torch"] / one
+        result["targets"][k] = row
+    if memory:
+        zoo = entry.name if entry is not None and entry.name in _zoo_names() else None
+        result["peak_rss_mb"] = {"explainer": peak_rss_mb("explainer", str(explainer), seq, batch, threads, zoo)}
+        for k in targets:
+            result["peak_rss_mb"][f"K={k}"] = peak_rss_mb("targets", str(many), seq, batch, threads, zoo, k, chunk)
+    return result
+
+
+def format_targets(r: dict) -> str:
+    lines = [f"lrpc bench {r['model']} --targets  seq {r['seq']}  batch {r['batch']}  threads {r['threads']}  "
+             f"({r['repeats']} interleaved repetitions; K explainer chunk {r['chunk']}; K single runs and K torch "
+             "passes are K × the median of one)",
+             "  " + "  ".join(f"{k} {v:.1f} ms" for k, v in r["ms"].items() if not k.startswith("K="))]
+    peaks = r.get("peak_rss_mb", {})
+    header = f"  {'K':>4} {'K run ms':>10} {'/K single':>10} {'torch/K run':>12} {'forwards':>9} {'constant':>9}"
+    lines.append(header + ("  peak MiB (× single)" if peaks else ""))
+    for k, row in r["targets"].items():
+        torch = f"{row['K torch passes / K run']:11.2f}x" if "K torch passes / K run" in row else f"{'-':>12}"
+        line = (f"  {k:>4} {row['K run ms']:10.1f} {row['K run / K single runs']:9.2f}x {torch} "
+                f"{row['K run in forwards']:9.2f} {row['forward constant']:9.3f}")
+        if peaks:
+            line += f"  {peaks[f'K={k}']:6.0f} ({peaks[f'K={k}'] / peaks['explainer']:.2f}x)"
+        lines.append(line)
+    if peaks:
+        lines.append(f"  single-target explainer peak RSS {peaks['explainer']:.0f} MiB")
+    return "\n".join(lines)
 
 
 def _zoo_names():

@@ -94,16 +94,19 @@ def onnx_source(model, task: str | None):
 
 def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", latent: str | None = None,
                        layers: bool = False, task: str | None = None, output_name: str | None = None,
-                       cache: str | os.PathLike | None = None, components: str | None = None) -> tuple[Path, dict]:
+                       cache: str | os.PathLike | None = None, targets: int | str | None = None,
+                       components: str | None = None) -> tuple[Path, dict]:
     """Path of the explainer of `model` (compiled now or found in the cache) and its sidecar info
-    ({"layers": [[tensor, label], ...]}). `components`: selectors whose relevance per position is output,
-    their tensors also made model outputs (lrpc.components.expose: the units' activations)."""
+    ({"layers": [[tensor, label], ...]}). targets: as `lrpc compile --targets` (a K explainer).
+    `components`: selectors whose relevance per position is output, their tensors also made model outputs
+    (lrpc.components.expose: the units' activations)."""
     from lrpc.compiler import build_explainer, load
     from lrpc.latent import residual_stream
     from lrpc.loading import save_model
     model_key, stem = model_hash(model)
     options = json.dumps({"preset": preset, "seed": seed, "latent": latent, "layers": layers, "task": task,
                           "output": output_name, "compiler": compiler_fingerprint(),
+                          **({"targets": targets} if targets is not None else {}),
                           **({"components": components} if components else {})}, sort_keys=True)
     key = hashlib.sha256((model_key + options).encode()).hexdigest()[:16]
     folder = cache_dir(cache)
@@ -130,7 +133,7 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         output_name = output_name or ir_model.graph.outputs[0].name
         info["activations"] = expose(ir_model, components)
     explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name,
-                                components=components, per_position=bool(components))
+                                targets=targets, components=components, per_position=bool(components))
     save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
     info["digest"] = explainer_digest(path)
     safeio.write_text(sidecar, json.dumps(info), force=True)

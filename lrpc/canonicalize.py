@@ -58,7 +58,7 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:
         return proto
-    if _guessed_split(proto):
+    if _guessed_shapes(proto):
         return proto
     try:
         inferred = _run_symbolic(SymbolicShapeInference, _without_weights(proto))
@@ -76,13 +76,14 @@ def _symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _guessed_split(proto: onnx.ModelProto) -> bool:
-    """A Split whose sizes come at run time: symbolic inference guesses an equal split and annotates shapes
-    that onnxruntime then enforces (and fails on), so ONNX's own shapes must do."""
+def _guessed_shapes(proto: onnx.ModelProto) -> bool:
+    """Symbolic inference guesses where a shape operand comes at run time — an equal split for a Split's
+    sizes, no reduction at all for a Reduce*'s axes — and annotates shapes that onnxruntime then enforces
+    (and fails on), so ONNX's own shapes must do."""
     constants = {t.name for t in proto.graph.initializer}
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    return any(n.op_type == "Split" and len(n.input) > 1 and n.input[1] and n.input[1] not in constants
-               for n in proto.graph.node)
+    return any((n.op_type == "Split" or n.op_type.startswith("Reduce")) and len(n.input) > 1 and n.input[1]
+               and n.input[1] not in constants for n in proto.graph.node)
 
 
 def _run_symbolic(inference, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from lrpc.analysis import Attribution
 from lrpc.errors import LrpcError
-from lrpc.graph import Builder
+from lrpc.graph import INPUT_CHECK, Builder
 
 TARGET, POSITION, SEED = "lrp_target", "lrp_position", "lrp_seed"
 K_DIM = "lrp_targets"   # the symbolic K of an explainer compiled with --targets dynamic
@@ -132,7 +132,7 @@ def _checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
     out = ir.Value(name=b.fresh(f"checked_{value.name}"), type=value.type, shape=value.shape)
     b.graph.append(ir.Node("", "Reshape", [value, b.Add(b.Shape(value), bad)], outputs=[out],
                            attributes=[ir.AttrInt64("allowzero", 1)],  # also keeps Builder from folding it
-                           name=b.fresh(f"check_{value.name}_{test}")))
+                           name=b.fresh(f"{INPUT_CHECK}{value.name}_{test}")))
     return out
 
 

@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 PREFIX = "lrp_"
+INPUT_CHECK = "check_"   # contract's in-graph input checks are named lrp_check_… (rows follows them)
 
 
 def is_float(value: ir.Value | None) -> bool:
@@ -214,10 +215,13 @@ class Builder:
     def reshape_shape(self, dims: list | None) -> ir.Value | None:
         """dims as a Reshape shape: a constant when at most one of them is symbolic (written -1); else the
         symbolic dims read once from the graph inputs that carry them (e.g. batch and sequence from
-        input_ids), so every Reshape to that shape shares one Concat; None when some dim has no source."""
+        input_ids), so every Reshape to that shape shares one Concat; None when some dim has no source, or
+        when a symbolic dim sits beside a 0."""
         if dims is None:
             return None
         symbolic = [d for d in dims if not isinstance(d, int)]
+        if 0 in dims and symbolic:  # a −1 beside a 0 is ambiguous under allowzero: read the dims at run time
+            return None
         if len(symbolic) <= 1:
             return self.i64([d if isinstance(d, int) else -1 for d in dims])
         if self._dim_sources is None:

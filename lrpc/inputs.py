@@ -126,11 +126,15 @@ def load_image(source, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_S
 def read_npz(path: Path) -> dict:
     if not path.is_file():
         raise LrpcError(f"{path} does not exist")
+    how = "save the inputs by name with np.savez(path, input_ids=…, …)"
     try:
-        with np.load(path) as data:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):  # a .npy holds one array and no name to feed it by
+            raise LrpcError(f"{path} is a .npy file (one unnamed array), not an .npz; {how}")
+        with data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
-        raise LrpcError(f"{path} is not a NumPy .npz file ({exc})") from None
+        raise LrpcError(f"{path} is not a NumPy .npz file ({exc}); {how}") from None
 
 
 def read_jsonl(path: Path, defaults: dict) -> list[tuple[dict, list]]:

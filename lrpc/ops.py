@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, rows
+from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_recurrent as fr, rows
 from lrpc import vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw, vjp_pooling as pool
 from lrpc import vjp_scatter as sc, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
@@ -93,13 +93,12 @@ def _alias(n, g):
     targets = n.node.meta.get(ALIAS)
     if targets is None:   # control flow left as it is (a run-time condition, a loop)
         refuse(n, "relevance through control flow whose subgraph reads a relevance-carrying tensor is not "
-                  "supported (only an If with a static condition); export the model without it")
+                  "supported (only an If with a static condition, a Scan of static length); export the model without it")
     return {new: (lambda grad=grad: grad) for new, grad in zip(targets, n.grads) if new is not None and grad is not None}
 
 
-def control_flow(handler=None) -> Op:
-    why = ("a static condition: the taken branch is inlined; " if handler else "") + \
-        "refused when relevance flows through a subgraph"
+def control_flow(handler=None, inlined: str = "") -> Op:
+    why = (f"{inlined}; " if inlined else "") + "refused when relevance flows through a subgraph"
     return Op(CONTROL_FLOW, _alias, decompose=handler, why=why)
 
 
@@ -245,14 +244,17 @@ OPS: dict[str, Op] = {
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
         "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax")},
     # control flow
-    "If": control_flow(cf.inline_static_if),
+    "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
     "Loop": control_flow(),
-    "Scan": control_flow(),
+    "Scan": control_flow(cf.unroll_scan, "a static length: the body is unrolled"),
     # fused ops, rewritten into the standard ops above (lrpc.decompose)
     "RMSNormalization": fused(fn.simplified_layer_norm),
     "SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
     "Attention": fused(fa.onnx_attention),
     "RotaryEmbedding": fused(fa.onnx_rotary),
+    "RNN": fused(fr.recurrent),
+    "GRU": fused(fr.recurrent),
+    "LSTM": fused(fr.recurrent),
     f"{PROTECTED_DOMAIN}::SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
     f"{MS}::SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
     f"{MS}::SkipLayerNormalization": fused(fn.skip_layer_norm),

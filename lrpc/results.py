@@ -170,6 +170,74 @@ class Attributions(list):
         return self.to_html()
 
 
+@dataclass
+class Generation:
+    """A greedily generated answer and its attribution matrix (`Attributor.generate`, `lrpc explain
+    --generate N`), computed in one run of a K explainer.
+
+    matrix: [generated, prompt + generated] relevance; row i explains generated token i (its logit at the
+        position before it) over every token of the sequence; entries right of that position are exactly 0
+        (a causal model cannot look ahead). source_tokens: the prompt's tokens, then the generated ones.
+    generated_tokens / generated_ids: the answer. prompt_length: where the answer starts in source_tokens.
+    logits: the explained logit of each generated token (each row of the matrix sums to about it).
+    """
+
+    matrix: np.ndarray
+    source_tokens: list[str]
+    generated_tokens: list[str]
+    generated_ids: list[int]
+    prompt_length: int
+    logits: np.ndarray
+    prompt: str = ""
+    model: str = ""
+
+    def top_sources(self, row: int, k: int = 5) -> list[tuple[str, float]]:
+        """The k source tokens with the largest |relevance| for generated token `row`, largest first."""
+        values = self.matrix[row]
+        order = np.argsort(-np.abs(values), kind="stable")[:k]
+        return [(self.source_tokens[j], float(values[j])) for j in order if values[j] != 0]
+
+    def _labels(self) -> list[str]:
+        return [f"{i}: {t}" for i, t in enumerate(self.generated_tokens)]
+
+    def show(self, console=None) -> None:
+        """Terminal: the answer, then each generated token with its top source tokens."""
+        from lrpc import viz
+        viz.terminal_generation(self.prompt, self.generated_tokens, self.logits,
+                                [self.top_sources(i) for i in range(len(self.generated_tokens))], console)
+
+    def to_html(self, path: str | os.PathLike | None = None, title: str | None = None, *, force: bool = False,
+                inputs=()) -> str:
+        """Self-contained HTML: the matrix as a heatmap (generated tokens down, source tokens across, each
+        row scaled to its own max |R|, exact values on hover); with `path`, written through lrpc.safeio."""
+        from lrpc import safeio, viz
+        text = viz.html_matrix(title or f"lrpc: generation attribution ({self.model})",
+                               f"Prompt: {self.prompt!r}. Row i: the relevance of every token for generated token "
+                               "i (AttnLRP, one explainer run for all rows).",
+                               self._labels(), self.source_tokens, self.matrix, self.logits)
+        if path is not None:
+            safeio.write_text(path, text, force=force, inputs=inputs)
+        return text
+
+    def save_png(self, path: str | os.PathLike, *, force: bool = False, inputs=()) -> Path:
+        """The matrix as a PNG (rows scaled separately), through lrpc.safeio."""
+        from lrpc import viz
+        return viz.save_layers_png(path, self._labels(), self.source_tokens, self.matrix,
+                                   title=f"generation attribution: {self.prompt}", force=force, inputs=inputs)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "prompt": self.prompt, "generated_tokens": self.generated_tokens,
+                "generated_ids": [int(i) for i in self.generated_ids], "source_tokens": self.source_tokens,
+                "prompt_length": self.prompt_length, "logits": np.asarray(self.logits).tolist(),
+                "matrix": np.asarray(self.matrix).tolist()}
+
+    def to_json(self) -> str:
+        return json_text(self.to_dict())
+
+    def _repr_html_(self) -> str:   # Jupyter shows the HTML report inline
+        return self.to_html()
+
+
 def json_text(doc) -> str:
     """JSON with non-finite numbers as strings ("nan", "inf"): valid JSON for every reader."""
     import json

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from lrpc.graph import FLOAT_TYPES, Builder, attr, same_dim, static_value
+from lrpc.graph import FLOAT_TYPES, INPUT_CHECK, PREFIX, Builder, attr, same_dim, static_value
 
 
 class NotRowLocal(Exception):
@@ -280,4 +280,4 @@ def identity_region(m: Match) -> RowPlan | None:
 
 def _is_input_check(node: ir.Node | None) -> bool:
     """contract's check of an explainer input: a Reshape named lrp_check_… that passes its input through."""
-    return node is not None and node.op_type == "Reshape" and (node.name or "").startswith("lrp_check_")
+    return node is not None and node.op_type == "Reshape" and (node.name or "").startswith(PREFIX + INPUT_CHECK)

@@ -24,6 +24,11 @@ ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
                 "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": np.float32}
 
 
+# Targets per run of a `--targets dynamic` explainer (Explainer's target_chunk): K = 64 at 256 tokens on
+# the 8-layer llama-bench workload then peaks at ≤ 2× the single-target explainer (README, "Performance").
+TARGET_CHUNK = 32
+
+
 def default_providers() -> list[str]:
     """CUDA when onnxruntime-gpu sees a GPU, else CPU."""
     available = ort.get_available_providers()
@@ -79,10 +84,14 @@ class Explainer:
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, providers: list[str] | None = None,
                  threads: int | None = None, graph_optimization: bool = True, low_memory: bool | None = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, target_chunk: int | None = TARGET_CHUNK):
         """low_memory: run without onnxruntime's pre-packed weight copies (less memory, ~6% slower on CPU);
         None (default): on for explainers compiled with --checkpoint, off otherwise. session_config:
-        onnxruntime session config entries (e.g. {"session.intra_op.allow_spinning": "0"})."""
+        onnxruntime session config entries (e.g. {"session.intra_op.allow_spinning": "0"}). target_chunk:
+        a `--targets dynamic` explainer explains at most this many targets per row in one run (more are
+        split into runs of this many, each repeating the forward; None: all at once), which bounds the
+        memory of the K-wide relevance pass."""
+        self.target_chunk = None if target_chunk is None else validate.at_least_one(target_chunk, "target_chunk")
         if low_memory is None:
             meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
                 if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
@@ -258,8 +267,17 @@ class Explainer:
             feed[contract.POSITION] = position
         elif position is not None:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
-        return self._explanation(self.with_scales(feed, scales), None if vector else target,
-                                 position if rank == 3 else None, seed if vector else None)
+        feed = self.with_scales(feed, scales)
+        target, position, seed = None if vector else target, position if rank == 3 else None, seed if vector else None
+        if k is not None or self.target_chunk is None or width <= self.target_chunk:
+            return self._explanation(feed, target, position, seed)
+        parts = []   # runs of target_chunk targets, joined along K
+        for cut in (slice(s, s + self.target_chunk) for s in range(0, width, self.target_chunk)):
+            part = {n: v[:, cut] if n in (contract.TARGET, contract.POSITION, contract.SEED) else v for n, v in feed.items()}
+            parts.append(self._explanation(part, *(None if a is None else a[:, cut] for a in (target, position, seed))))
+        return Explanation(outputs=parts[0].outputs, target=target, position=position, meta=self.meta,
+                           relevance={n: np.concatenate([p.relevance[n] for p in parts], axis=1) for n in parts[0].relevance},
+                           logit=np.concatenate([p.logit for p in parts], axis=1))
 
     def _explanation(self, feed: dict, target, position, seed) -> Explanation:
         """Run the explainer on a complete feed; the explained value per row ([batch], or [batch, K] for a

@@ -120,6 +120,59 @@ def html_report(rows: list[TokenRow], title: str, summary: str = "", images=(), 
     return "\n".join(parts)
 
 
+def html_matrix(title: str, summary: str, row_labels: list[str], columns: list[str], matrix: np.ndarray,
+                values: np.ndarray) -> str:
+    """One self-contained HTML page (inline CSS, no scripts): a [rows, columns] relevance matrix as a table,
+    each row coloured against its own max |R|, the exact value on hover; `values` is each row's explained
+    value, shown with Σ of the row."""
+    shown = display_tokens(columns)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;color:#222}.meta{color:#555;font-size:90%}"
+             "table{border-collapse:collapse;font-family:monospace;font-size:85%}"
+             "td{width:2.2em;height:1.6em;border:1px solid #eee}th{font-weight:normal;padding:2px 6px}"
+             "th.col{writing-mode:vertical-rl;transform:rotate(180deg);vertical-align:bottom}"
+             "th.row{text-align:right;white-space:nowrap}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(summary)}</p>",
+             "<p class='meta'>Red: relevance for the generated token; blue: against it; each row scaled "
+             "separately. Hover a cell for its exact relevance.</p><table><tr><th></th>"]
+    parts += [f"<th class='col'>{html.escape(t)}</th>" for t in shown]
+    parts.append("<th class='row'>Σ R / logit</th></tr>")
+    for label, row, value in zip(row_labels, np.asarray(matrix, np.float64), values):
+        scale = float(np.abs(row).max()) if row.size else 0.0
+        parts.append(f"<tr><th class='row'>{html.escape(label)}</th>")
+        for token, r in zip(columns, row):
+            red, green, blue = _rgb(float(r), scale)
+            tip = html.escape(f"{label} ← {token}: {r:+.6f}", quote=True)
+            parts.append(f"<td style='background:rgb({red},{green},{blue})' title='{tip}' "
+                         f"data-relevance='{r:.8g}'></td>")
+        parts.append(f"<th class='row'>{row.sum():+.4f} / {float(value):+.4f}</th></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+def terminal_generation(prompt: str, generated: list[str], logits, sources: list[list[tuple[str, float]]],
+                        console=None) -> None:
+    """Each generated token with its top source tokens (coloured by relevance, largest |R| first)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+    console = console or Console()
+    console.print(f"[bold]{escape(prompt)}[/bold] → " + escape(" ".join(display_tokens(generated))))
+    table = Table(title="each generated token and its most relevant source tokens", box=None, pad_edge=False)
+    for column in ("#", "generated", "logit", "top sources (relevance)"):
+        table.add_column(column)
+    for i, (token, logit, top) in enumerate(zip(display_tokens(generated), logits, sources)):
+        scale = max((abs(r) for _, r in top), default=0.0)
+        text = Text()
+        for source, r in top:
+            red, green, blue = _rgb(r, scale)
+            text.append(f" {display_tokens([source])[0]} {r:+.3f} ", style=f"black on rgb({red},{green},{blue})")
+            text.append(" ")
+        table.add_row(str(i), Text(token), f"{float(logit):+.3f}", text)
+    console.print(table)
+
+
 # ------------------------------------------------------------------------------------------------
 # layers, images and PNGs (matplotlib with the Agg backend: no display needed)
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ def same(g):
 
 
 def reshape_back(n, g):
-    return (lambda: n.b.Reshape(g, n.grad_shape(0)),)
+    # a 0 in a Reshape target copies ĝ's dim unless allowzero: a zero-sized input keeps its zero
+    dims = n.dims(0)
+    literal = {"allowzero": 1} if dims is not None and 0 in dims else {}
+    return (lambda: n.b.Reshape(g, n.grad_shape(0), **literal),)
 
 
 def pointwise(derivative):

@@ -16,9 +16,14 @@ def softmax(n, g):
 
     def grad_x():
         weighted = _attention_weighted_sum(n)
-        if weighted is None:
-            weighted = b.ReduceSum(b.Mul(g, y), b.i64([n.grad_axis(n.attr("axis", -1))]), keepdims=1)
-        return b.Mul(y, b.Sub(g, weighted))
+        if weighted is not None:
+            return b.Mul(y, b.Sub(g, weighted))
+        # A row whose inputs are all −inf (a fully masked query) is NaN in the forward; a reader other than
+        # the attention product (a Where giving such rows zeros) keeps the forward finite and sends them
+        # ĝ = 0, which the NaN would turn into NaN: those rows attend to nothing and get ĝ_x = 0.
+        p = b.Where(b.IsNaN(y), b.f32(0.0), y)
+        weighted = b.ReduceSum(b.Mul(g, p), b.i64([n.grad_axis(n.attr("axis", -1))]), keepdims=1)
+        return b.Mul(p, b.Sub(g, weighted))
     return (grad_x,)
 
 

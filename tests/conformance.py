@@ -146,13 +146,18 @@ def wrap(case: Case) -> tuple[onnx.ModelProto, list[str]] | None:
 
 
 def _as_double(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The wrapper with every float32 graph input, output and initializer retyped to float64."""
+    """The wrapper with every float32 graph input, output and initializer, and every Cast to float32, retyped
+    to float64."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     del graph.value_info[:]
     for value in list(graph.input) + list(graph.output):
         if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in graph.node:  # a Cast to float32 inside the model would round the oracle's steps away
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
     for i, init in enumerate(graph.initializer):
         if init.data_type == TensorProto.FLOAT:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64),

@@ -135,3 +135,26 @@ def test_bench_cli_smoke(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["ms"]) == {"forward", "explainer", "torch", "occlusion"}
     assert set(result["ratios"]) == {"explainer/forward", "torch/explainer", "occlusion/explainer"}
+
+
+def test_bench_targets_cli_smoke(tmp_path, capsys):
+    """`lrpc bench --targets`: per K, the K run next to K single runs and K torch passes (no times asserted)."""
+    assert main(["bench", "llama", "--seq", "8", "--repeats", "1", "--targets", "1,3", "--chunk", "2",
+                 "--workdir", str(tmp_path), "--json"]) == 0
+    import json
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["targets"]) == {"1", "3"} and result["chunk"] == 2
+    for k, row in result["targets"].items():
+        assert row["K single runs ms"] == pytest.approx(int(k) * result["ms"]["explainer"])
+        assert row["K run / K single runs"] == pytest.approx(row["K run ms"] / row["K single runs ms"])
+        assert row["forward constant"] == pytest.approx((row["K run in forwards"] - 1) / int(k))
+    assert set(result["peak_rss_mb"]) == {"explainer", "K=1", "K=3"}
+
+
+@pytest.mark.parametrize("args,message", [(["--targets", "0"], "--targets 0 must be at least 1"),
+                                          (["--targets", "2,x"], "--targets 'x' must be a whole number"),
+                                          (["--seq", "8,0"], "--seq 0 must be at least 1"),
+                                          (["--chunk", "2"], "give --targets")])
+def test_bench_targets_bad_options(args, message, capsys):
+    assert main(["bench", "llama", *args]) == 2
+    assert message in capsys.readouterr().err

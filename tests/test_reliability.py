@@ -613,6 +613,17 @@ def test_non_finite_relevance_from_finite_outputs_is_an_error(scale, tmp_path):
     assert np.isfinite(explainer.explain({"x": x}, seed=[1.0, 0.0, 0.0]).relevance["x"]).all()
 
 
+def test_non_finite_relevance_is_an_error_on_the_k_target_path_too(tmp_path):
+    """A K explainer (--targets) goes through the same check after its run."""
+    path = tmp_path / "e.onnx"
+    lrpc.compile(float_model(classes=3), output=path, seed="vector", targets=2)
+    explainer = lrpc.Explainer(path)
+    x = np.full((1, 6), 10.0, np.float32)
+    with pytest.raises(LrpcError, match="relevance of input 'x' is not finite"):
+        explainer.explain({"x": x}, seed=[[[3e38] * 3, [1.0, 0.0, 0.0]]])
+    assert np.isfinite(explainer.explain({"x": x}, seed=[[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).relevance["x"]).all()
+
+
 # ---- class 5: lrpc bench on an ONNX file --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tokens.onnx", "floats.onnx"])
@@ -668,6 +679,13 @@ def test_hostile_files_get_a_real_message(command, args, words, model_files, hos
     extra = ["--cache", tmp_path / "cache"] if command == "explain" else []
     rc, err = cli(command, *args, *extra)
     one_line_error(rc, err, *words)
+
+
+def test_a_npy_file_for_input_gets_a_real_message(model_files, tmp_path):
+    """Old: TypeError ('numpy.ndarray' object does not support the context manager protocol), "unexpected"."""
+    np.save(tmp_path / "x.npy", np.ones((1, 6), np.float32))
+    rc, err = cli("explain", model_files / "floats.onnx", "--input", tmp_path / "x.npy", "--cache", tmp_path / "c")
+    one_line_error(rc, err, ".npy file", "np.savez")
 
 
 def test_string_arrays_name_their_dtype(model_files, hostile_files, tmp_path):

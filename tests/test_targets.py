@@ -150,3 +150,22 @@ def test_lrpc_explain_refuses_a_k_explainer_in_one_line(llama_k):
     run = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(llama_k), "--tokenizer", "toy",
                           "--text", "the cat sat"], capture_output=True, text=True)
     assert run.returncode == 2 and "--targets" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_k_chunks_equal_one_run_and_split_the_runs(llama_k):
+    """target_chunk splits K into runs of at most that many targets (each repeats the forward)."""
+    inputs = _inputs(models.get("llama"), 6)
+    target, position = np.array([[1, 5, 9, 2, 7], [3, 3, 0, 8, 4]]), np.array([[-1, 2, 0, -2, 5], [1, 1, -1, 3, 0]])
+    whole = lrpc.Explainer(llama_k, target_chunk=None).explain(inputs, target=target, position=position)
+    chunked = lrpc.Explainer(llama_k, target_chunk=2)
+    runs = []
+    run = chunked._run
+    chunked._run = lambda names, feed: runs.append(feed["lrp_target"].shape) or run(names, feed)
+    got = chunked.explain(inputs, target=target, position=position)
+    assert runs == [(2, 2), (2, 2), (2, 1)]
+    for name, expected in whole.relevance.items():
+        assert got.relevance[name].shape == expected.shape
+        assert relative_error(got.relevance[name], expected) <= 1e-6
+    np.testing.assert_allclose(got.logit, whole.logit, rtol=1e-6)
+    with pytest.raises(LrpcError, match="target_chunk 0 must be at least 1"):
+        lrpc.Explainer(llama_k, target_chunk=0)

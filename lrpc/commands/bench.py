@@ -7,12 +7,14 @@ HELP = ("time and peak memory: onnxruntime forward vs explainer vs torch autogra
 EXAMPLES = """examples:
   lrpc bench llama-bench --seq 256                          # the LLaMA-style performance workload
   lrpc bench model.onnx --seq 128 --json
+  lrpc bench llama-bench --seq 256 --targets 1,4,16,64     # K targets in one run vs K runs vs K torch passes
+  lrpc bench llama-bench --seq 64,256,1024 --no-memory      # a sweep over lengths
 """
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="ONNX file or zoo name (llama-bench: the LLaMA-style performance workload)")
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=_counts, default=[256], metavar="N[,N…]", help="tokens (several: one run each)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
@@ -24,17 +26,46 @@ def add_arguments(p) -> None:
     p.add_argument("--workdir", help="keep the exported model and explainer here (default: a temporary folder, "
                    "removed at the end)")
     p.add_argument("--force", action="store_true", help="replace an explainer already in --workdir")
+    p.add_argument("--targets", type=_counts, metavar="K[,K…]", help="compare one run of a --targets explainer "
+                   "for K targets with K single-target runs and K torch autograd passes, for each K")
+    p.add_argument("--chunk", type=int, metavar="C", help="with --targets: targets per run of the K explainer "
+                   "(default: lrpc.Explainer's, 32)")
     p.add_argument("--json", action="store_true")
+
+
+def _counts(text: str) -> list[int]:
+    """'256' or '64,256,1024': whole numbers ≥ 1 (checked in run, so a bad one is one lrpc error line)."""
+    return [int(x) if x.strip().lstrip("-").isdigit() else x for x in text.split(",")]
 
 
 def run(args) -> int:
     import json
 
-    from lrpc.bench import bench, format_result
+    from lrpc import validate
+    from lrpc.bench import bench, bench_targets, format_result, format_targets
     from lrpc.commands.common import check_counts
-    check_counts(args, "seq", "batch", "threads", "repeats", "layers")
-    result = bench(args.model, seq=args.seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
-                   occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
-                   workdir=args.workdir, layers=args.layers, force=args.force)
-    print(json.dumps(result, indent=1) if args.json else format_result(result))
+    from lrpc.errors import LrpcError
+    check_counts(args, "batch", "threads", "repeats", "layers", "chunk")
+    for flag in ("seq", "targets"):
+        for value in getattr(args, flag) or ():
+            validate.at_least_one(value, f"--{flag}")
+    if args.targets is None and (args.chunk is not None):
+        raise LrpcError("--chunk splits the targets of --targets: give --targets, or drop --chunk")
+    if args.targets is not None and args.checkpoint:
+        raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
+    results = []
+    for seq in args.seq:
+        if args.targets:
+            result = bench_targets(args.model, args.targets, seq=seq, batch=args.batch, threads=args.threads,
+                                   repeats=args.repeats, chunk=args.chunk, memory=not args.no_memory,
+                                   workdir=args.workdir, layers=args.layers, force=args.force)
+        else:
+            result = bench(args.model, seq=seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
+                           occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
+                           workdir=args.workdir, layers=args.layers, force=args.force)
+        results.append(result)
+        if not args.json:
+            print((format_targets if args.targets else format_result)(result), flush=True)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0

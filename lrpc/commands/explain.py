@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   lrpc explain hf-vit --image cat.png --png cat-lrp.png
   lrpc explain model.onnx --input inputs.npz --json
   lrpc explain bert --file inputs.jsonl --json > results.jsonl    # one {"text": …} per line
+  lrpc explain llama --text "the cat sat on the" --generate 8 --html gen.html   # attribute a generated answer
 """
 
 
@@ -34,6 +35,9 @@ def add_arguments(p) -> None:
     t.add_argument("--position", type=int, metavar="P", help="sequence position to explain (negative: from the end;"
                    " default: the last token)")
     t.add_argument("--contrast", metavar="B", help="explain logit[target] − logit[B]")
+    t.add_argument("--generate", type=int, metavar="N", help="causal LMs: greedily generate up to N tokens after "
+                   "--text (stopping at the model's end-of-sequence token) and explain each of them in one run: "
+                   "the [generated × prompt+generated] relevance matrix")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with tokenizer.json (default: the model's folder; "
                    "'toy': the 128-word tokenizer of the tiny zoo models, their default)")
     p.add_argument("--task", help="task for a Hugging Face folder")
@@ -68,8 +72,17 @@ def run(args) -> int:
         raise LrpcError("give exactly one of --text, --image, --input, --file")
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
-    check_counts(args, "top_k", "batch_size")
+    check_counts(args, "top_k", "batch_size", "generate")
     from lrpc import corpus_run
+    if args.generate is not None:
+        if corpus_run.wanted(args):
+            raise LrpcError("--generate explains one prompt, not a corpus: drop the corpus options (--out, …)")
+        clashing = [flag for flag, value in (("--target", args.target), ("--top-k", args.top_k),
+                                             ("--position", args.position), ("--contrast", args.contrast),
+                                             ("--layers", args.layers), ("--latent", args.latent)) if value]
+        if clashing or not args.text or len(args.text) != 1:
+            raise LrpcError("--generate explains the tokens the model generates after one --text prompt: "
+                            + (f"drop {', '.join(clashing)}" if clashing else "give exactly one --text"))
     if corpus_run.wanted(args):
         return corpus_run.run_cli(args)
     if args.png:
@@ -79,6 +92,8 @@ def run(args) -> int:
         safeio.check_output(path, force=args.force, inputs=sources)
     attributor = Attributor(args.model, tokenizer=args.tokenizer, preset=args.preset, layers=args.layers,
                             latent=args.latent, task=args.task, cache=args.cache)
+    if args.generate is not None:
+        return _generation(attributor.generate(args.text[0], args.generate), args, sources)
     spec = {"target": args.target, "contrast": args.contrast, "position": args.position, "top_k": args.top_k}
     if args.file:
         groups = read_jsonl(Path(args.file), spec)
@@ -120,6 +135,19 @@ def run(args) -> int:
                 f"{Path(args.png).stem}-{i}{Path(args.png).suffix or '.png'}")
             written.append(str(a.save_png(path, force=args.force, inputs=sources)))
         print(f"PNG: {', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _generation(generation, args, sources) -> int:
+    """Show / write a `Generation` (`--generate`): terminal or --json, then --html / --png."""
+    import sys
+    print(generation.to_json()) if args.json else generation.show()
+    where = sys.stderr if args.json else sys.stdout
+    if args.html:
+        generation.to_html(args.html, force=args.force, inputs=sources)
+        print(f"HTML report: {args.html}", file=where)
+    if args.png:
+        print(f"PNG: {generation.save_png(args.png, force=args.force, inputs=sources)}", file=where)
     return 0
 
 
