@@ -80,39 +80,6 @@ def file_digest(path) -> str:
     return digest.hexdigest()
 
 
-# ---- per-sample scores --------------------------------------------------------------------------------
-
-def sample_scores(attributor, texts: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    """For each component of the attributor (built with `components=`): per sample and unit, the ActMax score
-    (the highest activation over the sample's positions; a head's activation is the L2 norm of its output
-    at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
-    prediction, summed over positions) with the position of its largest share."""
-    ex = attributor.explainer
-    feed, lengths = attributor.pad(attributor._items(list(texts)))
-    forward = ex.forward(feed)
-    y = forward[ex.explained]
-    seq = max(lengths)
-    real = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]            # [batch, positions]
-    if y.ndim == 3:
-        position = np.asarray(lengths) - 1
-        y = y[np.arange(len(y)), position]
-    else:
-        position = None
-    seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
-    explanation = ex.explain(feed, seed=seed, position=position) if ex.meta["seed"] == "vector" else \
-        ex.explain(feed, target=y.argmax(-1), position=position)
-    scores = {}
-    for name, tensor in attributor.activations.items():
-        act = forward[tensor].astype(np.float32)
-        if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
-            act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
-        act = np.where(real[:, :, None], act, -np.inf)
-        rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
-        scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
-                        "rel_pos": np.abs(rel).argmax(1)}
-    return scores
-
-
 # ---- the top-k state -----------------------------------------------------------------------------------
 
 class TopK:
@@ -180,7 +147,7 @@ def build(model, corpus, out, *, components: str = "mlp", k: int = 8, batch_size
             continue
         batch.append(text)
         if len(batch) == batch_size or index == len(numbers) - 1:
-            state.add(sample_scores(attributor, batch), index + 1 - len(batch))
+            state.add(attributor.unit_scores(batch), index + 1 - len(batch))
             texts.update(zip(range(index + 1 - len(batch), index + 1), batch))
             keep = state.referenced()
             texts = {i: t for i, t in texts.items() if i in keep}
@@ -311,7 +278,7 @@ def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, toke
     top, refs = validate.at_least_one(top, "--top"), validate.at_least_one(refs, "--refs")
     attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=atlas.meta["components"],
                             cache=cache)
-    relevance = {name: s["rel"][0] for name, s in sample_scores(attributor, [text]).items()}
+    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([text]).items()}
     flat = sorted(((float(r[u]), name, u) for name, r in relevance.items() for u in range(len(r))),
                   key=lambda x: (-x[0], x[1], x[2]))
     chosen = [x for x in flat[:top] if x[0] > 0] + [x for x in reversed(flat[-top:]) if x[0] < 0]

@@ -297,9 +297,38 @@ class Attributor:
         interventions")."""
         if not self.activations:
             raise LrpcError('this Attributor has no components: create it with components="mlp,heads,residual"')
-        from lrpc.atlas import sample_scores
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return {name: s["rel"] for name, s in sample_scores(self, texts).items()}
+        return {name: s["rel"] for name, s in self.unit_scores(texts).items()}
+
+    def unit_scores(self, texts: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Per text, component (an Attributor made with `components=`) and unit: the ActMax score (the highest
+        activation over the sample's positions; a head's activation is the L2 norm of its output
+        at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
+        prediction, summed over positions) with the position of its largest share."""
+        ex = self.explainer
+        feed, lengths = self.pad(self._items(list(texts)))
+        forward = ex.forward(feed)
+        y = forward[ex.explained]
+        seq = max(lengths)
+        real = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]            # [batch, positions]
+        if y.ndim == 3:
+            position = np.asarray(lengths) - 1
+            y = y[np.arange(len(y)), position]
+        else:
+            position = None
+        seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
+        explanation = ex.explain(feed, seed=seed, position=position) if ex.meta["seed"] == "vector" else \
+            ex.explain(feed, target=y.argmax(-1), position=position)
+        scores = {}
+        for name, tensor in self.activations.items():
+            act = forward[tensor].astype(np.float32)
+            if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
+                act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
+            act = np.where(real[:, :, None], act, -np.inf)
+            rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
+            scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
+                            "rel_pos": np.abs(rel).argmax(1)}
+        return scores
 
     def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
         ex = self.explainer

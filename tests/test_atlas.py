@@ -45,7 +45,7 @@ def rows(path, component, layer, unit, kind):
 def test_top_k_equals_brute_force(setup):
     folder, model, _, texts, options, reference = setup
     attributor = Attributor(str(model), tokenizer="toy", components=COMPONENTS, cache=options["cache"])
-    scores = [atlas.sample_scores(attributor, texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
+    scores = [attributor.unit_scores(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
     book = atlas.Atlas(reference, model=model)
     assert book.components == {"mlp.0": 64, "mlp.1": 64, "heads.0": 4, "heads.1": 4}
     for name, units in book.components.items():
@@ -66,20 +66,19 @@ def test_top_k_equals_brute_force(setup):
 def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
     folder, model, corpus, _, options, reference = setup
     out = folder / "resumed.atlas"
-    real, calls = atlas.sample_scores, []
+    real, calls = Attributor.unit_scores, []
 
     def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(atlas, "sample_scores", interrupted)
+    monkeypatch.setattr(Attributor, "unit_scores", interrupted)
     with pytest.raises(KeyboardInterrupt):
         atlas.build(model, corpus, out, **options)
     assert not out.exists() and (folder / "resumed.atlas.partial.npz").is_file()
-    monkeypatch.setattr(atlas, "sample_scores", real)
     seen = []
-    monkeypatch.setattr(atlas, "sample_scores", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setattr(Attributor, "unit_scores", lambda *a: seen.append(1) or real(*a))
     atlas.build(model, corpus, out, **options)
     assert len(seen) == 3   # 5 batches: 2 done before the interrupt, 3 after
     assert out.read_bytes() == reference.read_bytes()
