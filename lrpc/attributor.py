@@ -70,7 +70,7 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None, example_inputs=None, pooling: str | None = None):
+                 image_std=None, example_inputs=None, pooling: str | None = None, components: str | None = None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
@@ -95,6 +95,7 @@ class Attributor:
         self._options = dict(tokenizer=tokenizer, preset=preset, task=task, cache=cache, providers=providers,
                              threads=threads, session_config=session_config)
         self._output = dict(output_name=output_name, pooling=pooling)
+        self.activations: dict[str, str] = {}   # component → its tensor among the outputs (`components=`)
         self._k_explainer: Explainer | None = None
         if isinstance(model, Explainer):
             self.explainer = model
@@ -105,8 +106,9 @@ class Attributor:
             self.explainer = Explainer(model, providers, threads, session_config=session_config)
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
-                                            output_name=output_name, pooling=pooling, cache=cache)
-            self.source = model
+                                            output_name=output_name, pooling=pooling, cache=cache,
+                                            components=components)
+            self.activations = info.get("activations", {})
             self.layer_labels = dict(info.get("layers") or [])
             self.explainer = Explainer(path, providers, threads, session_config=session_config)
         if isinstance(model, (str, os.PathLike)) and not isinstance(model, Explainer):
@@ -407,6 +409,45 @@ class Attributor:
         return Attributions((a for number in sorted(done) for a in done[number]), sorted(errors, key=lambda e: e.line))
 
     __call__ = attribute
+
+    def components(self, texts) -> dict[str, np.ndarray]:
+        """Relevance of every unit of the components this Attributor was made with (`components="mlp,heads"`)
+        for each text's own prediction: {"mlp.0": [texts, units], …} (docs/design.md, "Components and
+        interventions")."""
+        if not self.activations:
+            raise LrpcError('this Attributor has no components: create it with components="mlp,heads,residual"')
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return {name: s["rel"] for name, s in self.unit_scores(texts).items()}
+
+    def unit_scores(self, texts: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Per text, component (an Attributor made with `components=`) and unit: the ActMax score (the highest
+        activation over the sample's positions; a head's activation is the L2 norm of its output
+        at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
+        prediction, summed over positions) with the position of its largest share."""
+        ex = self.explainer
+        feed, lengths = self.pad(self._items(list(texts)))
+        forward = ex.forward(feed)
+        y = forward[ex.explained]
+        seq = max(lengths)
+        real = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]            # [batch, positions]
+        if y.ndim == 3:
+            position = np.asarray(lengths) - 1
+            y = y[np.arange(len(y)), position]
+        else:
+            position = None
+        seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
+        explanation = ex.explain(feed, seed=seed, position=position) if ex.meta["seed"] == "vector" else \
+            ex.explain(feed, target=y.argmax(-1), position=position)
+        scores = {}
+        for name, tensor in self.activations.items():
+            act = forward[tensor].astype(np.float32)
+            if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
+                act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
+            act = np.where(real[:, :, None], act, -np.inf)
+            rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
+            scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
+                            "rel_pos": np.abs(rel).argmax(1)}
+        return scores
 
     def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
         ex = self.explainer

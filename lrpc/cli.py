@@ -11,7 +11,7 @@ import os
 import sys
 
 # command name → module in lrpc/commands/, in the order `lrpc --help` lists them
-COMMANDS = ("compile", "plan", "diff", "ops", "zoo", "export", "demo", "evaluate", "explain", "bench")
+COMMANDS = ("compile", "plan", "diff", "ops", "zoo", "export", "demo", "evaluate", "explain", "bench", "concepts")
 
 EXAMPLES = """examples:
   lrpc compile model.onnx -o explainer.onnx                 # AttnLRP explainer of the first output

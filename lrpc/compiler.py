@@ -61,17 +61,25 @@ def plan_model(model, preset: str = "attnlrp", attribute=None, options: Options 
 
 
 def plan_document(model, preset: str = "attnlrp", attribute=None, options: Options = Options(),
-                  source: str = "") -> dict:
-    """The plan as `lrpc plan --format json` writes it (rows in graph order and a summary)."""
+                  source: str = "", components: str | list[str] | None = None) -> dict:
+    """The plan as `lrpc plan --format json` writes it (rows in graph order and a summary), with what each
+    component selector resolves to when `components` names some."""
+    from lrpc.components import parse, resolve
     ir_model = load(model)
     plan = analyse_and_plan(ir_model, preset, attribute, options)[2]
-    return planio.to_json(plan, ir_model.graph, source)
+    doc = planio.to_json(plan, ir_model.graph, source)
+    selectors = parse(components)
+    if selectors:
+        doc["components"] = [c.describe() for c in resolve(ir_model, selectors)]
+    return doc
 
 
 def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name: str | None = None,
                     attribute: list[str] | None = None, seed: str = "target", latent: str | None = None,
                     options: Options = Options(), embeddings_input: bool = False,
-                    checkpoint: int | str | None = None, targets: int | str | None = None) -> ir.Model:
+                    checkpoint: int | str | None = None, targets: int | str | None = None,
+                    components: str | list[str] | None = None, per_position: bool = False,
+                    intervene: str | list[str] | None = None) -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
@@ -80,6 +88,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
+    explained_components, scales = _components(ir_model, components, intervene)
     forward = list(graph) if untouched.needed(graph) else None   # (lrpc/untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
@@ -91,7 +100,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     latents = _latent_tensors(graph, carrying, latent)
     b = Builder(graph)
     emitter = Emitter(graph, plan, carrying, b)
-    wanted = {p for a in attributions for p in a.points} | set(latents)
+    wanted = {p for a in attributions for p in a.points} | set(latents) | {c.value for c in explained_components}
     seed_grad = contract.seed(graph, b, y, seed, targets)
     if targets is not None:  # ĝ gains a leading K axis (docs/design.md, "Many targets: the K axis")
         emitter.with_targets(seed_grad, contract.k_dim(targets))
@@ -102,6 +111,12 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     for value in latents:
         contract.add_output(graph, b, contract.latent_relevance(b, emitter, value, grads),
                             contract.RELEVANCE_PREFIX + value.name, contract.relevance_shape(value, targets))
+    for c in explained_components:   # one relevance per unit (docs/design.md, "Components and interventions")
+        from lrpc.components import output_shape, relevance_output
+        r = relevance_output(b, contract.latent_relevance(b, emitter, c.value, grads), c, targets is not None,
+                             per_position)
+        contract.add_output(graph, b, r, contract.RELEVANCE_PREFIX + c.name,
+                            output_shape(c, None if targets is None else contract.k_dim(targets), per_position))
     remat = None
     if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
         from lrpc.checkpoint import rematerialise
@@ -116,10 +131,25 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         **({"targets": targets} if targets is not None else {}),
         **({"unsafe_optimizers": unsafe} if (unsafe := contract.unsafe_optimizers(graph)) else {}),
         **({"untouched_forward": True} if forward is not None else {}),
+        **({"components": [c.describe() for c in explained_components], "per_position": per_position}
+           if explained_components else {}),
+        **({"interventions": scales} if scales else {}),
     })
     if forward is not None:   # the outputs from a forward nothing else reads, as onnxruntime runs the model
         untouched.attach(graph, forward, model_outputs)
     return ir_model
+
+
+def _components(ir_model: ir.Model, components, intervene):
+    """The components whose relevance is output, and the names of the scale inputs added for `intervene`."""
+    from lrpc.components import intervene as add_scales
+    from lrpc.components import SELECTORS, parse, resolve
+    explained, scaled = parse(components), parse(intervene)
+    if not explained and not scaled:
+        return [], []
+    resolved = resolve(ir_model, [s for s in SELECTORS if s in explained or s in scaled])
+    scales = add_scales(ir_model.graph, [c for c in resolved if c.kind in scaled])
+    return [c for c in resolved if c.kind in explained], scales
 
 
 def _latent_tensors(graph: ir.Graph, carrying: set[ir.Value], pattern: str | None) -> list[ir.Value]:
@@ -141,7 +171,9 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             latent: str | None = None, force: bool = False, epsilon: float | None = None,
             gamma_linear: float | None = None, gamma_conv: float | None = None, rule_nodes: str | None = None,
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
-            targets: int | str | None = None, **frontend_options) -> onnx.ModelProto:
+            targets: int | str | None = None, components: str | list[str] | None = None,
+            components_per_position: bool = False, intervene: str | list[str] | None = None,
+            **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
@@ -149,7 +181,10 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     explainer's copies of the model's external-data weights are references to the original weights file
     (which must lie in the explainer's folder or below it) instead of copies. With `targets=K` (an int, or
     "dynamic" for a K chosen per run) the explainer explains K targets per input row in one run (the
-    K-axis contract, docs/design.md, "Many targets: the K axis").
+    K-axis contract, docs/design.md, "Many targets: the K axis"). `components="mlp,heads,residual"` adds
+    `relevance.<component>.<layer>` outputs (one value per unit, per position with
+    `components_per_position=True`); `intervene="mlp,heads"` adds optional `lrp_scale.<component>.<layer>`
+    inputs that scale the units in the forward (docs/design.md, "Components and interventions").
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
@@ -165,7 +200,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
                                seed=seed, latent=latent,
                                options=options,
-                               embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets)
+                               embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
+                               components=components, per_position=components_per_position, intervene=intervene)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

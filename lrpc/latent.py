@@ -18,31 +18,19 @@ def carrying_tensors(model) -> list[tuple[str, str, str]]:
 
 def residual_stream(model) -> list[tuple[str, str]]:
     """(tensor name, label) of each layer's residual stream, in graph order: the attribution point (the
-    embedding output, or the float input) and the output of every Add whose two operands carry relevance
-    and have the same shape [batch, seq, hidden] (the residual connections). `model`: any model source,
-    or an ir.Model as `lrpc.compiler.load` returns it, which is only read (no rule pass runs on it, so the
-    same loaded model is compiled next)."""
-    from lrpc.analysis import find_attributions, relevance_carrying
+    embedding output, or the float input) and the output of every residual Add (`lrpc.components.residual_adds`). `model`:
+    any model source, or an ir.Model as `lrpc.compiler.load` returns it, which is only read (no rule pass
+    runs on it, so the same loaded model is compiled next)."""
+    from lrpc.analysis import find_attributions
     from lrpc.compiler import load
+    from lrpc.components import residual_adds
     ir_model = model if isinstance(model, ir.Model) else load(model)
-    attributions = find_attributions(ir_model.graph)
-    carrying = relevance_carrying(ir_model.graph, {p for a in attributions for p in a.points})
-    points = [p for a in attributions for p in a.points if a.kind == "token"]
-    hidden = {p.shape[-1] for p in points if p.shape is not None and p.shape.rank() == 3}
-    found = [(p.name, "embeddings") for p in points]
+    points = [p for a in find_attributions(ir_model.graph) for p in a.points if a.kind == "token"]
+    found = [(p.name, "embeddings") for p in points] + [(v.name, _scope(v.producer()))
+                                                        for v in residual_adds(ir_model)]
     counts: dict[str, int] = {}
-    for node in ir_model.graph:
-        if node.op_type != "Add" or len(node.inputs) != 2 or not all(i in carrying for i in node.inputs):
-            continue
-        out = node.outputs[0]
-        shapes = [v.shape for v in (*node.inputs, out)]
-        if any(s is None or s.rank() != 3 for s in shapes) or len({str(s) for s in shapes}) != 1:
-            continue
-        if hidden and out.shape[-1] not in hidden:
-            continue
-        scope = _scope(node)
+    for _, scope in found:
         counts[scope] = counts.get(scope, 0) + 1
-        found.append((out.name, scope))
     seen: dict[str, int] = {}
     labels = []
     for name, scope in found:   # a layer's residual adds: "layers.0 +1" (after attention), "layers.0 +2"

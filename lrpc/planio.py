@@ -96,6 +96,9 @@ def to_text(doc: dict) -> str:
         text = ", ".join(f"{k}={v}" for k, v in details.items())
         lines.append(f"{r['node']:<{width}}  {r['op']:<20} {r['rule']:<22} {r['claimed_by']:<12} {text}")
     lines.append("summary: " + ", ".join(f"{n} {k}" for k, n in doc["summary"].items()))
+    if "components" in doc:   # what --components resolves to (lrpc.components)
+        lines.append("components:")
+        lines += [f"  {c['component']:<14} {c['units']:>6} units  {c['tensor']}  {c['shape']}" for c in doc["components"]]
     return "\n".join(lines)
 
 
@@ -135,4 +138,7 @@ def diff(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> list[str]:
             out.append(f"+ {name_b}: {describe(r)}")
     if a["summary"] != b["summary"]:
         out.append(f"summary: {name_a} {a['summary']} vs {name_b} {b['summary']}")
+    units = lambda doc: {c["component"]: c["units"] for c in doc.get("components", [])}  # noqa: E731
+    if units(a) != units(b):
+        out.append(f"components: {name_a} {units(a)} vs {name_b} {units(b)}")
     return out

@@ -128,6 +128,7 @@ class Explainer:
         if not providers and self.provider == "CPUExecutionProvider" and cuda_visible():
             warnings.warn(cpu_only_advice(), stacklevel=2)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.scales = {i.name: i for i in self.session.get_overridable_initializers()}  # --intervene's, default 1
         self.model_inputs = [n for n in self.inputs if not n.startswith("lrp_")]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.model_outputs = [n for n in self.outputs if not n.startswith(contract.RELEVANCE_PREFIX)]
@@ -156,9 +157,25 @@ class Explainer:
             raise LrpcError(f"onnxruntime failed on these inputs (token ids beyond the vocabulary? sizes the "
                             f"model cannot take?): {first}") from None
 
-    def forward(self, inputs: dict) -> dict[str, np.ndarray]:
+    def with_scales(self, feed: dict, scales: dict | None) -> dict:
+        """`feed` plus the intervention factors (lrp_scale.<component>.<layer> → one float per unit, or
+        {"mlp.0": …} without the prefix) of an explainer compiled with --intervene; the rest stay 1."""
+        if not scales:
+            return dict(feed)
+        from lrpc.components import SCALE_PREFIX
+        feed = dict(feed)
+        for name, factors in scales.items():
+            full = name if name.startswith(SCALE_PREFIX) else SCALE_PREFIX + name
+            if full not in self.scales:
+                known = [n[len(SCALE_PREFIX):] for n in self.scales if n.startswith(SCALE_PREFIX)]
+                raise LrpcError(f"no intervention input '{full}': this explainer has "
+                                f"{', '.join(known) if known else 'none (compile it with --intervene mlp,heads)'}")
+            feed[full] = validate.input_array(full, factors, np.float32, self.scales[full].shape)
+        return feed
+
+    def forward(self, inputs: dict, scales: dict | None = None) -> dict[str, np.ndarray]:
         """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
-        second copy of the weights is loaded."""
+        second copy of the weights is loaded. `scales`: intervention factors (`with_scales`)."""
         feed = dict(self.check_inputs(inputs))
         batch = self._batch(feed)
         for name in (contract.TARGET, contract.POSITION, contract.SEED):
@@ -170,15 +187,15 @@ class Explainer:
         if contract.SEED in feed:  # the seed's class axis must match the output's
             seq_classes = self.output_dims(feed, allow_forward=False)[1]
             feed[contract.SEED] = np.zeros(feed[contract.SEED].shape[:-1] + (seq_classes or 1,), np.float32)
-        return dict(zip(self.model_outputs, self._run(self.model_outputs, feed)))
+        return dict(zip(self.model_outputs, self._run(self.model_outputs, self.with_scales(feed, scales))))
 
     # ---- explaining ----------------------------------------------------------------------------
-    def explain(self, inputs: dict, target=None, position=None, seed=None) -> Explanation:
+    def explain(self, inputs: dict, target=None, position=None, seed=None, scales: dict | None = None) -> Explanation:
         """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c]).
         A K explainer (compiled with --targets) takes target / position [batch, K] (seed [batch, K,
-        classes]) and returns relevance [batch, K, …]."""
+        classes]) and returns relevance [batch, K, …]. `scales`: intervention factors (`with_scales`)."""
         if "targets" in self.meta:
-            return self._explain_k(inputs, target, position, seed)
+            return self._explain_k(inputs, target, position, seed, scales)
         feed = self.check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
@@ -193,7 +210,7 @@ class Explainer:
                 raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, classes]")
             seed = validate.seed_vector(seed, batch, None)
         elif target is None:
-            forward = self.forward(inputs)
+            forward = self.forward(inputs, scales)
             logits = forward[self.explained]
             logits = logits[np.arange(batch), position] if rank == 3 else logits
             target = logits.argmax(axis=-1).astype(np.int64)
@@ -207,7 +224,7 @@ class Explainer:
                 validate.seed_vector(seed, batch, classes)
             else:
                 validate.indices("target", target, batch, classes)
-        feed = dict(feed)
+        feed = self.with_scales(feed, scales)
         if vector:
             feed[contract.SEED] = seed
         else:
@@ -217,7 +234,7 @@ class Explainer:
         return self._explanation(feed, None if vector else target, position if rank == 3 else None,
                                  seed if vector else None)
 
-    def _explain_k(self, inputs: dict, target, position, seed) -> Explanation:
+    def _explain_k(self, inputs: dict, target, position, seed, scales=None) -> Explanation:
         """explain() of a K explainer: every index input is [batch, K] (docs/design.md, "Many targets: the K axis")."""
         feed = dict(self.check_inputs(inputs))
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
@@ -252,6 +269,7 @@ class Explainer:
             feed[contract.POSITION] = position
         elif position is not None:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
+        feed = self.with_scales(feed, scales)
         target, position, seed = None if vector else target, position if rank == 3 else None, seed if vector else None
         if k is not None or self.target_chunk is None or width <= self.target_chunk:
             return self._explanation(feed, target, position, seed)

@@ -22,6 +22,8 @@ def add_rule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma-conv", type=float, metavar="G", help="γ-rule on Conv layers")
     p.add_argument("--rule-nodes", metavar="REGEX", help="apply --epsilon/--gamma-* only to nodes whose name matches")
     p.add_argument("--layers", metavar="REGEX", help=argparse.SUPPRESS)   # the old name of --rule-nodes: refused
+    p.add_argument("--components", metavar="mlp,heads,residual", help="model components found in the graph: "
+                   "compile adds relevance.<component>.<layer> (one value per unit); plan and diff list them")
 
 
 def rule_options(args):
@@ -68,4 +70,4 @@ def load_plan(source: str, args) -> dict:
             return doc
     options = rule_options(args)  # refused before a model is exported on the way
     return plan_document(model_source(source, args), args.preset, args.attribute, options,
-                         source=source)
+                         source=source, components=args.components)

@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   lrpc compile model.onnx -o gxi.onnx --preset gxi          # plain Input×Gradient
   lrpc compile model.onnx -o e.onnx --output logits --attribute input_ids
   lrpc compile model.onnx -o e.onnx --reuse-weights         # reference model.onnx.data instead of copying it
+  lrpc compile model.onnx -o e.onnx --components mlp,heads --intervene mlp   # unit relevance, ablation inputs
 """
 
 
@@ -24,6 +25,11 @@ def add_arguments(p) -> None:
                    "lrp_target / lrp_position become [batch, K] and each relevance.<name> gains a K axis after "
                    "batch (dynamic: K chosen per run)")
     p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
+    p.add_argument("--components-per-position", action="store_true", help="relevance.<component>.<layer> per "
+                   "position ([batch, positions, units]) instead of summed over positions")
+    p.add_argument("--intervene", metavar="mlp,heads,residual", help="add optional inputs "
+                   "lrp_scale.<component>.<layer> (one factor per unit, default 1) that scale the units in the "
+                   "forward: 0 ablates a unit; the relevance is that of the scaled model")
     p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
                    "methods); relevance is still relevance.<ids>")
@@ -49,6 +55,7 @@ def run(args) -> int:
                  seed=args.seed, latent=args.latent, force=args.force, epsilon=args.epsilon,
                  gamma_linear=args.gamma_linear, gamma_conv=args.gamma_conv, rule_nodes=args.rule_nodes,
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
-                 checkpoint=args.checkpoint, targets=args.targets)
+                 checkpoint=args.checkpoint, targets=args.targets, components=args.components,
+                 components_per_position=args.components_per_position, intervene=args.intervene)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0

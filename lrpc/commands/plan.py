@@ -8,6 +8,7 @@ HELP = "print the rule assignment of a model"
 EXAMPLES = """examples:
   lrpc plan model.onnx                                      # which rule each node gets
   lrpc plan model.onnx --tensors                            # tensor names for --latent
+  lrpc plan model.onnx --components mlp,heads,residual      # what each component selector resolves to
   lrpc plan model.onnx --format json -o plan.json && lrpc diff plan.json new_model.onnx
 """
 

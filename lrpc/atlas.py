@@ -1,0 +1,309 @@
+"""Concept atlases: for every unit of the selected components, the corpus samples that activate it most
+(ActMax) and those for whose own prediction it is most relevant (RelMax, as in Concept Relevance
+Propagation), kept in one SQLite file (docs/design.md, "Concept atlases").
+
+The build streams the corpus in batches; per component it holds only [units, k] scores, sample ids and
+positions (plus the texts those ids name), so memory is bounded by units × k, not by the corpus. After
+every batch the state is saved beside the atlas (`<atlas>.partial.npz`): an interrupted build started again
+with the same arguments resumes after the last saved batch. Batches are the same on resume and the top-k
+order is total (score descending, then sample index), so a resumed atlas is byte for byte the one an
+uninterrupted build writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lrpc import safeio
+from lrpc.errors import LrpcError
+
+FORMAT = "lrpc-atlas/1"
+KINDS = ("act", "rel")      # ActMax, RelMax
+NO_SAMPLE = np.iinfo(np.int64).max
+
+
+# ---- the corpus ---------------------------------------------------------------------------------------
+
+def read_corpus(path) -> list[int]:
+    """Check every line of a corpus (`.jsonl`: {"text": …} objects or JSON strings; anything else: one text
+    per non-empty line) before any work, so a bad line fails the build before anything is written. Returns
+    the line numbers of the samples; `corpus_texts` streams them."""
+    path = Path(path)
+    if not path.is_file():
+        raise LrpcError(f"corpus {path} does not exist")
+    numbers = [number for number, _ in _lines(path)]
+    if not numbers:
+        raise LrpcError(f"corpus {path} has no samples")
+    return numbers
+
+
+def corpus_texts(path):
+    for _, text in _lines(Path(path)):
+        yield text
+
+
+def _lines(path: Path):
+    jsonl = path.suffix.lower() == ".jsonl"
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                yield number, (_json_text(path, number, line) if jsonl else line.rstrip("\n"))
+        except UnicodeDecodeError as exc:
+            raise LrpcError(f"corpus {path} is not UTF-8 text ({exc.reason} near byte {exc.start})") from None
+
+
+def _json_text(path, number, line) -> str:
+    try:
+        doc = json.loads(line)
+    except ValueError as exc:
+        raise LrpcError(f"{path}:{number}: not JSON ({exc}); give one {{\"text\": \"…\"}} per line") from None
+    text = doc if isinstance(doc, str) else doc.get("text") if isinstance(doc, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise LrpcError(f"{path}:{number}: expected {{\"text\": \"…\"}} with a non-empty text")
+    return text
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- the top-k state -----------------------------------------------------------------------------------
+
+class TopK:
+    """Per component and kind: the k best (score, sample, position) of every unit, best first; ties go to
+    the earlier sample, so the result does not depend on how the corpus was split into batches."""
+
+    def __init__(self, units: dict[str, int], k: int):
+        self.k = k
+        self.arrays = {}
+        for name, n in units.items():
+            for kind in KINDS:
+                self.arrays[f"{name}/{kind}/score"] = np.full((n, k), -np.inf, np.float32)
+                self.arrays[f"{name}/{kind}/sample"] = np.full((n, k), NO_SAMPLE, np.int64)
+                self.arrays[f"{name}/{kind}/position"] = np.zeros((n, k), np.int64)
+
+    def add(self, scores: dict, first: int) -> None:
+        for name, s in scores.items():
+            for kind in KINDS:
+                key = f"{name}/{kind}"
+                batch = s[kind].T                                    # [units, batch]
+                ids = np.broadcast_to(np.arange(first, first + batch.shape[1]), batch.shape)
+                score = np.concatenate([self.arrays[key + "/score"], batch], axis=1)
+                sample = np.concatenate([self.arrays[key + "/sample"], ids], axis=1)
+                position = np.concatenate([self.arrays[key + "/position"], s[kind + "_pos"].T], axis=1)
+                order = np.lexsort((sample, -score))[:, :self.k]
+                self.arrays[key + "/score"] = np.take_along_axis(score, order, 1)
+                self.arrays[key + "/sample"] = np.take_along_axis(sample, order, 1)
+                self.arrays[key + "/position"] = np.take_along_axis(position, order, 1)
+
+    def referenced(self) -> set[int]:
+        return {int(i) for key, a in self.arrays.items() if key.endswith("/sample") for i in a.ravel()
+                if i != NO_SAMPLE}
+
+
+# ---- building -----------------------------------------------------------------------------------------
+
+def build(model, corpus, out, *, components: str = "mlp", k: int = 8, batch_size: int = 16,
+          preset: str = "attnlrp", tokenizer=None, force: bool = False, progress: bool = True,
+          cache=None) -> Path:
+    """Stream `corpus` through the model and write the atlas `out` (SQLite). Resumes an interrupted build
+    of the same model, corpus and options from `<out>.partial.npz`."""
+    from lrpc import validate
+    from lrpc.attributor import Attributor
+    from lrpc.cache import model_hash
+    from lrpc.components import parse
+    k, batch_size = validate.at_least_one(k, "--k"), validate.at_least_one(batch_size, "--batch")
+    selectors = ",".join(parse(components))
+    out, corpus = Path(out), Path(corpus)
+    inputs = safeio.input_files(model, corpus)
+    safeio.check_output(out, force=force, inputs=inputs)
+    numbers = read_corpus(corpus)
+    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, cache=cache)
+    units = {name: _units(attributor, name) for name in attributor.activations}
+    config = {"format": FORMAT, "model": str(model), "model_digest": model_hash(model)[0], "preset": preset,
+              "components": selectors, "k": k, "batch": batch_size, "corpus": corpus.name,
+              "corpus_sha256": file_digest(corpus), "samples": len(numbers),
+              "units": units, "tensors": attributor.activations}
+    partial = out.with_name(out.name + ".partial.npz")
+    state, texts, done = TopK(units, k), {}, 0
+    if partial.is_file() and not force:
+        done, texts = _resume(partial, config, state)
+    batch: list[str] = []
+    for index, text in enumerate(corpus_texts(corpus)):
+        if index < done:
+            continue
+        batch.append(text)
+        if len(batch) == batch_size or index == len(numbers) - 1:
+            state.add(attributor.unit_scores(batch), index + 1 - len(batch))
+            texts.update(zip(range(index + 1 - len(batch), index + 1), batch))
+            keep = state.referenced()
+            texts = {i: t for i, t in texts.items() if i in keep}
+            done = index + 1
+            _save_state(partial, config, state, texts, done)
+            batch = []
+            if progress:
+                _progress(done, len(numbers))
+    safeio.publish(out, lambda tmp: _write_sqlite(tmp, config, state, texts), force=force, inputs=inputs)
+    partial.unlink(missing_ok=True)
+    return out
+
+
+def _units(attributor, name: str) -> int:
+    component = next(c for c in attributor.meta["components"] if c["component"] == name)
+    return int(component["units"])
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples", end="\n" if done == total else "",
+          file=sys.stderr, flush=True)
+
+
+def _save_state(partial: Path, config: dict, state: TopK, texts: dict, done: int) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, config=np.array(json.dumps(config, sort_keys=True)), done=np.array(done),
+             texts=np.array(json.dumps({str(i): t for i, t in sorted(texts.items())})), **state.arrays)
+    safeio.write_bytes(partial, buffer.getvalue(), force=True)   # lrpc's own file, replaced atomically
+
+
+def _resume(partial: Path, config: dict, state: TopK) -> tuple[int, dict]:
+    try:
+        with np.load(partial) as saved:
+            if json.loads(str(saved["config"])) != json.loads(json.dumps(config, sort_keys=True)):
+                raise LrpcError(f"{partial} is an interrupted build with other arguments (model, corpus, "
+                                "components, k or batch size): run again with those, or with --force to start over")
+            for key in state.arrays:
+                state.arrays[key] = saved[key]
+            return int(saved["done"]), {int(i): t for i, t in json.loads(str(saved["texts"])).items()}
+    except (OSError, ValueError, KeyError) as exc:
+        raise LrpcError(f"{partial} (an interrupted build) cannot be read ({exc}); delete it or use --force") from None
+
+
+def _write_sqlite(path: Path, config: dict, state: TopK, texts: dict) -> None:
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.execute("CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("CREATE TABLE samples (id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
+            db.execute("CREATE TABLE refs (component TEXT NOT NULL, layer INTEGER NOT NULL, unit INTEGER NOT NULL, "
+                       "kind TEXT NOT NULL, rank INTEGER NOT NULL, sample INTEGER NOT NULL, position INTEGER NOT NULL, "
+                       "score REAL NOT NULL, PRIMARY KEY (component, layer, unit, kind, rank))")
+            db.execute("CREATE INDEX refs_by_unit ON refs (layer, unit)")
+            db.executemany("INSERT INTO metadata VALUES (?, ?)",
+                           [(key, json.dumps(value)) for key, value in sorted(config.items())])
+            db.executemany("INSERT INTO samples VALUES (?, ?)", sorted(texts.items()))
+            for name in config["units"]:
+                kind_name, layer = name.split(".")
+                for kind in KINDS:
+                    key = f"{name}/{kind}"
+                    score, sample, position = (state.arrays[f"{key}/{f}"] for f in ("score", "sample", "position"))
+                    db.executemany("INSERT INTO refs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+                        (kind_name, int(layer), unit, kind, rank, int(sample[unit, rank]), int(position[unit, rank]),
+                         float(score[unit, rank]))
+                        for unit in range(score.shape[0]) for rank in range(score.shape[1])
+                        if sample[unit, rank] != NO_SAMPLE])
+    finally:
+        db.close()
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+class Atlas:
+    """A concept atlas written by `lrpc concepts build` (read-only).
+
+    `Atlas(path, model=None)`: with `model`, an atlas built from another model is refused.
+    `references(component, unit, kind="rel", n=None)` → [(sample text, position, score), …], best first."""
+
+    def __init__(self, path, model=None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LrpcError(f"atlas {self.path} does not exist; build one with `lrpc concepts build`")
+        try:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            self.meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM metadata")}
+            self.db.execute("SELECT count(*) FROM refs").fetchone()
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            raise LrpcError(f"{self.path} is not a readable lrpc atlas ({exc}); build it again with "
+                            "`lrpc concepts build`") from None
+        if self.meta.get("format") != FORMAT:
+            raise LrpcError(f"{self.path} is not an lrpc atlas (format {self.meta.get('format')!r}, expected {FORMAT})")
+        if model is not None:
+            from lrpc.cache import model_hash
+            if model_hash(model)[0] != self.meta["model_digest"]:
+                raise LrpcError(f"{self.path} was built from another model ({self.meta['model']}); build an atlas "
+                                f"for {model} with `lrpc concepts build`")
+
+    @property
+    def components(self) -> dict[str, int]:
+        return dict(self.meta["units"])
+
+    def references(self, component: str, unit: int, kind: str = "rel", n: int | None = None) -> list[tuple]:
+        kind_name, layer = component.split(".")
+        rows = self.db.execute(
+            "SELECT s.text, r.position, r.score FROM refs r JOIN samples s ON s.id = r.sample "
+            "WHERE r.component = ? AND r.layer = ? AND r.unit = ? AND r.kind = ? ORDER BY r.rank"
+            + (" LIMIT ?" if n else ""), (kind_name, int(layer), int(unit), kind) + ((n,) if n else ()))
+        return [tuple(row) for row in rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ---- explaining with an atlas ---------------------------------------------------------------------------
+
+def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, tokenizer=None,
+            preset: str = "attnlrp", cache=None) -> dict:
+    """The `top` most positive and most negative units for the prediction on `text`, each with its RelMax
+    references from the atlas and, per reference, the conditional heatmap: the relevance of the reference's
+    tokens when only that unit is seeded (its activation at the reference's position explained, CRP-style).
+    Heads have no heatmap (their tensor has a head_dim axis the explainer contract does not seed)."""
+    from lrpc import validate
+    from lrpc.attributor import Attributor
+    top, refs = validate.at_least_one(top, "--top"), validate.at_least_one(refs, "--refs")
+    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=atlas.meta["components"],
+                            cache=cache)
+    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([text]).items()}
+    flat = sorted(((float(r[u]), name, u) for name, r in relevance.items() for u in range(len(r))),
+                  key=lambda x: (-x[0], x[1], x[2]))
+    chosen = [x for x in flat[:top] if x[0] > 0] + [x for x in reversed(flat[-top:]) if x[0] < 0]
+    units = []
+    for value, name, unit in chosen:
+        references = []
+        for sample, position, score in atlas.references(name, unit, "rel", refs):
+            tokens, heat = _conditional_heatmap(model, attributor, atlas, name, unit, sample, position,
+                                                dict(tokenizer=tokenizer, preset=preset, cache=cache))
+            references.append({"text": sample, "position": position, "score": score, "tokens": tokens,
+                               "heatmap": heat})
+        units.append({"component": name, "unit": unit, "relevance": value, "references": references})
+    return {"model": str(model), "text": text, "units": units}
+
+
+def _conditional_heatmap(model, attributor, atlas, name, unit, text, position, options):
+    from lrpc.attributor import Attributor
+    tokens = attributor.tokenizer.encode(text)[1]
+    if name.startswith("heads."):
+        return tokens, None
+    tensor = atlas.meta["tensors"][name]
+    seeded = Attributor(model, components=name.split(".")[0], output_name=tensor, **options)
+    ex = seeded.explainer
+    feed, _ = seeded.pad(seeded._items([text]))
+    seed = np.zeros((1, atlas.meta["units"][name]), np.float32)
+    seed[0, unit] = 1.0
+    result = ex.explain(feed, seed=seed, position=np.array([position], np.int64))
+    return tokens, [float(r) for r in result.relevance[seeded.main_input][0]]
