@@ -12,11 +12,11 @@ import onnx
 from lrpc.errors import LrpcError, require
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
-         "image-classification")
+         "image-classification", "seq2seq-lm")
 # transformers Auto class per task
 AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
               "feature-extraction": "AutoModel", "sentence-similarity": "AutoModel",
-              "image-classification": "AutoModelForImageClassification"}
+              "image-classification": "AutoModelForImageClassification", "seq2seq-lm": "AutoModelForSeq2SeqLM"}
 
 
 def _require_torch():
@@ -66,6 +66,8 @@ def infer_task(config: dict) -> str:
     archs = " ".join(config.get("architectures") or [])
     if config.get("model_type") == "vit" or "ImageClassification" in archs:
         return "image-classification"
+    if config.get("is_encoder_decoder") and ("ConditionalGeneration" in archs or "LMHead" in archs):
+        return "seq2seq-lm"
     if "CausalLM" in archs or "LMHead" in archs:
         return "causal-lm"
     if "SequenceClassification" in archs:
@@ -96,6 +98,8 @@ def hf_module(model_dir: Path, task: str | None = None):
         size = getattr(model.config, "image_size", 224)
         return hf.HFImageModel(model), hf.image_inputs(2, size=size)
     vocab = getattr(model.config, "vocab_size", 100)
+    if task == "seq2seq-lm":
+        return hf.HFSeq2SeqModel(model), hf.seq2seq_inputs(2, 7, vocab=vocab)
     inputs = hf.token_inputs(2, 7, vocab=vocab)
     if task == "sentence-similarity":
         return hf.HFSentenceEmbedder(model), inputs

@@ -24,10 +24,12 @@ def input_x_gradient(module, inputs: dict[str, torch.Tensor], attributed: str, t
         explained_scalar(y, target, position).backward()
         return (x * x.grad).detach().numpy()
     embedding = module.hf_model.get_input_embeddings()
+    ids = inputs[attributed]
 
-    def keep(_mod, _args, output):
-        output.retain_grad()
-        captured["E"] = output
+    def keep(_mod, args, output):  # an encoder–decoder reads the one table twice: keep the lookup of `ids`
+        if args[0].shape == ids.shape and torch.equal(args[0], ids):
+            output.retain_grad()
+            captured["E"] = output
     handle = embedding.register_forward_hook(keep)
     try:
         y = module(**inputs)

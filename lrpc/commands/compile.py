@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
                    "methods); relevance is still relevance.<ids>")
     p.add_argument("--task", help="task for a Hugging Face folder (causal-lm, sequence-classification, "
-                   "feature-extraction, sentence-similarity, image-classification)")
+                   "feature-extraction, sentence-similarity, image-classification, seq2seq-lm)")
     add_force_option(p, "-o (and its .data file)")
     p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
                    "during the relevance pass: memory grows like √layers for one extra forward")
