@@ -128,6 +128,10 @@ class Attributor:
         self.config = self._config(model)
         self.tokenizer = self._tokenizer(model, tokenizer)
         self.mask_name = next((n for n in self.explainer.model_inputs if "mask" in n.lower()), None)
+        # the input whose length the explained output's positions follow (a seq2seq model's decoder side)
+        out_dims = next(o.shape for o in self.explainer.session.get_outputs() if o.name == self.explainer.explained)
+        self.position_input = next((n for n in self.explainer.model_inputs if self.rank == 3 and isinstance(
+            out_dims[1], str) and self.explainer.inputs[n].shape[1:2] == out_dims[1:2]), None)
         self.image_mean = image_mean or self.config.get("image_mean") or IMAGENET_MEAN
         self.image_std = image_std or self.config.get("image_std") or IMAGENET_STD
 
@@ -214,6 +218,10 @@ class Attributor:
                 arrays[name] = np.ones((1, len(ids)), np.int64)
             elif name in ("token_type_ids", "position_ids"):
                 arrays[name] = (np.zeros if name == "token_type_ids" else _arange)((1, len(ids)), np.int64)
+            elif name.startswith("decoder_") and self.config.get("decoder_start_token_id") is not None:
+                # the text is the source; the target is the decoder's start token: explain the first output
+                start = self.config["decoder_start_token_id"]
+                arrays[name] = np.array([[start if name == "decoder_input_ids" else 1]], np.int64)
             else:
                 raise LrpcError(f"the model also takes '{name}', which text alone does not give: use --input")
         return arrays
@@ -236,7 +244,8 @@ class Attributor:
         if self.attributed.get(self.main_input) == "token" and ids is not None:
             flat = np.asarray(ids).reshape(-1)
             if mask_len is not None and mask_len < flat.size and np.all(np.asarray(arrays[self.mask_name]).reshape(-1)[mask_len:] == 0):
-                arrays = {k: (np.asarray(v)[:, :mask_len] if np.ndim(v) == 2 and np.shape(v)[1] == flat.size else v)
+                arrays = {k: (np.asarray(v)[:, :mask_len] if np.ndim(v) == 2 and np.shape(v)[1] == flat.size
+                              and not k.startswith("decoder_") else v)
                           for k, v in arrays.items()}   # strip right padding: it is added back per batch
                 flat = flat[:mask_len]
             tokens = [self.tokenizer.token(i) if self.tokenizer else str(int(i)) for i in flat]
@@ -274,8 +283,11 @@ class Attributor:
                 if len(specs[n].shape) == 2 and not isinstance(specs[n].shape[1], int)]
 
     def _length(self, item: _Item) -> int | None:
+        """The row's length: of the input whose positions the output has (seq2seq: the decoder's), else
+        of the first sequence input."""
         names = self._sequence_inputs()
-        return np.asarray(item.inputs[names[0]]).shape[-1] if names and names[0] in item.inputs else None
+        name = self.position_input or (names[0] if names else None)
+        return np.asarray(item.inputs[name]).shape[-1] if name is not None and name in item.inputs else None
 
     def _batches(self, items: Sequence[_Item], batch_size: int) -> list[list[int]]:
         """Indices of `items` per run: consecutive batches of `batch_size`; on a model without an attention
@@ -541,7 +553,7 @@ class Attributor:
             for name in self.attributed:
                 rel = relevance[name][r]
                 if self.attributed[name] == "token" and length is not None:
-                    rel = rel[:length]
+                    rel = rel[:np.shape(item.inputs[name])[-1]]  # its own length (seq2seq: two)
                 relevances[name] = rel
             latent = {}
             for name in self.latent_names:

@@ -9,12 +9,19 @@ import onnx
 
 BATCH_DIM = "batch"
 SEQ_DIM = "sequence"
+#: an encoder–decoder model's target side: inputs named ``decoder_*`` (Hugging Face's names) and the outputs
+#: that follow their length get their own dynamic axis, independent of the source ``sequence``
+DECODER_PREFIX = "decoder_"
+DECODER_SEQ_DIM = "decoder_sequence"
 
 
-def token_length(example_inputs: Mapping[str, Any]) -> int | None:
+def token_length(example_inputs: Mapping[str, Any], *, decoder: bool = False) -> int | None:
+    """The token length of the source inputs (or, with `decoder`, of the ``decoder_*`` inputs)."""
     import torch
 
-    for t in example_inputs.values():
+    for name, t in example_inputs.items():
+        if name.startswith(DECODER_PREFIX) != decoder:
+            continue
         if t.dtype in (torch.int32, torch.int64) and t.dim() >= 2:
             return int(t.shape[1])
     return None
@@ -26,9 +33,10 @@ def dynamic_axes_for(example_inputs: Mapping[str, Any], dynamic: bool) -> dict[s
 
     if not dynamic:
         return {}
-    seq = token_length(example_inputs)
     axes: dict[str, dict[int, str]] = {}
     for name, t in example_inputs.items():
+        decoder = name.startswith(DECODER_PREFIX)
+        seq = token_length(example_inputs, decoder=decoder)
         a: dict[int, str] = {}
         if t.dim() >= 1:
             a[0] = BATCH_DIM
@@ -36,7 +44,7 @@ def dynamic_axes_for(example_inputs: Mapping[str, Any], dynamic: bool) -> dict[s
             t.dtype in (torch.int32, torch.int64, torch.bool) or (seq is not None and t.shape[1] == seq)
         )
         if is_token_like and t.dim() >= 2:
-            a[1] = SEQ_DIM
+            a[1] = DECODER_SEQ_DIM if decoder else SEQ_DIM
         axes[name] = a
     return axes
 
@@ -44,13 +52,16 @@ def dynamic_axes_for(example_inputs: Mapping[str, Any], dynamic: bool) -> dict[s
 def output_axes(outputs: Sequence[Any], example_inputs: Mapping[str, Any], axes_in) -> list[dict[int, str]]:
     batch = next(iter(example_inputs.values())).shape[0] if example_inputs else None
     seq = token_length(example_inputs)
-    has_seq = any(SEQ_DIM in a.values() for a in axes_in.values())
+    decoder_seq = token_length(example_inputs, decoder=True)
+    has_seq = any(SEQ_DIM in a.values() or DECODER_SEQ_DIM in a.values() for a in axes_in.values())
     res = []
     for o in outputs:
         a: dict[int, str] = {}
         if axes_in and o.dim() >= 1 and o.shape[0] == batch:
             a[0] = BATCH_DIM
-        if has_seq and o.dim() >= 3 and seq is not None and o.shape[1] == seq:
+        if has_seq and o.dim() >= 3 and decoder_seq is not None and o.shape[1] == decoder_seq:
+            a[1] = DECODER_SEQ_DIM  # a sequence-to-sequence model's outputs follow the target side
+        elif has_seq and o.dim() >= 3 and seq is not None and o.shape[1] == seq:
             a[1] = SEQ_DIM
         res.append(a)
     return res

@@ -12,11 +12,11 @@ import onnx
 from lrpc.errors import LrpcError, require
 
 TASKS = ("causal-lm", "sequence-classification", "feature-extraction", "sentence-similarity",
-         "image-classification", "clip-image", "clip-text")
+         "image-classification", "clip-image", "clip-text", "seq2seq-lm")
 # transformers Auto class per task
 AUTO_CLASS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification",
               "feature-extraction": "AutoModel", "sentence-similarity": "AutoModel",
-              "image-classification": "AutoModelForImageClassification",
+              "image-classification": "AutoModelForImageClassification", "seq2seq-lm": "AutoModelForSeq2SeqLM",
               "clip-image": "AutoModel", "clip-text": "AutoModel"}   # a CLIP-style dual encoder: one tower each
 OUTPUT_NAME = {"feature-extraction": "last_hidden_state", "clip-image": "image_embedding",
                "clip-text": "text_embedding"}
@@ -69,6 +69,8 @@ def infer_task(config: dict) -> str:
     archs = " ".join(config.get("architectures") or [])
     if config.get("model_type") == "vit" or "ImageClassification" in archs:
         return "image-classification"
+    if config.get("is_encoder_decoder") and ("ConditionalGeneration" in archs or "LMHead" in archs):
+        return "seq2seq-lm"
     if "CausalLM" in archs or "LMHead" in archs:
         return "causal-lm"
     if "SequenceClassification" in archs:
@@ -124,6 +126,8 @@ def hf_module(model_dir: Path, task: str | None = None, *, hf_output: str | None
         ids = hf.token_inputs(2, 7, vocab=model.config.text_config.vocab_size, with_mask=False)
         return hf.HFClipTextTower(model), ids
     vocab = getattr(model.config, "vocab_size", 100)
+    if task == "seq2seq-lm":
+        return hf.HFSeq2SeqModel(model), hf.seq2seq_inputs(2, 7, vocab=vocab)
     inputs = hf.token_inputs(2, 7, vocab=vocab)
     if task == "sentence-similarity":
         return hf.HFSentenceEmbedder(model), inputs

@@ -28,6 +28,19 @@ class HFTokenModel(nn.Module):
         return getattr(out, self.output)
 
 
+class HFSeq2SeqModel(nn.Module):
+    """Wraps a Hugging Face encoder–decoder (T5, BART, …); returns the decoder's ``logits`` only."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
+                decoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                             decoder_attention_mask=decoder_attention_mask, use_cache=False, return_dict=True).logits
+
+
 class HFSentenceEmbedder(nn.Module):
     """sentence-transformers pipeline: encoder → mean pooling over attention_mask → L2 norm."""
 
@@ -73,6 +86,16 @@ def token_inputs(batch: int, seq: int, *, vocab: int, seed: int = 1234, with_mas
             mask[-1, -2:] = 0
         out["attention_mask"] = mask
     return out
+
+
+def seq2seq_inputs(batch: int, seq: int, *, vocab: int, seed: int = 1234,
+                   decoder_seq: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Source ids and mask (token_inputs), and target ids and mask of another length (default seq − 2, at
+    least 2; the target mask is all ones: a decoder explains a prefix it was given)."""
+    source = token_inputs(batch, seq, vocab=vocab, seed=seed)
+    decoder_seq = decoder_seq or max(2, seq - 2)
+    target = token_inputs(batch, decoder_seq, vocab=vocab, seed=seed + 1, pad_last_row=False)
+    return {**source, "decoder_input_ids": target["input_ids"], "decoder_attention_mask": target["attention_mask"]}
 
 
 def image_inputs(batch: int, *, size: int, seed: int = 1234) -> dict[str, torch.Tensor]:

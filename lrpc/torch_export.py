@@ -195,6 +195,37 @@ def _raise_export_error(module, exporter: str, opset, exc: BaseException):
 
 
 # --------------------------------------------------------------------------------------------
+# mixture-of-experts: a traceable experts implementation
+# --------------------------------------------------------------------------------------------
+
+#: transformers' experts implementation that both exporters trace (docs/design.md, "Mixture of experts and encoder–decoder models")
+TRACEABLE_EXPERTS = "batched_mm"
+
+
+def _traceable_experts(module):
+    """Switch every Hugging Face model inside `module` whose experts have several implementations to
+    ``batched_mm`` for the export; returns the function that restores what each had.
+
+    The default (``grouped_mm``) calls the opaque custom op ``transformers::grouped_mm_fallback`` and
+    ``eager`` loops over the experts that data-dependently received tokens; ``batched_mm`` gathers each
+    (token, expert) pair's weights and runs one batched matmul, which traces with dynamic shapes."""
+    switched = []
+    for sub in module.modules():
+        can = getattr(type(sub), "_can_set_experts_implementation", None)
+        if can is None or not hasattr(sub, "set_experts_implementation") or not can():
+            continue
+        before = sub.get_experts_implementation()
+        if any(v != TRACEABLE_EXPERTS for v in before.values()):
+            sub.set_experts_implementation(TRACEABLE_EXPERTS)
+            switched.append((sub, before))
+
+    def restore():
+        for sub, before in reversed(switched):
+            sub.set_experts_implementation(before)
+    return restore
+
+
+# --------------------------------------------------------------------------------------------
 # main entry point
 # --------------------------------------------------------------------------------------------
 
@@ -246,6 +277,7 @@ def export_onnx(
     wanted.update({n: a for n, a in zip(output_names, out_axes)})
 
     t0 = time.perf_counter()
+    restore_experts = _traceable_experts(module)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -259,6 +291,7 @@ def export_onnx(
     except Exception as exc:  # noqa: BLE001 - every exporter failure becomes one ExportError
         _raise_export_error(module, exporter, opset or (LEGACY_DEFAULT_OPSET if exporter == "legacy" else None), exc)
     finally:
+        restore_experts()
         if was_training:
             module.train()
     _check_unique_names(proto, type(module).__name__, exporter)

@@ -147,6 +147,18 @@ def _decoder(model_cls, config_cls, **cfg):
     return build
 
 
+# mixture of experts: 4 experts, 2 per token, in every layer (exported through transformers' batched_mm
+# experts, see lrpc.torch_export.TRACEABLE_EXPERTS)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def _seq2seq(model_cls, config_cls, **cfg):
+    def build():
+        from lrpc import hf  # torch only when a model is built
+        return hf.HFSeq2SeqModel(_hf(model_cls, config_cls, vocab_size=VOCAB, use_cache=False, **cfg))
+    return build
+
+
 def _build_gpt2():
     m = _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
             n_inner=64, initializer_range=0.1, use_cache=False, **_COMMON_TOKENS)
@@ -272,12 +284,18 @@ def _tok(b, s, *, seed=1234):
     return token_inputs(b, s, seed=seed)
 
 
+def _s2s(b, s, *, seed=1234):
+    from lrpc import hf
+    return hf.seq2seq_inputs(b, s, vocab=VOCAB, seed=seed)
+
+
 def _img(b, s=None, *, seed=1234):
     return image_inputs(b, seed=seed)
 
 
 _DEC = "causal-lm"
 _CLS = "sequence-classification"
+_S2S = "seq2seq-lm"
 
 _ENTRIES = [
     ZooEntry("bert", "bert", _CLS, _build_bert, _tok, hf_dir_maker=_save_hf, hf_class="BertForSequenceClassification"),
@@ -303,6 +321,34 @@ _ENTRIES = [
              hf_class="Phi3ForCausalLM", notes="fused qkv_proj / gate_up_proj"),
     ZooEntry("olmo2", "olmo2", _DEC, _decoder("Olmo2ForCausalLM", "Olmo2Config"), _tok, hf_dir_maker=_save_hf,
              hf_class="Olmo2ForCausalLM", notes="post-norm, q/k RMSNorm over all heads"),
+    ZooEntry("qwen3-moe", "qwen3-moe", _DEC,
+             _decoder("Qwen3MoeForCausalLM", "Qwen3MoeConfig", head_dim=8, norm_topk_prob=True, **_MOE), _tok,
+             hf_dir_maker=_save_hf, hf_class="Qwen3MoeForCausalLM",
+             notes="4 experts, top-2, renormalised routing weights (as Qwen3-30B-A3B)"),
+    ZooEntry("qwen2-moe", "qwen2-moe", _DEC,
+             _decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", shared_expert_intermediate_size=24, **_MOE), _tok,
+             hf_dir_maker=_save_hf, hf_class="Qwen2MoeForCausalLM",
+             notes="4 experts, top-2, + a sigmoid-gated shared expert"),
+    ZooEntry("mixtral", "mixtral", _DEC,
+             _decoder("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
+                      sliding_window=None), _tok,
+             hf_dir_maker=_save_hf, hf_class="MixtralForCausalLM", notes="4 experts, top-2"),
+    ZooEntry("t5", "t5", _S2S,
+             _seq2seq("T5ForConditionalGeneration", "T5Config", d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0),
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
+             hf_class="T5ForConditionalGeneration",
+             notes="Flan-T5 style: gated-GELU MLP, relative position bias, one embedding shared by both sides"),
+    ZooEntry("bart", "bart", _S2S,
+             _seq2seq("BartForConditionalGeneration", "BartConfig", d_model=32, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                      max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                      init_std=0.1, **_COMMON_TOKENS, decoder_start_token_id=2),
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
+             hf_class="BartForConditionalGeneration",
+             notes="post-norm encoder–decoder, learned positions, one embedding shared by both sides"),
     ZooEntry("hf-vit", "vit", "image-classification", _build_hf_vit, _img, attributed=("pixel_values",),
              hf_dir_maker=_save_hf, hf_class="ViTForImageClassification"),
     ZooEntry("torchvision-vit", "torchvision-vit", "image-classification", _build_tv_vit, _img,

@@ -1,6 +1,9 @@
 """Products of two relevance-carrying operands (Q·Kᵀ, A·V, gate ⊙ up) get the uniform rule (AttnLRP
 Prop. 3.2, 3.3): each operand receives ½ of its exact VJP. Under CP-LRP the operand of a gating product
-that passes through the nonlinear activation takes none, and the other takes all."""
+that passes through the nonlinear activation takes none, and the other takes all.
+
+A mixture-of-experts layer needs nothing of its own: the routing weight (a TopK's selected values) times
+an expert's output is such a product; its row notes how many experts the TopK chooses from."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import onnx_ir as ir
 
 from lrpc.plan import Rule
 
-from .dataflow import carrying_inputs, is_default_domain, live_values, single_path_source
+from .dataflow import RESHAPES, carrying_inputs, elementwise, is_default_domain, live_values, single_path_source
 
 NAME = "bilinear"
 PRODUCTS = {"MatMul", "Mul", "Einsum"}
@@ -16,6 +19,28 @@ PRODUCTS = {"MatMul", "Mul", "Einsum"}
 
 def activation_outputs(plan) -> set[str]:
     return {n.outputs[0].name for n, r in plan.records.items() if r.rule == Rule.IDENTITY}
+
+
+def _last_dim(value: ir.Value):
+    shape = value.shape
+    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else "?"
+
+
+def routing_note(node: ir.Node, carrying: set[ir.Value]) -> dict:
+    """{"routing": "top-k of E experts"} when an operand is made, through elementwise and reshaping ops,
+    from a TopK's values (a mixture-of-experts routing weight), else {}."""
+    stack, seen = list(node.inputs), set()
+    while stack:
+        value = stack.pop()
+        producer = value.producer() if value is not None else None
+        if producer is None or value in seen:
+            continue
+        seen.add(value)
+        if producer.op_type == "TopK" and value is producer.outputs[0]:
+            return {"routing": f"top-{_last_dim(value)} of {_last_dim(producer.inputs[0])} experts"}
+        if elementwise(producer) or producer.op_type in RESHAPES:
+            stack.extend(carrying_inputs(producer, carrying))
+    return {}
 
 
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
@@ -31,4 +56,4 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None
         if len(activated) == 1:
             plan.claim(node, Rule.GATED, NAME, frozen=activated[0])
         else:
-            plan.claim(node, Rule.UNIFORM, NAME)
+            plan.claim(node, Rule.UNIFORM, NAME, notes=routing_note(node, carrying))

@@ -97,12 +97,15 @@ def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]
     return live
 
 
+RESHAPES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")  # ops that move values without mixing them
+
+
 def single_path_source(value: ir.Value, carrying: set[ir.Value]) -> list[ir.Value]:
     """`value` and the tensors above it along ops with one carrying input (casts, reshapes, scalings)."""
     chain = [value]
     producer = value.producer()
     while producer is not None and len(carrying_inputs(producer, carrying)) == 1 and \
-            (elementwise(producer) or producer.op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze")):
+            (elementwise(producer) or producer.op_type in RESHAPES):
         value = carrying_inputs(producer, carrying)[0]
         chain.append(value)
         producer = value.producer()

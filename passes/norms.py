@@ -5,7 +5,8 @@ Found by dataflow, not by op sequence: a Mul or Div whose operands a, b both car
 normalisation when b is made, through elementwise ops only, from a reduction whose input is
 elementwise-derived from the same tensors as a. That covers RMSNorm in every exported variant, a
 hand-written LayerNorm, Gemma's (1 + w) scale, query/key norms and a final L2 normalisation, and leaves
-mean pooling (Σ h·m / Σ m: the denominator carries nothing) linear.
+mean pooling (Σ h·m / Σ m: the denominator carries nothing) linear. Probabilities renormalised over a
+top-k selection (mixture-of-experts routing weights) are a softmax over the selected logits, not a norm.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ NAME = "norms"
 # it is decomposed into the RMSNorm chain before analysis (lrpc.ops, FUSED).
 # (GroupNormalization / InstanceNormalization have no rule yet: the emitter reports them by name.)
 NORM_OPS = {"LayerNormalization": Rule.LAYERNORM_FROZEN_STD, "LpNormalization": Rule.LPNORM_FROZEN_NORM}
+PASS_THROUGH = {"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze"}  # keep every value as it is
 
 
 def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] | None:
@@ -45,8 +47,27 @@ def check_statistic(node: ir.Node, index: int, carrying: set[ir.Value]) -> str |
     a_side = elementwise_ancestry(a, carrying)
     for reduction in reductions:
         if elementwise_ancestry(reduction.inputs[0], carrying) & a_side:
+            if selected_probabilities(reduction):
+                return ("probabilities divided by their sum (top-k routing weights): a softmax over the "
+                        "selected logits, whose rule is its exact VJP")
             return None
     return "the reduction's input does not share elementwise ancestry with the other operand"
+
+
+def selected_probabilities(reduction: ir.Node) -> bool:
+    """Is `reduction` a ReduceSum of a Softmax's outputs, possibly a TopK selection of them (through casts and
+    reshapes)? Dividing those by their sum (mixture-of-experts weights renormalised over the chosen experts)
+    is exp(lᵢ) / Σ_chosen exp(lⱼ), itself a softmax, not a normalisation layer."""
+    if reduction.op_type != "ReduceSum":
+        return False
+    value = reduction.inputs[0]
+    while (producer := value.producer()) is not None:
+        if producer.op_type == "Softmax":
+            return True
+        if not ((producer.op_type == "TopK" and value is producer.outputs[0]) or producer.op_type in PASS_THROUGH):
+            return False
+        value = producer.inputs[0]
+    return False
 
 
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:

@@ -23,17 +23,21 @@ def input_x_gradient(module, inputs: dict[str, torch.Tensor], attributed: str, t
         y = module(**inputs)
         explained_scalar(y, target, position).backward()
         return (x * x.grad).detach().numpy()
-    embedding = module.hf_model.get_input_embeddings()
+    table = module.hf_model.get_input_embeddings().weight
+    ids = inputs[attributed]
 
-    def keep(_mod, _args, output):
-        output.retain_grad()
-        captured["E"] = output
-    handle = embedding.register_forward_hook(keep)
+    def keep(_mod, args, output):  # an encoder–decoder reads the one table twice: keep the lookup of `ids`
+        if args[0].shape == ids.shape and torch.equal(args[0], ids):
+            output.retain_grad()
+            captured["E"] = output
+    handles = [m.register_forward_hook(keep) for m in module.modules()  # every module that shares the table
+               if isinstance(m, torch.nn.Embedding) and m.weight is table]
     try:
         y = module(**inputs)
         explained_scalar(y, target, position).backward()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     E = captured["E"]
     return (E * E.grad).sum(-1).detach().numpy()
 

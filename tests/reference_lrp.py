@@ -16,6 +16,7 @@ the same values. Nothing here imports lrpc.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -281,3 +282,56 @@ def token_relevance(model: TinyDecoder, ids: torch.Tensor, target, position, lrp
     seed = _seed(y, target, position)
     (grad,) = torch.autograd.grad(y, h, seed)
     return (h * grad).sum(-1).detach(), (y * seed).flatten(1).sum(1).detach()
+
+
+# ---- transformers' Qwen3-MoE run with the AttnLRP rules ------------------------------------------------
+
+def _rms_norm_frozen(self, x):
+    """Qwen3MoeRMSNorm with the rms a constant (Prop. 3.4)."""
+    inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * (x * inv.detach())
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **_):
+    """transformers' eager attention with the uniform rule on Q·Kᵀ and A·V (grouped K/V heads repeated)."""
+    groups = module.num_key_value_groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = matmul(query, key.transpose(2, 3), True) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return matmul(probs, value, True).transpose(1, 2).contiguous(), probs
+
+
+def _experts(self, hidden, top_k_index, top_k_weights):
+    """Each expert on the tokens routed to it: down(SiLU(gate) ⊙ up) with the identity rule on SiLU and the
+    uniform rule on the gating product, then × the routing weight with the uniform rule again."""
+    out = torch.zeros_like(hidden)
+    for expert in range(self.num_experts):
+        token, slot = torch.where(top_k_index == expert)
+        if token.numel() == 0:
+            continue
+        gate, up = F.linear(hidden[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+        expert_out = F.linear(mul(silu(gate, True), up, True), self.down_proj[expert])
+        out = out.index_add(0, token, mul(expert_out, top_k_weights[token, slot, None], True))
+    return out
+
+
+@contextlib.contextmanager
+def qwen3_moe_attnlrp():
+    """Within the block, transformers' Qwen3-MoE runs with the AttnLRP rules that LXT's `qwen3_moe` map
+    applies (written here from the rules, not from its code): RMSNorm (also on q/k) with a frozen rms,
+    attention with uniform Q·Kᵀ and A·V and a plain softmax, experts as above; the router (softmax, top-k,
+    renormalisation of the chosen weights) keeps its exact gradient, as LXT leaves it unpatched."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qm
+
+    patches = [(qm.Qwen3MoeRMSNorm, "forward", _rms_norm_frozen), (qm, "eager_attention_forward", _attention),
+               (qm.Qwen3MoeExperts, "forward", _experts)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, fn in patches:
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)

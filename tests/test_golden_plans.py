@@ -27,6 +27,17 @@ EXPECTED = {
     "bert": {**ENCODER, "activation": L + 1},                  # + the pooler's tanh
     "roberta": {**ENCODER, "activation": L + 1},               # + the classifier head's tanh
     "distilbert": {**ENCODER, "activation": L + 1},            # + the classifier's ReLU
+    # mixture of experts: + the router's softmax, the routed product (weight × expert output) and each expert's
+    # gate ⊙ up per layer; renormalised routing weights are a softmax over the chosen experts, not a norm
+    "qwen3-moe": {"norm": 2 * L + 1 + 2 * L, "activation": L, "softmax": 2 * L, "bilinear": 4 * L},
+    "mixtral": {"norm": 2 * L + 1, "activation": L, "softmax": 2 * L, "bilinear": 4 * L},
+    # + the shared expert (SiLU, gate ⊙ up) and its sigmoid gate (an activation, a product)
+    "qwen2-moe": {"norm": 2 * L + 1, "activation": 3 * L, "softmax": 2 * L, "bilinear": 6 * L},
+    # encoder–decoder, L layers each side: encoder self-attention; decoder self- and cross-attention
+    "t5": {"norm": (2 * L + 1) + (3 * L + 1), "activation": 2 * L, "softmax": 3 * L,
+           "bilinear": 2 * 3 * L + 2 * L},                        # gated-GELU: gate ⊙ up per MLP
+    "bart": {"norm": (1 + 2 * L) + (1 + 3 * L), "activation": 2 * L, "softmax": 3 * L,  # + layernorm_embedding
+             "bilinear": 2 * 3 * L},
     "hf-vit": ENCODER, "torchvision-vit": ENCODER,
     "minilm": {"norm": 13, "activation": 6, "softmax": 6, "bilinear": 12},
     "minilm-sentence": {"norm": 14, "activation": 6, "softmax": 6, "bilinear": 12},  # + final L2 norm

@@ -102,7 +102,8 @@ def _dims(vi):
 # --------------------------------------------------------------------------------------------
 
 EXPECTED = {"bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3",
-            "olmo2", "hf-vit", "torchvision-vit", "minilm", "minilm-sentence"}
+            "olmo2", "qwen3-moe", "qwen2-moe", "mixtral", "t5", "bart", "hf-vit", "torchvision-vit", "minilm",
+            "minilm-sentence"}
 
 
 def test_registry_api():
@@ -150,6 +151,8 @@ def test_task_output_shapes(built):
             assert y.shape == (b, x["input_ids"].shape[1], models.zoo.VOCAB), name
         elif e.task == "feature-extraction":
             assert y.dim() == 3 and y.shape[:2] == x["input_ids"].shape
+        elif e.task == "seq2seq-lm":  # the decoder's logits, at the target side's length
+            assert y.shape == (b, x["decoder_input_ids"].shape[1], models.zoo.VOCAB), name
         else:
             assert y.dim() == 2 and y.shape[0] == b, name
 
@@ -171,12 +174,15 @@ def test_export_runs_and_matches_torch(name, exporter, opset, built, exported):
         assert dims[0] == "batch"
         if i.name in ("input_ids", "attention_mask"):
             assert dims == ["batch", "sequence"]
+        elif i.name in ("decoder_input_ids", "decoder_attention_mask"):
+            assert dims == ["batch", "decoder_sequence"]
         else:
             assert all(isinstance(d, int) for d in dims[1:])
     out_dims = _dims(proto.graph.output[0])
     assert out_dims[0] == "batch"
-    if e.task in ("causal-lm", "feature-extraction"):
-        assert out_dims[1] == "sequence" and isinstance(out_dims[2], int)
+    if e.task in ("causal-lm", "feature-extraction", "seq2seq-lm"):
+        assert out_dims[1] == ("decoder_sequence" if e.task == "seq2seq-lm" else "sequence")
+        assert isinstance(out_dims[2], int)
     else:
         assert len(out_dims) == 2 and isinstance(out_dims[1], int)
     expected_opset = opset if opset is not None else None

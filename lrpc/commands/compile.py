@@ -34,7 +34,7 @@ def add_arguments(p) -> None:
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
                    "methods); relevance is still relevance.<ids>")
     p.add_argument("--task", help="task for a Hugging Face folder (causal-lm, sequence-classification, "
-                   "feature-extraction, sentence-similarity, image-classification)")
+                   "feature-extraction, sentence-similarity, image-classification, seq2seq-lm)")
     p.add_argument("--allow-random-head", action="store_true", help="compile a Hugging Face folder for a --task "
                    "whose head its checkpoint lacks (transformers initialises it at random; refused otherwise)")
     add_force_option(p, "-o (and its .data file)")
