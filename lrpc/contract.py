@@ -251,8 +251,8 @@ def wants_low_memory(meta: dict | None) -> bool:
 
 
 # onnxruntime (1.32 and earlier) segfaults while building a CPU session at ORT_ENABLE_ALL for some float16
-# models with a Conv — a float16 torchvision-style ViT — inside its NchwcTransformer (upstream; issue 20
-# item 5). Such explainers record it and are loaded with that optimizer off (lrpc.runtime).
+# models with a Conv — a float16 torchvision-style ViT — inside its NchwcTransformer (an upstream bug).
+# Such explainers record it and are loaded with that optimizer off (lrpc.runtime).
 UNSAFE_FP16_CONV_OPTIMIZER = "NchwcTransformer"
 
 

@@ -74,10 +74,10 @@ def zoo_from_the_session(zoo_export):
     from lrpc import cache, models
     original = cache.onnx_source
 
-    def onnx_source(model, task):
-        if isinstance(model, str) and model in models.names():
+    def onnx_source(model, task, pooling=None):
+        if isinstance(model, str) and model in models.names() and pooling is None:
             return zoo_export(model)[1]
-        return original(model, task)
+        return original(model, task, pooling)
     cache.onnx_source = onnx_source
     yield
     cache.onnx_source = original
