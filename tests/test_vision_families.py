@@ -87,11 +87,7 @@ def test_attnlrp_plan(exported, name):
     assert dict(lrpc.plan_model(proto).summary()) == FAMILIES[name][2]
 
 
-@pytest.mark.parametrize("name", [
-    "deit", "convnext",
-    pytest.param("swin", marks=pytest.mark.xfail(raises=lrpc.LrpcError, strict=False,
-                                                 reason="no relevance rule for GlobalAveragePool (Swin's pooler)")),
-])
+@pytest.mark.parametrize("name", ["deit", "convnext", "swin"])
 def test_gxi_equals_autograd(exported, name):
     module, x, proto = exported(name)
     explainer = lrpc.Explainer(lrpc.compile(proto, preset="gxi"))
