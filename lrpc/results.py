@@ -55,7 +55,8 @@ class Attribution:
 
     def explained(self) -> str:
         where = f" at position {self.position}" if self.position is not None else ""
-        return f"{self.target_label or self.target}{where}: logit {self.logit:+.4f}"
+        kind = "logit" if self.target is not None else "value"   # no class: a seed vector's ⟨seed, y⟩ (a similarity)
+        return f"{self.target_label or self.target}{where}: {kind} {self.logit:+.4f}"
 
     def token_row(self):
         from lrpc import viz
