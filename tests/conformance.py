@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import io
 import os
 import pickle
 import re

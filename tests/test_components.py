@@ -21,7 +21,6 @@ from lrpc import models  # noqa: E402
 from lrpc.cli import main  # noqa: E402
 from lrpc.errors import LrpcError  # noqa: E402
 
-import reference_lrp as ref  # noqa: E402
 from oracles import relative_error  # noqa: E402
 from test_attnlrp_reference import decoder  # noqa: E402,F401  (the tiny AttnLRP reference decoder, exported)
 
