@@ -17,6 +17,7 @@ import io
 import json
 import sqlite3
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +32,32 @@ NO_SAMPLE = np.iinfo(np.int64).max
 
 # ---- the corpus ---------------------------------------------------------------------------------------
 
-def read_corpus(path) -> list[int]:
-    """Check every line of a corpus (`.jsonl`: {"text": …} objects or JSON strings; anything else: one text
-    per non-empty line) before any work, so a bad line fails the build before anything is written. Returns
-    the line numbers of the samples; `corpus_texts` streams them."""
-    path = Path(path)
-    if not path.is_file():
-        raise LrpcError(f"corpus {path} does not exist")
-    numbers = [number for number, _ in _lines(path)]
-    if not numbers:
-        raise LrpcError(f"corpus {path} has no samples")
-    return numbers
+class Corpus:
+    """A corpus for `build`: text (one sample per non-empty line), `.jsonl` ({"text": …} objects or JSON
+    strings), or `.npz` images (`NpzImages`). Every text line is parsed when the corpus is opened, so a bad
+    line fails the build before any work; an .npz is checked against the model's image input by `size`."""
 
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LrpcError(f"corpus {self.path} does not exist")
+        self.images = NpzImages(self.path) if self.path.suffix.lower() == ".npz" else None
+        self._lines = None if self.images else sum(1 for _ in _lines(self.path))
 
-def corpus_texts(path):
-    for _, text in _lines(Path(path)):
-        yield text
+    def size(self, attributor) -> int:
+        n = self.images.check(attributor) if self.images else self._lines
+        if not n:
+            raise LrpcError(f"corpus {self.path} has no samples")
+        return n
+
+    def samples(self):
+        """(what the model takes, what the atlas stores) per sample, streamed: a text twice, or one image's
+        {input: [1, C, H, W]} with "image <index>" (and its label)."""
+        if self.images:
+            yield from self.images.samples()
+        else:
+            for _, text in _lines(self.path):
+                yield text, text
 
 
 def _lines(path: Path):
@@ -70,6 +81,87 @@ def _json_text(path, number, line) -> str:
     if not isinstance(text, str) or not text.strip():
         raise LrpcError(f"{path}:{number}: expected {{\"text\": \"…\"}} with a non-empty text")
     return text
+
+
+class NpzImages:
+    """An image corpus: `images` (or an array named like the model's image input) [N, C, H, W] floats,
+    already scaled and normalised as the model takes them, and optional integer `labels` [N], stored with
+    each reference's description. Rows are read from the archive one at a time (np.load would read the
+    whole array), so memory does not grow with N. A reference's sample id is the image's index."""
+
+    IMAGES, LABELS = "images", "labels"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.headers = {}
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".npy"):
+                        with archive.open(member) as fh:
+                            self.headers[member[:-4]] = _npy_header(fh)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise LrpcError(f"corpus {path} is not a readable .npz archive ({exc}); write it with numpy.savez") from None
+        self.key = self.input = None
+
+    def check(self, attributor) -> int:
+        """The number of images, after checking the array against the model's image input."""
+        name = attributor.main_input
+        spec = list(attributor.explainer.inputs[name].shape)
+        if len(spec) != 4:
+            raise LrpcError(f"an .npz image corpus needs a model with an image input [batch, C, H, W]; input "
+                            f"'{name}' is shaped {spec}: give a text corpus")
+        self.key = next((k for k in (name, self.IMAGES) if k in self.headers), None)
+        if self.key is None:
+            raise LrpcError(f"corpus {self.path} has no array '{self.IMAGES}' or '{name}' (it has "
+                            f"{', '.join(self.headers) or 'none'}): save the images [N, C, H, W] under one of them")
+        self.input = name
+        shape, fortran, dtype = self.headers[self.key]
+        where = f"corpus {self.path}: '{self.key}'"
+        if dtype.kind != "f":
+            raise LrpcError(f"{where} holds {dtype}, not floats: save the pixel values as float32, scaled and "
+                            "normalised as the model takes them")
+        if len(shape) != 4 or any(isinstance(d, int) and d != n for d, n in zip(spec[1:], shape[1:])):
+            wanted = ", ".join(str(d) if isinstance(d, int) else "?" for d in spec[1:])
+            raise LrpcError(f"{where} is shaped {list(shape)}; the model takes images [N, {wanted}]")
+        if fortran:
+            raise LrpcError(f"{where} is stored in Fortran order: save numpy.ascontiguousarray(images)")
+        if self.LABELS in self.headers:
+            labels_shape, _, labels_dtype = self.headers[self.LABELS]
+            if labels_dtype.kind not in "iu" or labels_shape != shape[:1]:
+                raise LrpcError(f"corpus {self.path}: '{self.LABELS}' is {labels_dtype} {list(labels_shape)}; "
+                                f"give one integer per image ([{shape[0]}])")
+        return shape[0]
+
+    def samples(self):
+        labels = None
+        if self.LABELS in self.headers:
+            with np.load(self.path) as archive:
+                labels = archive[self.LABELS]
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.key + ".npy") as fh:
+                shape, _, dtype = _npy_header(fh)
+                size = int(np.prod(shape[1:])) * dtype.itemsize
+                for index in range(shape[0]):
+                    row = fh.read(size)
+                    if len(row) != size:
+                        raise ValueError(f"it ends inside image {index}")
+                    pixels = np.frombuffer(row, dtype).reshape((1,) + tuple(shape[1:]))
+                    yield {self.input: pixels}, f"image {index}" + ("" if labels is None else f" (label {labels[index]})")
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise LrpcError(f"corpus {self.path} cannot be read ({exc}); write it again with numpy.savez") from None
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an .npy stream, leaving it at the first byte of the data."""
+    version = np.lib.format.read_magic(fh)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f".npy format version {version} is not supported")
+    shape, fortran, dtype = read(fh)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    return shape, fortran, dtype
 
 
 def file_digest(path) -> str:
@@ -130,32 +222,36 @@ def build(model, corpus, out, *, components: str = "mlp", k: int = 8, batch_size
     out, corpus = Path(out), Path(corpus)
     inputs = safeio.input_files(model, corpus)
     safeio.check_output(out, force=force, inputs=inputs)
-    numbers = read_corpus(corpus)
+    source = Corpus(corpus)
     attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, cache=cache)
+    total = source.size(attributor)
     units = {name: _units(attributor, name) for name in attributor.activations}
     config = {"format": FORMAT, "model": str(model), "model_digest": model_hash(model)[0], "preset": preset,
               "components": selectors, "k": k, "batch": batch_size, "corpus": corpus.name,
-              "corpus_sha256": file_digest(corpus), "samples": len(numbers),
+              "corpus_sha256": file_digest(corpus), "samples": total,
               "units": units, "tensors": attributor.activations}
+    if source.images:
+        config["images"] = source.images.key   # the sample ids are indices into this array
     partial = out.with_name(out.name + ".partial.npz")
     state, texts, done = TopK(units, k), {}, 0
     if partial.is_file() and not force:
         done, texts = _resume(partial, config, state)
-    batch: list[str] = []
-    for index, text in enumerate(corpus_texts(corpus)):
+    batch, stored = [], []
+    for index, (sample, text) in enumerate(source.samples()):
         if index < done:
             continue
-        batch.append(text)
-        if len(batch) == batch_size or index == len(numbers) - 1:
+        batch.append(sample)
+        stored.append(text)
+        if len(batch) == batch_size or index == total - 1:
             state.add(attributor.unit_scores(batch), index + 1 - len(batch))
-            texts.update(zip(range(index + 1 - len(batch), index + 1), batch))
+            texts.update(zip(range(index + 1 - len(batch), index + 1), stored))
             keep = state.referenced()
             texts = {i: t for i, t in texts.items() if i in keep}
             done = index + 1
             _save_state(partial, config, state, texts, done)
-            batch = []
+            batch, stored = [], []
             if progress:
-                _progress(done, len(numbers))
+                _progress(done, total)
     safeio.publish(out, lambda tmp: _write_sqlite(tmp, config, state, texts), force=force, inputs=inputs)
     partial.unlink(missing_ok=True)
     return out

@@ -431,8 +431,9 @@ class Attributor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return {name: s["rel"] for name, s in self.unit_scores(texts).items()}
 
-    def unit_scores(self, texts: list[str]) -> dict[str, dict[str, np.ndarray]]:
-        """Per text, component (an Attributor made with `components=`) and unit: the ActMax score (the highest
+    def unit_scores(self, texts: list) -> dict[str, dict[str, np.ndarray]]:
+        """Per sample (a text, or a dict of input arrays such as one image's {"pixel_values": [1, C, H, W]}),
+        component (an Attributor made with `components=`) and unit: the ActMax score (the highest
         activation over the sample's positions; a head's activation is the L2 norm of its output
         at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
         prediction, summed over positions) with the position of its largest share."""
@@ -440,8 +441,6 @@ class Attributor:
         feed, lengths = self.pad(self._items(list(texts)))
         forward = ex.forward(feed)
         y = forward[ex.explained]
-        seq = max(lengths)
-        real = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]            # [batch, positions]
         if y.ndim == 3:
             position = np.asarray(lengths) - 1
             y = y[np.arange(len(y)), position]
@@ -455,6 +454,8 @@ class Attributor:
             act = forward[tensor].astype(np.float32)
             if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
                 act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
+            # [batch, positions]: padding is not real; inputs without a sequence (images) have none
+            real = np.arange(act.shape[1])[None, :] < np.array([n or act.shape[1] for n in lengths])[:, None]
             act = np.where(real[:, :, None], act, -np.inf)
             rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
             scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),

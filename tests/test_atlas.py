@@ -163,3 +163,98 @@ def test_explain_command_json_and_html(setup, monkeypatch, capsys):
     assert doc["units"][0]["component"] in out and "reference 1" in out
     page = html.read_text()
     assert "<html" in page.lower() and "src=\"http" not in page and doc["units"][0]["component"] in page
+
+
+IMAGES, IMAGE_K, IMAGE_BATCH = 14, 3, 4
+
+
+@pytest.fixture(scope="module")
+def image_setup(zoo_export, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("image-atlas")
+    module, proto = zoo_export("hf-vit")
+    model = folder / "vit.onnx"
+    onnx.save(proto, model)
+    images = np.random.default_rng(3).standard_normal((IMAGES, 3, 32, 32)).astype(np.float32)
+    corpus = folder / "images.npz"
+    np.savez(corpus, images=images, labels=np.arange(IMAGES) % 5)
+    return folder, module, model, corpus, images
+
+
+def test_image_corpus_top_k_equals_torch_brute_force(image_setup, monkeypatch):
+    """An .npz image corpus, streamed a row at a time, gives the atlas a brute-force pass over all images
+    in torch gives: ActMax (the MLP unit's largest GELU output; a head's largest output norm) and, under
+    gxi, RelMax (Σ positions act · ∂logit[predicted]/∂act from autograd), per unit the top k in order.
+    An interrupted build resumes to the same bytes."""
+    import torch
+    folder, module, model, corpus, images = image_setup
+    options = dict(components="mlp,heads", k=IMAGE_K, batch_size=IMAGE_BATCH, preset="gxi", cache=folder / "cache",
+                   progress=False)
+    out = atlas.build(model, corpus, folder / "vit.atlas", **options)
+    real, calls = Attributor.unit_scores, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(Attributor, "unit_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atlas.build(model, corpus, folder / "resumed.atlas", **options)
+    monkeypatch.setattr(Attributor, "unit_scores", real)
+    assert atlas.build(model, corpus, folder / "resumed.atlas", **options).read_bytes() == out.read_bytes()
+    seen = {}
+    hooks = [hook for i, layer in enumerate(module.hf_model.vit.layers) for hook in (
+        layer.mlp.activation_fn.register_forward_hook(lambda _m, _a, o, i=i: seen.__setitem__(f"mlp.{i}", o)),
+        layer.attention.o_proj.register_forward_pre_hook(   # the heads' outputs [b, seq, heads · head_dim]
+            lambda _m, a, i=i: seen.__setitem__(f"heads.{i}", a[0])))]
+    try:
+        logits = module(torch.from_numpy(images))
+        chosen = logits.gather(1, logits.argmax(-1, keepdim=True)).sum()   # each image's own prediction
+        grads = torch.autograd.grad(chosen, [seen[n] for n in sorted(seen)])
+    finally:
+        for h in hooks:
+            h.remove()
+    book = atlas.Atlas(out, model=model)
+    assert book.components == {"mlp.0": 64, "mlp.1": 64, "heads.0": 4, "heads.1": 4}
+    assert book.meta["images"] == "images" and book.meta["samples"] == IMAGES
+    for name, grad in zip(sorted(seen), grads):
+        act, rel = seen[name].detach(), seen[name].detach() * grad
+        if name.startswith("heads"):   # [b, seq, heads, head_dim]: a head's activation is its output norm
+            act = act.reshape(*act.shape[:2], 4, -1).norm(dim=-1)
+            rel = rel.reshape(*rel.shape[:2], 4, -1).sum(-1)
+        want = {"act": act.amax(1).numpy(), "rel": rel.sum(1).numpy()}                # [images, units]
+        want_pos = {"act": act.argmax(1).numpy(), "rel": rel.abs().argmax(1).numpy()}
+        for kind in atlas.KINDS:
+            for unit in range(book.components[name]):
+                got = rows(out, *name.split("."), unit, kind)
+                score = want[kind][:, unit]
+                best = np.sort(score)[::-1][:IMAGE_K]
+                tol = 1e-4 * np.abs(score).max()
+                for (sample, position, value, text), expected in zip(got, best):
+                    assert abs(value - expected) <= tol and abs(score[sample] - value) <= tol, (name, kind, unit)
+                    assert text == f"image {sample} (label {sample % 5})"
+                    if kind == "act" or name.startswith("mlp"):
+                        assert position == want_pos[kind][sample, unit], (name, kind, unit)
+                assert len(got) == IMAGE_K
+
+
+def test_bad_image_corpus_is_one_line_and_writes_nothing(image_setup, capsys):
+    folder, _, model, corpus, images = image_setup
+    out = folder / "bad.atlas"
+    cases = {
+        "keys.npz": (dict(pixels=images), "no array 'images' or 'pixel_values' (it has pixels)"),
+        "dtype.npz": (dict(images=(images * 0).astype(np.uint8)), "holds uint8, not floats"),
+        "shape.npz": (dict(images=images[:, :, :16]), "is shaped [14, 3, 16, 32]; the model takes images [N, 3, 32, 32]"),
+        "rank.npz": (dict(images=images[:, 0]), "is shaped [14, 32, 32]"),
+        "labels.npz": (dict(images=images, labels=np.zeros(3, np.int64)), "give one integer per image ([14])"),
+    }
+    for name, (arrays, words) in cases.items():
+        np.savez(folder / name, **arrays)
+    (folder / "broken.npz").write_bytes(corpus.read_bytes()[:200])
+    cases["broken.npz"] = (None, "is not a readable .npz archive")
+    for name, (_, words) in cases.items():
+        assert main(["concepts", "build", str(model), "--corpus", str(folder / name), "-o", str(out), "--quiet",
+                     "--preset", "gxi"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists() and not (folder / "bad.atlas.partial.npz").exists()

@@ -7,6 +7,7 @@ from lrpc.commands.common import add_force_option, add_preset_option
 HELP = "concept atlases: what each unit responds to over a corpus (build), and which units drove a prediction (explain)"
 EXAMPLES = """examples:
   lrpc concepts build minilm-sentence --corpus sentences.txt -o minilm.atlas --components mlp
+  lrpc concepts build hf-vit --corpus images.npz -o vit.atlas --components mlp,heads
   lrpc concepts explain minilm-sentence --atlas minilm.atlas --text "a man is playing a guitar"
   lrpc concepts explain minilm-sentence --atlas minilm.atlas --text "…" --json
   lrpc concepts explain minilm-sentence --atlas minilm.atlas --text "…" --html concepts.html
@@ -18,8 +19,9 @@ def add_arguments(p) -> None:
     build = sub.add_parser("build", help="stream a corpus and keep, per unit, its top-k samples by activation "
                            "(ActMax) and by relevance for the sample's own prediction (RelMax)")
     build.add_argument("model", help="a zoo name, a Hugging Face folder or an ONNX file")
-    build.add_argument("--corpus", required=True, metavar="FILE", help="one text per line, or .jsonl with "
-                       '{"text": …} per line')
+    build.add_argument("--corpus", required=True, metavar="FILE", help="one text per line, .jsonl with "
+                       '{"text": …} per line, or .npz with images [N, C, H, W] (float, preprocessed as the model '
+                       "takes them) and optional integer labels [N]")
     build.add_argument("-o", "--out", required=True, metavar="ATLAS", help="the atlas to write (SQLite)")
     build.add_argument("--components", default="mlp", metavar="mlp,heads,residual", help="which units (default mlp)")
     build.add_argument("--k", type=int, default=8, help="references kept per unit and kind (default 8)")
