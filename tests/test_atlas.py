@@ -63,9 +63,8 @@ def test_top_k_equals_brute_force(setup):
     np.testing.assert_allclose(alone["mlp.1"][0], scores[1]["mlp.1"]["rel"][1], rtol=1e-4, atol=1e-6)
 
 
-def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
-    folder, model, corpus, _, options, reference = setup
-    out = folder / "resumed.atlas"
+def interrupt_third_batch(monkeypatch):
+    """Make the build's third batch raise KeyboardInterrupt (an interrupt); returns the real method."""
     real, calls = Attributor.unit_scores, []
 
     def interrupted(*args):
@@ -74,6 +73,13 @@ def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
     monkeypatch.setattr(Attributor, "unit_scores", interrupted)
+    return real
+
+
+def test_interrupted_build_resumes_byte_identical(setup, monkeypatch):
+    folder, model, corpus, _, options, reference = setup
+    out = folder / "resumed.atlas"
+    real = interrupt_third_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         atlas.build(model, corpus, out, **options)
     assert not out.exists() and (folder / "resumed.atlas.partial.npz").is_file()
@@ -190,14 +196,7 @@ def test_image_corpus_top_k_equals_torch_brute_force(image_setup, monkeypatch):
     options = dict(components="mlp,heads", k=IMAGE_K, batch_size=IMAGE_BATCH, preset="gxi", cache=folder / "cache",
                    progress=False)
     out = atlas.build(model, corpus, folder / "vit.atlas", **options)
-    real, calls = Attributor.unit_scores, []
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-    monkeypatch.setattr(Attributor, "unit_scores", interrupted)
+    real = interrupt_third_batch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         atlas.build(model, corpus, folder / "resumed.atlas", **options)
     monkeypatch.setattr(Attributor, "unit_scores", real)
