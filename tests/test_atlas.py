@@ -237,9 +237,13 @@ def test_image_corpus_top_k_equals_torch_brute_force(image_setup, monkeypatch):
                 assert len(got) == IMAGE_K
 
 
-def test_bad_image_corpus_is_one_line_and_writes_nothing(image_setup, capsys):
+def test_bad_image_corpus_is_one_line_and_writes_nothing(image_setup, setup, capsys):
     folder, _, model, corpus, images = image_setup
     out = folder / "bad.atlas"
+    text_model = setup[1]
+    assert main(["concepts", "build", str(text_model), "--corpus", str(corpus), "-o", str(out), "--quiet",
+                 "--tokenizer", "toy", "--preset", "gxi"]) == 2
+    assert "needs a model with an image input" in capsys.readouterr().err
     cases = {
         "keys.npz": (dict(pixels=images), "no array 'images' or 'pixel_values' (it has pixels)"),
         "dtype.npz": (dict(images=(images * 0).astype(np.uint8)), "holds uint8, not floats"),
