@@ -42,10 +42,10 @@ class Corpus:
         if not self.path.is_file():
             raise LrpcError(f"corpus {self.path} does not exist")
         self.images = NpzImages(self.path) if self.path.suffix.lower() == ".npz" else None
-        self._lines = None if self.images else sum(1 for _ in _lines(self.path))
+        self._texts = None if self.images else sum(1 for _ in _lines(self.path))
 
     def size(self, attributor) -> int:
-        n = self.images.check(attributor) if self.images else self._lines
+        n = self.images.check(attributor) if self.images else self._texts
         if not n:
             raise LrpcError(f"corpus {self.path} has no samples")
         return n
