@@ -163,7 +163,13 @@ def intervene(graph: ir.Graph, components: list[Component]) -> list[str]:
         scaled = ir.Value(name=b.fresh(f"scaled_{c.kind}_{c.layer}"), shape=c.value.shape,
                           type=c.value.type)
         uses = list(c.value.uses())
-        graph.append(ir.Node("", "Mul", [c.value, factor], outputs=[scaled], name=b.fresh("Mul")))
+        # a forward node: not named lrp_…, which marks the relevance pass's own nodes (lrpc.checkpoint, lrpc.optimise)
+        node_name = f"intervene.{c.name}"
+        if node_name in b.taken:
+            raise LrpcError(f"the model already has a node named '{node_name}'; is it already an explainer? "
+                            "compile the original model instead")
+        b.taken.add(node_name)
+        graph.append(ir.Node("", "Mul", [c.value, factor], outputs=[scaled], name=node_name))
         for node, index in uses:
             node.replace_input_with(index, scaled)
         c.value = scaled
