@@ -146,3 +146,31 @@ def test_bad_conditions_are_one_line(conditioned):
         explainer.explain({"input_ids": ids}, condition={"mlp.0": 24}, **args)
     with pytest.raises(LrpcError, match="compile it with --conditions"):
         plain.explain({"input_ids": ids}, condition={"mlp.0": 0}, **args)
+
+
+@pytest.mark.parametrize("option", [{"targets": 2}, {"checkpoint": 1}], ids=["targets", "checkpoint"])
+def test_conditions_with_targets_and_checkpoint(decoder, conditioned, option):
+    """The masks compose with the K axis and with rematerialised segments: the same conditional heatmaps."""
+    model, proto, _ = decoder
+    _, ids, _, explainer = conditioned
+    other = lrpc.Explainer(lrpc.compile(proto, conditions="mlp,heads,residual", **option))
+    for component, unit in (("mlp.1", 4), ("heads.0", 1)):
+        want = explainer.explain({"input_ids": ids}, target=[3, 21], position=[1, -3], condition={component: unit})
+        if "targets" in option:
+            got = other.explain({"input_ids": ids}, target=[[3, 0], [21, 5]], position=[[1, 0], [-3, 2]],
+                                condition={component: unit}).relevance["input_ids"][:, 0]
+        else:
+            got = other.explain({"input_ids": ids}, target=[3, 21], position=[1, -3],
+                                condition={component: unit}).relevance["input_ids"]
+        assert relative_error(got, want.relevance["input_ids"]) <= TOL, component
+
+
+def test_compile_command_adds_the_mask_inputs(decoder, tmp_path):
+    import onnx
+
+    from lrpc.cli import main
+    onnx.save(decoder[1], tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "e.onnx"), "--conditions", "heads"]) == 0
+    names = {i.name for i in onnx.load(tmp_path / "e.onnx").graph.input}
+    assert {"lrp_mask.heads.0", "lrp_bypass.heads.0", "lrp_mask.heads.1", "lrp_bypass.heads.1"} <= names
+    assert not any(n.startswith("lrp_mask.mlp") for n in names)
