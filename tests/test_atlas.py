@@ -132,10 +132,9 @@ def test_explain_heatmaps_are_crp_conditional_relevance(setup, zoo_export):
     assert positive == sorted(positive, reverse=True) and negative == sorted(negative) and positive and negative
     attributor = Attributor(str(model), tokenizer="toy", preset="gxi", components=COMPONENTS, conditions=COMPONENTS,
                             cache=options["cache"])
-    heads = {"component": "heads.1", "unit": 2, "references": [{"text": t} for t in ("the cat sat", "a big red house")]}
-    heads_maps = attributor.conditional([r["text"] for r in heads["references"]], "heads.1", 2)
-    for r, heat in zip(heads["references"], heads_maps):
-        r["heatmap"] = heat
+    texts = ["the cat sat", "a big red house"]   # a head, whether or not the top units include one
+    heads = {"component": "heads.1", "unit": 2, "references": [
+        {"text": t, "heatmap": h} for t, h in zip(texts, attributor.conditional(texts, "heads.1", 2))]}
     tapped = taps("bert", module)
     for u in result["units"] + [heads]:
         units = book.components[u["component"]]
