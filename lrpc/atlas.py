@@ -366,13 +366,15 @@ class Atlas:
 def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, tokenizer=None,
             preset: str = "attnlrp", cache=None) -> dict:
     """The `top` most positive and most negative units for the prediction on `text`, each with its RelMax
-    references from the atlas and, per reference, the conditional heatmap: the relevance of the reference's
-    tokens when only that unit is seeded (its activation at the reference's position explained, CRP-style).
-    Heads have no heatmap (their tensor has a head_dim axis the explainer contract does not seed)."""
+    references from the atlas and, per reference, CRP's conditional heatmap: the relevance of the
+    reference's tokens for its own prediction that flows through that unit alone (docs/design.md,
+    "Conditional heatmaps"). One explainer, compiled with the atlas's components and their masks (cached),
+    serves the text, every unit and every reference; a unit's references run as one batch."""
     from lrpc import validate
     from lrpc.attributor import Attributor
     top, refs = validate.at_least_one(top, "--top"), validate.at_least_one(refs, "--refs")
-    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=atlas.meta["components"],
+    selectors = atlas.meta["components"]
+    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, conditions=selectors,
                             cache=cache)
     relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([text]).items()}
     flat = sorted(((float(r[u]), name, u) for name, r in relevance.items() for u in range(len(r))),
@@ -380,26 +382,10 @@ def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, toke
     chosen = [x for x in flat[:top] if x[0] > 0] + [x for x in reversed(flat[-top:]) if x[0] < 0]
     units = []
     for value, name, unit in chosen:
-        references = []
-        for sample, position, score in atlas.references(name, unit, "rel", refs):
-            tokens, heat = _conditional_heatmap(model, attributor, atlas, name, unit, sample, position,
-                                                dict(tokenizer=tokenizer, preset=preset, cache=cache))
-            references.append({"text": sample, "position": position, "score": score, "tokens": tokens,
-                               "heatmap": heat})
+        found = atlas.references(name, unit, "rel", refs)
+        heatmaps = attributor.conditional([sample for sample, _, _ in found], name, unit) if found else []
+        references = [{"text": sample, "position": position, "score": score,
+                       "tokens": attributor.tokenizer.encode(sample)[1], "heatmap": [float(r) for r in heat]}
+                      for (sample, position, score), heat in zip(found, heatmaps)]
         units.append({"component": name, "unit": unit, "relevance": value, "references": references})
     return {"model": str(model), "text": text, "units": units}
-
-
-def _conditional_heatmap(model, attributor, atlas, name, unit, text, position, options):
-    from lrpc.attributor import Attributor
-    tokens = attributor.tokenizer.encode(text)[1]
-    if name.startswith("heads."):
-        return tokens, None
-    tensor = atlas.meta["tensors"][name]
-    seeded = Attributor(model, components=name.split(".")[0], output_name=tensor, **options)
-    ex = seeded.explainer
-    feed, _ = seeded.pad(seeded._items([text]))
-    seed = np.zeros((1, atlas.meta["units"][name]), np.float32)
-    seed[0, unit] = 1.0
-    result = ex.explain(feed, seed=seed, position=np.array([position], np.int64))
-    return tokens, [float(r) for r in result.relevance[seeded.main_input][0]]

@@ -70,7 +70,8 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None, example_inputs=None, pooling: str | None = None, components: str | None = None):
+                 image_std=None, example_inputs=None, pooling: str | None = None, components: str | None = None,
+                 conditions: str | None = None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
@@ -107,7 +108,7 @@ class Attributor:
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
                                             output_name=output_name, pooling=pooling, cache=cache,
-                                            components=components)
+                                            components=components, conditions=conditions)
             self.activations = info.get("activations", {})
             self.layer_labels = dict(info.get("layers") or [])
             self.explainer = Explainer(path, providers, threads, session_config=session_config)
@@ -437,18 +438,7 @@ class Attributor:
         activation over the sample's positions; a head's activation is the L2 norm of its output
         at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
         prediction, summed over positions) with the position of its largest share."""
-        ex = self.explainer
-        feed, lengths = self.pad(self._items(list(texts)))
-        forward = ex.forward(feed)
-        y = forward[ex.explained]
-        if y.ndim == 3:
-            position = np.asarray(lengths) - 1
-            y = y[np.arange(len(y)), position]
-        else:
-            position = None
-        seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
-        explanation = ex.explain(feed, seed=seed, position=position) if ex.meta["seed"] == "vector" else \
-            ex.explain(feed, target=y.argmax(-1), position=position)
+        lengths, forward, explanation = self._own_prediction(texts)
         scores = {}
         for name, tensor in self.activations.items():
             act = forward[tensor].astype(np.float32)
@@ -461,6 +451,32 @@ class Attributor:
             scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
                             "rel_pos": np.abs(rel).argmax(1)}
         return scores
+
+    def conditional(self, texts: list[str], component: str, unit: int) -> list[np.ndarray]:
+        """CRP's conditional heatmap of each text for one unit (an Attributor made with `conditions=`): the
+        relevance of its tokens for the text's own prediction (the RelMax seed) that flows through that unit
+        of `component` alone (docs/design.md, "Conditional heatmaps"). All texts run as one batch."""
+        lengths, _, explanation = self._own_prediction(texts, {component: unit})
+        relevance = explanation.relevance[self.main_input]
+        return [relevance[i, :n] for i, n in enumerate(lengths)]
+
+    def _own_prediction(self, texts: list, condition: dict | None = None):
+        """(lengths, forward outputs, explanation) of each text's own prediction: the argmax of the
+        explained output (at the last real position for a sequence output), optionally conditioned."""
+        ex = self.explainer
+        feed, lengths = self.pad(self._items(list(texts)))
+        forward = ex.forward(feed)
+        y = forward[ex.explained]
+        if y.ndim == 3:
+            position = np.asarray(lengths) - 1
+            y = y[np.arange(len(y)), position]
+        else:
+            position = None
+        seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
+        explanation = ex.explain(feed, seed=seed, position=position, condition=condition) \
+            if ex.meta["seed"] == "vector" else \
+            ex.explain(feed, target=y.argmax(-1), position=position, condition=condition)
+        return lengths, forward, explanation
 
     def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
         ex = self.explainer

@@ -118,12 +118,15 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_explain_heatmap_is_the_units_own_relevance(setup, zoo_export):
-    """Each reference's conditional heatmap seeds only its unit: under gxi it is E ⊙ ∂act[position, unit]/∂E
-    summed over hidden, from torch autograd on the zoo module."""
+def test_explain_heatmaps_are_crp_conditional_relevance(setup, zoo_export):
+    """Each reference's heatmap is CRP's R(x | unit) for the reference's own prediction: under gxi,
+    E ⊙ (∂c/∂E)ᵀ(mask ⊙ ∂s/∂c) from torch autograd on the zoo module (tests/test_conditional.py's oracle),
+    for MLP units and heads alike, the references of a unit run as one padded batch."""
     import torch
 
     from lrpc.inputs import Tokenizer
+    from test_components import taps
+    from test_conditional import conditional_oracle, zoo_run
     folder, model, _, _, options, reference = setup
     module = zoo_export("bert")[0]
     book = atlas.Atlas(reference, model=model)
@@ -133,25 +136,23 @@ def test_explain_heatmap_is_the_units_own_relevance(setup, zoo_export):
     values = [u["relevance"] for u in result["units"]]
     positive, negative = [v for v in values if v > 0], [v for v in values if v < 0]   # each most extreme first
     assert positive == sorted(positive, reverse=True) and negative == sorted(negative) and positive and negative
-    mlp = [u for u in result["units"] if u["component"].startswith("mlp")]
-    assert mlp, "top-3 on each side includes MLP units"
-    for u in mlp:
-        layer = int(u["component"].split(".")[1])
+    attributor = Attributor(str(model), tokenizer="toy", preset="gxi", components=COMPONENTS, conditions=COMPONENTS,
+                            cache=options["cache"])
+    texts = ["the cat sat", "a big red house"]   # a head, whether or not the top units include one
+    heads = {"component": "heads.1", "unit": 2, "references": [
+        {"text": t, "heatmap": h} for t, h in zip(texts, attributor.conditional(texts, "heads.1", 2))]}
+    tapped = taps("bert", module)
+    for u in result["units"] + [heads]:
+        units = book.components[u["component"]]
         for ref in u["references"]:
             ids = torch.tensor([Tokenizer.toy().encode(ref["text"])[0]])
-            seen = {}
-            hooks = [module.hf_model.bert.encoder.layer[layer].intermediate.register_forward_hook(
-                         lambda _m, _a, out: seen.__setitem__("act", out)),
-                     module.hf_model.get_input_embeddings().register_forward_hook(
-                         lambda _m, _a, out: seen.__setitem__("E", out))]
-            try:
-                module(input_ids=ids, attention_mask=torch.ones_like(ids))
-            finally:
-                for h in hooks:
-                    h.remove()
-            (grad,) = torch.autograd.grad(seen["act"][0, ref["position"], u["unit"]], seen["E"])
-            want = (seen["E"] * grad).sum(-1)[0].detach().numpy()
-            assert np.abs(np.array(ref["heatmap"]) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            with torch.no_grad():
+                target = [int(module(**inputs)[0].argmax())]
+            want = conditional_oracle(zoo_run(module, inputs), tapped[u["component"]][0], units, u["unit"], target,
+                                      None)[0]
+            assert len(ref["heatmap"]) == len(want)
+            assert np.abs(np.array(ref["heatmap"]) - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-12), u
 
 
 def test_explain_command_json_and_html(setup, monkeypatch, capsys):
@@ -159,16 +160,18 @@ def test_explain_command_json_and_html(setup, monkeypatch, capsys):
     folder, model, _, _, options, reference = setup
     monkeypatch.setenv("LRPC_CACHE", str(options["cache"]))   # the explainers compiled above
     html = folder / "concepts.html"
-    base = ["concepts", "explain", str(model), "--atlas", str(reference), "--text", "the big cat sat on the mat",
+    base = ["concepts", "explain", str(model), "--atlas", str(reference), "--text", "the big <b>cat</b> sat on the mat",
             "--tokenizer", "toy", "--preset", "gxi", "--top", "1", "--refs", "1"]
     assert main(base + ["--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["text"] == "the big cat sat on the mat" and doc["units"][0]["references"][0]["tokens"]
+    ref = doc["units"][0]["references"][0]
+    assert doc["text"] == "the big <b>cat</b> sat on the mat" and len(ref["tokens"]) == len(ref["heatmap"]) > 0
     assert main(base + ["--html", str(html)]) == 0
     out = capsys.readouterr().out
     assert doc["units"][0]["component"] in out and "reference 1" in out
     page = html.read_text()
     assert "<html" in page.lower() and "src=\"http" not in page and doc["units"][0]["component"] in page
+    assert "<b>cat" not in page and "&lt;b&gt;cat" in page and "conditional heatmap" in page   # escaped
 
 
 IMAGES, IMAGE_K, IMAGE_BATCH = 14, 3, 4

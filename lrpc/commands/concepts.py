@@ -71,19 +71,15 @@ def run(args) -> int:
 
 
 def _rows(result: dict):
-    """One heatmap row per reference, titled with its unit."""
+    """One heatmap row per reference, titled with its unit: the reference's conditional heatmap."""
     import numpy as np
 
     from lrpc.viz import TokenRow
-    rows = []
-    for u in result["units"]:
-        for i, ref in enumerate(u["references"]):
-            heat = np.array(ref["heatmap"] if ref["heatmap"] is not None else [0.0] * len(ref["tokens"]))
-            rows.append(TokenRow(title=f"{u['component']} unit {u['unit']} (R = {u['relevance']:+.4g}) · reference "
-                                 f"{i + 1} (RelMax {ref['score']:.4g}, position {ref['position']})",
-                                 tokens=ref["tokens"], relevance=heat,
-                                 explained="conditional heatmap" if ref["heatmap"] is not None else "no heatmap for heads"))
-    return rows
+    return [TokenRow(title=f"{u['component']} unit {u['unit']} (R = {u['relevance']:+.4g}) · reference {i + 1} "
+                           f"(RelMax {ref['score']:.4g}, position {ref['position']})",
+                     tokens=ref["tokens"], relevance=np.array(ref["heatmap"]),
+                     explained="conditional heatmap: relevance through this unit alone")
+            for u in result["units"] for i, ref in enumerate(u["references"])]
 
 
 def _summary(result: dict) -> str:
