@@ -137,6 +137,8 @@ class Attribution:
                "input": self.input_name, "index": self.index, "line": self.line, "tokens": self.tokens,
                "token_ids": self.token_ids, "offsets": None if self.offsets is None else [list(o) for o in self.offsets],
                "relevance": np.asarray(self.relevance).tolist()}
+        if len(self.relevances) > 1:   # several attributed inputs (an encoder–decoder's source and target)
+            out["relevances"] = {k: np.asarray(v).tolist() for k, v in self.relevances.items()}
         if self.latent:
             out["layers"] = {k: v.tolist() for k, v in self.latent.items()}
         return out
@@ -284,7 +286,10 @@ def json_text(doc) -> str:
 
 def _relevances(doc: dict) -> dict[str, np.ndarray]:
     """The main input's relevance, and the other attributed inputs' share (token-type ids, …) as one value,
-    so `conservation` read back is the `relevance_sum` that was written."""
+    so `conservation` read back is the `relevance_sum` that was written; every input's own when the
+    document has them ("relevances")."""
+    if isinstance(doc.get("relevances"), dict):
+        return {k: np.asarray(v, np.float32) for k, v in doc["relevances"].items()}
     relevance = np.asarray(doc["relevance"], np.float32)
     out = {doc.get("input") or "input": relevance}
     total = (doc.get("conservation") or {}).get("relevance_sum")
