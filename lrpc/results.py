@@ -209,6 +209,8 @@ class Generation:
     matrix: [generated, prompt + generated] relevance; row i explains generated token i (its logit at the
         position before it) over every token of the sequence; entries right of that position are exactly 0
         (a causal model cannot look ahead). source_tokens: the prompt's tokens, then the generated ones.
+        An encoder–decoder model: [generated, source + decoder start + generated], the prompt being the
+        source and the decoder's start token the first of the answer prefix.
     generated_tokens / generated_ids: the answer. prompt_length: where the answer starts in source_tokens.
     logits: the explained logit of each generated token (each row of the matrix sums to about it).
     """
