@@ -146,7 +146,8 @@ class Attributor:
                 return dict(models.get(str(model)).config)   # a zoo model's token ids (no config.json)
             path = Path(model)
             folder = path if path.is_dir() else path.parent
-            for name in ("config.json", "preprocessor_config.json"):
+            # generation_config.json last: Hugging Face's generate reads the generation ids from it
+            for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
                 if (path.is_dir() or path.is_file()) and (folder / name).is_file():
                     try:
                         config.update(json.loads((folder / name).read_text()))

@@ -121,6 +121,18 @@ def _save_hf(module: nn.Module, path: Path) -> Path:
     return path
 
 
+def _save_hf_with_tokenizer(module: nn.Module, path: Path) -> Path:
+    """save_pretrained plus the toy word tokenizer as a Hugging Face fast tokenizer (its [PAD]/[BOS]/[EOS]
+    ids are the config's), so the folder takes `--text` offline as a trained model's folder does."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lrpc.inputs import Tokenizer
+    _save_hf(module, path)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.toy().backend, pad_token="[PAD]", bos_token="[BOS]",
+                            eos_token="[EOS]", unk_token="[UNK]").save_pretrained(str(path))
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # tiny HF builders
 # --------------------------------------------------------------------------------------------
@@ -356,11 +368,11 @@ _ENTRIES = [
              _tok, hf_dir_maker=_save_hf, hf_class="OlmoeForCausalLM",
              notes="4 experts, top-2, routing weights not renormalised, q/k RMSNorm over all heads"),
     ZooEntry("t5", "t5", _S2S, _seq2seq("T5ForConditionalGeneration", "T5Config", **_T5),
-             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf_with_tokenizer,
              hf_class="T5ForConditionalGeneration", config=_token_config(**_T5),
              notes="Flan-T5 style: gated-GELU MLP, relative position bias, one embedding shared by both sides"),
     ZooEntry("bart", "bart", _S2S, _seq2seq("BartForConditionalGeneration", "BartConfig", **_BART),
-             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf_with_tokenizer,
              hf_class="BartForConditionalGeneration", config=_token_config(**_BART),
              notes="post-norm encoder–decoder, learned positions, one embedding shared by both sides"),
     ZooEntry("hf-vit", "vit", "image-classification", _build_hf_vit, _img, attributed=("pixel_values",),

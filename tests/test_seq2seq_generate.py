@@ -129,3 +129,24 @@ def test_cli_generate_on_a_seq2seq_folder(saved, cache):
     expected = lrpc.Attributor(path, tokenizer="toy", cache=cache).generate(PROMPT, 3)
     assert doc["generated_ids"] == expected.generated_ids and doc["source_tokens"] == expected.source_tokens
     np.testing.assert_allclose(doc["matrix"], expected.matrix, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ("t5", "bart"))
+def test_the_zoo_folder_ships_an_offline_tokenizer(name, tmp_path):
+    """The zoo's Hugging Face folder of T5 / BART holds the toy tokenizer as tokenizer.json: transformers' own
+    AutoTokenizer and lrpc read the same ids offline, its special tokens are the config's, and the attributor
+    finds the decoder start token there."""
+    from transformers import AutoTokenizer
+
+    from lrpc import models
+    entry = models.get(name)
+    module, _ = entry.build()
+    folder = entry.hf_dir(tmp_path / name, module)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    ids, _ = Tokenizer.toy().encode(PROMPT)
+    assert hf_tokenizer(PROMPT, add_special_tokens=False)["input_ids"] == ids == Tokenizer.load(folder).encode(PROMPT)[0]
+    config = module.hf_model.config
+    assert (hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id) == (config.pad_token_id, config.eos_token_id)
+    assert all(getattr(config, key) == value for key, value in entry.config.items())   # the zoo's copy agrees
+    read = lrpc.Attributor._config(folder / "model.safetensors")
+    assert read["decoder_start_token_id"] == config.decoder_start_token_id == entry.config["decoder_start_token_id"]
