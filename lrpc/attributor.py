@@ -124,7 +124,8 @@ class Attributor:
         # an encoder's hidden states: no unit of them is a prediction to explain by default
         self.hidden_states = self.explainer.explained in HIDDEN_STATES
         self.attributed = dict(self.meta["attributed"])
-        self.main_input = next(iter(self.attributed))
+        # the input whose tokens a text gives (an encoder–decoder attributes its decoder's ids too, listed first)
+        self.main_input = "input_ids" if "input_ids" in self.attributed else next(iter(self.attributed))
         self.latent_names = list(self.meta.get("latent", []))
         self.config = self._config(model)
         self.tokenizer = self._tokenizer(model, tokenizer)
@@ -141,9 +142,13 @@ class Attributor:
     def _config(model) -> dict:
         config: dict = {}
         if isinstance(model, (str, os.PathLike)):
+            from lrpc import models
+            if not Path(model).exists() and models.known(str(model)):
+                return dict(models.get(str(model)).config)   # a zoo model's token ids (no config.json)
             path = Path(model)
             folder = path if path.is_dir() else path.parent
-            for name in ("config.json", "preprocessor_config.json"):
+            # generation_config.json last: Hugging Face's generate reads the generation ids from it
+            for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
                 if (path.is_dir() or path.is_file()) and (folder / name).is_file():
                     try:
                         config.update(json.loads((folder / name).read_text()))
@@ -207,8 +212,9 @@ class Attributor:
         validate.token_ids(ids, vocab)
         return _Item(self._token_arrays(ids), tokens, title=text, token_ids=ids, offsets=offsets)
 
-    def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions."""
+    def _token_arrays(self, ids: list[int], decoder_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions;
+        an encoder–decoder's decoder side gets `decoder_ids` (default: its start token alone)."""
         if self.explainer.inputs.get("input_ids") is None:
             raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         arrays = {"input_ids": np.array([ids], np.int64)}
@@ -219,10 +225,12 @@ class Attributor:
                 arrays[name] = np.ones((1, len(ids)), np.int64)
             elif name in ("token_type_ids", "position_ids"):
                 arrays[name] = (np.zeros if name == "token_type_ids" else _arange)((1, len(ids)), np.int64)
-            elif name.startswith("decoder_") and self.config.get("decoder_start_token_id") is not None:
-                # the text is the source; the target is the decoder's start token: explain the first output
-                start = self.config["decoder_start_token_id"]
-                arrays[name] = np.array([[start if name == "decoder_input_ids" else 1]], np.int64)
+            elif name.startswith("decoder_"):
+                # the text is the source; the target side, without decoder_ids, is the decoder's start token
+                # alone: the explained position is then the first output
+                decoder = decoder_ids if decoder_ids is not None else [self._decoder_start()]
+                arrays[name] = (np.array([decoder], np.int64) if name == "decoder_input_ids"
+                                else np.ones((1, len(decoder)), np.int64))
             else:
                 raise LrpcError(f"the model also takes '{name}', which text alone does not give: use --input")
         return arrays
@@ -632,29 +640,62 @@ class Attributor:
         if not isinstance(prompt, str):
             raise LrpcError("generation takes one prompt text")
         if self.rank != 3 or self.attributed.get(self.main_input) != "token":
-            raise LrpcError("generation needs a causal language model (token ids in, logits [batch, seq, vocab] "
-                            f"out); '{self.explainer.explained}' is not one")
+            raise LrpcError("generation needs a causal language model or an encoder–decoder one (token ids in, "
+                            f"logits [batch, seq, vocab] out); '{self.explainer.explained}' is not one")
         item = self._text_item(prompt)
-        ids = [int(i) for i in item.inputs["input_ids"][0]]
+        source = [int(i) for i in item.inputs["input_ids"][0]]
+        seq2seq = "decoder_input_ids" in self.explainer.inputs
+        # the ids the answer extends: a causal LM's prompt, an encoder–decoder's decoder start token
+        ids = [self._decoder_start()] if seq2seq else list(source)
+
+        def arrays() -> dict[str, np.ndarray]:
+            return self._token_arrays(source, ids) if seq2seq else self._token_arrays(ids)
         start, stop = len(ids), self._eos_ids() if stop_at_eos else set()
-        for _ in range(n):
-            logits = self.explainer.forward(self._token_arrays(ids))[self.explainer.explained]
-            ids.append(int(np.argmax(logits[0, -1])))   # the first maximum, as torch.argmax (greedy decoding)
+        forced = self._forced_tokens(start, n)
+        for step in range(n):
+            logits = self.explainer.forward(arrays())[self.explainer.explained]
+            # the first maximum, as torch.argmax (greedy decoding), among the tokens the config allows
+            allowed = forced.get(step)
+            ids.append(int(np.argmax(logits[0, -1])) if allowed is None
+                       else allowed[int(np.argmax(logits[0, -1, allowed]))])
             if ids[-1] in stop:
                 break
         generated = ids[start:]
         k, classes = len(generated), logits.shape[-1]
         seed = np.zeros((1, k, classes), np.float32)
         seed[0, np.arange(k), generated] = 1.0
-        # generated token i is the prediction at position start + i − 1
-        out = self._many().explain(self._token_arrays(ids), seed=seed,
-                                   position=np.arange(start - 1, start - 1 + k)[None])
+        # generated token i is the prediction at position start + i − 1 (of the decoder side for seq2seq)
+        out = self._many().explain(arrays(), seed=seed, position=np.arange(start - 1, start - 1 + k)[None])
         token = self.tokenizer.token
-        return Generation(matrix=np.asarray(out.relevance[self.main_input][0], np.float32),
-                          source_tokens=item.tokens + [token(i) for i in generated],
+        # columns: seq2seq: the source, then the decoder's ids; a causal LM: the prompt and the answer
+        names = ["input_ids", "decoder_input_ids"] if seq2seq else [self.main_input]
+        matrix = np.concatenate([out.relevance[name][0] for name in names], axis=-1)
+        columns = (item.tokens if seq2seq else []) + [token(i) for i in ids]
+        return Generation(matrix=np.asarray(matrix, np.float32), source_tokens=columns,
                           generated_tokens=[token(i) for i in generated], generated_ids=generated,
-                          prompt_length=start, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
+                          prompt_length=len(columns) - k, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
                           model=str(self.name))
+
+    def _decoder_start(self) -> int:
+        """An encoder–decoder's decoder start token (config.json's decoder_start_token_id)."""
+        start = self.config.get("decoder_start_token_id")
+        if start is None:
+            raise LrpcError("the model also takes 'decoder_input_ids', and its decoder start token is unknown: "
+                            "give its Hugging Face folder (config.json has decoder_start_token_id), or use --input")
+        return int(start)
+
+    def _forced_tokens(self, prefix: int, n: int) -> dict[int, list[int]]:
+        """{step: the only tokens allowed} as the config forces them in Hugging Face's generate:
+        forced_bos_token_id first after a one-token prefix (an encoder–decoder's start token),
+        forced_eos_token_id (one id or a list) at the last of the n steps."""
+        def ids(value) -> list[int]:
+            return sorted(int(v) for v in (value if isinstance(value, list) else [value]))
+        forced = {}
+        if self.config.get("forced_bos_token_id") is not None and prefix == 1:
+            forced[0] = ids(self.config["forced_bos_token_id"])
+        if self.config.get("forced_eos_token_id") is not None:   # applied after the BOS one, as there
+            forced[n - 1] = ids(self.config["forced_eos_token_id"])
+        return forced
 
     def _eos_ids(self) -> set[int]:
         """The model's end-of-sequence ids: config.json's eos_token_id, else the tokenizer's EOS token."""
