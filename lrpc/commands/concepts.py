@@ -89,7 +89,11 @@ def _images(result: dict) -> list[tuple]:
     import numpy as np
 
     from lrpc import viz
-    return [(_caption(u, i, ref), viz.image_overlay_png(np.array(ref["heatmap"]), ref.pop("picture")),
+    def enlarged(picture):   # small images (32×32) drawn at ≥ 256 pixels, each pixel a block
+        k = max(1, 256 // max(picture.shape[:2]))
+        return picture.repeat(k, 0).repeat(k, 1)
+
+    return [(_caption(u, i, ref), viz.image_overlay_png(np.array(ref["heatmap"]), enlarged(ref.pop("picture"))),
              float(np.sum(ref["heatmap"])), None)
             for u in result["units"] for i, ref in enumerate(u["references"])]
 
