@@ -342,7 +342,8 @@ class Atlas:
     """A concept atlas written by `lrpc concepts build` (read-only).
 
     `Atlas(path, model=None)`: with `model`, an atlas built from another model is refused.
-    `references(component, unit, kind="rel", n=None)` → [Reference(text, position, score, sample), …], best first."""
+    `references(component, unit, kind="rel", n=None)` → [Reference(text, position, score, sample), …], best
+    first."""
 
     def __init__(self, path, model=None):
         self.path = Path(path)
@@ -484,6 +485,6 @@ def _explained_image(atlas: Atlas, attributor, image):
     want = list(attributor.explainer.inputs[name].shape[1:])
     if list(image.shape[-3:]) != want or image.ndim not in (3, 4) or image.size != np.prod(want) \
             or image.dtype.kind != "f":
-        raise LrpcError(f"the image is {image.dtype} {list(image.shape)}; the model takes floats [{', '.join(map(str, want))}]"
-                        " (or [1, …]), preprocessed as the corpus")
+        raise LrpcError(f"the image is {image.dtype} {list(image.shape)}; the model takes floats "
+                        f"[{', '.join(map(str, want))}] (or [1, …]), preprocessed as the corpus")
     return {name: np.ascontiguousarray(image, np.float32).reshape([1] + want)}

@@ -273,8 +273,10 @@ def vit_conditional_oracle(module, pixels: np.ndarray, component: str, unit: int
     kind, layer = component.split(".")
     block = module.hf_model.vit.layers[int(layer)]
     seen = {}
-    handle = block.mlp.activation_fn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("c", out)) \
-        if kind == "mlp" else block.attention.o_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("c", a[0]))
+    if kind == "mlp":   # the GELU output; a head: the o_proj input [b, seq, heads · head_dim]
+        handle = block.mlp.activation_fn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("c", out))
+    else:
+        handle = block.attention.o_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("c", a[0]))
     x = torch.from_numpy(pixels).requires_grad_(True)
     try:
         y = module(x)
@@ -338,13 +340,18 @@ def test_image_explain_command_terminal_json_html(image_atlas, monkeypatch, caps
     doc = json.loads(capsys.readouterr().out)
     ref = doc["units"][0]["references"][0]
     assert doc["image"] == str(explained) and "picture" not in ref
-    assert np.array(ref["heatmap"]).shape == (32, 32) and ref["text"] == f"image {ref['sample']} (label {ref['sample'] % 5})"
+    assert np.array(ref["heatmap"]).shape == (32, 32)
+    assert ref["text"] == f"image {ref['sample']} (label {ref['sample'] % 5})"
     assert main(base + ["--html", str(html)]) == 0
     text = capsys.readouterr().out
-    assert doc["units"][0]["component"] in text and "reference 2" in text and "Σ relevance" in text
+    assert doc["units"][0]["component"] in text and "reference 2" in text and "Σ relevance" in text and "peak" in text
     page = html.read_text()
     assert page.count("src='data:image/png;base64,") == sum(len(u["references"]) for u in doc["units"])
     assert "src=\"http" not in page and "<script" not in page and ref["text"] in page
+    from PIL import Image   # a picture file is resized and normalised by the Attributor
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / "cat.png")
+    assert main(base[:5] + ["--image", str(folder / "cat.png")] + base[7:] + ["--json"]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["units"][0]["references"][0]["heatmap"]).shape == (32, 32)
 
 
 def test_image_explain_bad_input_is_one_line_and_writes_nothing(image_atlas, setup, capsys):

@@ -126,4 +126,6 @@ def _terminal(result: dict) -> None:
         for i, ref in enumerate(u["references"]):
             if "tokens" not in ref:   # an image reference: its conditional heatmap in blocks, and its sum
                 heat = np.array(ref["heatmap"])
-                viz.terminal_image(heat, _caption(u, i, ref), float(heat.sum()), None)
+                row, column = np.unravel_index(np.abs(heat).argmax(), heat.shape)
+                viz.terminal_image(heat, f"{_caption(u, i, ref)} · peak {heat[row, column]:+.4g} at pixel "
+                                         f"(row {row}, column {column})", float(heat.sum()), None)
