@@ -19,6 +19,7 @@ import sqlite3
 import sys
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -138,16 +139,26 @@ class NpzImages:
         if self.LABELS in self.headers:
             with np.load(self.path) as archive:
                 labels = archive[self.LABELS]
+        for index, pixels in self._rows():
+            yield {self.input: pixels}, f"image {index}" + ("" if labels is None else f" (label {labels[index]})")
+
+    def pick(self, indices) -> dict[int, dict[str, np.ndarray]]:
+        """{index: {input: [1, C, H, W]}} of the images at `indices` (after `check`), read row by row."""
+        wanted = set(indices)
+        return {index: {self.input: pixels} for index, pixels in self._rows(max(wanted, default=-1) + 1)
+                if index in wanted}
+
+    def _rows(self, stop: int | None = None):
+        """(index, pixels [1, C, H, W]) of the first `stop` images (all by default), one row at a time."""
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open(self.key + ".npy") as fh:
                 shape, _, dtype = _npy_header(fh)
                 size = int(np.prod(shape[1:])) * dtype.itemsize
-                for index in range(shape[0]):
+                for index in range(shape[0] if stop is None else min(stop, shape[0])):
                     row = fh.read(size)
                     if len(row) != size:
                         raise ValueError(f"it ends inside image {index}")
-                    pixels = np.frombuffer(row, dtype).reshape((1,) + tuple(shape[1:]))
-                    yield {self.input: pixels}, f"image {index}" + ("" if labels is None else f" (label {labels[index]})")
+                    yield index, np.frombuffer(row, dtype).reshape((1,) + tuple(shape[1:]))
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise LrpcError(f"corpus {self.path} cannot be read ({exc}); write it again with numpy.savez") from None
 
@@ -318,11 +329,21 @@ def _write_sqlite(path: Path, config: dict, state: TopK, texts: dict) -> None:
 
 # ---- reading ------------------------------------------------------------------------------------------
 
+class Reference(NamedTuple):
+    """One reference of a unit: what the atlas shows of the sample (its text, or "image 12 (label 3)"), the
+    position of the unit's score in it, the score, and the sample's index in the corpus (an image's row)."""
+    text: str
+    position: int
+    score: float
+    sample: int
+
+
 class Atlas:
     """A concept atlas written by `lrpc concepts build` (read-only).
 
     `Atlas(path, model=None)`: with `model`, an atlas built from another model is refused.
-    `references(component, unit, kind="rel", n=None)` → [(sample text, position, score), …], best first."""
+    `references(component, unit, kind="rel", n=None)` → [Reference(text, position, score, sample), …], best
+    first."""
 
     def __init__(self, path, model=None):
         self.path = Path(path)
@@ -349,13 +370,13 @@ class Atlas:
     def components(self) -> dict[str, int]:
         return dict(self.meta["units"])
 
-    def references(self, component: str, unit: int, kind: str = "rel", n: int | None = None) -> list[tuple]:
+    def references(self, component: str, unit: int, kind: str = "rel", n: int | None = None) -> list[Reference]:
         kind_name, layer = component.split(".")
         rows = self.db.execute(
-            "SELECT s.text, r.position, r.score FROM refs r JOIN samples s ON s.id = r.sample "
+            "SELECT s.text, r.position, r.score, r.sample FROM refs r JOIN samples s ON s.id = r.sample "
             "WHERE r.component = ? AND r.layer = ? AND r.unit = ? AND r.kind = ? ORDER BY r.rank"
             + (" LIMIT ?" if n else ""), (kind_name, int(layer), int(unit), kind) + ((n,) if n else ()))
-        return [tuple(row) for row in rows]
+        return [Reference(*row) for row in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -363,29 +384,107 @@ class Atlas:
 
 # ---- explaining with an atlas ---------------------------------------------------------------------------
 
-def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, tokenizer=None,
-            preset: str = "attnlrp", cache=None) -> dict:
-    """The `top` most positive and most negative units for the prediction on `text`, each with its RelMax
-    references from the atlas and, per reference, CRP's conditional heatmap: the relevance of the
-    reference's tokens for its own prediction that flows through that unit alone (docs/design.md,
-    "Conditional heatmaps"). One explainer, compiled with the atlas's components and their masks (cached),
-    serves the text, every unit and every reference; a unit's references run as one batch."""
+def explain(model, text: str | None, atlas: Atlas, *, image=None, corpus=None, top: int = 3, refs: int = 3,
+            tokenizer=None, preset: str = "attnlrp", cache=None, pictures: bool = False) -> dict:
+    """The `top` most positive and most negative units for the prediction on `text` (a text atlas) or
+    `image` (an image atlas: a picture file, or a .npy / array [C, H, W] preprocessed as the corpus), each
+    with its RelMax references from the atlas and, per reference, CRP's conditional heatmap: the relevance
+    of the reference's tokens (or pixels, summed over channels: [H, W]) for its own prediction that flows
+    through that unit alone (docs/design.md, "Conditional heatmaps"). An image atlas shows its references'
+    pixels from `corpus`, the .npz it was built from (checked by its SHA-256). One explainer, compiled with
+    the atlas's components and their masks (cached), serves the sample, every unit and every reference; a
+    unit's references run as one batch. `pictures=True` adds to each image reference its "picture" (H×W×3
+    uint8: the corpus pixels with the model's normalisation undone), for drawing the heatmap over it."""
     from lrpc import validate
     from lrpc.attributor import Attributor
     top, refs = validate.at_least_one(top, "--top"), validate.at_least_one(refs, "--refs")
     selectors = atlas.meta["components"]
     attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, conditions=selectors,
                             cache=cache)
-    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([text]).items()}
+    images = _corpus_images(atlas, corpus, attributor) if "images" in atlas.meta else None
+    sample = _explained_image(atlas, attributor, image) if images else _explained_text(atlas, text, image)
+    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([sample]).items()}
     flat = sorted(((float(r[u]), name, u) for name, r in relevance.items() for u in range(len(r))),
                   key=lambda x: (-x[0], x[1], x[2]))
     chosen = [x for x in flat[:top] if x[0] > 0] + [x for x in reversed(flat[-top:]) if x[0] < 0]
+    found = {(name, unit): atlas.references(name, unit, "rel", refs) for _, name, unit in chosen}
+    pixels = images.pick(r.sample for rs in found.values() for r in rs) if images else {}
     units = []
     for value, name, unit in chosen:
-        found = atlas.references(name, unit, "rel", refs)
-        heatmaps = attributor.conditional([sample for sample, _, _ in found], name, unit) if found else []
-        references = [{"text": sample, "position": position, "score": score,
-                       "tokens": attributor.tokenizer.encode(sample)[1], "heatmap": [float(r) for r in heat]}
-                      for (sample, position, score), heat in zip(found, heatmaps)]
+        shown = found[name, unit]
+        heatmaps = attributor.conditional([pixels[r.sample] if images else r.text for r in shown], name, unit) \
+            if shown else []
+        references = [{"text": r.text, "sample": r.sample, "position": r.position, "score": r.score,
+                       **(_image_heatmap(heat) if images else _token_heatmap(attributor, r.text, heat)),
+                       **({"picture": _picture(attributor, pixels[r.sample])} if images and pictures else {})}
+                      for r, heat in zip(shown, heatmaps)]
         units.append({"component": name, "unit": unit, "relevance": value, "references": references})
-    return {"model": str(model), "text": text, "units": units}
+    said = {"image": str(image)} if images else {"text": text}
+    return {"model": str(model), **said, "units": units}
+
+
+def _token_heatmap(attributor, text: str, heat: np.ndarray) -> dict:
+    return {"tokens": attributor.tokenizer.encode(text)[1], "heatmap": [float(r) for r in heat]}
+
+
+def _image_heatmap(heat: np.ndarray) -> dict:
+    """The per-pixel map [H, W]: relevance summed over the channels (as `lrpc explain --image` shows it)."""
+    return {"heatmap": np.asarray(heat, np.float64).sum(axis=0).tolist()}
+
+
+def _picture(attributor, pixels: dict) -> np.ndarray:
+    """The H×W×3 uint8 picture of preprocessed pixels [1, C, H, W]: (x · std + mean) · 255."""
+    x = next(iter(pixels.values()))[0].transpose(1, 2, 0)
+    rgb = x * np.asarray(attributor.image_std, np.float32) + np.asarray(attributor.image_mean, np.float32)
+    return (rgb * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _explained_text(atlas: Atlas, text, image) -> str:
+    if image is not None or text is None:
+        raise LrpcError(f"{atlas.path} was built from a text corpus: explain a text (--text), not an image")
+    return text
+
+
+def _corpus_images(atlas: Atlas, corpus, attributor) -> NpzImages:
+    """The atlas's own .npz corpus, whose rows its references index; any other file is refused."""
+    name = atlas.meta["corpus"]
+    if corpus is None:
+        raise LrpcError(f"{atlas.path} was built from the image corpus {name}: pass it with --corpus to show the "
+                        "references' pixels")
+    corpus = Path(corpus)
+    if not corpus.is_file():
+        raise LrpcError(f"corpus {corpus} does not exist; pass {name}, the corpus {atlas.path} was built from")
+    if file_digest(corpus) != atlas.meta["corpus_sha256"]:
+        raise LrpcError(f"corpus {corpus} is not the {name} that {atlas.path} was built from (its SHA-256 differs): "
+                        "pass that file, or build an atlas from this one")
+    images = NpzImages(corpus)
+    images.check(attributor)
+    return images
+
+
+def _explained_image(atlas: Atlas, attributor, image):
+    """What `unit_scores` takes for the explained image: a picture file's path (resized and normalised by
+    the Attributor), or {input: [1, C, H, W]} from a preprocessed .npy / array of exactly the model's size."""
+    from lrpc.inputs import IMAGE_SUFFIXES
+    if image is None:
+        raise LrpcError(f"{atlas.path} was built from images: explain an image (--image), not a text")
+    if not isinstance(image, np.ndarray):
+        path = Path(image)
+        if not path.is_file():
+            raise LrpcError(f"image {path} does not exist")
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return str(path)
+        if path.suffix.lower() != ".npy":
+            raise LrpcError(f"image {path} is neither a picture ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a .npy "
+                            "array [C, H, W] preprocessed as the corpus")
+        try:
+            image = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise LrpcError(f"image {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+    name = attributor.main_input
+    want = list(attributor.explainer.inputs[name].shape[1:])
+    if list(image.shape[-3:]) != want or image.ndim not in (3, 4) or image.size != np.prod(want) \
+            or image.dtype.kind != "f":
+        raise LrpcError(f"the image is {image.dtype} {list(image.shape)}; the model takes floats "
+                        f"[{', '.join(map(str, want))}] (or [1, …]), preprocessed as the corpus")
+    return {name: np.ascontiguousarray(image, np.float32).reshape([1] + want)}

@@ -57,7 +57,7 @@ def test_top_k_equals_brute_force(setup):
                 best = sorted(range(len(texts)), key=lambda i: (-score[i, unit], i))[:K]
                 want = [(i, int(position[i, unit]), float(score[i, unit]), texts[i]) for i in best]
                 assert rows(reference, kind_name, int(layer), unit, kind) == want, (name, kind, unit)
-                assert book.references(name, unit, kind) == [(t, p, s) for _, p, s, t in want]
+                assert book.references(name, unit, kind) == [(t, p, s, i) for i, p, s, t in want]
     # the RelMax score is the unit's relevance for the sample's own prediction (padding aside)
     alone = attributor.components(texts[5])
     np.testing.assert_allclose(alone["mlp.1"][0], scores[1]["mlp.1"]["rel"][1], rtol=1e-4, atol=1e-6)
@@ -264,3 +264,124 @@ def test_bad_image_corpus_is_one_line_and_writes_nothing(image_setup, setup, cap
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert not out.exists() and not (folder / "bad.atlas.partial.npz").exists()
+
+
+def vit_conditional_oracle(module, pixels: np.ndarray, component: str, unit: int) -> np.ndarray:
+    """gxi's R(x | unit) on the torch ViT: ĝ_c = ∂logit[predicted]/∂c masked to the unit (a head's head_dim
+    columns together), ĝ_x = (∂c/∂x)ᵀ(mask ⊙ ĝ_c), R = Σ_channels x ⊙ ĝ_x → [H, W]."""
+    import torch
+    kind, layer = component.split(".")
+    block = module.hf_model.vit.layers[int(layer)]
+    seen = {}
+    if kind == "mlp":   # the GELU output; a head: the o_proj input [b, seq, heads · head_dim]
+        handle = block.mlp.activation_fn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("c", out))
+    else:
+        handle = block.attention.o_proj.register_forward_pre_hook(lambda _m, a: seen.__setitem__("c", a[0]))
+    x = torch.from_numpy(pixels).requires_grad_(True)
+    try:
+        y = module(x)
+    finally:
+        handle.remove()
+    c = seen["c"]
+    units = 4 if kind == "heads" else c.shape[-1]
+    mask = torch.zeros(units)
+    mask[unit] = 1.0
+    (g_c,) = torch.autograd.grad(y[0, y[0].argmax()], c, retain_graph=True)
+    (g_x,) = torch.autograd.grad(c, x, g_c * mask.repeat_interleave(c.shape[-1] // units))
+    return (x * g_x).sum(1)[0].detach().numpy()
+
+
+@pytest.fixture(scope="module")
+def image_atlas(image_setup):
+    folder, module, model, corpus, images = image_setup
+    cache = folder / "cache"
+    book = atlas.build(model, corpus, folder / "explain.atlas", components="mlp,heads", k=2, batch_size=7,
+                       preset="gxi", cache=cache, progress=False)
+    explained = folder / "explained.npy"
+    np.save(explained, np.random.default_rng(5).standard_normal((3, 32, 32)).astype(np.float32))
+    return folder, module, model, corpus, images, book, explained, cache
+
+
+def test_image_explain_heatmaps_are_crp_conditional_relevance(image_atlas):
+    """An image atlas's references come from its .npz by sample id; each reference's heatmap [H, W] is gxi's
+    R(x | unit) for the image's own prediction from torch autograd, for MLP units and heads alike."""
+    folder, module, model, corpus, images, out, explained, cache = image_atlas
+    book = atlas.Atlas(out, model=model)
+    result = atlas.explain(model, None, book, image=explained, corpus=corpus, top=2, refs=2, preset="gxi",
+                           cache=cache, pictures=True)
+    assert result["image"] == str(explained) and result["units"]
+    attributor = Attributor(str(model), preset="gxi", components="mlp,heads", conditions="mlp,heads", cache=cache)
+    pixels = [{"pixel_values": images[i][None]} for i in (4, 9)]   # a head, whether or not the top units include one
+    heads = {"component": "heads.1", "unit": 2, "references": [
+        {"sample": i, "heatmap": h.sum(0)} for i, h in zip((4, 9), attributor.conditional(pixels, "heads.1", 2))]}
+    checked = 0
+    for u in result["units"] + [heads]:
+        for rank, ref in enumerate(u["references"]):
+            if u is not heads:
+                assert (ref["text"], ref["sample"]) == (book.references(u["component"], u["unit"])[rank].text,
+                                                        book.references(u["component"], u["unit"])[rank].sample)
+                assert ref["text"].startswith(f"image {ref['sample']} ") and ref["picture"].shape == (32, 32, 3)
+            want = vit_conditional_oracle(module, images[ref["sample"]][None], u["component"], u["unit"])
+            got = np.array(ref["heatmap"])
+            assert got.shape == want.shape == (32, 32)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (u["component"], u["unit"])
+            checked += 1
+    assert checked >= 4
+
+
+def test_image_explain_command_terminal_json_html(image_atlas, monkeypatch, capsys):
+    import json
+    folder, _, model, corpus, _, out, explained, cache = image_atlas
+    monkeypatch.setenv("LRPC_CACHE", str(cache))   # the explainers compiled above
+    html = folder / "concepts.html"
+    base = ["concepts", "explain", str(model), "--atlas", str(out), "--image", str(explained), "--corpus", str(corpus),
+            "--preset", "gxi", "--top", "1", "--refs", "2"]
+    assert main(base + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ref = doc["units"][0]["references"][0]
+    assert doc["image"] == str(explained) and "picture" not in ref
+    assert np.array(ref["heatmap"]).shape == (32, 32)
+    assert ref["text"] == f"image {ref['sample']} (label {ref['sample'] % 5})"
+    assert main(base + ["--html", str(html)]) == 0
+    text = capsys.readouterr().out
+    assert doc["units"][0]["component"] in text and "reference 2" in text and "Σ relevance" in text and "peak" in text
+    page = html.read_text()
+    assert page.count("src='data:image/png;base64,") == sum(len(u["references"]) for u in doc["units"])
+    assert "src=\"http" not in page and "<script" not in page and ref["text"] in page
+    from PIL import Image   # a picture file is resized and normalised by the Attributor
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / "cat.png")
+    assert main(base[:5] + ["--image", str(folder / "cat.png")] + base[7:] + ["--json"]) == 0
+    assert np.array(json.loads(capsys.readouterr().out)["units"][0]["references"][0]["heatmap"]).shape == (32, 32)
+
+
+def test_image_explain_bad_input_is_one_line_and_writes_nothing(image_atlas, setup, capsys):
+    folder, _, model, corpus, images, out, explained, cache = image_atlas
+    html = folder / "bad.html"
+    np.save(folder / "small.npy", images[0][:, :16])
+    np.savez(folder / "other.npz", images=images[::-1], labels=np.arange(IMAGES) % 5)
+    base = ["concepts", "explain", str(model), "--atlas", str(out), "--preset", "gxi", "--html", str(html)]
+    cases = {
+        "image of the wrong shape": (["--image", str(folder / "small.npy"), "--corpus", str(corpus)],
+                                     "the image is float32 [3, 16, 32]; the model takes floats [3, 32, 32]"),
+        "no corpus": (["--image", str(explained)], "was built from the image corpus images.npz: pass it with --corpus"),
+        "missing corpus": (["--image", str(explained), "--corpus", str(folder / "gone.npz")],
+                           "gone.npz does not exist; pass images.npz"),
+        "another corpus": (["--image", str(explained), "--corpus", str(folder / "other.npz")],
+                           "is not the images.npz that"),
+        "a text": (["--text", "a cat", "--corpus", str(corpus)], "was built from images: explain an image (--image)"),
+        "missing image": (["--image", str(folder / "gone.png"), "--corpus", str(corpus)], "gone.png does not exist"),
+    }
+    for what, (extra, words) in cases.items():
+        assert main(base + extra) == 2, what
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (what, err)
+        assert not html.exists(), what
+    text_model, text_atlas = setup[1], setup[5]
+    assert main(["concepts", "explain", str(model), "--atlas", str(text_atlas), "--image", str(explained), "--corpus",
+                 str(corpus), "--preset", "gxi", "--html", str(html)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was built from another model" in err and not html.exists()
+    assert main(["concepts", "explain", str(text_model), "--atlas", str(text_atlas), "--image", str(explained),
+                 "--tokenizer", "toy", "--preset", "gxi", "--html", str(html)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "built from a text corpus" in err and not html.exists()
