@@ -16,7 +16,7 @@ from lrpc import models
 from lrpc.errors import LrpcError
 from oracles import relative_error
 
-FAMILIES = ("llama", "gpt2", "qwen3", "bert", "hf-vit")
+FAMILIES = ("llama", "gpt2", "qwen3", "gemma3", "t5", "bert", "hf-vit")
 CASES = [(name, exporter, preset) for name in FAMILIES for exporter in models.get(name).exporters
          for preset in ("attnlrp", "cp-lrp", "gxi")]
 
