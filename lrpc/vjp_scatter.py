@@ -52,7 +52,7 @@ def top_k(n, g):
     grad_values = n.grads[0]
     if grad_values is None:
         return (None, None)
-    index = lambda: b.Expand(n.raw_out(1), b.Shape(grad_values)) if n.lead else n.raw_out(1)  # noqa: E731  (per K slice)
+    index = lambda: b.Expand(n.raw_out(1), b.Shape(grad_values)) if n.lead else n.raw_out(1)  # noqa: E731
     return (lambda: b.ScatterElements(n.grad_zeros(0), index(), grad_values, axis=n.grad_axis(axis),
                                       reduction="add"), None)
 
