@@ -99,16 +99,15 @@ class Context:
         return list(range(self.lead)) + [self.lead + int(p) for p in perm]
 
     def dims(self, i: int) -> list | None:
-        """Input i's ĝ dims: its own (sequence dim 1 where that ĝ is one row), K in front under --targets;
-        None if rank unknown."""
+        """Input i's ĝ dims: its own, K in front under --targets; where that ĝ is one row, the row's dims
+        (lrpc.rows: sequence dim 1, or the K rows stacked there behind a lead of 1). None if rank unknown."""
         v = self.node.inputs[i]
         if v is None or v.shape is None:
             return None
-        dims = list(v.shape)
         axis = self.compact.grads.get(v) if self.compact is not None else None
         if axis is not None:
-            dims[axis] = 1
-        return ([self._walk.k_dim] if self.lead else []) + dims
+            return self._walk.rows.row_dims(list(v.shape), axis)
+        return ([self._walk.k_dim] if self.lead else []) + list(v.shape)
 
     def grad_shape(self, i: int) -> ir.Value:
         """A Reshape target giving input i's ĝ its shape (`dims`): static where it can be, else read at run time."""
@@ -119,7 +118,9 @@ class Context:
         axis = self.compact.grads.get(v) if self.compact is not None else None
         if axis is None:
             return self._grad_shape_of(v)
-        return b.Concat(b.Shape(v, end=axis), b.i64([1]), b.Shape(v, start=axis + 1), axis=0)
+        if not self.lead:
+            return b.Concat(b.Shape(v, end=axis), b.i64([1]), b.Shape(v, start=axis + 1), axis=0)
+        return b.Concat(b.i64([1]), b.Shape(v, end=axis), self.k_shape, b.Shape(v, start=axis + 1), axis=0)
 
     def _grad_shape_of(self, v: ir.Value) -> ir.Value:
         """The run-time shape of a whole ĝ of v."""

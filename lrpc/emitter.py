@@ -150,9 +150,9 @@ class Emitter:
         pending: dict[ir.Value, list[ir.Value]] = {v: [g] for v, g in seeds.items()}
         found: dict[ir.Value, ir.Value] = {}
         rows = self.rows
-        if len(seeds) == 1 and self.k_shape is None:  # row compaction: one row (not K) per seed
+        if len(seeds) == 1:  # row compaction: one row per seed (per target under --targets)
             (y, full), = seeds.items()
-            row = rows.start(y, full)
+            row = rows.start(y, full, None if self.k_shape is None else self.k_dim)
             if row is not None:
                 pending[y] = [row]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,16 +45,24 @@ REPLACE = ("zero", "mask", "pad")
 class Example:
     """One explained input (batch of one): the model inputs, what to explain, which features count.
 
+    `target`: one class, or a list of classes — several targets of one input, explained by one run of the
+    many-targets explainer (docs/design.md, "Many targets: the K axis"), each target with its own curves.
     `features`: for token models the positions that may be removed (default: every position where the
     attention mask is 1); `evidence`: indices into `features` of the true evidence (optional).
     """
 
     inputs: dict[str, np.ndarray]
-    target: int | None = None
+    target: int | list[int] | None = None
     seed: np.ndarray | None = None
     features: np.ndarray | None = None
     evidence: list[int] | None = None
     tokens: list[str] | None = None
+
+    def __post_init__(self):
+        if self.target is not None and np.ndim(self.target) == 1:   # several targets: a list of ints
+            self.target = [int(t) for t in self.target]
+            if not self.target:
+                raise LrpcError("an example has an empty list of targets: give at least one")
 
 
 def _session(path: Path, threads: int | None):
@@ -155,17 +163,19 @@ class Evaluator:
                 names.append(value.name)
         return names
 
-    def explainer(self, preset: str):
-        if preset not in self._explainers:
+    def explainer(self, preset: str, many: bool = False):
+        """The preset's explainer; `many`: its --targets dynamic form (several targets per run)."""
+        key = (preset, many)
+        if key not in self._explainers:
             import lrpc
-            path = self.workdir / f"explainer-{preset}.onnx"
+            path = self.workdir / f"explainer-{preset}{'-k' if many else ''}.onnx"
             lrpc.compile(self.model, preset=preset, seed=self.seed_mode, output=path, force=True,
                          output_name=self.output, attribute=[self.ids or self.float_input],
-                         embeddings_input=self.ids is not None,
+                         embeddings_input=self.ids is not None, targets="dynamic" if many else None,
                          **({} if preset == "gxi" else self.options))
-            self._explainers[preset] = lrpc.Explainer(path, providers=["CPUExecutionProvider"],
-                                                      threads=self.threads)
-        return self._explainers[preset]
+            self._explainers[key] = lrpc.Explainer(path, providers=["CPUExecutionProvider"],
+                                                   threads=self.threads)
+        return self._explainers[key]
 
     # ---- the perturbed quantity ----------------------------------------------------------------
     def base(self, example: Example) -> np.ndarray:
@@ -244,27 +254,35 @@ class Evaluator:
         return relevance.reshape(relevance.shape[0], -1)[:, features]
 
     def _explain(self, preset: str, example: Example, x: np.ndarray) -> np.ndarray:
-        explainer = self.explainer(preset)
-        feed = self._feed(example, x)
+        """Relevance per feature, [rows of x, n]; [rows, K, n] for an example with several targets (one run
+        of the many-targets explainer)."""
         rows = x.shape[0]
+        feed = self._feed(example, x)
         if example.seed is not None:
-            result = explainer.explain(feed, seed=np.repeat(np.asarray(example.seed, np.float32).reshape(1, -1),
-                                                            rows, axis=0))
+            result = self.explainer(preset).explain(
+                feed, seed=np.repeat(np.asarray(example.seed, np.float32).reshape(1, -1), rows, axis=0))
+        elif isinstance(example.target, list):
+            targets = np.array(example.target, np.int64)
+            result = self.explainer(preset, many=True).explain(feed, target=np.tile(targets, (rows, 1)))
+            r = result.relevance[self.ids or self.float_input]
+            return self._per_feature(r.reshape((-1,) + r.shape[2:]), example).reshape(rows, len(targets), -1)
         else:
-            result = explainer.explain(feed, target=np.full(rows, example.target, np.int64))
-        return result.relevance[self.ids or self.float_input]
+            result = self.explainer(preset).explain(feed, target=np.full(rows, example.target, np.int64))
+        return self._per_feature(result.relevance[self.ids or self.float_input], example)
 
     def relevance(self, method: str, example: Example, rng: np.random.Generator | None = None) -> np.ndarray:
-        """One relevance value per feature of the example."""
+        """One relevance value per feature of the example ([K, features] for K targets)."""
         x = self.base(example)
         n = len(self.features(example))
         if method in PRESETS:
-            return self._per_feature(self._explain(method, example, x), example)[0]
+            return self._explain(method, example, x)[0]
         if method == "ig":
             alphas = (np.arange(self.ig_steps, dtype=np.float32) + 0.5) / self.ig_steps
             scaled = alphas.reshape((-1,) + (1,) * (x.ndim - 1)) * np.repeat(x, self.ig_steps, axis=0)
-            r = self._per_feature(self._explain("gxi", example, scaled), example)
-            return (r / alphas[:, None]).mean(axis=0)
+            r = self._explain("gxi", example, scaled)
+            return (r / alphas.reshape((-1,) + (1,) * (r.ndim - 1))).mean(axis=0)
+        if isinstance(example.target, list):   # the target-free baselines, once per target
+            return np.stack([self.relevance(method, replace(example, target=t), rng) for t in example.target])
         if method == "rollout":
             return self._rollout(example, x)
         if method == "random":
@@ -328,8 +346,7 @@ def evaluate(evaluator: Evaluator, examples: list[Example], methods=METHODS, ste
     lerf = {m: [] for m in methods}
     hits = {m: [] for m in methods}
     kept = {m: [] for m in methods}
-    for example in examples:
-        rels = {m: np.asarray(evaluator.relevance(m, example, rng), np.float64) for m in methods}
+    for example, rels in _relevances(evaluator, examples, methods, rng):
         for m, (a, b) in evaluator.curves(example, rels, steps).items():
             morf[m].append(a)
             lerf[m].append(b)
@@ -342,6 +359,20 @@ def evaluate(evaluator: Evaluator, examples: list[Example], methods=METHODS, ste
                       {m: float(np.mean(v)) for m, v in hits.items() if v}, kept if keep_relevance else {})
     results.seconds = time.perf_counter() - start
     return results
+
+
+def _relevances(evaluator: Evaluator, examples: list[Example], methods: list[str], rng):
+    """(one-target example, {method: relevance per feature}) for every target of every example: an
+    example with several targets is explained once per method for all of them, then split."""
+    for example in examples:
+        if isinstance(example.target, list) and example.seed is not None:
+            raise LrpcError("an example has both a seed vector and a list of targets: give one of them")
+        rels = {m: np.asarray(evaluator.relevance(m, example, rng), np.float64) for m in methods}
+        if not isinstance(example.target, list):
+            yield example, rels
+            continue
+        for k, target in enumerate(example.target):
+            yield replace(example, target=target), {m: r[k] for m, r in rels.items()}
 
 
 # ------------------------------------------------------------------------------------------------

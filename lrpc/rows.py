@@ -5,6 +5,14 @@ reshapes and transposes, and the query side of attention: softmax over keys, the
 products) run on that row alone; ĝ is widened (× one-hot row mask) where it meets any other op. Through
 attention the row reaches the keys and values as whole (outer-product) ĝ.
 
+Under --targets (docs/design.md, "Many targets: the K axis") target k's seed is one-hot at its own
+position p_k, so its ĝ is nonzero only in row p_k: the K rows are kept *stacked along the sequence axis*
+— ĝ [1, batch, …, K, …] with the leading K axis of size 1 and row k (target k's) in place of the sequence
+— and the forward rows read are gathered at the K positions, [batch, …, K, …]. Row-local rules never mix
+rows, so each target's row meets only its own forward row, and the forward values keep their rank. A rule
+that would make a whole ĝ from the rows (a @ b with b carrying) would sum the K targets: such ĝ are
+widened first (to [K, batch, …, seq, …]).
+
 Which rules can run on a row is a *row form*, one function below per shape of argument; the op registry
 (lrpc.ops) and the rule table (lrpc.rules) name each op's and each rule's form.
 """
@@ -40,29 +48,40 @@ class Rows:
         self._compact: dict[ir.Value, tuple[int, int]] = {}   # one-row ĝ → (its sequence axis, its rank)
         self._rows: dict[tuple[ir.Value, int], ir.Value] = {}
         self._masks: dict[tuple[int, int], ir.Value] = {}
-        # (batch dim, sequence dim, [batch, 1] row index, [batch, seq] one-hot row, [batch] row index)
+        # (batch dim, sequence dim, [batch, 1] row index, [batch, seq] one-hot row, [batch] row index); under
+        # --targets ([batch, K, 1] row indices, [K, batch, seq] one-hot rows, [batch, K] row indices)
         self._seq = None
+        self.stacked = None   # under --targets: the declared K (the rows' dim along the sequence axis)
 
-    def start(self, y: ir.Value, seed: ir.Value) -> ir.Value | None:
-        """The one-row form of the walk's seed ĝ of y, when it is contract.seed's one-hot-at-position seed."""
-        found = self._compact_seed(seed) if y.shape is not None and y.shape.rank() == 3 else None
+    def start(self, y: ir.Value, seed: ir.Value, k_dim=None) -> ir.Value | None:
+        """The one-row form of the walk's seed ĝ of y, when it is contract.seed's one-hot-at-position seed;
+        with `k_dim` (--targets), its K rows stacked along the sequence axis, [1, batch, K, classes]."""
+        found = self._compact_seed(seed, k_dim is not None) if y.shape is not None and y.shape.rank() == 3 else None
         if found is None:
             return None
         b, (position, row) = self.b, found
         seq = b.Shape(y, start=1, end=2)
         flat = b.Mod(position, seq)
         onehot = b.OneHot(position, seq, b.f32([0.0, 1.0]), axis=-1)
-        self._seq = (y.shape[0], y.shape[1], b.Unsqueeze(flat, b.i64([1])), onehot, flat)
+        if k_dim is None:
+            self._seq = (y.shape[0], y.shape[1], b.Unsqueeze(flat, b.i64([1])), onehot, flat)
+        else:
+            self.stacked = k_dim
+            self._seq = (y.shape[0], y.shape[1], b.Unsqueeze(flat, b.i64([-1])),
+                         b.Transpose(onehot, perm=[1, 0, 2]), flat)
+            row = b.Transpose(row, perm=[2, 1, 0, 3])   # [K, batch, 1, classes] → [1, batch, K, classes]
         self._compact[row] = (1, 3)
         return row
 
-    def _compact_seed(self, seed: ir.Value):
-        """The [batch, 1, classes] row of contract.seed's one-hot-at-position seed, or None."""
+    def _compact_seed(self, seed: ir.Value, targets: bool):
+        """The [(K,) batch, 1, classes] row of contract.seed's one-hot-at-position seed, or None."""
         node = seed.producer()
         if node is None or node.op_type != "Mul" or len(node.inputs) != 2:
             return None
         mask, row = (v.producer() for v in node.inputs)
         onehot = mask.inputs[0].producer() if mask is not None and mask.op_type == "Unsqueeze" else None
+        if targets and onehot is not None and onehot.op_type == "Transpose":   # [batch, K, seq] → [K, batch, seq]
+            onehot = onehot.inputs[0].producer()
         if onehot is None or onehot.op_type != "OneHot" or row is None or row.op_type != "Unsqueeze":
             return None
         position = source = onehot.inputs[0]
@@ -87,9 +106,21 @@ class Rows:
             return grad
         axis, rank_ = self._compact[grad]
         key = (axis, rank_)
-        if key not in self._masks:  # the [batch, seq] one-hot, with seq at `axis` of a rank-`rank_` tensor
-            self._masks[key] = self.b.Unsqueeze(self._seq[3], self.b.i64([a for a in range(1, rank_) if a != axis]))
+        lead = 0 if self.stacked is None else 1
+        if key not in self._masks:  # the [(K,) batch, seq] one-hot, with seq at `axis` of a rank-`rank_` tensor
+            self._masks[key] = self.b.Unsqueeze(self._seq[3], self.b.i64([a + lead for a in range(1, rank_)
+                                                                          if a != axis]))
+        if lead:   # the stacked rows [1, batch, …, K, …] → [K, batch, …, 1, …]: target k's row in its K slice
+            perm = list(range(rank_ + 1))
+            perm[0], perm[axis + 1] = axis + 1, 0
+            grad = self.b.Transpose(grad, perm=perm)
         return self.b.Mul(grad, self._masks[key])
+
+    def row_dims(self, dims: list, axis: int) -> list:
+        """The dims of a one-row ĝ of a tensor with forward dims `dims` (its sequence at `axis`)."""
+        dims = list(dims)
+        dims[axis] = 1 if self.stacked is None else self.stacked
+        return dims if self.stacked is None else [1] + dims
 
     # ---- forward rows ----------------------------------------------------------------------------
     def is_seq(self, value: ir.Value | None, axis: int) -> bool:
@@ -126,21 +157,27 @@ class Rows:
         if key not in self._rows:
             b = self.b
             index, flat = self._seq[2], self._seq[4]
+            r, stacked = value.shape.rank(), self.stacked is not None
             if axis == 1 and same_dim(value.shape[0], self._seq[0]):
-                row = b.Unsqueeze(b.GatherND(value, index, batch_dims=1), b.i64([1]))
+                row = b.GatherND(value, index, batch_dims=1)
+                row = row if stacked else b.Unsqueeze(row, b.i64([1]))
+            elif value.shape[0] == 1 and stacked:  # batch-broadcast data: [1, …, batch, K, …] → [batch, …, K, …]
+                row = b.Squeeze(b.Gather(value, flat, axis=axis), b.i64([0]))
+                if axis > 1:
+                    row = b.Transpose(row, perm=[axis - 1] + list(range(axis - 1)) + list(range(axis, r)))
             elif value.shape[0] == 1:  # batch-broadcast data: the positions of all batch rows, moved to axis 0
-                perm = list(range(value.shape.rank()))
+                perm = list(range(r))
                 perm[0], perm[axis] = axis, 0
                 row = b.Transpose(b.Gather(value, flat, axis=axis), perm=perm)
             else:
-                r = value.shape.rank()
                 spread = b.Concat(b.i64([1]), *([b.Shape(value, start=1, end=axis)] if axis > 1 else []), b.i64([1]),
                                   *([b.Shape(value, start=axis + 1)] if axis + 1 < r else []), axis=0)
-                where = b.Expand(b.Reshape(flat, b.i64([-1] + [1] * (r - 1))), spread)
-                row = b.GatherElements(value, where, axis=axis)
+                at = (b.Unsqueeze(flat, b.i64([a for a in range(1, r) if a != axis])) if stacked
+                      else b.Reshape(flat, b.i64([-1] + [1] * (r - 1))))
+                row = b.GatherElements(value, b.Expand(at, spread), axis=axis)
             row.dtype = value.dtype  # known, so as_f32 adds no Cast to a float32 row
             dims = list(value.shape)
-            dims[0], dims[axis] = self._seq[0], 1
+            dims[0], dims[axis] = self._seq[0], 1 if self.stacked is None else self.stacked
             row.shape = ir.Shape(dims)
             self._rows[key] = row
         return self._rows[key]
@@ -216,6 +253,8 @@ def matmul(m: Match) -> RowPlan | None:
         return None
     m.same_row(a) if m.carries(a) else m.read(a)
     if m.carries(w):
+        if m.rows.stacked is not None:   # a_rowᵀ·ĝ over stacked rows would sum the K targets' ĝ_b
+            return None
         m.plan.grads[w] = None
     return m.plan
 

@@ -52,7 +52,8 @@ def top_k(n, g):
     grad_values = n.grads[0]
     if grad_values is None:
         return (None, None)
-    return (lambda: b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), n.raw_out(1), grad_values, axis=n.grad_axis(axis),
+    index = lambda: b.Expand(n.raw_out(1), b.Shape(grad_values)) if n.lead else n.raw_out(1)  # noqa: E731
+    return (lambda: b.ScatterElements(n.grad_zeros(0), index(), grad_values, axis=n.grad_axis(axis),
                                       reduction="add"), None)
 
 
@@ -80,7 +81,7 @@ def compress(n, g):
             refuse(n, "input rank unknown")
         a = axis % r
         index = b.Expand(b.Reshape(picked, b.i64([1] * a + [-1] + [1] * (r - a - 1))), b.Shape(g))
-        return b.ScatterElements(n.zeros_like(b.Shape(n.raw(0))), index, g, axis=n.grad_axis(a))
+        return b.ScatterElements(n.grad_zeros(0), index, g, axis=n.grad_axis(a))
     return (grad, None)
 
 

@@ -145,3 +145,60 @@ def test_cli_compile_embeddings_input_and_evaluate(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["examples"] == 4 and "Random" in err
     assert main(["evaluate", str(model_path), "--inputs", str(tmp_path / "missing.npz")]) == 2
+
+
+# ---- several targets per input -----------------------------------------------------------------
+
+def test_several_targets_make_one_run_and_equal_the_per_target_loop(zoo_export, tmp_path):
+    """An example with K targets: one run of the many-targets explainer per method (not K), and the same
+    relevances and curves as K one-target examples (themselves checked against autograd elsewhere)."""
+    _, proto = zoo_export("llama")
+    from models.zoo import token_inputs
+    evaluator = ev.Evaluator(proto, workdir=tmp_path, ig_steps=4)
+    inputs = {k: v.numpy() for k, v in token_inputs(2, 7).items()}
+    rows = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(2)]
+    targets = [[3, 7, 11], [0, 5, 2]]
+    methods = ["attnlrp", "gxi", "ig", "random"]
+    runs = []
+    for preset, many in (("attnlrp", False), ("gxi", False), ("attnlrp", True), ("gxi", True)):
+        explainer = evaluator.explainer(preset, many)
+        explainer._run = (lambda run, key: lambda names, feed: runs.append(key) or run(names, feed))(
+            explainer._run, (preset, many))
+    many = ev.evaluate(evaluator, [ev.Example(r, target=t) for r, t in zip(rows, targets)], methods, steps=3,
+                       keep_relevance=True)
+    assert sorted(runs) == sorted([("attnlrp", True), ("gxi", True), ("gxi", True)] * 2)  # gxi, then IG's run
+    runs.clear()
+    loop = ev.evaluate(evaluator, [ev.Example(r, target=t) for r, ts in zip(rows, targets) for t in ts], methods,
+                       steps=3, keep_relevance=True)
+    assert len(runs) == 3 * 6 and many.n == loop.n == 6
+    for m in methods:
+        for got, expected in zip(many.relevances[m], loop.relevances[m], strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(many.morf[m], loop.morf[m], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(many.lerf[m], loop.lerf[m], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_evaluate_several_targets_per_input(tmp_path, capsys):
+    """--top-k and an [examples, K] lrp_target: each target its own curves; the relevance of the additive
+    model (token t adds E[t]·W[:, c] to class c) is known in closed form."""
+    model = additive_model()
+    model_path = tmp_path / "m.onnx"
+    onnx.save(model, model_path)
+    ids = np.random.default_rng(0).integers(0, 30, size=(4, 6))
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    np.savez(tmp_path / "targets.npz", input_ids=ids, lrp_target=np.array([[0, 2], [1, 0], [2, 1], [0, 1]]))
+    for source, extra in (("ids.npz", ["--top-k", "2"]), ("targets.npz", [])):
+        code = main(["evaluate", str(model_path), "--inputs", str(tmp_path / source), "--methods", "attnlrp",
+                     "random", "--json", *extra])
+        out, _ = capsys.readouterr()
+        assert code == 0 and json.loads(out)["examples"] == 8, source
+    assert main(["evaluate", str(model_path), "--inputs", str(tmp_path / "targets.npz"), "--top-k", "2"]) == 2
+    assert "both choose targets" in capsys.readouterr().err
+    table, weights = (numpy_helper.to_array(t) for t in model.graph.initializer[:2])
+    evaluator = ev.Evaluator(model, workdir=tmp_path / "work")
+    results = ev.evaluate(evaluator, [ev.Example({"input_ids": ids[:1]}, target=[2, 0])], ["attnlrp"], steps=2,
+                          keep_relevance=True)
+    expected = table[ids[0]] @ weights[:, [2, 0]]   # [tokens, targets]
+    np.testing.assert_allclose(np.array(results.relevances["attnlrp"]), expected.T, rtol=1e-5)
+    with pytest.raises(lrpc.LrpcError, match="empty list of targets"):
+        ev.Example({"input_ids": ids[:1]}, target=[])

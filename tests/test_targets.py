@@ -17,8 +17,15 @@ from lrpc.errors import LrpcError
 from oracles import relative_error
 
 FAMILIES = ("llama", "gpt2", "qwen3", "bert", "hf-vit")
-CASES = [(name, exporter, preset) for name in FAMILIES for exporter in models.get(name).exporters
-         for preset in ("attnlrp", "cp-lrp", "gxi")]
+# more sequence models, where the K rows are compacted (lrpc/rows.py): the decoder axis of an
+# encoder–decoder, a mixture of experts; under the issue's presets only, to keep the suite quick
+MORE_FAMILIES = ("gemma3", "t5", "qwen3-moe")
+MOE_LEGACY = pytest.mark.xfail(strict=True, reason="known: the legacy-exported MoE's relevance pass under --targets "
+                               "fails at run time (a Reshape of the batched-expert ĝ); the dynamo export works")
+CASES = [pytest.param(name, exporter, preset, id=f"{name}-{exporter}-{preset}",
+                      marks=MOE_LEGACY if (name, exporter) == ("qwen3-moe", "legacy") else ())
+         for families, presets in ((FAMILIES, ("attnlrp", "cp-lrp", "gxi")), (MORE_FAMILIES, ("attnlrp", "cp-lrp")))
+         for name in families for exporter in models.get(name).exporters for preset in presets]
 
 
 def _inputs(entry, seq, seed=5):
@@ -33,7 +40,7 @@ def _single_rows(explainer, inputs, target, position):
     return {name: np.stack([c[name] for c in columns], axis=1) for name in columns[0]}
 
 
-@pytest.mark.parametrize("name,exporter,preset", CASES, ids=["-".join(c) for c in CASES])
+@pytest.mark.parametrize("name,exporter,preset", CASES)
 def test_each_row_equals_the_single_target_explainer(name, exporter, preset, zoo_export):
     entry = models.get(name)
     _, proto = zoo_export(name, exporter)
@@ -169,3 +176,29 @@ def test_k_chunks_equal_one_run_and_split_the_runs(llama_k):
     np.testing.assert_allclose(got.logit, whole.logit, rtol=1e-6)
     with pytest.raises(LrpcError, match="target_chunk 0 must be at least 1"):
         lrpc.Explainer(llama_k, target_chunk=0)
+
+
+@pytest.mark.parametrize("op", ("TopK", "Compress"))
+def test_scattering_vjps_keep_the_k_axis(op):
+    """TopK (MoE routing) and Compress send ĝ back by scattering: under --targets each K slice scatters
+    alone, and every row equals the single-target explainer."""
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])
+    if op == "TopK":
+        nodes = [helper.make_node("TopK", ["x", "k"], ["y", "i"], axis=1)]
+        inits = [helper.make_tensor("k", TensorProto.INT64, [1], [3])]
+    else:
+        nodes = [helper.make_node("Compress", ["x", "keep"], ["y"], axis=1)]
+        inits = [helper.make_tensor("keep", TensorProto.BOOL, [6], [1, 0, 1, 1, 0, 1])]
+    nodes.append(helper.make_node("Mul", ["y", "y"], ["z"]))
+    graph = helper.make_graph(nodes, op, [x], [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", None])],
+                              inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    inputs = {"x": np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)}
+    single = lrpc.Explainer(lrpc.compile(proto, preset="gxi"))
+    many = lrpc.Explainer(lrpc.compile(proto, preset="gxi", targets="dynamic"))
+    target = np.array([[0, 2], [1, 0]])
+    got = many.explain(inputs, target=target).relevance["x"]
+    expected = _single_rows(single, inputs, target, None)["x"]
+    assert np.abs(expected).sum(-1).min() > 0   # every target reaches x
+    assert relative_error(got, expected) <= 1e-6

@@ -7,6 +7,7 @@ HELP = ("faithfulness: MoRF/LeRF perturbation curves, ABPC and AOPC of AttnLRP a
 EXAMPLES = """examples:
   lrpc evaluate minilm-sentence --pairs pairs.tsv --plot curves.png --json metrics.json
   lrpc evaluate model.onnx --inputs examples.npz --methods attnlrp gxi random
+  lrpc evaluate model.onnx --inputs examples.npz --top-k 3     (3 targets per input, one explainer run each)
 """
 
 
@@ -17,7 +18,10 @@ def add_arguments(p) -> None:
     src.add_argument("--pairs", help="TSV of sentence pairs: explain cos(e_A, e_B) over sentence A's tokens "
                      "(sentence encoders; --seed vector is implied)")
     src.add_argument("--inputs", help=".npz with one array per model input (first axis: examples) and optionally "
-                     "lrp_target [examples]; default target: the predicted class")
+                     "lrp_target [examples] or [examples, K] (K targets per input); default target: the predicted "
+                     "class")
+    p.add_argument("--top-k", type=int, help="--inputs: explain each input's K highest-scoring classes, each with "
+                   "its own curves (one run of the many-targets explainer per input and method)")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for --pairs (default: the shipped MiniLM's)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--replace", default="zero", choices=list(REPLACE), help="what a removed token becomes: zero "
@@ -43,7 +47,9 @@ def run(args) -> int:
     from lrpc import safeio
     from lrpc.commands.common import check_counts
     from lrpc.errors import LrpcError, require
-    check_counts(args, "steps", "ig_steps", "patch", "limit")
+    check_counts(args, "steps", "ig_steps", "patch", "limit", "top_k")
+    if args.top_k is not None and args.pairs:
+        raise LrpcError("--top-k needs --inputs (a sentence pair has one explained similarity)")
     if args.plot:
         require("matplotlib", purpose="--plot")
     sources = safeio.input_files(args.model, args.pairs, args.inputs, args.tokenizer)
@@ -63,6 +69,8 @@ def run(args) -> int:
 def _evaluate(args, model, name: str, sources) -> int:
     import json
     from pathlib import Path
+
+    import numpy as np
 
     from lrpc import contract, safeio, validate
     from lrpc.errors import LrpcError
@@ -85,13 +93,21 @@ def _evaluate(args, model, name: str, sources) -> int:
         specs = {i.name: i for i in evaluator.forward_session.get_inputs() if i.name != evaluator.embeds}
         arrays = checked_feed(specs, {n: a for n, a in data.items() if n != contract.TARGET})
         count = len(next(iter(arrays.values())))
-        if contract.TARGET in data:
-            data[contract.TARGET] = validate.indices(contract.TARGET, data[contract.TARGET], count, None)
+        targets = data.get(contract.TARGET)
+        if targets is not None and args.top_k is not None:
+            raise LrpcError(f"--top-k and the {contract.TARGET} of {args.inputs} both choose targets: give one")
+        if targets is not None:
+            targets = (validate.index_matrix(contract.TARGET, targets, count, None, None) if np.ndim(targets) == 2
+                       else validate.indices(contract.TARGET, targets, count, None))
         examples = []
         for i in range(count if args.limit is None else min(count, args.limit)):
-            inputs = {n: a[i:i + 1] for n, a in arrays.items()}
-            ex = Example(inputs)
-            ex.target = int(data[contract.TARGET][i]) if contract.TARGET in data else int(evaluator.predict(ex).argmax())
+            ex = Example({n: a[i:i + 1] for n, a in arrays.items()})
+            if targets is not None:
+                ex.target = targets[i].tolist()
+            elif args.top_k is not None:   # the k highest classes, best first (a stable order for ties)
+                ex.target = np.argsort(-evaluator.predict(ex), kind="stable")[:args.top_k].tolist()
+            else:
+                ex.target = int(evaluator.predict(ex).argmax())
             examples.append(ex)
     import sys
     results = evaluate(evaluator, examples, args.methods, args.steps, name=name)
