@@ -235,7 +235,7 @@ def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats:
     explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
     temporary folder removed at the end."""
     if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        safeio.folder(workdir, "--workdir")
         return _bench(model, Path(workdir), seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
                       force)
     with safeio.scratch_folder("lrpc-bench-") as scratch:
@@ -293,7 +293,7 @@ def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1
     passes, for each K in `targets`; and the K run in forward passes. chunk: the K explainer's
     target_chunk (None: lrpc.Explainer's default)."""
     if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        safeio.folder(workdir, "--workdir")
         return _bench_targets(model, targets, Path(workdir), seq, batch, threads, repeats, chunk, memory, layers,
                               force)
     with safeio.scratch_folder("lrpc-bench-") as scratch:

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lrpc import __version__, contract, planio, safeio, untouched, validate
-from lrpc.analysis import find_attributions
+from lrpc.analysis import find_attributions, vocabulary
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
 from lrpc.emitter import Emitter
@@ -125,6 +125,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
+        **({"vocab": vocab} if (vocab := {a.input.name: n for a in attributions if (n := vocabulary(a))}) else {}),
         "latent": [v.name for v in latents], **({"embeddings_input": exposed} if exposed else {}),
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
         **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
@@ -190,6 +191,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
                         "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
+    validate.components_options(components, components_per_position)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, rule_nodes=rule_nodes)
     sources = safeio.input_files(model)
     if output is not None:  # an output that is the model (or its data) is refused before any work

@@ -139,6 +139,9 @@ class Explainer:
         """The model inputs as a feed: exactly the model's names, each array validated, and a symbolic
         dim shared by several inputs of one size."""
         feed = checked_feed({n: self.inputs[n] for n in self.model_inputs}, inputs)
+        for name, kind in self.meta.get("attributed", {}).items():
+            if kind == "token" and name in feed:
+                validate.token_ids(feed[name], self.meta.get("vocab", {}).get(name), name)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -170,7 +173,8 @@ class Explainer:
                 known = [n[len(SCALE_PREFIX):] for n in self.scales if n.startswith(SCALE_PREFIX)]
                 raise LrpcError(f"no intervention input '{full}': this explainer has "
                                 f"{', '.join(known) if known else 'none (compile it with --intervene mlp,heads)'}")
-            feed[full] = validate.input_array(full, factors, np.float32, self.scales[full].shape)
+            feed[full] = validate.finite(f"intervention factor '{full}'",
+                                         validate.input_array(full, factors, np.float32, self.scales[full].shape))
         return feed
 
     def forward(self, inputs: dict, scales: dict | None = None) -> dict[str, np.ndarray]:
@@ -212,7 +216,9 @@ class Explainer:
         elif target is None:
             forward = self.forward(inputs, scales)
             logits = forward[self.explained]
-            logits = logits[np.arange(batch), position] if rank == 3 else logits
+            if rank == 3:
+                validate.indices("position", position, batch, logits.shape[1], negative=True)
+                logits = logits[np.arange(batch), position]
             target = logits.argmax(axis=-1).astype(np.int64)
         else:
             target = validate.indices("target", target, batch, None)
