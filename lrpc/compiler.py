@@ -79,7 +79,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
                     options: Options = Options(), embeddings_input: bool = False,
                     checkpoint: int | str | None = None, targets: int | str | None = None,
                     components: str | list[str] | None = None, per_position: bool = False,
-                    intervene: str | list[str] | None = None) -> ir.Model:
+                    intervene: str | list[str] | None = None, shared_forward: bool = False) -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
@@ -89,7 +89,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
     explained_components, scales = _components(ir_model, components, intervene)
-    forward = list(graph) if untouched.needed(graph) else None   # (lrpc/untouched.py)
+    forward = list(graph) if not shared_forward and untouched.needed(graph) else None   # (lrpc/untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
     if exposed:
@@ -174,7 +174,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             targets: int | str | None = None, components: str | list[str] | None = None,
             components_per_position: bool = False, intervene: str | list[str] | None = None,
-            **frontend_options) -> onnx.ModelProto:
+            shared_forward: bool = False, **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
@@ -186,6 +186,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     `relevance.<component>.<layer>` outputs (one value per unit, per position with
     `components_per_position=True`); `intervene="mlp,heads"` adds optional `lrp_scale.<component>.<layer>`
     inputs that scale the units in the forward (docs/design.md, "Components and interventions").
+    `shared_forward=True` drops the untouched copy of the forward (one forward less per run; the outputs may
+    then differ from the model's in the last bits where onnxruntime fuses differently, lrpc/untouched.py).
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
@@ -203,7 +205,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
                                seed=seed, latent=latent,
                                options=options,
                                embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
-                               components=components, per_position=components_per_position, intervene=intervene)
+                               components=components, per_position=components_per_position, intervene=intervene,
+                               shared_forward=shared_forward)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

@@ -173,6 +173,18 @@ def test_zoo_forward_is_bit_for_bit_at_every_optimisation_level(zoo_export, tmp_
     _assert_forward_bit_for_bit(path, tmp_path / "explainer.onnx", feeds)
 
 
+def test_shared_forward_drops_the_copy(zoo_export):
+    """compile(shared_forward=True): one forward, its outputs within float rounding of the model's."""
+    proto = zoo_export("bert")[1]
+    feed = {k: v.numpy() for k, v in lrpc.models.get("bert").inputs(2, 6, seed=0).items()}
+    explainer = lrpc.compile(proto, shared_forward=True)
+    assert "untouched_forward" not in lrpc.contract.read_metadata({p.key: p.value for p in explainer.metadata_props})
+    assert not any(n.name.startswith("lrp_forward.") for n in explainer.graph.node)
+    got = ort.InferenceSession(explainer.SerializeToString()).run(["logits"], {**feed, "lrp_target": np.zeros(2, np.int64)})
+    want = ort.InferenceSession(proto.SerializeToString()).run(["logits"], feed)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow   # exports the real MiniLM (~30 s on 2 idle cores) and runs it at 8 sessions per kind
 @pytest.mark.parametrize("kind", ["fp32", "fp16", "dynamic"])
 def test_real_minilm_forward_is_bit_for_bit_at_every_optimisation_level(zoo_export, tmp_path, kind):
