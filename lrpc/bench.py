@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lrpc import safeio
+from lrpc.errors import LrpcError
 
 OCCLUSION_CHUNK = 16  # sequences per occlusion forward
 
@@ -214,6 +215,8 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     entry = module = None
     if Path(model).is_file():
         path = Path(model)
+    elif Path(model).exists() or model not in _zoo_names():
+        raise LrpcError(f"{model} is not an ONNX file or a zoo model (`lrpc zoo` lists them)")
     else:
         entry = models.zoo.llama_bench(layers) if model == "llama-bench" and layers else models.get(model)
         module, _ = entry.build()

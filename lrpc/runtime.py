@@ -93,6 +93,9 @@ class Explainer:
         split into runs of this many, each repeating the forward; None: all at once), which bounds the
         memory of the K-wide relevance pass."""
         self.target_chunk = None if target_chunk is None else validate.at_least_one(target_chunk, "target_chunk")
+        if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():   # (a FIFO would hang the read)
+            raise LrpcError(f"{model} {'is not a regular file' if Path(model).exists() else 'does not exist'}: give "
+                            "the path of an explainer made by `lrpc compile`")
         meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
             if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
         if low_memory is None:
@@ -113,8 +116,6 @@ class Explainer:
         if isinstance(model, onnx.ModelProto):
             source = model.SerializeToString()
         else:
-            if not Path(model).is_file():
-                raise LrpcError(f"{model} does not exist: give the path of an explainer made by `lrpc compile`")
             source = str(model)
         try:
             self.session = ort.InferenceSession(source, options, providers=providers or default_providers())

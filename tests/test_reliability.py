@@ -786,3 +786,23 @@ def test_corpus_counts_are_refused_before_anything_is_written(flag, model_files,
                   "--out", tmp_path / "o.jsonl", flag, "0", "--cache", tmp_path / "c")
     one_line_error(rc, err, flag)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"] + (["c"] if (tmp_path / "c").exists() else [])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_explainer_path_that_is_not_a_file_is_refused_at_once(kind, tmp_path):
+    """Old: lrpc.Explainer(fifo) hung reading the metadata before checking the path."""
+    path = tmp_path / "fifo" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(path)
+    proc = subprocess.run([sys.executable, "-c", f"import lrpc; lrpc.Explainer({str(path)!r})"],
+                          capture_output=True, text=True, timeout=120)
+    assert "LrpcError" in proc.stderr and "is not a regular file" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("name", ["no-such-model.onnx", "fifo"])
+def test_bench_of_something_that_is_neither_a_file_nor_a_zoo_model(name, tmp_path):
+    """Old: KeyError ("unknown zoo model"), shown as "unexpected"."""
+    if name == "fifo":
+        os.mkfifo(tmp_path / name)
+    rc, err = cli("bench", tmp_path / name, "--seq", "4")
+    one_line_error(rc, err, "not an ONNX file or a zoo model")
