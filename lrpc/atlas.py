@@ -17,7 +17,9 @@ import io
 import json
 import sqlite3
 import sys
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,22 +33,32 @@ NO_SAMPLE = np.iinfo(np.int64).max
 
 # ---- the corpus ---------------------------------------------------------------------------------------
 
-def read_corpus(path) -> list[int]:
-    """Check every line of a corpus (`.jsonl`: {"text": …} objects or JSON strings; anything else: one text
-    per non-empty line) before any work, so a bad line fails the build before anything is written. Returns
-    the line numbers of the samples; `corpus_texts` streams them."""
-    path = Path(path)
-    if not path.is_file():
-        raise LrpcError(f"corpus {path} does not exist")
-    numbers = [number for number, _ in _lines(path)]
-    if not numbers:
-        raise LrpcError(f"corpus {path} has no samples")
-    return numbers
+class Corpus:
+    """A corpus for `build`: text (one sample per non-empty line), `.jsonl` ({"text": …} objects or JSON
+    strings), or `.npz` images (`NpzImages`). Every text line is parsed when the corpus is opened, so a bad
+    line fails the build before any work; an .npz is checked against the model's image input by `size`."""
 
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LrpcError(f"corpus {self.path} does not exist")
+        self.images = NpzImages(self.path) if self.path.suffix.lower() == ".npz" else None
+        self._texts = None if self.images else sum(1 for _ in _lines(self.path))
 
-def corpus_texts(path):
-    for _, text in _lines(Path(path)):
-        yield text
+    def size(self, attributor) -> int:
+        n = self.images.check(attributor) if self.images else self._texts
+        if not n:
+            raise LrpcError(f"corpus {self.path} has no samples")
+        return n
+
+    def samples(self):
+        """(what the model takes, what the atlas stores) per sample, streamed: a text twice, or one image's
+        {input: [1, C, H, W]} with "image <index>" (and its label)."""
+        if self.images:
+            yield from self.images.samples()
+        else:
+            for _, text in _lines(self.path):
+                yield text, text
 
 
 def _lines(path: Path):
@@ -70,6 +82,97 @@ def _json_text(path, number, line) -> str:
     if not isinstance(text, str) or not text.strip():
         raise LrpcError(f"{path}:{number}: expected {{\"text\": \"…\"}} with a non-empty text")
     return text
+
+
+class NpzImages:
+    """An image corpus: `images` (or an array named like the model's image input) [N, C, H, W] floats,
+    already scaled and normalised as the model takes them, and optional integer `labels` [N], stored with
+    each reference's description. Rows are read from the archive one at a time (np.load would read the
+    whole array), so memory does not grow with N. A reference's sample id is the image's index."""
+
+    IMAGES, LABELS = "images", "labels"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.headers = {}
+        try:
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".npy"):
+                        with archive.open(member) as fh:
+                            self.headers[member[:-4]] = _npy_header(fh)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise LrpcError(f"corpus {path} is not a readable .npz archive ({exc}); write it with numpy.savez") from None
+        self.key = self.input = None
+
+    def check(self, attributor) -> int:
+        """The number of images, after checking the array against the model's image input."""
+        name = attributor.main_input
+        spec = list(attributor.explainer.inputs[name].shape)
+        if len(spec) != 4:
+            raise LrpcError(f"an .npz image corpus needs a model with an image input [batch, C, H, W]; input "
+                            f"'{name}' is shaped {spec}: give a text corpus")
+        self.key = next((k for k in (name, self.IMAGES) if k in self.headers), None)
+        if self.key is None:
+            raise LrpcError(f"corpus {self.path} has no array '{self.IMAGES}' or '{name}' (it has "
+                            f"{', '.join(self.headers) or 'none'}): save the images [N, C, H, W] under one of them")
+        self.input = name
+        shape, fortran, dtype = self.headers[self.key]
+        where = f"corpus {self.path}: '{self.key}'"
+        if dtype.kind != "f":
+            raise LrpcError(f"{where} holds {dtype}, not floats: save the pixel values as float32, scaled and "
+                            "normalised as the model takes them")
+        if len(shape) != 4 or any(isinstance(d, int) and d != n for d, n in zip(spec[1:], shape[1:])):
+            wanted = ", ".join(str(d) if isinstance(d, int) else "?" for d in spec[1:])
+            raise LrpcError(f"{where} is shaped {list(shape)}; the model takes images [N, {wanted}]")
+        if fortran:
+            raise LrpcError(f"{where} is stored in Fortran order: save numpy.ascontiguousarray(images)")
+        if self.LABELS in self.headers:
+            labels_shape, _, labels_dtype = self.headers[self.LABELS]
+            if labels_dtype.kind not in "iu" or labels_shape != shape[:1]:
+                raise LrpcError(f"corpus {self.path}: '{self.LABELS}' is {labels_dtype} {list(labels_shape)}; "
+                                f"give one integer per image ([{shape[0]}])")
+        return shape[0]
+
+    def samples(self):
+        labels = None
+        if self.LABELS in self.headers:
+            with np.load(self.path) as archive:
+                labels = archive[self.LABELS]
+        for index, pixels in self._rows():
+            yield {self.input: pixels}, f"image {index}" + ("" if labels is None else f" (label {labels[index]})")
+
+    def pick(self, indices) -> dict[int, dict[str, np.ndarray]]:
+        """{index: {input: [1, C, H, W]}} of the images at `indices` (after `check`), read row by row."""
+        wanted = set(indices)
+        return {index: {self.input: pixels} for index, pixels in self._rows(max(wanted, default=-1) + 1)
+                if index in wanted}
+
+    def _rows(self, stop: int | None = None):
+        """(index, pixels [1, C, H, W]) of the first `stop` images (all by default), one row at a time."""
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(self.key + ".npy") as fh:
+                shape, _, dtype = _npy_header(fh)
+                size = int(np.prod(shape[1:])) * dtype.itemsize
+                for index in range(shape[0] if stop is None else min(stop, shape[0])):
+                    row = fh.read(size)
+                    if len(row) != size:
+                        raise ValueError(f"it ends inside image {index}")
+                    yield index, np.frombuffer(row, dtype).reshape((1,) + tuple(shape[1:]))
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise LrpcError(f"corpus {self.path} cannot be read ({exc}); write it again with numpy.savez") from None
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) of an .npy stream, leaving it at the first byte of the data."""
+    version = np.lib.format.read_magic(fh)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f".npy format version {version} is not supported")
+    shape, fortran, dtype = read(fh)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    return shape, fortran, dtype
 
 
 def file_digest(path) -> str:
@@ -130,32 +233,36 @@ def build(model, corpus, out, *, components: str = "mlp", k: int = 8, batch_size
     out, corpus = Path(out), Path(corpus)
     inputs = safeio.input_files(model, corpus)
     safeio.check_output(out, force=force, inputs=inputs)
-    numbers = read_corpus(corpus)
+    source = Corpus(corpus)
     attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, cache=cache)
+    total = source.size(attributor)
     units = {name: _units(attributor, name) for name in attributor.activations}
     config = {"format": FORMAT, "model": str(model), "model_digest": model_hash(model)[0], "preset": preset,
               "components": selectors, "k": k, "batch": batch_size, "corpus": corpus.name,
-              "corpus_sha256": file_digest(corpus), "samples": len(numbers),
+              "corpus_sha256": file_digest(corpus), "samples": total,
               "units": units, "tensors": attributor.activations}
+    if source.images:
+        config["images"] = source.images.key   # the sample ids are indices into this array
     partial = out.with_name(out.name + ".partial.npz")
     state, texts, done = TopK(units, k), {}, 0
     if partial.is_file() and not force:
         done, texts = _resume(partial, config, state)
-    batch: list[str] = []
-    for index, text in enumerate(corpus_texts(corpus)):
+    batch, stored = [], []
+    for index, (sample, text) in enumerate(source.samples()):
         if index < done:
             continue
-        batch.append(text)
-        if len(batch) == batch_size or index == len(numbers) - 1:
+        batch.append(sample)
+        stored.append(text)
+        if len(batch) == batch_size or index == total - 1:
             state.add(attributor.unit_scores(batch), index + 1 - len(batch))
-            texts.update(zip(range(index + 1 - len(batch), index + 1), batch))
+            texts.update(zip(range(index + 1 - len(batch), index + 1), stored))
             keep = state.referenced()
             texts = {i: t for i, t in texts.items() if i in keep}
             done = index + 1
             _save_state(partial, config, state, texts, done)
-            batch = []
+            batch, stored = [], []
             if progress:
-                _progress(done, len(numbers))
+                _progress(done, total)
     safeio.publish(out, lambda tmp: _write_sqlite(tmp, config, state, texts), force=force, inputs=inputs)
     partial.unlink(missing_ok=True)
     return out
@@ -222,11 +329,21 @@ def _write_sqlite(path: Path, config: dict, state: TopK, texts: dict) -> None:
 
 # ---- reading ------------------------------------------------------------------------------------------
 
+class Reference(NamedTuple):
+    """One reference of a unit: what the atlas shows of the sample (its text, or "image 12 (label 3)"), the
+    position of the unit's score in it, the score, and the sample's index in the corpus (an image's row)."""
+    text: str
+    position: int
+    score: float
+    sample: int
+
+
 class Atlas:
     """A concept atlas written by `lrpc concepts build` (read-only).
 
     `Atlas(path, model=None)`: with `model`, an atlas built from another model is refused.
-    `references(component, unit, kind="rel", n=None)` → [(sample text, position, score), …], best first."""
+    `references(component, unit, kind="rel", n=None)` → [Reference(text, position, score, sample), …], best
+    first."""
 
     def __init__(self, path, model=None):
         self.path = Path(path)
@@ -253,13 +370,13 @@ class Atlas:
     def components(self) -> dict[str, int]:
         return dict(self.meta["units"])
 
-    def references(self, component: str, unit: int, kind: str = "rel", n: int | None = None) -> list[tuple]:
+    def references(self, component: str, unit: int, kind: str = "rel", n: int | None = None) -> list[Reference]:
         kind_name, layer = component.split(".")
         rows = self.db.execute(
-            "SELECT s.text, r.position, r.score FROM refs r JOIN samples s ON s.id = r.sample "
+            "SELECT s.text, r.position, r.score, r.sample FROM refs r JOIN samples s ON s.id = r.sample "
             "WHERE r.component = ? AND r.layer = ? AND r.unit = ? AND r.kind = ? ORDER BY r.rank"
             + (" LIMIT ?" if n else ""), (kind_name, int(layer), int(unit), kind) + ((n,) if n else ()))
-        return [tuple(row) for row in rows]
+        return [Reference(*row) for row in rows]
 
     def close(self) -> None:
         self.db.close()
@@ -267,43 +384,107 @@ class Atlas:
 
 # ---- explaining with an atlas ---------------------------------------------------------------------------
 
-def explain(model, text: str, atlas: Atlas, *, top: int = 3, refs: int = 3, tokenizer=None,
-            preset: str = "attnlrp", cache=None) -> dict:
-    """The `top` most positive and most negative units for the prediction on `text`, each with its RelMax
-    references from the atlas and, per reference, the conditional heatmap: the relevance of the reference's
-    tokens when only that unit is seeded (its activation at the reference's position explained, CRP-style).
-    Heads have no heatmap (their tensor has a head_dim axis the explainer contract does not seed)."""
+def explain(model, text: str | None, atlas: Atlas, *, image=None, corpus=None, top: int = 3, refs: int = 3,
+            tokenizer=None, preset: str = "attnlrp", cache=None, pictures: bool = False) -> dict:
+    """The `top` most positive and most negative units for the prediction on `text` (a text atlas) or
+    `image` (an image atlas: a picture file, or a .npy / array [C, H, W] preprocessed as the corpus), each
+    with its RelMax references from the atlas and, per reference, CRP's conditional heatmap: the relevance
+    of the reference's tokens (or pixels, summed over channels: [H, W]) for its own prediction that flows
+    through that unit alone (docs/design.md, "Conditional heatmaps"). An image atlas shows its references'
+    pixels from `corpus`, the .npz it was built from (checked by its SHA-256). One explainer, compiled with
+    the atlas's components and their masks (cached), serves the sample, every unit and every reference; a
+    unit's references run as one batch. `pictures=True` adds to each image reference its "picture" (H×W×3
+    uint8: the corpus pixels with the model's normalisation undone), for drawing the heatmap over it."""
     from lrpc import validate
     from lrpc.attributor import Attributor
     top, refs = validate.at_least_one(top, "--top"), validate.at_least_one(refs, "--refs")
-    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=atlas.meta["components"],
+    selectors = atlas.meta["components"]
+    attributor = Attributor(model, tokenizer=tokenizer, preset=preset, components=selectors, conditions=selectors,
                             cache=cache)
-    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([text]).items()}
+    images = _corpus_images(atlas, corpus, attributor) if "images" in atlas.meta else None
+    sample = _explained_image(atlas, attributor, image) if images else _explained_text(atlas, text, image)
+    relevance = {name: s["rel"][0] for name, s in attributor.unit_scores([sample]).items()}
     flat = sorted(((float(r[u]), name, u) for name, r in relevance.items() for u in range(len(r))),
                   key=lambda x: (-x[0], x[1], x[2]))
     chosen = [x for x in flat[:top] if x[0] > 0] + [x for x in reversed(flat[-top:]) if x[0] < 0]
+    found = {(name, unit): atlas.references(name, unit, "rel", refs) for _, name, unit in chosen}
+    pixels = images.pick(r.sample for rs in found.values() for r in rs) if images else {}
     units = []
     for value, name, unit in chosen:
-        references = []
-        for sample, position, score in atlas.references(name, unit, "rel", refs):
-            tokens, heat = _conditional_heatmap(model, attributor, atlas, name, unit, sample, position,
-                                                dict(tokenizer=tokenizer, preset=preset, cache=cache))
-            references.append({"text": sample, "position": position, "score": score, "tokens": tokens,
-                               "heatmap": heat})
+        shown = found[name, unit]
+        heatmaps = attributor.conditional([pixels[r.sample] if images else r.text for r in shown], name, unit) \
+            if shown else []
+        references = [{"text": r.text, "sample": r.sample, "position": r.position, "score": r.score,
+                       **(_image_heatmap(heat) if images else _token_heatmap(attributor, r.text, heat)),
+                       **({"picture": _picture(attributor, pixels[r.sample])} if images and pictures else {})}
+                      for r, heat in zip(shown, heatmaps)]
         units.append({"component": name, "unit": unit, "relevance": value, "references": references})
-    return {"model": str(model), "text": text, "units": units}
+    said = {"image": str(image)} if images else {"text": text}
+    return {"model": str(model), **said, "units": units}
 
 
-def _conditional_heatmap(model, attributor, atlas, name, unit, text, position, options):
-    from lrpc.attributor import Attributor
-    tokens = attributor.tokenizer.encode(text)[1]
-    if name.startswith("heads."):
-        return tokens, None
-    tensor = atlas.meta["tensors"][name]
-    seeded = Attributor(model, components=name.split(".")[0], output_name=tensor, **options)
-    ex = seeded.explainer
-    feed, _ = seeded.pad(seeded._items([text]))
-    seed = np.zeros((1, atlas.meta["units"][name]), np.float32)
-    seed[0, unit] = 1.0
-    result = ex.explain(feed, seed=seed, position=np.array([position], np.int64))
-    return tokens, [float(r) for r in result.relevance[seeded.main_input][0]]
+def _token_heatmap(attributor, text: str, heat: np.ndarray) -> dict:
+    return {"tokens": attributor.tokenizer.encode(text)[1], "heatmap": [float(r) for r in heat]}
+
+
+def _image_heatmap(heat: np.ndarray) -> dict:
+    """The per-pixel map [H, W]: relevance summed over the channels (as `lrpc explain --image` shows it)."""
+    return {"heatmap": np.asarray(heat, np.float64).sum(axis=0).tolist()}
+
+
+def _picture(attributor, pixels: dict) -> np.ndarray:
+    """The H×W×3 uint8 picture of preprocessed pixels [1, C, H, W]: (x · std + mean) · 255."""
+    x = next(iter(pixels.values()))[0].transpose(1, 2, 0)
+    rgb = x * np.asarray(attributor.image_std, np.float32) + np.asarray(attributor.image_mean, np.float32)
+    return (rgb * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _explained_text(atlas: Atlas, text, image) -> str:
+    if image is not None or text is None:
+        raise LrpcError(f"{atlas.path} was built from a text corpus: explain a text (--text), not an image")
+    return text
+
+
+def _corpus_images(atlas: Atlas, corpus, attributor) -> NpzImages:
+    """The atlas's own .npz corpus, whose rows its references index; any other file is refused."""
+    name = atlas.meta["corpus"]
+    if corpus is None:
+        raise LrpcError(f"{atlas.path} was built from the image corpus {name}: pass it with --corpus to show the "
+                        "references' pixels")
+    corpus = Path(corpus)
+    if not corpus.is_file():
+        raise LrpcError(f"corpus {corpus} does not exist; pass {name}, the corpus {atlas.path} was built from")
+    if file_digest(corpus) != atlas.meta["corpus_sha256"]:
+        raise LrpcError(f"corpus {corpus} is not the {name} that {atlas.path} was built from (its SHA-256 differs): "
+                        "pass that file, or build an atlas from this one")
+    images = NpzImages(corpus)
+    images.check(attributor)
+    return images
+
+
+def _explained_image(atlas: Atlas, attributor, image):
+    """What `unit_scores` takes for the explained image: a picture file's path (resized and normalised by
+    the Attributor), or {input: [1, C, H, W]} from a preprocessed .npy / array of exactly the model's size."""
+    from lrpc.inputs import IMAGE_SUFFIXES
+    if image is None:
+        raise LrpcError(f"{atlas.path} was built from images: explain an image (--image), not a text")
+    if not isinstance(image, np.ndarray):
+        path = Path(image)
+        if not path.is_file():
+            raise LrpcError(f"image {path} does not exist")
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return str(path)
+        if path.suffix.lower() != ".npy":
+            raise LrpcError(f"image {path} is neither a picture ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a .npy "
+                            "array [C, H, W] preprocessed as the corpus")
+        try:
+            image = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise LrpcError(f"image {path} is not a readable .npy array ({exc}); save it with numpy.save") from None
+    name = attributor.main_input
+    want = list(attributor.explainer.inputs[name].shape[1:])
+    if list(image.shape[-3:]) != want or image.ndim not in (3, 4) or image.size != np.prod(want) \
+            or image.dtype.kind != "f":
+        raise LrpcError(f"the image is {image.dtype} {list(image.shape)}; the model takes floats "
+                        f"[{', '.join(map(str, want))}] (or [1, …]), preprocessed as the corpus")
+    return {name: np.ascontiguousarray(image, np.float32).reshape([1] + want)}

@@ -70,7 +70,8 @@ class Attributor:
                  latent: str | None = None, task: str | None = None, output_name: str | None = None,
                  cache: str | os.PathLike | None = None, providers: list[str] | None = None,
                  threads: int | None = None, session_config: dict[str, str] | None = None, image_mean=None,
-                 image_std=None, example_inputs=None, pooling: str | None = None, components: str | None = None):
+                 image_std=None, example_inputs=None, pooling: str | None = None, components: str | None = None,
+                 conditions: str | None = None):
         if preset not in PRESETS:
             raise LrpcError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
         self.name = model if isinstance(model, str) else getattr(model, "name", "model")
@@ -107,7 +108,7 @@ class Attributor:
         else:
             path, info = compiled_explainer(model, preset=preset, latent=latent, layers=layers, task=task,
                                             output_name=output_name, pooling=pooling, cache=cache,
-                                            components=components)
+                                            components=components, conditions=conditions)
             self.activations = info.get("activations", {})
             self.layer_labels = dict(info.get("layers") or [])
             self.explainer = Explainer(path, providers, threads, session_config=session_config)
@@ -123,7 +124,8 @@ class Attributor:
         # an encoder's hidden states: no unit of them is a prediction to explain by default
         self.hidden_states = self.explainer.explained in HIDDEN_STATES
         self.attributed = dict(self.meta["attributed"])
-        self.main_input = next(iter(self.attributed))
+        # the input whose tokens a text gives (an encoder–decoder attributes its decoder's ids too, listed first)
+        self.main_input = "input_ids" if "input_ids" in self.attributed else next(iter(self.attributed))
         self.latent_names = list(self.meta.get("latent", []))
         self.config = self._config(model)
         self.tokenizer = self._tokenizer(model, tokenizer)
@@ -140,9 +142,13 @@ class Attributor:
     def _config(model) -> dict:
         config: dict = {}
         if isinstance(model, (str, os.PathLike)):
+            from lrpc import models
+            if not Path(model).exists() and models.known(str(model)):
+                return dict(models.get(str(model)).config)   # a zoo model's token ids (no config.json)
             path = Path(model)
             folder = path if path.is_dir() else path.parent
-            for name in ("config.json", "preprocessor_config.json"):
+            # generation_config.json last: Hugging Face's generate reads the generation ids from it
+            for name in ("config.json", "preprocessor_config.json", "generation_config.json"):
                 if (path.is_dir() or path.is_file()) and (folder / name).is_file():
                     try:
                         config.update(json.loads((folder / name).read_text()))
@@ -206,8 +212,9 @@ class Attributor:
         validate.token_ids(ids, vocab)
         return _Item(self._token_arrays(ids), tokens, title=text, token_ids=ids, offsets=offsets)
 
-    def _token_arrays(self, ids: list[int]) -> dict[str, np.ndarray]:
-        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions."""
+    def _token_arrays(self, ids: list[int], decoder_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The model inputs of one token sequence: the ids, an all-ones mask, zero token types, positions;
+        an encoder–decoder's decoder side gets `decoder_ids` (default: its start token alone)."""
         if self.explainer.inputs.get("input_ids") is None:
             raise LrpcError(f"this model takes {', '.join(self.explainer.model_inputs)}, not input_ids: use --input")
         arrays = {"input_ids": np.array([ids], np.int64)}
@@ -218,10 +225,12 @@ class Attributor:
                 arrays[name] = np.ones((1, len(ids)), np.int64)
             elif name in ("token_type_ids", "position_ids"):
                 arrays[name] = (np.zeros if name == "token_type_ids" else _arange)((1, len(ids)), np.int64)
-            elif name.startswith("decoder_") and self.config.get("decoder_start_token_id") is not None:
-                # the text is the source; the target is the decoder's start token: explain the first output
-                start = self.config["decoder_start_token_id"]
-                arrays[name] = np.array([[start if name == "decoder_input_ids" else 1]], np.int64)
+            elif name.startswith("decoder_"):
+                # the text is the source; the target side, without decoder_ids, is the decoder's start token
+                # alone: the explained position is then the first output
+                decoder = decoder_ids if decoder_ids is not None else [self._decoder_start()]
+                arrays[name] = (np.array([decoder], np.int64) if name == "decoder_input_ids"
+                                else np.ones((1, len(decoder)), np.int64))
             else:
                 raise LrpcError(f"the model also takes '{name}', which text alone does not give: use --input")
         return arrays
@@ -431,35 +440,51 @@ class Attributor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return {name: s["rel"] for name, s in self.unit_scores(texts).items()}
 
-    def unit_scores(self, texts: list[str]) -> dict[str, dict[str, np.ndarray]]:
-        """Per text, component (an Attributor made with `components=`) and unit: the ActMax score (the highest
+    def unit_scores(self, texts: list) -> dict[str, dict[str, np.ndarray]]:
+        """Per sample (a text, or a dict of input arrays such as one image's {"pixel_values": [1, C, H, W]}),
+        component (an Attributor made with `components=`) and unit: the ActMax score (the highest
         activation over the sample's positions; a head's activation is the L2 norm of its output
         at a position) with its position, and the RelMax score (the unit's relevance for the sample's own
         prediction, summed over positions) with the position of its largest share."""
+        lengths, forward, explanation = self._own_prediction(texts)
+        scores = {}
+        for name, tensor in self.activations.items():
+            act = forward[tensor].astype(np.float32)
+            if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
+                act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
+            # [batch, positions]: padding is not real; inputs without a sequence (images) have none
+            real = np.arange(act.shape[1])[None, :] < np.array([n or act.shape[1] for n in lengths])[:, None]
+            act = np.where(real[:, :, None], act, -np.inf)
+            rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
+            scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
+                            "rel_pos": np.abs(rel).argmax(1)}
+        return scores
+
+    def conditional(self, texts: list[str], component: str, unit: int) -> list[np.ndarray]:
+        """CRP's conditional heatmap of each text for one unit (an Attributor made with `conditions=`): the
+        relevance of its tokens for the text's own prediction (the RelMax seed) that flows through that unit
+        of `component` alone (docs/design.md, "Conditional heatmaps"). All texts run as one batch."""
+        lengths, _, explanation = self._own_prediction(texts, {component: unit})
+        relevance = explanation.relevance[self.main_input]
+        return [relevance[i, :n] for i, n in enumerate(lengths)]
+
+    def _own_prediction(self, texts: list, condition: dict | None = None):
+        """(lengths, forward outputs, explanation) of each text's own prediction: the argmax of the
+        explained output (at the last real position for a sequence output), optionally conditioned."""
         ex = self.explainer
         feed, lengths = self.pad(self._items(list(texts)))
         forward = ex.forward(feed)
         y = forward[ex.explained]
-        seq = max(lengths)
-        real = np.arange(seq)[None, :] < np.asarray(lengths)[:, None]            # [batch, positions]
         if y.ndim == 3:
             position = np.asarray(lengths) - 1
             y = y[np.arange(len(y)), position]
         else:
             position = None
         seed = np.eye(y.shape[-1], dtype=np.float32)[y.argmax(-1)]
-        explanation = ex.explain(feed, seed=seed, position=position) if ex.meta["seed"] == "vector" else \
-            ex.explain(feed, target=y.argmax(-1), position=position)
-        scores = {}
-        for name, tensor in self.activations.items():
-            act = forward[tensor].astype(np.float32)
-            if act.ndim == 4:   # heads: [batch, heads, positions, head_dim] → [batch, positions, heads]
-                act = np.linalg.norm(act, axis=-1).transpose(0, 2, 1)
-            act = np.where(real[:, :, None], act, -np.inf)
-            rel = np.where(real[:, :, None], explanation.relevance[name], 0.0)   # [batch, positions, units]
-            scores[name] = {"act": act.max(1), "act_pos": act.argmax(1), "rel": rel.sum(1),
-                            "rel_pos": np.abs(rel).argmax(1)}
-        return scores
+        explanation = ex.explain(feed, seed=seed, position=position, condition=condition) \
+            if ex.meta["seed"] == "vector" else \
+            ex.explain(feed, target=y.argmax(-1), position=position, condition=condition)
+        return lengths, forward, explanation
 
     def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
         ex = self.explainer
@@ -615,29 +640,62 @@ class Attributor:
         if not isinstance(prompt, str):
             raise LrpcError("generation takes one prompt text")
         if self.rank != 3 or self.attributed.get(self.main_input) != "token":
-            raise LrpcError("generation needs a causal language model (token ids in, logits [batch, seq, vocab] "
-                            f"out); '{self.explainer.explained}' is not one")
+            raise LrpcError("generation needs a causal language model or an encoder–decoder one (token ids in, "
+                            f"logits [batch, seq, vocab] out); '{self.explainer.explained}' is not one")
         item = self._text_item(prompt)
-        ids = [int(i) for i in item.inputs["input_ids"][0]]
+        source = [int(i) for i in item.inputs["input_ids"][0]]
+        seq2seq = "decoder_input_ids" in self.explainer.inputs
+        # the ids the answer extends: a causal LM's prompt, an encoder–decoder's decoder start token
+        ids = [self._decoder_start()] if seq2seq else list(source)
+
+        def arrays() -> dict[str, np.ndarray]:
+            return self._token_arrays(source, ids) if seq2seq else self._token_arrays(ids)
         start, stop = len(ids), self._eos_ids() if stop_at_eos else set()
-        for _ in range(n):
-            logits = self.explainer.forward(self._token_arrays(ids))[self.explainer.explained]
-            ids.append(int(np.argmax(logits[0, -1])))   # the first maximum, as torch.argmax (greedy decoding)
+        forced = self._forced_tokens(start, n)
+        for step in range(n):
+            logits = self.explainer.forward(arrays())[self.explainer.explained]
+            # the first maximum, as torch.argmax (greedy decoding), among the tokens the config allows
+            allowed = forced.get(step)
+            ids.append(int(np.argmax(logits[0, -1])) if allowed is None
+                       else allowed[int(np.argmax(logits[0, -1, allowed]))])
             if ids[-1] in stop:
                 break
         generated = ids[start:]
         k, classes = len(generated), logits.shape[-1]
         seed = np.zeros((1, k, classes), np.float32)
         seed[0, np.arange(k), generated] = 1.0
-        # generated token i is the prediction at position start + i − 1
-        out = self._many().explain(self._token_arrays(ids), seed=seed,
-                                   position=np.arange(start - 1, start - 1 + k)[None])
+        # generated token i is the prediction at position start + i − 1 (of the decoder side for seq2seq)
+        out = self._many().explain(arrays(), seed=seed, position=np.arange(start - 1, start - 1 + k)[None])
         token = self.tokenizer.token
-        return Generation(matrix=np.asarray(out.relevance[self.main_input][0], np.float32),
-                          source_tokens=item.tokens + [token(i) for i in generated],
+        # columns: seq2seq: the source, then the decoder's ids; a causal LM: the prompt and the answer
+        names = ["input_ids", "decoder_input_ids"] if seq2seq else [self.main_input]
+        matrix = np.concatenate([out.relevance[name][0] for name in names], axis=-1)
+        columns = (item.tokens if seq2seq else []) + [token(i) for i in ids]
+        return Generation(matrix=np.asarray(matrix, np.float32), source_tokens=columns,
                           generated_tokens=[token(i) for i in generated], generated_ids=generated,
-                          prompt_length=start, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
+                          prompt_length=len(columns) - k, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
                           model=str(self.name))
+
+    def _decoder_start(self) -> int:
+        """An encoder–decoder's decoder start token (config.json's decoder_start_token_id)."""
+        start = self.config.get("decoder_start_token_id")
+        if start is None:
+            raise LrpcError("the model also takes 'decoder_input_ids', and its decoder start token is unknown: "
+                            "give its Hugging Face folder (config.json has decoder_start_token_id), or use --input")
+        return int(start)
+
+    def _forced_tokens(self, prefix: int, n: int) -> dict[int, list[int]]:
+        """{step: the only tokens allowed} as the config forces them in Hugging Face's generate:
+        forced_bos_token_id first after a one-token prefix (an encoder–decoder's start token),
+        forced_eos_token_id (one id or a list) at the last of the n steps."""
+        def ids(value) -> list[int]:
+            return sorted(int(v) for v in (value if isinstance(value, list) else [value]))
+        forced = {}
+        if self.config.get("forced_bos_token_id") is not None and prefix == 1:
+            forced[0] = ids(self.config["forced_bos_token_id"])
+        if self.config.get("forced_eos_token_id") is not None:   # applied after the BOS one, as there
+            forced[n - 1] = ids(self.config["forced_eos_token_id"])
+        return forced
 
     def _eos_ids(self) -> set[int]:
         """The model's end-of-sequence ids: config.json's eos_token_id, else the tokenizer's EOS token."""

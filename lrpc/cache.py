@@ -107,12 +107,13 @@ def onnx_source(model, task: str | None, pooling: str | None = None):
 def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", latent: str | None = None,
                        layers: bool = False, task: str | None = None, output_name: str | None = None,
                        pooling: str | None = None, cache: str | os.PathLike | None = None,
-                       targets: int | str | None = None, components: str | None = None) -> tuple[Path, dict]:
+                       targets: int | str | None = None, components: str | None = None,
+                       conditions: str | None = None) -> tuple[Path, dict]:
     """Path of the explainer of `model` (compiled now or found in the cache) and its sidecar info
     ({"layers": [[tensor, label], ...]}). pooling: explain the encoder's pooled unit embedding.
     targets: as `lrpc compile --targets` (a K explainer). `components`: selectors whose relevance per
     position is output, their tensors also made model outputs (lrpc.components.expose: the units'
-    activations)."""
+    activations). `conditions`: selectors given CRP's mask inputs (`lrpc.compile(conditions=…)`)."""
     from lrpc.compiler import build_explainer, load
     from lrpc.latent import residual_stream
     from lrpc.loading import save_model
@@ -120,7 +121,8 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
     options = json.dumps({"preset": preset, "seed": seed, "latent": latent, "layers": layers, "task": task,
                           "output": output_name, "pooling": pooling, "compiler": compiler_fingerprint(),
                           **({"targets": targets} if targets is not None else {}),
-                          **({"components": components} if components else {})}, sort_keys=True)
+                          **({"components": components} if components else {}),
+                          **({"conditions": conditions} if conditions else {})}, sort_keys=True)
     key = hashlib.sha256((model_key + options).encode()).hexdigest()[:16]
     folder = cache_dir(cache)
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}-{preset}-{key}.onnx"
@@ -146,7 +148,8 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         output_name = output_name or ir_model.graph.outputs[0].name
         info["activations"] = expose(ir_model, components)
     explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name,
-                                targets=targets, components=components, per_position=bool(components))
+                                targets=targets, components=components, per_position=bool(components),
+                                conditions=conditions)
     save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
     info["digest"] = explainer_digest(path)
     safeio.write_text(sidecar, json.dumps(info), force=True)

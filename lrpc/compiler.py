@@ -79,7 +79,8 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
                     options: Options = Options(), embeddings_input: bool = False,
                     checkpoint: int | str | None = None, targets: int | str | None = None,
                     components: str | list[str] | None = None, per_position: bool = False,
-                    intervene: str | list[str] | None = None, shared_forward: bool = False) -> ir.Model:
+                    intervene: str | list[str] | None = None, conditions: str | list[str] | None = None,
+                    shared_forward: bool = False) -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
@@ -88,7 +89,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
-    explained_components, scales = _components(ir_model, components, intervene)
+    explained_components, scales, conditioned = _components(ir_model, components, intervene, conditions)
     forward = list(graph) if not shared_forward and untouched.needed(graph) else None   # (lrpc/untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
@@ -100,6 +101,9 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     latents = _latent_tensors(graph, carrying, latent)
     b = Builder(graph)
     emitter = Emitter(graph, plan, carrying, b)
+    if conditioned:   # CRP's conditional relevance (docs/design.md, "Conditional heatmaps")
+        from lrpc.components import condition
+        condition_inputs = condition(graph, emitter, conditioned)
     wanted = {p for a in attributions for p in a.points} | set(latents) | {c.value for c in explained_components}
     seed_grad = contract.seed(graph, b, y, seed, targets)
     if targets is not None:  # ĝ gains a leading K axis (docs/design.md, "Many targets: the K axis")
@@ -135,22 +139,25 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         **({"components": [c.describe() for c in explained_components], "per_position": per_position}
            if explained_components else {}),
         **({"interventions": scales} if scales else {}),
+        **({"conditions": condition_inputs} if conditioned else {}),
     })
     if forward is not None:   # the outputs from a forward nothing else reads, as onnxruntime runs the model
         untouched.attach(graph, forward, model_outputs)
     return ir_model
 
 
-def _components(ir_model: ir.Model, components, intervene):
-    """The components whose relevance is output, and the names of the scale inputs added for `intervene`."""
+def _components(ir_model: ir.Model, components, intervene, conditions):
+    """The components whose relevance is output, the names of the scale inputs added for `intervene`, and
+    the components `conditions` names (their mask inputs are added with the walk)."""
     from lrpc.components import intervene as add_scales
     from lrpc.components import SELECTORS, parse, resolve
-    explained, scaled = parse(components), parse(intervene)
-    if not explained and not scaled:
-        return [], []
-    resolved = resolve(ir_model, [s for s in SELECTORS if s in explained or s in scaled])
+    explained, scaled, conditioned = parse(components), parse(intervene), parse(conditions)
+    if not explained and not scaled and not conditioned:
+        return [], [], []
+    resolved = resolve(ir_model, [s for s in SELECTORS if s in explained or s in scaled or s in conditioned])
     scales = add_scales(ir_model.graph, [c for c in resolved if c.kind in scaled])
-    return [c for c in resolved if c.kind in explained], scales
+    return ([c for c in resolved if c.kind in explained], scales,
+            [c for c in resolved if c.kind in conditioned])
 
 
 def _latent_tensors(graph: ir.Graph, carrying: set[ir.Value], pattern: str | None) -> list[ir.Value]:
@@ -174,7 +181,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             targets: int | str | None = None, components: str | list[str] | None = None,
             components_per_position: bool = False, intervene: str | list[str] | None = None,
-            shared_forward: bool = False, **frontend_options) -> onnx.ModelProto:
+            conditions: str | list[str] | None = None, shared_forward: bool = False,
+            **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
@@ -186,6 +194,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     `relevance.<component>.<layer>` outputs (one value per unit, per position with
     `components_per_position=True`); `intervene="mlp,heads"` adds optional `lrp_scale.<component>.<layer>`
     inputs that scale the units in the forward (docs/design.md, "Components and interventions").
+    `conditions="mlp,heads"` adds optional `lrp_mask.<component>.<layer>` / `lrp_bypass.…` inputs for CRP's
+    conditional relevance (`Explainer.explain(condition=…)`; docs/design.md, "Conditional heatmaps").
     `shared_forward=True` drops the untouched copy of the forward (one forward less per run; the outputs may
     then differ from the model's in the last bits where onnxruntime fuses differently, lrpc/untouched.py).
     """
@@ -206,7 +216,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
                                options=options,
                                embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
                                components=components, per_position=components_per_position, intervene=intervene,
-                               shared_forward=shared_forward)
+                               conditions=conditions, shared_forward=shared_forward)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

@@ -28,6 +28,8 @@ from lrpc.graph import Builder
 
 SELECTORS = ("mlp", "heads", "residual")
 SCALE_PREFIX = "lrp_scale."
+MASK_PREFIX = "lrp_mask."
+BYPASS_PREFIX = "lrp_bypass."
 
 
 @dataclass
@@ -154,31 +156,61 @@ def intervene(graph: ir.Graph, components: list[Component]) -> list[str]:
     for c in components:
         if c.value.is_graph_output():
             raise LrpcError(f"cannot intervene on '{c.value.name}': it is a model output")
-        name = SCALE_PREFIX + c.name
-        if name in b.taken:
-            raise LrpcError(f"the model already has a tensor named '{name}'; is it already an explainer? "
-                            "compile the original model instead")
-        b.taken.add(name)
-        scale = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([c.units]),
-                         const_value=ir.tensor(np.ones(c.units, np.float32), name=name))
-        graph.register_initializer(scale)
-        graph.inputs.append(scale)   # an input with an initializer: optional, overridable at run time
-        factor = scale
-        trailing = c.value.shape.rank() - 1 - c.unit_axis
-        if trailing:   # [units] → [units, 1, …] so it broadcasts along the unit axis
-            factor = b.Reshape(factor, b.i64([c.units] + [1] * trailing))
+        scale = _optional_input(graph, b, SCALE_PREFIX + c.name, [c.units])
+        factor = _along_units(b, scale, c)
         if c.value.dtype != ir.DataType.FLOAT:
             factor = b.CastLike(factor, c.value)
         scaled = ir.Value(name=b.fresh(f"scaled_{c.kind}_{c.layer}"), shape=c.value.shape,
                           type=c.value.type)
         uses = list(c.value.uses())
-        graph.append(ir.Node("", "Mul", [c.value, factor], outputs=[scaled], name=b.fresh("Mul")))
+        # a forward node: not named lrp_…, which marks the relevance pass's own nodes (lrpc.checkpoint, lrpc.optimise)
+        node_name = f"intervene.{c.name}"
+        if node_name in b.taken:
+            raise LrpcError(f"the model already has a node named '{node_name}'; is it already an explainer? "
+                            "compile the original model instead")
+        b.taken.add(node_name)
+        graph.append(ir.Node("", "Mul", [c.value, factor], outputs=[scaled], name=node_name))
         for node, index in uses:
             node.replace_input_with(index, scaled)
         c.value = scaled
-        names.append(name)
+        names.append(scale.name)
     graph.sort()
     return names
+
+
+def condition(graph: ir.Graph, emitter, components: list[Component]) -> list[str]:
+    """Conditional relevance (CRP; docs/design.md, "Conditional heatmaps"): per component, an optional input
+    `lrp_mask.<component>` (float32 [units], default ones) that multiplies ĝ of its tensor along the units
+    (a head's whole [head_dim] slice together), and `lrp_bypass.<component>` (float32 scalar, default 1)
+    that multiplies the relevance reaching the inputs without passing through the tensor. Both at 1 change
+    nothing bit for bit; a one-hot mask with bypass 0 is CRP's R(x | unit). Call before the walk."""
+    names = []
+    for c in components:
+        mask = _optional_input(graph, emitter.b, MASK_PREFIX + c.name, [c.units])
+        bypass = _optional_input(graph, emitter.b, BYPASS_PREFIX + c.name, [])
+        emitter.condition(c.value, _along_units(emitter.b, mask, c), bypass)
+        names += [mask.name, bypass.name]
+    return names
+
+
+def _optional_input(graph: ir.Graph, b: Builder, name: str, shape: list[int]) -> ir.Value:
+    """A float32 graph input of ones backed by an initializer of the same name: optional and overridable
+    at run time (onnxruntime's overridable initializers)."""
+    if name in b.taken:
+        raise LrpcError(f"the model already has a tensor named '{name}'; is it already an explainer? "
+                        "compile the original model instead")
+    b.taken.add(name)
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape),
+                     const_value=ir.tensor(np.ones(shape, np.float32), name=name))
+    graph.register_initializer(value)
+    graph.inputs.append(value)
+    return value
+
+
+def _along_units(b: Builder, factor: ir.Value, c: Component) -> ir.Value:
+    """[units] → [units, 1, …] so it broadcasts along the component's unit axis (and any leading K axis)."""
+    trailing = c.value.shape.rank() - 1 - c.unit_axis
+    return b.Reshape(factor, b.i64([c.units] + [1] * trailing)) if trailing else factor
 
 
 # ---- relevance outputs --------------------------------------------------------------------------------

@@ -32,11 +32,36 @@ class Emitter:
         # k_dim its declared dim (an int or a name); None / None without one
         self.k_shape: ir.Value | None = None
         self.k_dim = None
+        # conditional relevance (`condition`): tensor → the factor its summed ĝ is multiplied by, and per
+        # condition (nodes computed from the tensor, those nodes' outputs and the tensor, the bypass factor)
+        self.masks: dict[ir.Value, ir.Value] = {}
+        self.gates: list[tuple[set[ir.Node], set[ir.Value], ir.Value]] = []
 
     def with_targets(self, seed: ir.Value, k_dim) -> None:
         """Give every ĝ of this walk a leading K axis, sized like the seed's first axis."""
         self.k_shape = self.b.Shape(seed, end=1)
         self.k_dim = k_dim if isinstance(k_dim, int) else ir.SymbolicDim(k_dim)
+
+    def condition(self, value: ir.Value, mask: ir.Value, bypass: ir.Value) -> None:
+        """Conditional relevance (CRP; docs/design.md, "Conditional heatmaps"): ĝ of `value`, once summed, is
+        multiplied by `mask`, and ĝ that a node computed from `value` sends to a tensor computed without it —
+        relevance that reaches the inputs bypassing `value` (a residual connection, a parallel branch) — by
+        `bypass`. Call before `run`: the walk's own nodes are not yet in the graph."""
+        inside, computed, stack = {value}, set(), [value]
+        while stack:
+            for node, _ in stack.pop().uses():
+                if node not in computed:
+                    computed.add(node)
+                    stack.extend(o for o in node.outputs if o not in inside)
+                    inside.update(node.outputs)
+        self.masks[value] = mask
+        self.gates.append((computed, inside, bypass))
+
+    def _gated(self, node: ir.Node, value: ir.Value, grad: ir.Value) -> ir.Value:
+        for computed, inside, bypass in self.gates:
+            if node in computed and value not in inside:
+                grad = self.b.Mul(grad, bypass)
+        return grad
 
     @property
     def lead(self) -> int:
@@ -138,6 +163,8 @@ class Emitter:
             if len({rows.compact_of(p) for p in parts}) > 1 or rows.compact_of(parts[0]) is None:
                 parts = [rows.widen(p) for p in parts]
             grad = parts[0] if len(parts) == 1 else self.b.Sum(*parts)
+            if value in self.masks:
+                grad = self.b.Mul(grad, self.masks[value])
             rows.mark(grad, rows.compact_of(parts[0]))
             self.totals[value] = grad
             if value in wanted:
@@ -162,6 +189,7 @@ class Emitter:
                 grad = thunk()
                 if not direct and op is not None and op.broadcasts:
                     grad = self.unbroadcast(grad, value, node.outputs[0])
+                grad = self._gated(node, value, grad)
                 if row_plan is not None and row_plan.grads.get(value) is not None:
                     rows.mark(grad, (row_plan.grads[value], value.shape.rank()))
                 pending.setdefault(value, []).append(grad)

@@ -70,6 +70,8 @@ def _gemm_columns(gemm: ir.Node) -> int | None:
 
 
 def _scalar(value: ir.Value | None) -> float | None:
+    if value is not None and value.is_graph_input():   # an overridable initializer is no constant
+        return None
     array = const_array(value)
     if array is None or array.size != 1 or array.dtype != np.float32:
         return None

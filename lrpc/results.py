@@ -137,6 +137,8 @@ class Attribution:
                "input": self.input_name, "index": self.index, "line": self.line, "tokens": self.tokens,
                "token_ids": self.token_ids, "offsets": None if self.offsets is None else [list(o) for o in self.offsets],
                "relevance": np.asarray(self.relevance).tolist()}
+        if len(self.relevances) > 1:   # several attributed inputs (an encoder–decoder's source and target)
+            out["relevances"] = {k: np.asarray(v).tolist() for k, v in self.relevances.items()}
         if self.latent:
             out["layers"] = {k: v.tolist() for k, v in self.latent.items()}
         return out
@@ -207,6 +209,8 @@ class Generation:
     matrix: [generated, prompt + generated] relevance; row i explains generated token i (its logit at the
         position before it) over every token of the sequence; entries right of that position are exactly 0
         (a causal model cannot look ahead). source_tokens: the prompt's tokens, then the generated ones.
+        An encoder–decoder model: [generated, source + decoder start + generated], the prompt being the
+        source and the decoder's start token the first of the answer prefix.
     generated_tokens / generated_ids: the answer. prompt_length: where the answer starts in source_tokens.
     logits: the explained logit of each generated token (each row of the matrix sums to about it).
     """
@@ -284,7 +288,10 @@ def json_text(doc) -> str:
 
 def _relevances(doc: dict) -> dict[str, np.ndarray]:
     """The main input's relevance, and the other attributed inputs' share (token-type ids, …) as one value,
-    so `conservation` read back is the `relevance_sum` that was written."""
+    so `conservation` read back is the `relevance_sum` that was written; every input's own when the
+    document has them ("relevances")."""
+    if isinstance(doc.get("relevances"), dict):
+        return {k: np.asarray(v, np.float32) for k, v in doc["relevances"].items()}
     relevance = np.asarray(doc["relevance"], np.float32)
     out = {doc.get("input") or "input": relevance}
     total = (doc.get("conservation") or {}).get("relevance_sum")

@@ -129,7 +129,8 @@ class Explainer:
         if not providers and self.provider == "CPUExecutionProvider" and cuda_visible():
             warnings.warn(cpu_only_advice(), stacklevel=2)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.scales = {i.name: i for i in self.session.get_overridable_initializers()}  # --intervene's, default 1
+        # --intervene's scales and --conditions' masks: optional inputs, default 1
+        self.scales = {i.name: i for i in self.session.get_overridable_initializers()}
         self.model_inputs = [n for n in self.inputs if not n.startswith("lrp_")]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.model_outputs = [n for n in self.outputs if not n.startswith(contract.RELEVANCE_PREFIX)]
@@ -161,22 +162,36 @@ class Explainer:
             raise LrpcError(f"onnxruntime failed on these inputs (token ids beyond the vocabulary? sizes the "
                             f"model cannot take?): {first}") from None
 
-    def with_scales(self, feed: dict, scales: dict | None) -> dict:
+    def with_scales(self, feed: dict, scales: dict | None, condition: dict | None = None) -> dict:
         """`feed` plus the intervention factors (lrp_scale.<component>.<layer> → one float per unit, or
-        {"mlp.0": …} without the prefix) of an explainer compiled with --intervene; the rest stay 1."""
-        if not scales:
-            return dict(feed)
-        from lrpc.components import SCALE_PREFIX
+        {"mlp.0": …} without the prefix) of an explainer compiled with --intervene; the rest stay 1. With
+        `condition` ({"mlp.3": unit index or [units] mask}, an explainer compiled with --conditions), the
+        relevance is CRP's conditional one: ĝ of each named component multiplied by its mask and the
+        relevance bypassing it dropped (docs/design.md, "Conditional heatmaps")."""
+        from lrpc.components import BYPASS_PREFIX, MASK_PREFIX, SCALE_PREFIX
         feed = dict(feed)
-        for name, factors in scales.items():
-            full = name if name.startswith(SCALE_PREFIX) else SCALE_PREFIX + name
-            if full not in self.scales:
-                known = [n[len(SCALE_PREFIX):] for n in self.scales if n.startswith(SCALE_PREFIX)]
-                raise LrpcError(f"no intervention input '{full}': this explainer has "
-                                f"{', '.join(known) if known else 'none (compile it with --intervene mlp,heads)'}")
+        for name, factors in (scales or {}).items():
+            full = self._optional(SCALE_PREFIX, name, "intervention", "--intervene mlp,heads")
             feed[full] = validate.finite(f"intervention factor '{full}'",
                                          validate.input_array(full, factors, np.float32, self.scales[full].shape))
+        for name, mask in (condition or {}).items():
+            full = self._optional(MASK_PREFIX, name, "conditional relevance", "--conditions mlp,heads")
+            units = self.scales[full].shape[0]
+            if isinstance(mask, (int, np.integer)):
+                unit = validate.indices("condition unit", [mask], 1, units)[0]
+                mask = np.zeros(units, np.float32)
+                mask[unit] = 1.0
+            feed[full] = validate.input_array(full, mask, np.float32, [units])
+            feed[BYPASS_PREFIX + full[len(MASK_PREFIX):]] = np.zeros((), np.float32)
         return feed
+
+    def _optional(self, prefix: str, name: str, what: str, option: str) -> str:
+        full = name if name.startswith(prefix) else prefix + name
+        if full not in self.scales:
+            known = [n[len(prefix):] for n in self.scales if n.startswith(prefix)]
+            raise LrpcError(f"no {what} input '{full}': this explainer has "
+                            f"{', '.join(known) if known else f'none (compile it with {option})'}")
+        return full
 
     def forward(self, inputs: dict, scales: dict | None = None) -> dict[str, np.ndarray]:
         """The model's own outputs. Runs the explainer with a zero seed: one session serves both, so no
@@ -195,12 +210,14 @@ class Explainer:
         return dict(zip(self.model_outputs, self._run(self.model_outputs, self.with_scales(feed, scales))))
 
     # ---- explaining ----------------------------------------------------------------------------
-    def explain(self, inputs: dict, target=None, position=None, seed=None, scales: dict | None = None) -> Explanation:
+    def explain(self, inputs: dict, target=None, position=None, seed=None, scales: dict | None = None,
+                condition: dict | None = None) -> Explanation:
         """Relevance of every attributed input for y[b, (position,) target] (or Σ_c seed[b,c]·y[b,(pos,)c]).
         A K explainer (compiled with --targets) takes target / position [batch, K] (seed [batch, K,
-        classes]) and returns relevance [batch, K, …]. `scales`: intervention factors (`with_scales`)."""
+        classes]) and returns relevance [batch, K, …]. `scales`: intervention factors; `condition`: CRP's
+        conditional relevance (`with_scales`)."""
         if "targets" in self.meta:
-            return self._explain_k(inputs, target, position, seed, scales)
+            return self._explain_k(inputs, target, position, seed, scales, condition)
         feed = self.check_inputs(inputs)
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
         forward = None
@@ -231,7 +248,7 @@ class Explainer:
                 validate.seed_vector(seed, batch, classes)
             else:
                 validate.indices("target", target, batch, classes)
-        feed = self.with_scales(feed, scales)
+        feed = self.with_scales(feed, scales, condition)
         if vector:
             feed[contract.SEED] = seed
         else:
@@ -241,7 +258,7 @@ class Explainer:
         return self._explanation(feed, None if vector else target, position if rank == 3 else None,
                                  seed if vector else None)
 
-    def _explain_k(self, inputs: dict, target, position, seed, scales=None) -> Explanation:
+    def _explain_k(self, inputs: dict, target, position, seed, scales=None, condition=None) -> Explanation:
         """explain() of a K explainer: every index input is [batch, K] (docs/design.md, "Many targets: the K axis")."""
         feed = dict(self.check_inputs(inputs))
         rank, vector = self.meta["rank"], self.meta["seed"] == "vector"
@@ -276,7 +293,7 @@ class Explainer:
             feed[contract.POSITION] = position
         elif position is not None:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
-        feed = self.with_scales(feed, scales)
+        feed = self.with_scales(feed, scales, condition)
         target, position, seed = None if vector else target, position if rank == 3 else None, seed if vector else None
         if k is not None or self.target_chunk is None or width <= self.target_chunk:
             return self._explanation(feed, target, position, seed)

@@ -208,12 +208,26 @@ def _traceable_experts(module):
 
     The default (``grouped_mm``) calls the opaque custom op ``transformers::grouped_mm_fallback`` and
     ``eager`` loops over the experts that data-dependently received tokens; ``batched_mm`` gathers each
-    (token, expert) pair's weights and runs one batched matmul, which traces with dynamic shapes."""
-    switched = []
+    (token, expert) pair's weights and runs one batched matmul, which traces with dynamic shapes.
+    A mixture-of-experts block (transformers' convention: an ``experts`` child) outside every switchable
+    model runs such a loop: torch.export fails on it and TorchScript bakes the example's routing into the
+    graph (other inputs then fail in onnxruntime, or send tokens to the wrong experts), so it is refused."""
+    import torch
+    switchable = []
     for sub in module.modules():
         can = getattr(type(sub), "_can_set_experts_implementation", None)
-        if can is None or not hasattr(sub, "set_experts_implementation") or not can():
-            continue
+        if can is not None and hasattr(sub, "set_experts_implementation") and can():
+            switchable.append(sub)
+    covered = {id(m) for sub in switchable for m in sub.modules()}
+    loose = next((sub for sub in module.modules() if isinstance(getattr(sub, "experts", None), torch.nn.Module)
+                  and id(sub) not in covered), None)
+    if loose is not None:
+        label = _module_label(module)
+        raise ExportError(f"{label}: {type(loose).__name__} runs its experts in a data-dependent loop and transformers "
+                          f"offers no '{TRACEABLE_EXPERTS}' experts implementation for it, so no exporter can trace it "
+                          "faithfully (this mixture-of-experts family is not supported)", module=label)
+    switched = []
+    for sub in switchable:
         before = sub.get_experts_implementation()
         if any(v != TRACEABLE_EXPERTS for v in before.values()):
             sub.set_experts_implementation(TRACEABLE_EXPERTS)

@@ -70,6 +70,8 @@ class ZooEntry:
     output_name: str = "logits"
     hf_class: Optional[str] = None
     notes: str = ""
+    # what lrpc reads from a Hugging Face config.json, for the zoo name (which has none): token ids
+    config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def seed(self) -> int:
@@ -119,6 +121,18 @@ def _save_hf(module: nn.Module, path: Path) -> Path:
     return path
 
 
+def _save_hf_with_tokenizer(module: nn.Module, path: Path) -> Path:
+    """save_pretrained plus the toy word tokenizer as a Hugging Face fast tokenizer (its [PAD]/[BOS]/[EOS]
+    ids are the config's), so the folder takes `--text` offline as a trained model's folder does."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lrpc.inputs import Tokenizer
+    _save_hf(module, path)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.toy().backend, pad_token="[PAD]", bos_token="[BOS]",
+                            eos_token="[EOS]", unk_token="[UNK]").save_pretrained(str(path))
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # tiny HF builders
 # --------------------------------------------------------------------------------------------
@@ -157,6 +171,22 @@ def _seq2seq(model_cls, config_cls, **cfg):
         from lrpc import hf  # torch only when a model is built
         return hf.HFSeq2SeqModel(_hf(model_cls, config_cls, vocab_size=VOCAB, use_cache=False, **cfg))
     return build
+
+
+def _token_config(**cfg) -> dict:
+    """The token ids of a config (decoder start, EOS, forced EOS, …) and the vocabulary: what the attributor
+    reads for a zoo name (`lrpc explain t5 --text … --generate N`); the tokenizer is the toy one, whose
+    [PAD]=0, [BOS]=1, [EOS]=2 match the ids of every zoo config."""
+    return {"vocab_size": VOCAB, **{k: v for k, v in cfg.items() if k.endswith("token_id")}}
+
+
+_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
+           dropout_rate=0.0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+# BartConfig's default forced_eos_token_id=2 is spelled out: Hugging Face's generate forces EOS as the last token
+_BART = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+             activation_dropout=0.0, init_std=0.1, **_COMMON_TOKENS, decoder_start_token_id=2, forced_eos_token_id=2)
 
 
 def _build_gpt2():
@@ -333,21 +363,17 @@ _ENTRIES = [
              _decoder("MixtralForCausalLM", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2,
                       sliding_window=None), _tok,
              hf_dir_maker=_save_hf, hf_class="MixtralForCausalLM", notes="4 experts, top-2"),
-    ZooEntry("t5", "t5", _S2S,
-             _seq2seq("T5ForConditionalGeneration", "T5Config", d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                      num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                      relative_attention_max_distance=16, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0),
-             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
-             hf_class="T5ForConditionalGeneration",
+    ZooEntry("olmoe", "olmoe", _DEC,
+             _decoder("OlmoeForCausalLM", "OlmoeConfig", num_experts=4, num_experts_per_tok=2, intermediate_size=16),
+             _tok, hf_dir_maker=_save_hf, hf_class="OlmoeForCausalLM",
+             notes="4 experts, top-2, routing weights not renormalised, q/k RMSNorm over all heads"),
+    ZooEntry("t5", "t5", _S2S, _seq2seq("T5ForConditionalGeneration", "T5Config", **_T5),
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf_with_tokenizer,
+             hf_class="T5ForConditionalGeneration", config=_token_config(**_T5),
              notes="Flan-T5 style: gated-GELU MLP, relative position bias, one embedding shared by both sides"),
-    ZooEntry("bart", "bart", _S2S,
-             _seq2seq("BartForConditionalGeneration", "BartConfig", d_model=32, encoder_layers=2, decoder_layers=2,
-                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                      max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                      init_std=0.1, **_COMMON_TOKENS, decoder_start_token_id=2),
-             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf,
-             hf_class="BartForConditionalGeneration",
+    ZooEntry("bart", "bart", _S2S, _seq2seq("BartForConditionalGeneration", "BartConfig", **_BART),
+             _s2s, attributed=("input_ids", "decoder_input_ids"), hf_dir_maker=_save_hf_with_tokenizer,
+             hf_class="BartForConditionalGeneration", config=_token_config(**_BART),
              notes="post-norm encoder–decoder, learned positions, one embedding shared by both sides"),
     ZooEntry("hf-vit", "vit", "image-classification", _build_hf_vit, _img, attributed=("pixel_values",),
              hf_dir_maker=_save_hf, hf_class="ViTForImageClassification"),

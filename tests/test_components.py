@@ -169,6 +169,21 @@ def zeroing_hooks(tapped: dict[str, tuple], zeroed: dict[str, int]):
     return handles
 
 
+def ablation(name, module, inputs, zeroed: dict[str, int]) -> tuple[dict, np.ndarray]:
+    """(scale inputs that zero each unit of `zeroed`, the torch model's output with those units zeroed)."""
+    scales = {}
+    for key, unit in zeroed.items():
+        scales[key] = np.ones(64 if key.startswith("mlp") else 4, np.float32)
+        scales[key][unit] = 0.0
+    handles = zeroing_hooks(taps(name, module), zeroed)
+    try:
+        with torch.no_grad():
+            return scales, module(**inputs).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_scales_of_one_are_bitwise_and_zero_matches_torch(zoo_export, name):
     module, proto, inputs, feed, target, position = zoo_case(zoo_export, name)
@@ -180,19 +195,8 @@ def test_scales_of_one_are_bitwise_and_zero_matches_torch(zoo_export, name):
     for key in plain.outputs:
         assert np.array_equal(plain.outputs[key], ones.outputs[key]), key
 
-    zeroed = {"mlp.0": 7, "heads.1": 2}
-    scales = {}
-    for key, unit in zeroed.items():
-        scales[key] = np.ones(64 if key.startswith("mlp") else 4, np.float32)
-        scales[key][unit] = 0.0
+    scales, want = ablation(name, module, inputs, {"mlp.0": 7, "heads.1": 2})
     got = explainer.explain(feed, target=target, position=position, scales=scales)
-    handles = zeroing_hooks(taps(name, module), zeroed)
-    try:
-        with torch.no_grad():
-            want = module(**inputs).numpy()
-    finally:
-        for h in handles:
-            h.remove()
     assert relative_error(got.outputs["logits"], want) <= TOL
     assert relative_error(got.outputs["logits"], plain.outputs["logits"]) > 1e-4   # the ablation changed something
     # the relevance pass sees the scaled model: the switched-off units get exactly none
@@ -219,3 +223,31 @@ def test_unknown_scale_name_is_one_line(zoo_export):
     explainer = lrpc.Explainer(lrpc.compile(proto, intervene="heads"))
     with pytest.raises(LrpcError, match="no intervention input 'lrp_scale.mlp.0'"):
         explainer.explain(feed, target=target, position=position, scales={"mlp.0": np.ones(64, np.float32)})
+
+
+@pytest.mark.parametrize("option", [{"targets": 2}, {"checkpoint": 1}], ids=["targets", "checkpoint"])
+def test_interventions_with_targets_and_checkpoint(zoo_export, option):
+    """--intervene composes with --targets (the K axis) and --checkpoint (rematerialised forward segments):
+    all factors 1 are bitwise the explainer without --intervene; factors 0 give the torch model with those
+    units zeroed, and the relevance equals the plain intervened explainer's with the same factors."""
+    module, proto, inputs, feed, target, position = zoo_case(zoo_export, "gpt2")
+    plain = lrpc.Explainer(lrpc.compile(proto, components="mlp,heads", **option))
+    explainer = lrpc.Explainer(lrpc.compile(proto, components="mlp,heads", intervene="mlp,heads", **option))
+    k = "targets" in option
+    args = dict(target=[[t, 1] for t in target], position=[[p, 0] for p in position]) if k else \
+        dict(target=target, position=position)
+    want, ones = plain.explain(feed, **args), explainer.explain(feed, **args)
+    for key in want.relevance:
+        assert np.array_equal(want.relevance[key], ones.relevance[key]), key
+    for key in want.outputs:
+        assert np.array_equal(want.outputs[key], ones.outputs[key]), key
+
+    scales, torch_logits = ablation("gpt2", module, inputs, {"mlp.1": 3, "heads.0": 1})
+    got = explainer.explain(feed, **args, scales=scales)
+    assert relative_error(got.outputs["logits"], torch_logits) <= TOL
+    assert relative_error(got.outputs["logits"], want.outputs["logits"]) > 1e-4
+    single = lrpc.Explainer(lrpc.compile(proto, components="mlp,heads", intervene="mlp,heads")).explain(
+        feed, target=target, position=position, scales=scales)
+    for key in single.relevance:
+        mine = got.relevance[key][:, 0] if k else got.relevance[key]
+        assert relative_error(mine, single.relevance[key]) <= TOL, key

@@ -31,6 +31,7 @@ EXPECTED = {
     # gate ⊙ up per layer; renormalised routing weights are a softmax over the chosen experts, not a norm
     "qwen3-moe": {"norm": 2 * L + 1 + 2 * L, "activation": L, "softmax": 2 * L, "bilinear": 4 * L},
     "mixtral": {"norm": 2 * L + 1, "activation": L, "softmax": 2 * L, "bilinear": 4 * L},
+    "olmoe": {"norm": 2 * L + 1 + 2 * L, "activation": L, "softmax": 2 * L, "bilinear": 4 * L},  # + q/k norms
     # + the shared expert (SiLU, gate ⊙ up) and its sigmoid gate (an activation, a product)
     "qwen2-moe": {"norm": 2 * L + 1, "activation": 3 * L, "softmax": 2 * L, "bilinear": 6 * L},
     # encoder–decoder, L layers each side: encoder self-attention; decoder self- and cross-attention

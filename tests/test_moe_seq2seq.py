@@ -86,7 +86,7 @@ def test_export_restores_the_experts_implementation():
     assert "TopK" in {n.op_type for n in proto.graph.node}
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "qwen2-moe", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "qwen2-moe", "mixtral", "olmoe"])
 @pytest.mark.parametrize("exporter,opset", [("dynamo", None), ("legacy", 17)])
 def test_plan_names_the_routing(name, exporter, opset, zoo_export):
     """Each MoE layer's routed product is one uniform (bilinear) row that says how many experts it routes."""
@@ -95,33 +95,6 @@ def test_plan_names_the_routing(name, exporter, opset, zoo_export):
     routed = [r for r in rows if r["notes"].get("routing")]
     assert [r["notes"]["routing"] for r in routed] == ["top-2 of 4 experts"] * 2  # two layers
     assert {r["rule"] for r in routed} == {"uniform"}
-
-
-def _tiny_olmoe():
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                                      num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.1,
-                                      use_cache=False, tie_word_embeddings=False, pad_token_id=0)
-    model = transformers.OlmoeForCausalLM._from_config(config, attn_implementation="eager").eval()
-    from lrpc import hf
-    return hf.HFTokenModel(model, call_kwargs={"use_cache": False})
-
-
-def test_olmoe_gxi_equals_autograd(tmp_path):
-    """OLMoE (not in the zoo: a fourth routing layout is cheap to check once, through the legacy exporter)."""
-    from lrpc import hf
-    from lrpc.torch_export import export_onnx
-    from oracles import input_x_gradient
-    module = _tiny_olmoe()
-    proto = export_onnx(module, hf.token_inputs(2, 7, vocab=64), exporter="legacy")
-    explainer = lrpc.Explainer(lrpc.compile(proto, preset="gxi"))
-    inputs = hf.token_inputs(2, 9, vocab=64, seed=5)
-    target, position = np.array([3, 60]), np.array([2, -1])
-    got = explainer.explain({k: v.numpy() for k, v in inputs.items()}, target=target, position=position)
-    want = input_x_gradient(module, inputs, "input_ids", target, position)
-    assert relative_error(got.relevance["input_ids"], want) <= 1e-4
 
 
 # ---- encoder–decoder ----------------------------------------------------------------------------------
@@ -167,3 +140,22 @@ def test_attributor_explains_the_last_decoder_position(zoo_export, tmp_path):
     text = attributor.attribute("the cat sat on the mat", target=5)
     assert text.position == 0 and text.relevances["decoder_input_ids"].shape == (1,)
     assert text.relevances["input_ids"].shape == (len(text.tokens),)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_a_mixture_of_experts_without_a_traceable_implementation_is_refused(exporter):
+    """Switch Transformers (an encoder–decoder MoE) loops over the experts its routing picked and has no
+    batched_mm implementation: torch.export fails on it, and TorchScript would bake the example's routing
+    into the graph (onnxruntime then fails on other inputs) — refused in one line before either runs."""
+    import transformers
+
+    from lrpc import hf
+    from lrpc.frontend import torch_to_onnx
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_sparse_encoder_layers=1, num_decoder_layers=2,
+        num_sparse_decoder_layers=1, num_heads=4, num_experts=4, expert_capacity=8, decoder_start_token_id=0)
+    model = transformers.SwitchTransformersForConditionalGeneration._from_config(config).eval()
+    with pytest.raises(lrpc.LrpcError) as err:
+        torch_to_onnx(hf.HFSeq2SeqModel(model), hf.seq2seq_inputs(1, 5, vocab=64), exporter=exporter)
+    message = str(err.value)
+    assert "SwitchTransformersSparseMLP runs its experts in a data-dependent loop" in message and "\n" not in message

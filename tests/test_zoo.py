@@ -102,7 +102,7 @@ def _dims(vi):
 # --------------------------------------------------------------------------------------------
 
 EXPECTED = {"bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3",
-            "olmo2", "qwen3-moe", "qwen2-moe", "mixtral", "t5", "bart", "hf-vit", "torchvision-vit", "minilm",
+            "olmo2", "qwen3-moe", "qwen2-moe", "mixtral", "olmoe", "t5", "bart", "hf-vit", "torchvision-vit", "minilm",
             "minilm-sentence"}
 
 

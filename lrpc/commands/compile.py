@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
     p.add_argument("--intervene", metavar="mlp,heads,residual", help="add optional inputs "
                    "lrp_scale.<component>.<layer> (one factor per unit, default 1) that scale the units in the "
                    "forward: 0 ablates a unit; the relevance is that of the scaled model")
+    p.add_argument("--conditions", metavar="mlp,heads,residual", help="add optional inputs "
+                   "lrp_mask.<component>.<layer> (one factor per unit on its relevance, default 1) and "
+                   "lrp_bypass.<component>.<layer> (a factor on the relevance bypassing it, default 1): a one-hot "
+                   "mask with bypass 0 gives CRP's conditional heatmap of that unit")
     p.add_argument("--embeddings-input", action="store_true", help="take the embedding lookup's output as an "
                    "extra float input inputs_embeds.<ids> instead of looking it up (for perturbation / path "
                    "methods); relevance is still relevance.<ids>")
@@ -60,6 +64,6 @@ def run(args) -> int:
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
                  checkpoint=args.checkpoint, targets=args.targets, components=args.components,
                  components_per_position=args.components_per_position, intervene=args.intervene,
-                 shared_forward=args.shared_forward)
+                 conditions=args.conditions, shared_forward=args.shared_forward)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0

@@ -47,7 +47,8 @@ def add_arguments(p) -> None:
     t.add_argument("--contrast", metavar="B", help="explain logit[target] − logit[B]")
     t.add_argument("--generate", type=int, metavar="N", help="causal LMs: greedily generate up to N tokens after "
                    "--text (stopping at the model's end-of-sequence token) and explain each of them in one run: "
-                   "the [generated × prompt+generated] relevance matrix")
+                   "the [generated × prompt+generated] relevance matrix; encoder–decoder LMs (T5, BART): --text "
+                   "is the source, the matrix [generated × source+decoder start+generated]")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with tokenizer.json (default: the model's folder; "
                    "'toy': the 128-word tokenizer of the tiny zoo models, their default)")
     p.add_argument("--task", help="task for a Hugging Face folder")
