@@ -28,6 +28,14 @@ class Attribution:
     points: list[ir.Value] = field(default_factory=list)
 
 
+def vocabulary(attribution: Attribution) -> int | None:
+    """Rows of the embedding tables that token ids index directly (the fewest, if several), else None."""
+    rows = [p.producer().inputs[0].shape[0] for p in attribution.points
+            if attribution.kind == "token" and p.producer().inputs[1] is attribution.input
+            and p.producer().inputs[0].shape is not None and isinstance(p.producer().inputs[0].shape[0], int)]
+    return min(rows) if rows else None
+
+
 def embedding_lookups(graph: ir.Graph, ids: ir.Value) -> list[ir.Value]:
     """Outputs of the Gathers from a float constant table reached from `ids` along an id path."""
     found, frontier, seen = [], [ids], set()

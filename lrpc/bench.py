@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lrpc import safeio
+from lrpc.errors import LrpcError
 
 OCCLUSION_CHUNK = 16  # sequences per occlusion forward
 
@@ -214,6 +215,8 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     entry = module = None
     if Path(model).is_file():
         path = Path(model)
+    elif Path(model).exists() or model not in _zoo_names():
+        raise LrpcError(f"{model} is not an ONNX file or a zoo model (`lrpc zoo` lists them)")
     else:
         entry = models.zoo.llama_bench(layers) if model == "llama-bench" and layers else models.get(model)
         module, _ = entry.build()
@@ -235,7 +238,7 @@ def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats:
     explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
     temporary folder removed at the end."""
     if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        safeio.folder(workdir, "--workdir")
         return _bench(model, Path(workdir), seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
                       force)
     with safeio.scratch_folder("lrpc-bench-") as scratch:
@@ -293,7 +296,7 @@ def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1
     passes, for each K in `targets`; and the K run in forward passes. chunk: the K explainer's
     target_chunk (None: lrpc.Explainer's default)."""
     if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        safeio.folder(workdir, "--workdir")
         return _bench_targets(model, targets, Path(workdir), seq, batch, threads, repeats, chunk, memory, layers,
                               force)
     with safeio.scratch_folder("lrpc-bench-") as scratch:

@@ -19,9 +19,7 @@ from lrpc.errors import LrpcError
 
 
 def cache_dir(cache: str | os.PathLike | None) -> Path:
-    path = Path(cache or os.environ.get("LRPC_CACHE") or Path.home() / ".cache" / "lrpc")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return safeio.folder(cache or os.environ.get("LRPC_CACHE") or Path.home() / ".cache" / "lrpc", "cache")
 
 
 def compiler_fingerprint() -> str:

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lrpc import __version__, contract, planio, safeio, untouched, validate
-from lrpc.analysis import find_attributions
+from lrpc.analysis import find_attributions, vocabulary
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
 from lrpc.emitter import Emitter
@@ -79,7 +79,8 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
                     options: Options = Options(), embeddings_input: bool = False,
                     checkpoint: int | str | None = None, targets: int | str | None = None,
                     components: str | list[str] | None = None, per_position: bool = False,
-                    intervene: str | list[str] | None = None, conditions: str | list[str] | None = None) -> ir.Model:
+                    intervene: str | list[str] | None = None, conditions: str | list[str] | None = None,
+                    shared_forward: bool = False) -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
@@ -89,7 +90,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
     explained_components, scales, conditioned = _components(ir_model, components, intervene, conditions)
-    forward = list(graph) if untouched.needed(graph) else None   # (lrpc/untouched.py)
+    forward = list(graph) if not shared_forward and untouched.needed(graph) else None   # (lrpc/untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
     if exposed:
@@ -128,6 +129,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
+        **({"vocab": vocab} if (vocab := {a.input.name: n for a in attributions if (n := vocabulary(a))}) else {}),
         "latent": [v.name for v in latents], **({"embeddings_input": exposed} if exposed else {}),
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
         **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
@@ -179,7 +181,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             targets: int | str | None = None, components: str | list[str] | None = None,
             components_per_position: bool = False, intervene: str | list[str] | None = None,
-            conditions: str | list[str] | None = None, **frontend_options) -> onnx.ModelProto:
+            conditions: str | list[str] | None = None, shared_forward: bool = False,
+            **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
@@ -193,11 +196,14 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     inputs that scale the units in the forward (docs/design.md, "Components and interventions").
     `conditions="mlp,heads"` adds optional `lrp_mask.<component>.<layer>` / `lrp_bypass.…` inputs for CRP's
     conditional relevance (`Explainer.explain(condition=…)`; docs/design.md, "Conditional heatmaps").
+    `shared_forward=True` drops the untouched copy of the forward (one forward less per run; the outputs may
+    then differ from the model's in the last bits where onnxruntime fuses differently, lrpc/untouched.py).
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
                         "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
+    validate.components_options(components, components_per_position)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, rule_nodes=rule_nodes)
     sources = safeio.input_files(model)
     if output is not None:  # an output that is the model (or its data) is refused before any work
@@ -210,7 +216,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
                                options=options,
                                embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
                                components=components, per_position=components_per_position, intervene=intervene,
-                               conditions=conditions)
+                               conditions=conditions, shared_forward=shared_forward)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
-from lrpc import safeio
+from lrpc import safeio, validate
 from lrpc.corpus import Corpus, ModelSpec, Output, WindowExplainer, batched
 from lrpc.errors import LrpcError
 
@@ -25,10 +25,12 @@ def explain_corpus(spec: ModelSpec, corpus: Corpus, out: Output, *, engine: str 
                    workers: int | None = None) -> tuple[int, int]:
     """Explain every line of `corpus` after the ones `out` already holds; publish `out`. Returns (rows in
     `out`, error rows written by this call)."""
-    if batch_size < 1 or (window is not None and window < 1):
-        raise LrpcError("--batch-size and --window must be at least 1")
-    window = window or 16 * batch_size
-    try:
+    try:   # (inside: a refused option leaves no OUT.partial/ behind either)
+        validate.at_least_one(batch_size, "--batch-size")
+        for value, flag in ((window, "--window"), (workers, "--workers")):
+            if value is not None:
+                validate.at_least_one(value, flag)
+        window = window or 16 * batch_size
         after = out.done_through()
         attributor = spec.build()   # fails early on a bad model; compiles (and caches) the explainer once
         if engine == "local":
@@ -122,6 +124,8 @@ def run_cli(args) -> int:
             raise LrpcError(f"--ort-config {entry!r}: write KEY=VALUE")
         config[key] = value
     defaults = {"target": args.target, "contrast": args.contrast, "position": args.position, "top_k": args.top_k}
+    if args.threads is not None:
+        validate.at_least_one(args.threads, "--threads")
     spec = ModelSpec(str(args.model), args.tokenizer, args.preset, args.task, args.cache, args.threads, config)
     corpus = Corpus(args.file, defaults)
     settings = {"model": spec.model, "tokenizer": spec.tokenizer, "preset": spec.preset, "task": spec.task,

@@ -93,6 +93,9 @@ class Explainer:
         split into runs of this many, each repeating the forward; None: all at once), which bounds the
         memory of the K-wide relevance pass."""
         self.target_chunk = None if target_chunk is None else validate.at_least_one(target_chunk, "target_chunk")
+        if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():   # (a FIFO would hang the read)
+            raise LrpcError(f"{model} {'is not a regular file' if Path(model).exists() else 'does not exist'}: give "
+                            "the path of an explainer made by `lrpc compile`")
         meta = contract.read_metadata({p.key: p.value for p in model.metadata_props}) \
             if isinstance(model, onnx.ModelProto) else contract.peek_metadata(model)
         if low_memory is None:
@@ -113,8 +116,6 @@ class Explainer:
         if isinstance(model, onnx.ModelProto):
             source = model.SerializeToString()
         else:
-            if not Path(model).is_file():
-                raise LrpcError(f"{model} does not exist: give the path of an explainer made by `lrpc compile`")
             source = str(model)
         try:
             self.session = ort.InferenceSession(source, options, providers=providers or default_providers())
@@ -140,6 +141,9 @@ class Explainer:
         """The model inputs as a feed: exactly the model's names, each array validated, and a symbolic
         dim shared by several inputs of one size."""
         feed = checked_feed({n: self.inputs[n] for n in self.model_inputs}, inputs)
+        for name, kind in self.meta.get("attributed", {}).items():
+            if kind == "token" and name in feed:
+                validate.token_ids(feed[name], self.meta.get("vocab", {}).get(name), name)
         sizes: dict[str, tuple[str, int]] = {}  # a symbolic dim shared by inputs must have one size
         for name, array in feed.items():
             for axis, dim in enumerate(self.inputs[name].shape):
@@ -168,7 +172,8 @@ class Explainer:
         feed = dict(feed)
         for name, factors in (scales or {}).items():
             full = self._optional(SCALE_PREFIX, name, "intervention", "--intervene mlp,heads")
-            feed[full] = validate.input_array(full, factors, np.float32, self.scales[full].shape)
+            feed[full] = validate.finite(f"intervention factor '{full}'",
+                                         validate.input_array(full, factors, np.float32, self.scales[full].shape))
         for name, mask in (condition or {}).items():
             full = self._optional(MASK_PREFIX, name, "conditional relevance", "--conditions mlp,heads")
             units = self.scales[full].shape[0]
@@ -229,7 +234,9 @@ class Explainer:
         elif target is None:
             forward = self.forward(inputs, scales)
             logits = forward[self.explained]
-            logits = logits[np.arange(batch), position] if rank == 3 else logits
+            if rank == 3:
+                validate.indices("position", position, batch, logits.shape[1], negative=True)
+                logits = logits[np.arange(batch), position]
             target = logits.argmax(axis=-1).astype(np.int64)
         else:
             target = validate.indices("target", target, batch, None)

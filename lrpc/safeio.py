@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -81,6 +82,10 @@ def check_output(path: PathLike, *, force: bool = False, inputs: Iterable[PathLi
                                 "choose another output path")
     if path.is_dir():
         raise LrpcError(f"{path} is a directory: give a file path such as {path / 'explainer.onnx'}")
+    for target in targets:   # a FIFO, a device (/dev/null as root) or a socket is never replaced by a file
+        if os.path.lexists(target) and not (target.is_symlink() or stat.S_ISREG(target.stat().st_mode)):
+            raise LrpcError(f"{target} is not a regular file (a FIFO, device or socket): lrpc replaces only "
+                            "files; choose another output path")
     folder = path.parent
     if not folder.is_dir():
         raise LrpcError(f"output folder {folder} does not exist: create it first")
@@ -227,6 +232,19 @@ def write_text(path: PathLike, text: str, *, force: bool = False, inputs: Iterab
 
 def write_bytes(path: PathLike, data: bytes, *, force: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
     return publish(path, lambda tmp: tmp.write_bytes(data), force=force, inputs=inputs)
+
+
+def folder(path: PathLike, what: str) -> Path:
+    """A folder lrpc keeps its own files in (`--cache`, `--workdir`), created with its parents if missing;
+    a file in the way, or a folder that cannot be made, is one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LrpcError(f"{what} {path} is a file, not a folder: give a folder") from None
+    except OSError as exc:
+        raise LrpcError(f"cannot create {what} folder {path}: {exc.strerror or exc}") from None
+    return path
 
 
 @contextlib.contextmanager

@@ -1,25 +1,25 @@
 """The model's outputs from an untouched copy of its forward (docs/design.md, "Explainer contract").
 
-onnxruntime does not run a graph as written: it fuses quantized ops (DynamicQuantizeLinear + MatMulInteger
-+ Cast + Mul → MatMulIntegerToFloat, QDQ groups → QLinearMatMul / QGemm / QLinearSoftmax, …) and, on CPU, runs
-float16 ops in float32, skipping the float16 rounding of a tensor that only its own inserted casts read. A
-tensor the relevance pass reads gains a consumer, which blocks the fusion or forces the rounding there, so
-the outputs of a quantized or float16 model would move (by an ulp, or for QDQ by a quantization step).
+onnxruntime does not run a graph as written: at its extended level it fuses float32 groups (Add +
+LayerNormalization → SkipLayerNormalization, Add + Gelu → BiasGelu, …), it fuses quantized ops
+(DynamicQuantizeLinear + MatMulInteger + Cast + Mul → MatMulIntegerToFloat, QDQ groups → QLinearMatMul, …)
+and, on CPU, runs float16 ops in float32, skipping the float16 rounding of a tensor that only its own
+inserted casts read. A tensor the relevance pass reads gains a consumer, which blocks the fusion or forces
+the rounding there, so the outputs would move (by an ulp, or for QDQ by a quantization step).
 
-For such models the explainer keeps the forward twice: the relevance pass reads the forward it was
-compiled on, and the model's outputs come from a copy of the forward that nothing else reads, so onnxruntime
-transforms it exactly as it transforms the model itself. The copy reads each model input through
-`Where(x == x, x, x)` (the value itself, bit for bit, NaN included), which no onnxruntime rewrite removes,
-so its nodes can never be merged with the other forward's (common-subexpression elimination), except the
-constant ones, which are the same either way. It costs one more forward per run; float32 models, whose
-outputs are bit for bit without it, do not get one.
+So the explainer keeps the forward twice: the relevance pass reads the forward it was compiled on, and the
+model's outputs come from a copy of the forward that nothing else reads, so onnxruntime transforms it
+exactly as it transforms the model itself, at every optimisation level. The copy reads each model input
+through `Where(x == x, x, x)` (the value itself, bit for bit, NaN included), which no onnxruntime rewrite
+removes, so its nodes can never be merged with the other forward's (common-subexpression elimination),
+except the constant ones, which are the same either way; its float16 / bfloat16 weights are its own
+(`_own_weight`). It costs one more forward per run. A model with subgraphs (If, Loop, Scan) is not copied.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from lrpc import ops
 from lrpc.graph import Builder
 
 REDUCED = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -27,12 +27,9 @@ PREFIX = "lrp_forward."
 
 
 def needed(graph: ir.Graph) -> bool:
-    """A quantized or float16 / bfloat16 model whose forward has no subgraphs (which are not copied)."""
-    nodes = list(graph)
-    if any(a.type == ir.AttributeType.GRAPH or a.type == ir.AttributeType.GRAPHS
-           for node in nodes for a in node.attributes.values()):
-        return False
-    return any(ops.is_quantized(node) or any(o.dtype in REDUCED for o in node.outputs) for node in nodes)
+    """Every model whose forward has no subgraphs (which are not copied)."""
+    return not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                   for node in graph for a in node.attributes.values())
 
 
 def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value]) -> None:
@@ -44,6 +41,9 @@ def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value
         copies[value] = b.Where(b.Equal(value, value), value, value)
         copies[value].dtype, copies[value].shape = value.dtype, value.shape
     forward = set(forward)
+    for value in list(graph.initializers.values()):   # weights of its own: see `_own_weight`
+        if value.dtype in REDUCED and value not in copies and any(user in forward for user, _ in value.uses()):
+            copies[value] = _own_weight(graph, value)
     for node in [n for n in graph if n in forward]:   # (lrpc.optimise may have merged or removed some)
         inputs = [None if v is None else copies.get(v, v) for v in node.inputs]
         attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
@@ -61,3 +61,14 @@ def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value
             value.name, copy.name = PREFIX + name, name
             graph.outputs[i] = copy
     graph.sort()
+
+
+def _own_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:
+    """A second initializer holding `value`'s tensor, for the copy alone. A weight both forwards read
+    differs from the model's where onnxruntime looks: on CPU it casts a float16 weight to float32 once
+    for all its readers and folds that cast back into an initializer only when one node reads it
+    (FuseInitializersTransformer), and the fusions after it (e.g. a bias into SkipLayerNormalization,
+    which changes the order of the additions) need that initializer."""
+    own = ir.Value(name=PREFIX + value.name, type=value.type, shape=value.shape, const_value=value.const_value)
+    graph.register_initializer(own)
+    return own

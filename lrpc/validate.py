@@ -156,6 +156,12 @@ def indices(name: str, value, batch: int, size: int | None, *, negative: bool = 
     return array
 
 
+def components_options(components, per_position: bool) -> None:
+    """--components-per-position reshapes the component outputs: alone it would be silently ignored."""
+    if per_position and not components:
+        raise LrpcError("--components-per-position needs --components (which units to report per position)")
+
+
 def targets_option(value) -> int | str | None:
     """--targets: K ≥ 1 (a fixed number of targets per input row) or "dynamic" (K chosen per run)."""
     if value is None or value == "dynamic":
@@ -200,11 +206,14 @@ def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
     return seed
 
 
-def token_ids(ids, vocab: int | None) -> None:
-    """Token ids the model's embedding table has rows for (a tokenizer that is not the model's gives more)."""
-    if vocab and len(ids) and int(np.max(ids)) >= vocab:
-        raise LrpcError(f"the tokenizer gives id {int(np.max(ids))} but the model's vocabulary has {vocab} "
-                        "entries: pass the model's own tokenizer with --tokenizer")
+def token_ids(ids, vocab: int | None, name: str = "input_ids") -> None:
+    """Token ids the model's embedding table has rows for (a tokenizer that is not the model's gives more);
+    never negative (an embedding lookup would silently read a row counted from the end)."""
+    if np.size(ids) and int(np.min(ids)) < 0:
+        raise LrpcError(f"input '{name}' holds the negative token id {int(np.min(ids))}: token ids count from 0")
+    if vocab and np.size(ids) and int(np.max(ids)) >= vocab:
+        raise LrpcError(f"input '{name}' holds token id {int(np.max(ids))} but the model's vocabulary has {vocab} "
+                        "entries: for text, pass the model's own tokenizer with --tokenizer")
 
 
 def known_token(token: str, ids: list[int], unknown_id: int | None) -> int:

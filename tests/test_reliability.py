@@ -708,3 +708,101 @@ def test_missing_sentence_pairs_file():
     with pytest.raises(LrpcError, match="does not exist"):
         read_pairs("no-such-pairs.tsv")
 
+
+
+# ---- the third trial: new variations of the classes above --------------------------------------------
+
+@pytest.mark.parametrize("command", ["compile", "explain --html"])
+def test_an_output_that_is_a_fifo_is_refused_even_with_force(command, model_files, tmp_path):
+    """Old: --force replaced a FIFO by a file (as root, `--html /dev/null --force` would replace the device)."""
+    import stat
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    np.savez(tmp_path / "in.npz", input_ids=np.array([[1, 2, 3]]))
+    args = (["compile", model_files / "tokens.onnx", "-o", fifo] if command == "compile" else
+            ["explain", model_files / "tokens.onnx", "--input", tmp_path / "in.npz", "--html", fifo,
+             "--cache", tmp_path / "cache"])
+    one_line_error(*cli(*args, "--force"), "not a regular file")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("command, flag", [("explain", "--cache"), ("bench", "--workdir")])
+def test_a_folder_option_that_names_a_file(command, flag, model_files, tmp_path):
+    """Old: FileExistsError, shown as "unexpected"."""
+    np.savez(tmp_path / "in.npz", input_ids=np.array([[1, 2, 3]]))
+    args = ["--input", tmp_path / "in.npz"] if command == "explain" else ["--seq", "4", "--repeats", "1",
+                                                                          "--no-memory"]
+    rc, err = cli(command, model_files / "tokens.onnx", *args, flag, tmp_path / "in.npz")
+    one_line_error(rc, err, flag.strip("-"), "is a file, not a folder")
+
+
+@pytest.mark.parametrize("ids, words", [([[1, -2, 3]], ["input_ids", "negative token id -2"]),
+                                        ([[1, 20, 3]], ["input_ids", "token id 20", "vocabulary has 20 entries"])])
+def test_token_ids_outside_the_embedding_table(ids, words):
+    """Old: a negative id silently read the row counted from the end of the table (ONNX Gather allows it);
+    an id past the end came back as onnxruntime's Gather message."""
+    explainer = lrpc.Explainer(lrpc.compile(token_model(vocab=20)))
+    with pytest.raises(LrpcError) as caught:
+        explainer.explain({"input_ids": np.array(ids)})
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_negative_token_ids_on_the_command_line(model_files, tmp_path):
+    np.savez(tmp_path / "in.npz", input_ids=np.array([[1, -2, 3]]))
+    rc, err = cli("explain", model_files / "tokens.onnx", "--input", tmp_path / "in.npz", "--cache", tmp_path / "c")
+    one_line_error(rc, err, "negative token id")
+
+
+def test_a_position_out_of_range_without_a_target():
+    """Old: IndexError, from picking the predicted class at that position before the position was checked."""
+    explainer = lrpc.Explainer(lrpc.compile(token_model()))
+    with pytest.raises(LrpcError, match=r"position \[4\] out of range \(use -4\.\.3\)"):
+        explainer.explain({"input_ids": np.array([[1, 2, 3, 4]])}, position=4)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_intervention_factors_must_be_finite(bad, zoo_export):
+    """Old: ±Inf passed (input arrays may hold a deliberate −inf mask), giving NaN outputs and relevance."""
+    explainer = lrpc.Explainer(lrpc.compile(zoo_export("bert")[1], intervene="mlp"))
+    factors = np.ones(explainer.scales["lrp_scale.mlp.0"].shape, np.float32)
+    factors[0] = bad
+    ids = {k: v.numpy() for k, v in lrpc.models.get("bert").inputs(1, 5).items()}
+    with pytest.raises(LrpcError, match=r"lrp_scale\.mlp\.0' contains (NaN|±Inf)"):
+        explainer.explain(ids, target=0, scales={"mlp.0": factors})
+
+
+def test_components_per_position_needs_components():
+    """Old: silently ignored."""
+    with pytest.raises(LrpcError, match="--components-per-position needs --components"):
+        lrpc.compile(token_model(), components_per_position=True)
+
+
+@pytest.mark.parametrize("flag", ["--window", "--workers", "--threads"])
+def test_corpus_counts_are_refused_before_anything_is_written(flag, model_files, tmp_path):
+    """Old: --window 0 left OUT.partial/ behind; --workers 0 and --threads 0 ran (every row an error row)."""
+    (tmp_path / "in.jsonl").write_text('{"text": "the cat"}\n')
+    rc, err = cli("explain", model_files / "tokens.onnx", "--tokenizer", "toy", "--file", tmp_path / "in.jsonl",
+                  "--out", tmp_path / "o.jsonl", flag, "0", "--cache", tmp_path / "c")
+    one_line_error(rc, err, flag)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"] + (["c"] if (tmp_path / "c").exists() else [])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_explainer_path_that_is_not_a_file_is_refused_at_once(kind, tmp_path):
+    """Old: lrpc.Explainer(fifo) hung reading the metadata before checking the path."""
+    path = tmp_path / "fifo" if kind == "fifo" else Path("/dev/zero")
+    if kind == "fifo":
+        os.mkfifo(path)
+    proc = subprocess.run([sys.executable, "-c", f"import lrpc; lrpc.Explainer({str(path)!r})"],
+                          capture_output=True, text=True, timeout=120)
+    assert "LrpcError" in proc.stderr and "is not a regular file" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("name", ["no-such-model.onnx", "fifo"])
+def test_bench_of_something_that_is_neither_a_file_nor_a_zoo_model(name, tmp_path):
+    """Old: KeyError ("unknown zoo model"), shown as "unexpected"."""
+    if name == "fifo":
+        os.mkfifo(tmp_path / name)
+    rc, err = cli("bench", tmp_path / name, "--seq", "4")
+    one_line_error(rc, err, "not an ONNX file or a zoo model")

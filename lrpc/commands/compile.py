@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     add_force_option(p, "-o (and its .data file)")
     p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
                    "during the relevance pass: memory grows like √layers for one extra forward")
+    p.add_argument("--shared-forward", action="store_true", help="one forward for the outputs and the relevance "
+                   "(one forward less per run; the outputs may differ from the model's in the last bits where "
+                   "onnxruntime fuses ops, instead of bit for bit)")
     p.add_argument("--reuse-weights", action="store_true", help="reference the model's external-data weights "
                    "file from the explainer instead of copying it (-o must be in that file's folder or above)")
 
@@ -61,6 +64,6 @@ def run(args) -> int:
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
                  checkpoint=args.checkpoint, targets=args.targets, components=args.components,
                  components_per_position=args.components_per_position, intervene=args.intervene,
-                 conditions=args.conditions)
+                 conditions=args.conditions, shared_forward=args.shared_forward)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0
