@@ -80,7 +80,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
                     checkpoint: int | str | None = None, targets: int | str | None = None,
                     components: str | list[str] | None = None, per_position: bool = False,
                     intervene: str | list[str] | None = None, conditions: str | list[str] | None = None,
-                    shared_forward: bool = False) -> ir.Model:
+                    forward_mode: str = "auto") -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
@@ -90,7 +90,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
     explained_components, scales, conditioned = _components(ir_model, components, intervene, conditions)
-    forward = list(graph) if not shared_forward and untouched.needed(graph) else None   # (lrpc/untouched.py)
+    forward = list(graph) if untouched.needed(graph, forward_mode) else None   # (lrpc/untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
     if exposed:
@@ -181,7 +181,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             embeddings_input: bool = False, reuse_weights: bool = False, checkpoint: int | str | None = None,
             targets: int | str | None = None, components: str | list[str] | None = None,
             components_per_position: bool = False, intervene: str | list[str] | None = None,
-            conditions: str | list[str] | None = None, shared_forward: bool = False,
+            conditions: str | list[str] | None = None, forward: str = "auto",
             **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
@@ -196,13 +196,16 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     inputs that scale the units in the forward (docs/design.md, "Components and interventions").
     `conditions="mlp,heads"` adds optional `lrp_mask.<component>.<layer>` / `lrp_bypass.…` inputs for CRP's
     conditional relevance (`Explainer.explain(condition=…)`; docs/design.md, "Conditional heatmaps").
-    `shared_forward=True` drops the untouched copy of the forward (one forward less per run; the outputs may
-    then differ from the model's in the last bits where onnxruntime fuses differently, lrpc/untouched.py).
+    `forward=` says where the outputs come from (lrpc/untouched.py): "copy", an untouched copy of the forward
+    (bit for bit the model's at every onnxruntime level, one more forward per run); "shared", the forward the
+    relevance pass reads (float rounding off where onnxruntime fuses less); "auto" (default), the copy for
+    quantized and float16 / bfloat16 models only.
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
                         "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
+    validate.forward_option(forward)
     validate.components_options(components, components_per_position)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, rule_nodes=rule_nodes)
     sources = safeio.input_files(model)
@@ -216,7 +219,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
                                options=options,
                                embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
                                components=components, per_position=components_per_position, intervene=intervene,
-                               conditions=conditions, shared_forward=shared_forward)
+                               conditions=conditions, forward_mode=forward)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

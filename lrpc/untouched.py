@@ -13,23 +13,34 @@ exactly as it transforms the model itself, at every optimisation level. The copy
 through `Where(x == x, x, x)` (the value itself, bit for bit, NaN included), which no onnxruntime rewrite
 removes, so its nodes can never be merged with the other forward's (common-subexpression elimination),
 except the constant ones, which are the same either way; its float16 / bfloat16 weights are its own
-(`_own_weight`). It costs one more forward per run. A model with subgraphs (If, Loop, Scan) is not copied.
+(`_own_weight`). It costs one more forward per run, so by default only quantized and float16 / bfloat16 models get it
+(`needed`); float32 models get it with `lrpc compile --forward copy`. A model with subgraphs (If, Loop, Scan)
+is not copied.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from lrpc import ops
 from lrpc.graph import Builder
 
 REDUCED = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 PREFIX = "lrp_forward."
 
 
-def needed(graph: ir.Graph) -> bool:
-    """Every model whose forward has no subgraphs (which are not copied)."""
-    return not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                   for node in graph for a in node.attributes.values())
+def needed(graph: ir.Graph, mode: str = "auto") -> bool:
+    """Whether the outputs come from the untouched copy (`forward=` of lrpc.compile): `copy` always, `shared`
+    never, `auto` for quantized and float16 / bfloat16 models, where a shared forward would be off by a
+    quantization step or an ulp; a float32 model's shared forward stays within float32 rounding (onnxruntime
+    fuses less of it) and a copy would cost one more forward per run. A model with subgraphs (If, Loop,
+    Scan) is never copied."""
+    nodes = list(graph)
+    if mode == "shared" or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                               for node in nodes for a in node.attributes.values()):
+        return False
+    return mode == "copy" or any(ops.is_quantized(node) or any(o.dtype in REDUCED for o in node.outputs)
+                                 for node in nodes)
 
 
 def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value]) -> None:

@@ -162,6 +162,16 @@ def components_options(components, per_position: bool) -> None:
         raise LrpcError("--components-per-position needs --components (which units to report per position)")
 
 
+FORWARD_MODES = ("auto", "copy", "shared")   # where an explainer's outputs come from (lrpc/untouched.py)
+
+
+def forward_option(value: str) -> str:
+    if value not in FORWARD_MODES:
+        raise LrpcError(f"forward={value!r}: use one of {', '.join(FORWARD_MODES)} (auto: an untouched copy of the "
+                        "forward for quantized and float16 models only)")
+    return value
+
+
 def targets_option(value) -> int | str | None:
     """--targets: K ≥ 1 (a fixed number of targets per input row) or "dynamic" (K chosen per run)."""
     if value is None or value == "dynamic":

@@ -169,15 +169,21 @@ def test_zoo_forward_is_bit_for_bit_at_every_optimisation_level(zoo_export, tmp_
         path = deployed.fp16(path, tmp_path / "fp16.onnx")
     feeds = [{k: v.numpy().astype(np.float16) if kind == "fp16" and v.dtype.is_floating_point else v.numpy()
               for k, v in entry.inputs(*entry.example_shape, seed=s).items()} for s in range(2)]
-    lrpc.compile(path, output=tmp_path / "explainer.onnx")
+    lrpc.compile(path, output=tmp_path / "explainer.onnx", forward="copy" if kind == "fp32" else "auto")
     _assert_forward_bit_for_bit(path, tmp_path / "explainer.onnx", feeds)
 
 
+def test_float32_default_is_the_shared_forward(zoo_export):
+    """forward="auto" copies only quantized and float16 models: a float32 explainer runs one forward."""
+    explainer = lrpc.compile(zoo_export("bert")[1])
+    assert not any(n.name.startswith("lrp_forward.") for n in explainer.graph.node)
+
+
 def test_shared_forward_drops_the_copy(zoo_export):
-    """compile(shared_forward=True): one forward, its outputs within float rounding of the model's."""
+    """compile(forward="shared"): one forward, its outputs within float rounding of the model's."""
     proto = zoo_export("bert")[1]
     feed = {k: v.numpy() for k, v in lrpc.models.get("bert").inputs(2, 6, seed=0).items()}
-    explainer = lrpc.compile(proto, shared_forward=True)
+    explainer = lrpc.compile(proto, forward="shared")
     assert "untouched_forward" not in lrpc.contract.read_metadata({p.key: p.value for p in explainer.metadata_props})
     assert not any(n.name.startswith("lrp_forward.") for n in explainer.graph.node)
     got = ort.InferenceSession(explainer.SerializeToString()).run(["logits"], {**feed, "lrp_target": np.zeros(2, np.int64)})
@@ -198,7 +204,7 @@ def test_real_minilm_forward_is_bit_for_bit_at_every_optimisation_level(zoo_expo
     feeds = [{k: v.numpy() for k, v in entry.inputs(2, 16, seed=s).items()} for s in range(2)]
     if kind != "fp32":
         path = deployed.make(kind, path, tmp_path / f"{kind}.onnx", feeds)
-    explainer = lrpc.compile(path, output=tmp_path / "explainer.onnx")
+    explainer = lrpc.compile(path, output=tmp_path / "explainer.onnx", forward="copy" if kind == "fp32" else "auto")
     assert lrpc.contract.read_metadata({p.key: p.value for p in explainer.metadata_props})["untouched_forward"]
     _assert_forward_bit_for_bit(path, tmp_path / "explainer.onnx", feeds)
 

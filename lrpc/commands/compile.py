@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lrpc import validate
 from lrpc.commands.common import add_force_option, add_rule_options, model_source, rule_options
 
 HELP = "turn a model into an explainer"
@@ -44,9 +45,10 @@ def add_arguments(p) -> None:
     add_force_option(p, "-o (and its .data file)")
     p.add_argument("--checkpoint", metavar="auto|N", help="rematerialise forward segments of N layers (auto: √L) "
                    "during the relevance pass: memory grows like √layers for one extra forward")
-    p.add_argument("--shared-forward", action="store_true", help="one forward for the outputs and the relevance "
-                   "(one forward less per run; the outputs may differ from the model's in the last bits where "
-                   "onnxruntime fuses ops, instead of bit for bit)")
+    p.add_argument("--forward", choices=validate.FORWARD_MODES, default="auto", help="where the outputs come "
+                   "from: copy = an untouched copy of the forward, bit for bit the model's at every onnxruntime "
+                   "level (one more forward per run); shared = the forward the relevance reads (float rounding "
+                   "off where onnxruntime fuses less); auto (default) = copy for quantized and float16 models")
     p.add_argument("--reuse-weights", action="store_true", help="reference the model's external-data weights "
                    "file from the explainer instead of copying it (-o must be in that file's folder or above)")
 
@@ -64,6 +66,6 @@ def run(args) -> int:
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
                  checkpoint=args.checkpoint, targets=args.targets, components=args.components,
                  components_per_position=args.components_per_position, intervene=args.intervene,
-                 conditions=args.conditions, shared_forward=args.shared_forward)
+                 conditions=args.conditions, forward=args.forward)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0
