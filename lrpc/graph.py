@@ -13,6 +13,9 @@ PREFIX = "lrp_"
 INPUT_CHECK = "check_"   # contract's in-graph input checks are named lrp_check_… (rows follows them)
 
 
+DECOMPOSITION = "lrpc.decomposition"   # node.meta key of a fused node's decomposed outputs (lrpc.ops.ALIAS)
+
+
 def is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 

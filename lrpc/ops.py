@@ -35,6 +35,7 @@ from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_no
 from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
 from lrpc import vjp_spectral as spectral, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
+from lrpc.graph import DECOMPOSITION
 from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
 ELEMENTWISE, NONLINEAR, REDUCTION, LINEAR = "elementwise", "nonlinear", "reduction", "linear"
@@ -88,7 +89,7 @@ def reduction(vjp) -> Op:
 NO_GRADIENT = Op(NON_DIFFERENTIABLE)
 
 
-ALIAS = "lrpc.decomposition"   # node.meta key: a fused node's decomposed outputs, one per output (lrpc.decompose)
+ALIAS = DECOMPOSITION   # node.meta key: a fused node's decomposed outputs, one per output (lrpc.decompose)
 
 
 def _alias(n, g):

@@ -10,6 +10,7 @@ uses its dequantized weight (w − w_zero_point) · w_scale as a float constant.
 from __future__ import annotations
 
 from lrpc import vjp_linear as lin
+from lrpc.graph import DECOMPOSITION
 from lrpc.vjp_common import refuse
 
 
@@ -58,8 +59,7 @@ def _paired(quantize_node) -> bool:
     same scale and zero point (a Q→DQ pair on an activation; a pre-fused op reading it passes relevance through
     its decomposition's)? Then ĝ of the quantized tensor is kept in the float's units: the pair is the identity
     without ĝ·scale / scale, which overflows for a huge scale (a quantized attention mask's ~1e36)."""
-    from lrpc.ops import ALIAS
-    readers = [node for node, _ in quantize_node.outputs[0].uses() if ALIAS not in node.meta]
+    readers = [node for node, _ in quantize_node.outputs[0].uses() if DECOMPOSITION not in node.meta]
     return bool(readers) and all(
         r.op_type == "DequantizeLinear" and list(r.inputs[1:]) == list(quantize_node.inputs[1:])
         and _axis(r) == _axis(quantize_node) for r in readers)
