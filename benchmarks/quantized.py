@@ -1,9 +1,11 @@
 """Relevance of quantized and float16 models against the float model's, and the explainer's speed.
 
-    .venv/bin/python benchmarks/quantized.py [--models bert gpt2 llama hf-vit minilm] [--kinds dynamic qdq fp16]
+    .venv/bin/python benchmarks/quantized.py [--models bert gpt2 llama hf-vit minilm]
+                                             [--kinds dynamic qdq qoperator qdq-fused fp16]
 
 For each zoo model it exports the float32 ONNX model, makes the variants onnxruntime users make
-(lrpc.deployed: quantize_dynamic, quantize_static in QDQ format, convert_float_to_float16), compiles an
+(lrpc.deployed: quantize_dynamic, quantize_static in QDQ and QOperator formats, the QDQ model as onnxruntime's
+optimiser fuses it, convert_float_to_float16), compiles an
 AttnLRP explainer of each and reports, against the float model's explainer for the same target:
 the cosine of the input relevance (mean over the batch rows), the top-5 agreement (|top-5 ∩ top-5| / 5 of
 the attributed positions — tokens, or pixels summed over channels), whether the explainer's outputs equal
@@ -43,7 +45,7 @@ def compare(reference, variant) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["bert", "gpt2", "llama", "hf-vit", "minilm"])
-    p.add_argument("--kinds", nargs="+", default=["dynamic", "qdq", "fp16"])
+    p.add_argument("--kinds", nargs="+", default=["dynamic", "qdq", "qoperator", "qdq-fused", "fp16"])
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
@@ -100,10 +102,10 @@ def main(argv=None):
             row["explainer_over_forward"] = float(np.median(times["explainer"]) / np.median(times["forward"]))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n{'model':<8} {'variant':<8} {'cosine':>7} {'top-5':>6} {'exact (default / basic)':>24} {'explainer/forward':>18}")
+    print(f"\n{'model':<8} {'variant':<10} {'cosine':>7} {'top-5':>6} {'exact (default / basic)':>24} {'explainer/forward':>18}")
     for r in rows:
         exact = f"{'yes' if r['exact_all'] else 'no'} / {'yes' if r['exact_basic'] else 'no'}"
-        print(f"{r['model']:<8} {r['kind']:<8} {r['cosine']:>7.4f} {r['top5']:>6.2f} {exact:>24} "
+        print(f"{r['model']:<8} {r['kind']:<10} {r['cosine']:>7.4f} {r['top5']:>6.2f} {exact:>24} "
               f"{r['explainer_over_forward']:>17.1f}×")
 
 

@@ -46,23 +46,25 @@ def embedding_lookups(graph: ir.Graph, ids: ir.Value) -> list[ir.Value]:
                 continue
             if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
                 table = node.inputs[0]
-                looked_up = node.outputs[0] if is_float(table) else _dequantized(node.outputs[0])
-                if looked_up is not None and _constant_table(table):
+                looked_up = [node.outputs[0]] if is_float(table) else _dequantized(node.outputs[0])
+                if looked_up and _constant_table(table):
                     seen.add(node)
-                    found.append(looked_up)
+                    found.extend(looked_up)
             elif node.op_type in ID_PATH_OPS and index == 0 and node.domain in ("", "ai.onnx"):
                 seen.add(node)
                 frontier.append(node.outputs[0])
     return found
 
 
-def _dequantized(value: ir.Value) -> ir.Value | None:
-    """The float embedding of rows looked up in a quantized table: the DequantizeLinear that is the lookup's
-    only reader (onnxruntime's quantizers quantize embedding tables so)."""
-    uses = list(value.uses())
-    if len(uses) == 1 and uses[0][0].op_type == "DequantizeLinear" and uses[0][1] == 0:
-        return uses[0][0].outputs[0]
-    return None
+def _dequantized(value: ir.Value) -> list[ir.Value]:
+    """The float embedding of rows looked up in a quantized table: the DequantizeLinear that reads the lookup
+    (onnxruntime's quantizers quantize embedding tables so); a pre-fused quantized reader (QLinearAdd) keeps
+    the forward and has its own in its decomposition (lrpc/fused_quant.py), so there may be several, each
+    the same values (their relevance is summed)."""
+    uses = [(node, i) for node, i in value.uses() if not ops.is_kind(node, ops.FUSED)]
+    if uses and all(node.op_type == "DequantizeLinear" and i == 0 for node, i in uses):
+        return [node.outputs[0] for node, _ in uses]
+    return []
 
 
 def _constant_table(table: ir.Value) -> bool:
@@ -78,6 +80,14 @@ def const_array_is_known(value: ir.Value) -> bool:
     if value.is_initializer() or value.const_value is not None:
         return True
     return value.producer() is not None and value.producer().op_type == "Constant" and const_array(value) is not None
+
+
+def weight_is_known(value: ir.Value) -> bool:
+    """A constant, or a DequantizeLinear of constants (a quantized model's weight; lrpc.graph.weight_array)."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.domain in ("", "ai.onnx"):
+        return all(v is None or const_array_is_known(v) for v in producer.inputs)
+    return const_array_is_known(value)
 
 
 def find_attributions(graph: ir.Graph, names: list[str] | None = None) -> list[Attribution]:
@@ -119,6 +129,9 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     for node in graph:  # graph nodes are kept in topological order
         if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
+        # a fused node's outputs carry what its decomposition's do (which may start at an attribution point)
+        aliases = node.meta.get(ops.ALIAS) or ()
+        carrying.update(o for o, new in zip(node.outputs, aliases) if new in carrying and o not in cut)
         read = [i for i in ops.differentiable_inputs(node) + outer_captures(node) if i is not None and i in carrying]
         if read:
             quantized = any(not _maybe_float(i) for i in read)

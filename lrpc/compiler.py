@@ -90,7 +90,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         from lrpc import embeddings
         exposed, attribute = embeddings.expose(graph, attribute)
     explained_components, scales, conditioned = _components(ir_model, components, intervene, conditions)
-    forward = list(graph) if untouched.needed(graph, forward_mode) else None   # (lrpc/untouched.py)
+    forward = untouched.forward_nodes(graph) if untouched.needed(graph, forward_mode) else None   # (untouched.py)
     model_outputs = list(graph.outputs)
     attributions, carrying, plan = analyse_and_plan(ir_model, preset, attribute, options)
     if exposed:

@@ -42,6 +42,7 @@ def decompose_fused(model: ir.Model) -> ir.Model:
     ctx = _Context(model)
     b = Inserter(graph)
     b.model = model
+    untyped = []   # kept contrib nodes: onnx cannot type their outputs
     for node, handler in targets:
         b.anchor = node
         b.dtype = float_type(node, *range(len(node.inputs)))
@@ -59,10 +60,13 @@ def decompose_fused(model: ir.Model) -> ir.Model:
                 if new.dtype is None and old.dtype is not None:
                     new.dtype = old.dtype
         b.dirty = True
-        if node.domain in ("", "ai.onnx"):
-            # An ONNX op: the node keeps computing the model's outputs (bit for bit what onnxruntime's kernel
-            # gives); its decomposition, read by nothing in the forward, carries the relevance (ops.ALIAS).
+        if node.domain in ("", "ai.onnx") or ops.is_quantized(node):
+            # An ONNX op or a pre-fused quantized one: the node keeps computing the model's outputs (bit for bit
+            # what onnxruntime's kernel gives); its decomposition, read by nothing in the forward, carries the
+            # relevance (ops.ALIAS).
             node.meta[ops.ALIAS] = replacements
+            if node.domain not in ("", "ai.onnx"):
+                untyped.append(node)
             continue
         # onnxruntime's contrib ops (whose outputs onnx cannot type) are replaced by their decomposition
         for old, new in zip(node.outputs, replacements):
@@ -74,8 +78,24 @@ def decompose_fused(model: ir.Model) -> ir.Model:
                 old.name = None
                 new.name = name   # the model keeps its output names (and its readable tensor names)
         graph.remove(node, safe=True)
+    graph.sort()   # (a decomposition may read a dequantized tensor the model makes after the fused node)
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    while _typed_like_decomposition(untyped):   # each round types what the nodes typed last round made
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return model
+
+
+def _typed_like_decomposition(nodes: list[ir.Node]) -> bool:
+    """Give kept contrib nodes' untyped outputs the type and shape of their decomposition's outputs (the same
+    tensor, recomputed); True when any changed."""
+    changed = False
+    for node in nodes:
+        for old, new in zip(node.outputs, node.meta[ops.ALIAS]):
+            if new is not None and new.dtype is not None and (old.dtype is None or old.shape is None) \
+                    and new.shape is not None:
+                old.dtype, old.shape = new.dtype, new.shape
+                changed = True
+    return changed
 
 
 def protect_nonstandard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:

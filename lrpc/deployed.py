@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-KINDS = ("dynamic", "qdq", "fp16")
+KINDS = ("dynamic", "qdq", "qoperator", "dynamic-fused", "qdq-fused", "fp16")
 
 
 def dynamic(src: str | Path, dst: str | Path) -> Path:
@@ -22,9 +22,10 @@ def dynamic(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def qdq(src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]]) -> Path:
+def qdq(src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]], fmt: str = "QDQ") -> Path:
     """onnxruntime.quantization.quantize_static in QDQ format (QuantizeLinear → DequantizeLinear pairs on
-    the activations, DequantizeLinear on int8 weights), calibrated with min/max on `calibration` feeds."""
+    the activations, DequantizeLinear on int8 weights), or in QOperator format (`fmt`; pre-fused QLinearMatMul,
+    QLinearAdd, … ops), calibrated with min/max on `calibration` feeds."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Feeds(CalibrationDataReader):
@@ -34,8 +35,19 @@ def qdq(src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray
         def get_next(self):
             return next(self.feeds, None)
 
-    quantize_static(str(src), str(dst), Feeds(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static(str(src), str(dst), Feeds(), quant_format=getattr(QuantFormat, fmt),
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return Path(dst)
+
+
+def fused_by_onnxruntime(src: str | Path, dst: str | Path) -> Path:
+    """The graph onnxruntime's optimiser makes of a quantized model (ORT_ENABLE_EXTENDED, CPU), saved as users
+    save it (SessionOptions.optimized_model_filepath): QDQ groups fused into QLinearMatMul, QGemm, QLinearAdd, …"""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     return Path(dst)
 
 
@@ -49,6 +61,9 @@ def fp16(src: str | Path, dst: str | Path) -> Path:
 
 def make(kind: str, src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]]) -> Path:
     """The `kind` variant (one of KINDS) of the float model at `src`, written to `dst`."""
-    if kind == "qdq":
-        return qdq(src, dst, calibration)
+    if kind in ("qdq", "qoperator"):
+        return qdq(src, dst, calibration, "QDQ" if kind == "qdq" else "QOperator")
+    if kind.endswith("-fused"):   # (the quantized model, then what onnxruntime's optimiser makes of it)
+        staged = Path(dst).with_suffix(".unfused.onnx")
+        return fused_by_onnxruntime(make(kind[:-len("-fused")], src, staged, calibration), dst)
     return {"dynamic": dynamic, "fp16": fp16}[kind](src, dst)

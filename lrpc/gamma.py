@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from lrpc import ops
 from lrpc.errors import LrpcError
-from lrpc.graph import const_array
+from lrpc.graph import weight_array
 from lrpc.vjp_common import stabilised
 
 STABILISER = 1e-6   # zennit's Gamma default
@@ -44,7 +44,7 @@ def linear_gamma(n, g, gamma: float, layer: str):
         """value + γ·value⁺ (sign +1) or value + γ·value⁻ (sign −1), as a float32 initializer (made once:
         each weight variant serves two forward products and two transposed ones)."""
         if (value, sign) not in made:
-            array = const_array(value)
+            array = weight_array(value)   # (a quantized model's: its dequantized float)
             if array is None:
                 raise LrpcError(f"node '{node.name}' ({node.op_type}): the γ-rule needs constant weights")
             array = array.astype(np.float32)

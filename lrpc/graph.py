@@ -13,6 +13,9 @@ PREFIX = "lrp_"
 INPUT_CHECK = "check_"   # contract's in-graph input checks are named lrp_check_… (rows follows them)
 
 
+DECOMPOSITION = "lrpc.decomposition"   # node.meta key of a fused node's decomposed outputs (lrpc.ops.ALIAS)
+
+
 def is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 
@@ -28,6 +31,24 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def weight_array(value: ir.Value | None) -> np.ndarray | None:
+    """const_array, or for a DequantizeLinear of constants (a quantized model's weight) the float it stands for,
+    (q − zero_point) · scale with a per-axis scale along `axis`; None otherwise (blocked quantization too)."""
+    array = const_array(value)
+    node = value.producer() if array is None and value is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or attr(node, "block_size", 0):
+        return array
+    q, scale, zero = (const_array(v) if v is not None else None for v in (list(node.inputs) + [None])[:3])
+    if q is None or scale is None or (zero is None and len(node.inputs) > 2 and node.inputs[2] is not None):
+        return None
+    centred = q.astype(np.float32) - (0 if zero is None else zero.astype(np.float32))
+    if scale.ndim == 1 and q.ndim > 1:   # per axis
+        shape = [1] * q.ndim
+        shape[attr(node, "axis", 1) % q.ndim] = -1
+        scale = scale.reshape(shape)
+    return (centred * scale).astype(scale.dtype)
 
 
 def static_value(value: ir.Value | None, depth: int = 16) -> np.ndarray | None:

@@ -29,11 +29,13 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_recurrent as fr, rows
+from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_quant as fq
+from lrpc import fused_recurrent as fr, rows
 from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw
 from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
 from lrpc import vjp_spectral as spectral, vjp_structural as st
 from lrpc.fused_common import MS, PROTECTED_DOMAIN
+from lrpc.graph import DECOMPOSITION
 from lrpc.vjp_common import has_axes, mean_scale, pointwise, reduce, refuse, reshape_back, same
 
 ELEMENTWISE, NONLINEAR, REDUCTION, LINEAR = "elementwise", "nonlinear", "reduction", "linear"
@@ -87,7 +89,7 @@ def reduction(vjp) -> Op:
 NO_GRADIENT = Op(NON_DIFFERENTIABLE)
 
 
-ALIAS = "lrpc.decomposition"   # node.meta key: a fused node's decomposed outputs, one per output (lrpc.decompose)
+ALIAS = DECOMPOSITION   # node.meta key: a fused node's decomposed outputs, one per output (lrpc.decompose)
 
 
 def _alias(n, g):
@@ -110,6 +112,12 @@ def fused(handler) -> Op:
     return Op(FUSED, _alias, decompose=handler)
 
 
+def quantized_fused(handler, differentiable=(0,)) -> Op:
+    """A pre-fused quantized op (integer in, integer out): kept for the forward, its decomposition into
+    dequantize → float op → quantize carries the relevance; its output stands for a float (`quantized`)."""
+    return Op(FUSED, _alias, decompose=handler, differentiable=differentiable, quantized=(0,))
+
+
 def refused(reason: str) -> Op:
     return Op(REFUSED, decompose=fa.refuse(reason), why=reason)
 
@@ -130,6 +138,29 @@ QUANTIZATION: dict[str, Op] = {
     "ConvInteger": Op(LINEAR, qt.conv_integer, differentiable=(0, 1), quantized=(0,)),
     f"{MS}::DynamicQuantizeMatMul": Op(LINEAR, qt.dynamic_quantize_matmul, differentiable=(0,)),
     f"{MS}::MatMulIntegerToFloat": Op(LINEAR, qt.matmul_integer_to_float, differentiable=(0, 1)),
+    # pre-fused (quantize_static's QOperator format, onnxruntime's optimiser): the node keeps the forward, its
+    # DequantizeLinear → float op → QuantizeLinear decomposition carries the relevance (lrpc/fused_quant.py)
+    "QLinearMatMul": quantized_fused(fq.qlinear_matmul, (0, 3)),
+    "QLinearConv": quantized_fused(fq.qlinear_conv, (0,)),
+    f"{MS}::QLinearAdd": quantized_fused(fq.qlinear_binary("Add"), (0, 3)),
+    f"{MS}::QLinearMul": quantized_fused(fq.qlinear_binary("Mul"), (0, 3)),
+    f"{MS}::QLinearSigmoid": quantized_fused(fq.qlinear_unary("Sigmoid")),
+    f"{MS}::QLinearLeakyRelu": quantized_fused(fq.qlinear_unary("LeakyRelu", "alpha")),
+    f"{MS}::QLinearSoftmax": quantized_fused(fq.qlinear_unary("Softmax", "axis")),
+    f"{MS}::QLinearGlobalAveragePool": quantized_fused(fq.qlinear_unary("GlobalAveragePool")),
+    f"{MS}::QLinearAveragePool": quantized_fused(fq.qlinear_unary(
+        "AveragePool", "auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")),
+    f"{MS}::QLinearConcat": quantized_fused(fq.qlinear_concat, None),
+    f"{MS}::QLinearWhere": quantized_fused(fq.qlinear_where, (1, 4)),
+    f"{MS}::QGemm": quantized_fused(fq.qgemm, (0, 3)),
+}
+QUANTIZED_REFUSED = {   # onnxruntime's quantized fusions of whole blocks (quantize_dynamic of an optimised model)
+    f"{MS}::QAttention": refused("QAttention (quantized fused attention): quantize the model before "
+                                 "onnxruntime.transformers.optimizer fuses its attention, or leave attention unfused"),
+    f"{MS}::QEmbedLayerNormalization": refused("QEmbedLayerNormalization (quantized fused embedding): quantize the "
+                                               "model before onnxruntime.transformers.optimizer fuses it"),
+    f"{MS}::DynamicQuantizeLSTM": refused("DynamicQuantizeLSTM: quantize the model with op_types_to_quantize "
+                                          "without LSTM"),
 }
 
 
@@ -208,6 +239,7 @@ OPS: dict[str, Op] = {
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
     **QUANTIZATION,
+    **QUANTIZED_REFUSED,
     # pooling (a fixed linear map of each window, or a selection from it)
     "AveragePool": Op(LINEAR, pool.average_pool),
     "GlobalAveragePool": reduction(pool.global_average_pool),

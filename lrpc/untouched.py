@@ -43,6 +43,30 @@ def needed(graph: ir.Graph, mode: str = "auto") -> bool:
                                  for node in nodes)
 
 
+def forward_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The forward to copy, taken before the relevance pass is added: every node but those of fused ops'
+    decompositions (lrpc.decompose) that the model's outputs do not need — the relevance pass reads them,
+    the copy would only make onnxruntime run them."""
+    nodes = list(graph)
+    skipped = _decomposition_only(nodes, list(graph.outputs))
+    return [node for node in nodes if node not in skipped]
+
+
+def _decomposition_only(forward: list[ir.Node], model_outputs: list[ir.Value]) -> set[ir.Node]:
+    def producers(values, stop=frozenset()):
+        found, stack = set(), [v.producer() for v in values if v is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in found or node in stop:
+                continue
+            found.add(node)
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+        return found
+    needed = producers(model_outputs)
+    targets = [v for node in forward for v in node.meta.get(ops.ALIAS) or ()]
+    return producers(targets, stop=needed)
+
+
 def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value]) -> None:
     """Give `model_outputs` (made by the `forward` nodes) to a copy of those nodes that reads the model
     inputs through an opaque identity; the originals keep their nodes under a `lrp_forward.` name."""

@@ -10,6 +10,7 @@ uses its dequantized weight (w − w_zero_point) · w_scale as a float constant.
 from __future__ import annotations
 
 from lrpc import vjp_linear as lin
+from lrpc.graph import DECOMPOSITION
 from lrpc.vjp_common import refuse
 
 
@@ -53,9 +54,28 @@ def _constant_weight(n, op: str):
                   "quantize only MatMuls with constant weights (onnxruntime: extra_options MatMulConstBOnly=True)")
 
 
+def _paired(quantize_node) -> bool:
+    """Is every reader relevance can come back from of this QuantizeLinear's output a DequantizeLinear with the
+    same scale and zero point (a Q→DQ pair on an activation; a pre-fused op reading it passes relevance through
+    its decomposition's)? Then ĝ of the quantized tensor is kept in the float's units: the pair is the identity
+    without ĝ·scale / scale, which overflows for a huge scale (a quantized attention mask's ~1e36)."""
+    readers = [node for node, _ in quantize_node.outputs[0].uses() if DECOMPOSITION not in node.meta]
+    return bool(readers) and all(
+        r.op_type == "DequantizeLinear" and list(r.inputs[1:]) == list(quantize_node.inputs[1:])
+        and _axis(r) == _axis(quantize_node) for r in readers)
+
+
+def _axis(node):
+    """The axis a per-axis scale lies along (None for a per-tensor scale, where `axis` means nothing)."""
+    scale = node.inputs[1]
+    if scale.shape is not None and scale.shape.rank() == 0:
+        return None
+    return node.attributes["axis"].value if "axis" in node.attributes else 1
+
+
 def quantize(n, g):
-    """QuantizeLinear: straight-through, ĝ_x = ĝ_q / scale."""
-    return (lambda: n.b.Div(g, _safe(n, _along(n, 1))),)
+    """QuantizeLinear: straight-through, ĝ_x = ĝ_q / scale (ĝ_x = ĝ_q when paired with its dequantizations)."""
+    return (lambda: g if _paired(n.node) else n.b.Div(g, _safe(n, _along(n, 1))),)
 
 
 def dynamic_quantize(n, g):
@@ -64,7 +84,10 @@ def dynamic_quantize(n, g):
 
 
 def dequantize(n, g):
-    """DequantizeLinear y = (q − zero_point) · scale: ĝ_q = ĝ_y · scale."""
+    """DequantizeLinear y = (q − zero_point) · scale: ĝ_q = ĝ_y · scale (ĝ_q = ĝ_y after a paired quantize)."""
+    producer = n.node.inputs[0].producer()
+    if producer is not None and producer.op_type == "QuantizeLinear" and _paired(producer):
+        return (lambda: g,)
     return (lambda: n.b.Mul(g, _along(n, 1)),)
 
 

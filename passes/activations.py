@@ -14,9 +14,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from lrpc import ops
+from lrpc.graph import DECOMPOSITION, is_float
 from lrpc.plan import Rule
 
-from .dataflow import SINK, CarryingDAG, elementwise
+from .dataflow import SINK, CarryingDAG, elementwise, stands_for
 
 NAME = "activations"
 
@@ -28,16 +29,17 @@ def region(dag: CarryingDAG, node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
 
     def acceptable(d):
         v = dag.ipdom.get(d)
-        if v is None or v == SINK or dag.order[v] < dag.order[out]:
+        if v is None or v == SINK or dag.order[v] < dag.order[out] or not is_float(v):
             return None
-        return v if all(elementwise(n) for n in dag.between(d, v)) else None
+        # (a fused node between is judged by its decomposition's nodes, which are between too)
+        return v if all(elementwise(n) or DECOMPOSITION in n.meta for n in dag.between(d, v)) else None
 
     best, u = None, start
-    while elementwise(u.producer()):
+    while elementwise(u.producer()) or stands_for(u) is not None:   # (through a fused op's decomposition too)
         d = dag.idom.get(u)
         if d is None or not isinstance(d, ir.Value):
             break
-        v = acceptable(d)
+        v = acceptable(d) if is_float(d) else None   # (a quantized tensor's values are codes, not what it stands for)
         if v is not None:
             best = (d, v)
         u = d

@@ -25,9 +25,18 @@ def carrying_inputs(node: ir.Node, carrying: set[ir.Value]) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None and v in carrying]
 
 
+def stands_for(value: ir.Value) -> ir.Value | None:
+    """The tensor of a fused node's decomposition that its output `value` stands for (relevance runs through
+    it; lrpc.decompose, ops.ALIAS), else None."""
+    producer = value.producer()
+    aliases = producer.meta.get(ops.ALIAS) if producer is not None else None
+    return aliases[producer.outputs.index(value)] if aliases else None
+
+
 def walk_up_elementwise(start: ir.Value, carrying: set[ir.Value]):
-    """Yield `start` and every carrying tensor above it reached through elementwise ops only, each once;
-    the walk stops at (but yields) tensors made by any other op."""
+    """Yield `start` and every carrying tensor above it reached through elementwise ops only (and from a fused
+    node's output to its decomposition's), each once; the walk stops at (but yields) tensors made by any
+    other op."""
     seen, stack = set(), [start]
     while stack:
         value = stack.pop()
@@ -36,7 +45,9 @@ def walk_up_elementwise(start: ir.Value, carrying: set[ir.Value]):
         seen.add(value)
         yield value
         producer = value.producer()
-        if elementwise(producer):
+        if (alias := stands_for(value)) is not None and alias in carrying:
+            stack.append(alias)
+        elif elementwise(producer):
             stack.extend(carrying_inputs(producer, carrying))
 
 
@@ -55,6 +66,10 @@ class CarryingDAG:
         dag.add_node(SINK)
         for node in graph:
             outs = [o for o in node.outputs if o in carrying]
+            aliases = node.meta.get(ops.ALIAS)
+            if aliases:   # a fused node's outputs are its decomposition's (lrpc.decompose)
+                dag.add_edges_from((new, o) for o, new in zip(node.outputs, aliases) if o in outs and new in carrying)
+                continue
             ins = carrying_inputs(node, carrying)
             for o in outs:
                 for i in ins:
@@ -87,6 +102,10 @@ def live_values(graph: ir.Graph, carrying: set[ir.Value], plan) -> set[ir.Value]
     for node in reversed(list(graph)):
         if not any(o in live for o in node.outputs):
             continue
+        aliases = node.meta.get(ops.ALIAS)
+        if aliases:   # a fused node: relevance runs through its decomposition (lrpc.decompose)
+            live.update(new for old, new in zip(node.outputs, aliases) if old in live and new is not None)
+            continue
         record = plan.get(node)
         if record is not None and record.rule == Rule.NONE:
             continue
@@ -103,10 +122,13 @@ RESHAPES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")  # ops that move val
 def single_path_source(value: ir.Value, carrying: set[ir.Value]) -> list[ir.Value]:
     """`value` and the tensors above it along ops with one carrying input (casts, reshapes, scalings)."""
     chain = [value]
-    producer = value.producer()
-    while producer is not None and len(carrying_inputs(producer, carrying)) == 1 and \
-            (elementwise(producer) or producer.op_type in RESHAPES):
-        value = carrying_inputs(producer, carrying)[0]
-        chain.append(value)
+    while True:
         producer = value.producer()
-    return chain
+        if (alias := stands_for(value)) is not None and alias in carrying:
+            value = alias
+        elif producer is not None and len(carrying_inputs(producer, carrying)) == 1 and \
+                (elementwise(producer) or producer.op_type in RESHAPES):
+            value = carrying_inputs(producer, carrying)[0]
+        else:
+            return chain
+        chain.append(value)

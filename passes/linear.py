@@ -4,6 +4,11 @@ generalised γ-rule (zennit's Gamma; lrpc/gamma.py), on layers whose node name m
 
 z is the layer's pre-activation including its bias: when the exporter writes nn.Linear as MatMul then
 Add(bias), the Add carries the rule and the MatMul is inside the layer.
+
+A quantized model's layers get the rule on their dequantized weight (a DequantizeLinear of constants: QDQ,
+and the decomposition of QLinearMatMul / QLinearConv / QGemm), the float layer the int8 one approximates.
+An integer contraction of quantize_dynamic (MatMulInteger, ConvInteger and their fused forms) has no float
+layer to take the rule, and is refused when selected rather than left silently without it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import re
 
 import onnx_ir as ir
 
-from lrpc.analysis import const_array_is_known
+from lrpc import ops
+from lrpc.analysis import weight_is_known
+from lrpc.errors import LrpcError
 from lrpc.plan import Rule
 
 from .dataflow import carrying_inputs, is_default_domain
@@ -30,7 +37,7 @@ def bias_add(node: ir.Node, carrying: set[ir.Value]) -> ir.Node | None:
     if consumer.op_type != "Add" or not is_default_domain(consumer):
         return None
     other = consumer.inputs[1 - uses[0][1]]
-    return consumer if other not in carrying and const_array_is_known(other) else None
+    return consumer if other not in carrying and weight_is_known(other) else None
 
 
 def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None:
@@ -38,9 +45,15 @@ def run(graph: ir.Graph, carrying: set[ir.Value], plan, preset, options) -> None
         return
     selected = re.compile(options.rule_nodes) if options.rule_nodes else None
     for node in graph:
+        if ops.is_quantized(node) and ops.is_kind(node, ops.LINEAR) and carrying_inputs(node, carrying) and \
+                not (selected and not selected.search(node.name or "")):
+            raise LrpcError(f"--epsilon / --gamma-* do not apply to integer layers (node '{node.name}', "
+                            f"{node.op_type}, an integer contraction): quantize with quantize_static (QDQ or "
+                            "QOperator), whose dequantized weights take the rule, restrict --rule-nodes, or drop "
+                            "the option")
         if not (is_default_domain(node) and node.op_type in LINEAR_OPS) or node in plan.records:
             continue
-        if len(node.inputs) < 2 or node.inputs[0] not in carrying or not const_array_is_known(node.inputs[1]):
+        if len(node.inputs) < 2 or node.inputs[0] not in carrying or not weight_is_known(node.inputs[1]):
             continue
         if len(carrying_inputs(node, carrying)) != 1 or (selected and not selected.search(node.name or "")):
             continue

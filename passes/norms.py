@@ -16,7 +16,8 @@ import onnx_ir as ir
 from lrpc import ops
 from lrpc.plan import Rule
 
-from .dataflow import carrying_inputs, elementwise, elementwise_ancestry, is_default_domain, walk_up_elementwise
+from .dataflow import (carrying_inputs, elementwise, elementwise_ancestry, is_default_domain, stands_for,
+                       walk_up_elementwise)
 
 NAME = "norms"
 # Normalisation ops with their own frozen-statistic rule (lrpc.rules.RULES). RMSNormalization is not one:
@@ -33,7 +34,7 @@ def statistic_reductions(b: ir.Value, carrying: set[ir.Value]) -> list[ir.Node] 
         producer = value.producer()
         if ops.is_kind(producer, ops.REDUCTION):
             reductions.append(producer)
-        elif not elementwise(producer):
+        elif not elementwise(producer) and stands_for(value) is None:   # (a fused op: its decomposition is walked)
             return None  # a non-elementwise op on the way: b is not a pure statistic
     return reductions or None
 

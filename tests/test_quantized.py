@@ -3,9 +3,11 @@
 Oracles: for each quantization op, a small graph whose float meaning is written by hand (the straight-through
 reading: quantize → dequantize is the identity, an integer contraction is the contraction with the
 dequantized weight); Input×Gradient of the quantized explainer must equal central finite differences of that
-float graph (onnxruntime, independent of lrpc). On zoo models quantized with onnxruntime's own
-`quantize_dynamic` / `quantize_static` (QDQ): the explainer's outputs equal the quantized model's bit for
-bit, and its relevance is finite and close to the float model's."""
+float graph (onnxruntime, independent of lrpc); the same for each pre-fused quantized op (QLinearMatMul,
+QGemm, QLinearAdd, …), and zennit's Gamma for --gamma-linear on a quantized layer. On zoo models quantized
+with onnxruntime's own `quantize_dynamic` / `quantize_static` (QDQ, QOperator, and a QDQ model as onnxruntime's
+optimiser fuses it): the explainer's outputs equal the quantized model's bit for bit, and its relevance is
+finite and close to the float model's."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrpc
 from lrpc import deployed
-from lrpc.presets import PRESETS
+from lrpc.presets import PRESETS, Options
 from test_ops_registry import B, CLASSES, POSITION, S, TARGET, D, finite_difference_relevance  # (tests/ on sys.path)
 
 M = 6
@@ -86,6 +88,154 @@ def test_quantized_op_is_straight_through(op):
             assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
 
 
+# ---- pre-fused quantized ops (quantize_static's QOperator format, onnxruntime's optimiser) -------------------
+# x is put on its quantization grid (x_scale · integers), so the float meaning evaluated at x is what each op's
+# dequantized input holds; every op is followed by linear ops only, so its output's rounding moves no gradient.
+X_SCALE, X_ZP = np.float32(0.02), np.uint8(128)
+Y_SCALE, Y_ZP = np.float32(0.03), np.uint8(120)
+CHANNEL_SCALE = RNG.uniform(0.01, 0.03, M).astype(np.float32)   # per output channel
+CONST_INT = RNG.integers(28, 229, (B, S, D)).astype(np.uint8)      # a constant second operand, like x's type
+CONST_SCALE = np.float32(0.015)
+CONST_DEQ = (CONST_INT.astype(np.float32) - np.float32(X_ZP)) * CONST_SCALE
+BIAS_INT = RNG.integers(-500, 500, M).astype(np.int32)               # scale x_scale · w_scale, zero point 0
+ACT = {"x_scale": X_SCALE, "x_zp": X_ZP, "y_scale": Y_SCALE, "y_zp": Y_ZP}
+CONST = {"c": CONST_INT, "c_scale": CONST_SCALE, "c_zp": X_ZP}
+PER_CHANNEL = {"w_scale": CHANNEL_SCALE, "w_zp": np.zeros(M, np.int8), "bias": BIAS_INT}
+XQ = ["x_scale", "x_zp"]
+QX, DQY = n("QuantizeLinear", ["x", *XQ], "xq"), n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "o")
+NCL_Q, NCL_DQ = (n("QuantizeLinear", ["ncl", *XQ], "xq"), n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "c"))
+CONV_DEQ_CHANNELS = CONV_INT.astype(np.float32) * CHANNEL_SCALE[:, None, None]
+FLAT = {"flat": np.array([-1, D], np.int64), "shape": np.array([B, S, M], np.int64)}
+
+
+def ms(op, inputs, outputs, **attrs):
+    return n(op, inputs, outputs, domain=MS, **attrs)
+
+
+def unary(op, **attrs):
+    return [QX, ms(op, ["xq", *XQ, "y_scale", "y_zp"], "yq", **attrs), DQY]
+
+
+# op → (quantized nodes from x to o, their constants, the float meaning: nodes, constants)
+FUSED_RECIPES = {
+    "QLinearMatMul": ([QX, n("QLinearMatMul", ["xq", *XQ, "w", "w_scale", "w_zp", "y_scale", "y_zp"], "yq"), DQY],
+                      {**ACT, **INT_WEIGHT}, [n("MatMul", ["x", "w"], "o")], {"w": W_DEQ}),
+    "QLinearConv": ([TO_NCL, NCL_Q, n("QLinearConv", ["xq", *XQ, "w", "w_scale", "w_zp", "y_scale", "y_zp", "bias"],
+                                      "yq", pads=[0, 1]), NCL_DQ, FROM_NCL],
+                    {**ACT, **PER_CHANNEL, "w": CONV_INT},
+                    [TO_NCL, n("Conv", ["ncl", "w", "b"], "c", pads=[0, 1]), FROM_NCL],
+                    {"w": CONV_DEQ_CHANNELS, "b": (BIAS_INT * X_SCALE * CHANNEL_SCALE).astype(np.float32)}),
+    f"{MS}::QGemm": ([n("Reshape", ["x", "flat"], "x2"), n("QuantizeLinear", ["x2", *XQ], "xq"),
+                      ms("QGemm", ["xq", *XQ, "w", "w_scale", "w_zp", "bias", "y_scale", "y_zp"], "yq", transB=1),
+                      n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "o2"), n("Reshape", ["o2", "shape"], "o")],
+                     {**ACT, **PER_CHANNEL, **FLAT, "w": W_INT.T.copy()},
+                     [n("Reshape", ["x", "flat"], "x2"), n("Gemm", ["x2", "w", "b"], "o2", transB=1),
+                      n("Reshape", ["o2", "shape"], "o")],
+                     {**FLAT, "w": W_INT.T.astype(np.float32) * CHANNEL_SCALE[:, None],
+                      "b": (BIAS_INT * X_SCALE * CHANNEL_SCALE).astype(np.float32)}),
+    f"{MS}::QLinearAdd": ([QX, ms("QLinearAdd", ["xq", *XQ, "c", "c_scale", "c_zp", "y_scale", "y_zp"], "yq"), DQY],
+                          {**ACT, **CONST}, [n("Add", ["x", "c"], "o")], {"c": CONST_DEQ}),
+    f"{MS}::QLinearMul": ([QX, ms("QLinearMul", ["xq", *XQ, "c", "c_scale", "c_zp", "y_scale", "y_zp"], "yq"), DQY],
+                          {**ACT, **CONST}, [n("Mul", ["x", "c"], "o")], {"c": CONST_DEQ}),
+    f"{MS}::QLinearWhere": ([QX, ms("QLinearWhere", ["cond", "xq", *XQ, "c", "c_scale", "c_zp", "y_scale", "y_zp"],
+                                    "yq"), DQY], {**ACT, **CONST, "cond": CONST_DEQ > 0},
+                            [n("Where", ["cond", "x", "c"], "o")], {"c": CONST_DEQ, "cond": CONST_DEQ > 0}),
+    f"{MS}::QLinearConcat": ([QX, ms("QLinearConcat", ["y_scale", "y_zp", "xq", *XQ, "c", "c_scale", "c_zp"], "yq",
+                                     axis=2), DQY], {**ACT, **CONST}, [n("Concat", ["x", "c"], "o", axis=2)],
+                             {"c": CONST_DEQ}),
+    f"{MS}::QLinearSigmoid": (unary("QLinearSigmoid"), ACT, [n("Sigmoid", ["x"], "o")], {}),
+    f"{MS}::QLinearLeakyRelu": (unary("QLinearLeakyRelu", alpha=0.1), ACT, [n("LeakyRelu", ["x"], "o", alpha=0.1)],
+                                {}),
+    f"{MS}::QLinearSoftmax": (unary("QLinearSoftmax", axis=-1, opset=13), ACT, [n("Softmax", ["x"], "o", axis=-1)],
+                              {}),
+    f"{MS}::QLinearAveragePool": ([TO_NCL, NCL_Q, ms("QLinearAveragePool", ["xq", *XQ, "y_scale", "y_zp"], "yq",
+                                                     kernel_shape=[2], pads=[0, 1]), NCL_DQ, FROM_NCL], ACT,
+                                  [TO_NCL, n("AveragePool", ["ncl"], "c", kernel_shape=[2], pads=[0, 1]), FROM_NCL],
+                                  {}),
+    f"{MS}::QLinearGlobalAveragePool": ([TO_NCL, NCL_Q, ms("QLinearGlobalAveragePool", ["xq", *XQ, "y_scale", "y_zp"],
+                                                           "yq"), n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "g"),
+                                         n("Transpose", ["g"], "r", perm=[0, 2, 1]), n("Add", ["x", "r"], "o")], ACT,
+                                        [TO_NCL, n("GlobalAveragePool", ["ncl"], "g"),
+                                         n("Transpose", ["g"], "r", perm=[0, 2, 1]), n("Add", ["x", "r"], "o")], {}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FUSED_RECIPES))
+def test_prefused_quantized_op_keeps_its_forward_and_is_straight_through(op):
+    nodes, constants, float_nodes, float_constants = FUSED_RECIPES[op]
+    width = {"QLinearMatMul": M, "QLinearConv": M, f"{MS}::QGemm": M, f"{MS}::QLinearConcat": 2 * D}.get(op, D)
+    readout = RNG.uniform(-1, 1, (width, CLASSES)).astype(np.float32)
+    proto = build(nodes, constants, readout)
+    x = (RNG.integers(28, 229, (B, S, D)).astype(np.float32) - np.float32(X_ZP)) * X_SCALE   # on the grid
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    for preset in PRESETS:
+        explainer = lrpc.compile(proto, preset=preset)
+        assert lrpc.contract.read_metadata({p.key: p.value for p in explainer.metadata_props})["untouched_forward"]
+        result = lrpc.Explainer(explainer).explain({"x": x}, target=TARGET, position=POSITION)
+        assert np.array_equal(result.outputs["y"], model_y), preset      # the fused op's own forward, bit for bit
+        assert np.isfinite(result.relevance["x"]).all(), preset
+        if preset == "gxi":
+            want = finite_difference_relevance(build(float_nodes, {**constants, **float_constants}, readout), x)
+            got = result.relevance["x"]
+            assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
+
+
+# ---- --epsilon / --gamma-* on quantized layers ---------------------------------------------------------------
+
+def _one_layer(kind: str) -> onnx.ModelProto:
+    """x [B, D] → one int8 layer with the weight W_DEQ → y [B, M]: QOperator (QLinearMatMul) or QDQ."""
+    if kind == "qoperator":
+        nodes = [QX, n("QLinearMatMul", ["xq", *XQ, "w", "w_scale", "w_zp", "y_scale", "y_zp"], "yq"),
+                 n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "y")]
+    else:
+        nodes = [QX, n("DequantizeLinear", ["xq", *XQ], "xd"), n("DequantizeLinear", ["w", "w_scale", "w_zp"], "wd"),
+                 n("MatMul", ["xd", "wd"], "z"), n("QuantizeLinear", ["z", "y_scale", "y_zp"], "yq"),
+                 n("DequantizeLinear", ["yq", "y_scale", "y_zp"], "y")]
+    tensors = [numpy_helper.from_array(np.asarray(v), k) for k, v in {**ACT, **INT_WEIGHT}.items()]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, M])], tensors)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("kind", ["qoperator", "qdq"])
+def test_gamma_rule_reaches_a_quantized_layer_through_its_dequantized_weight(kind):
+    """Oracle: zennit's Gamma on the float layer with the dequantized weight (x on its quantization grid, so
+    the layer's float pre-activation is the same; the output's rounding is straight-through)."""
+    torch = pytest.importorskip("torch")
+    from test_gamma_zennit import rel_err, zennit_relevance   # (tests/ on sys.path)
+    x = (RNG.integers(28, 229, (B, D)).astype(np.float32) - np.float32(X_ZP)) * X_SCALE
+    layer = torch.nn.Linear(D, M, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(W_DEQ.T.copy()))
+    logits = layer(torch.from_numpy(x)).detach().numpy()
+    target = [int(np.argmax(logits[0])), int(np.argmin(logits[1]))]   # a positive and a negative output
+    explainer = lrpc.Explainer(lrpc.compile(_one_layer(kind), gamma_linear=0.25))
+    got = explainer.explain({"x": x}, target=target).relevance["x"]
+    want = zennit_relevance(layer, torch.from_numpy(x), target, None, 0.25)
+    assert rel_err(got, want) <= 1e-4
+    plain = lrpc.Explainer(lrpc.compile(_one_layer(kind))).explain({"x": x}, target=target).relevance["x"]
+    assert rel_err(plain, want) > 1e-3   # γ visibly applied (not a silent no-op)
+    plan = lrpc.plan_model(_one_layer(kind), options=Options(epsilon=0.1))
+    assert [r.rule for r in plan.records.values() if r.rule != "inside"] == ["epsilon"]
+
+
+def test_gamma_on_an_integer_layer_of_quantize_dynamic_is_refused_in_one_line():
+    proto = build(RECIPES["MatMulInteger"][0], INT_WEIGHT, np.ones((M, CLASSES), np.float32))
+    for options in ({"gamma_linear": 0.25}, {"epsilon": 0.1}):
+        with pytest.raises(lrpc.LrpcError, match="do not apply to integer layers .*MatMulInteger") as error:
+            lrpc.compile(proto, **options)
+        assert "\n" not in str(error.value)
+
+
+def test_a_quantized_fused_attention_is_refused_in_one_line():
+    nodes = [DQL, ms("QAttention", ["q", "w", "bias", "s", "w_scale", "", "zp", "w_zp"], "o", num_heads=1)]
+    constants = {**INT_WEIGHT, "w": RNG.integers(-127, 128, (D, 3 * D)).astype(np.int8),
+                 "bias": np.zeros(3 * D, np.float32)}
+    with pytest.raises(lrpc.LrpcError, match="QAttention") as error:
+        lrpc.compile(build(nodes, constants, np.ones((D, CLASSES), np.float32)))
+    assert "\n" not in str(error.value)
+
+
 def test_an_all_zero_activation_quantizes_to_scale_zero_without_nan():
     proto = build(RECIPES["MatMulInteger"][0], INT_WEIGHT, np.ones((M, CLASSES), np.float32))
     result = lrpc.Explainer(lrpc.compile(proto)).explain({"x": np.zeros((B, S, D), np.float32)}, target=TARGET,
@@ -136,7 +286,7 @@ def _check_against_float(explainer_path, float_path, feed, min_cosine):
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
-@pytest.mark.parametrize("kind", ["dynamic", "qdq"])
+@pytest.mark.parametrize("kind", ["dynamic", "qdq", "qoperator", "qdq-fused"])
 def test_zoo_model_quantized_by_onnxruntime(zoo_export, tmp_path, name, kind):
     feeds, float_path, variant, explainer = _deployed_explainer(zoo_export, tmp_path, name, kind)
     explained = _check_against_float(explainer, float_path, feeds[0], 0.9)
