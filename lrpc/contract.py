@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from lrpc.analysis import Attribution
 from lrpc.errors import LrpcError
-from lrpc.graph import INPUT_CHECK, Builder
+from lrpc.graph import Builder, checked
 
 TARGET, POSITION, SEED = "lrp_target", "lrp_position", "lrp_seed"
 K_DIM = "lrp_targets"   # the symbolic K of an explainer compiled with --targets dynamic
@@ -73,12 +73,12 @@ def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str
     per_row = [batch] if targets is None else [batch, k_dim(targets)]   # the index inputs' shape
     if mode == "vector":
         per_class = index_input = add_input(graph, b, SEED, F32, per_row + [classes])
-        per_class = _checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite")
+        per_class = checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite")
     elif mode == "target":
         target = index_input = add_input(graph, b, TARGET, I64, per_row)
         if targets is not None:
-            target = _checked(b, target, b.Greater(b.Shape(target, start=1, end=2), b.i64([0])), "nonempty")
-        target = _checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range")
+            target = checked(b, target, b.Greater(b.Shape(target, start=1, end=2), b.i64([0])), "nonempty")
+        target = checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range")
         per_class = b.OneHot(target, b.Shape(y, start=-1), b.f32([0.0, 1.0]), axis=-1)
     else:
         raise LrpcError(f"unknown seed mode '{mode}': use 'target' or 'vector'")
@@ -90,8 +90,8 @@ def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str
     seq = b.Shape(y, start=1, end=2)
     if targets is not None:  # one position per target: the same [batch, K] as the target / seed's first axes
         same = b.Equal(b.Shape(position), b.Shape(index_input, end=2))
-        position = _checked(b, position, same, "same_shape_as_" + index_input.name)
-    position = _checked(b, position, _in_range(b, position, seq, negative=True), "in_range")
+        position = checked(b, position, same, "same_shape_as_" + index_input.name)
+    position = checked(b, position, _in_range(b, position, seq, negative=True), "in_range")
     at_position = b.OneHot(position, seq, b.f32([0.0, 1.0]), axis=-1)  # negative: from end
     if targets is not None:
         at_position = b.Transpose(at_position, perm=[1, 0, 2])   # [K, batch, seq]
@@ -119,21 +119,6 @@ def _in_range(b: Builder, index: ir.Value, size: ir.Value, negative: bool) -> ir
     """index ∈ [0, size), or [−size, size) where negative indices count from the end."""
     low = b.Neg(size) if negative else b.i64([0])
     return b.And(b.GreaterOrEqual(index, low), b.Less(index, size))
-
-
-def _checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
-    """`value` itself, read through a Reshape to its own shape plus `bad` (1 if any entry fails `ok`, else
-    0): a no-op when every entry passes, an impossible shape (more elements) otherwise, so the run fails
-    with onnxruntime naming the node, lrp_check_<input>_<test>. The relevance reads the Reshape's output:
-    a data dependency no optimiser may drop, and no branch (works alike on every execution provider).
-    allowzero=1 (a 0 in the shape is a real 0: only an empty input has one) is what stops the Builder
-    from merging a later Reshape of the checked value into this one, which would skip the check."""
-    bad = b.ReduceSum(b.Cast(b.Not(ok), to=I64.value), keepdims=0)  # an empty batch has nothing bad
-    out = ir.Value(name=b.fresh(f"checked_{value.name}"), type=value.type, shape=value.shape)
-    b.graph.append(ir.Node("", "Reshape", [value, b.Add(b.Shape(value), bad)], outputs=[out],
-                           attributes=[ir.AttrInt64("allowzero", 1)],  # also keeps Builder from folding it
-                           name=b.fresh(f"{INPUT_CHECK}{value.name}_{test}")))
-    return out
 
 
 def relevance_of(b: Builder, emitter, attribution: Attribution, grads: dict[ir.Value, ir.Value]) -> ir.Value:

@@ -10,8 +10,9 @@ freezes); biased activations become `Add(x, bias)` then the activation (the bias
 activation region); attention becomes MatMul(Q, Kᵀ) · scale + mask → Softmax → MatMul(·, V) (the two
 bilinear products and the softmax the passes look for). The model's outputs are unchanged.
 
-Unsupported attribute combinations (past key/value caches, packed layouts, rotary inside Attention, …)
-raise LrpcError naming the node, the op and the attribute.
+Unsupported attribute combinations (onnxruntime's attention ops with a past key/value cache, packed layouts,
+rotary inside Attention, …) raise LrpcError naming the node, the op and the attribute. ONNX ops defined by a
+function body and without a row of their own are expanded into that body (lrpc.fused_function).
 """
 
 from __future__ import annotations
@@ -31,57 +32,29 @@ ORT_DEFAULT_DOMAIN_OPS = {op for domain, op in ops.FUSED_KEYS if domain == PROTE
 class _Context:
     def __init__(self, model: ir.Model):
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))
+        self.opsets = dict(model.opset_imports)
 
 
 def decompose_fused(model: ir.Model) -> ir.Model:
-    """Rewrite every fused op of the registry (lrpc.ops.FUSED) into standard ONNX ops, in place."""
+    """Rewrite every fused op of the registry (lrpc.ops.FUSED) into standard ONNX ops, in place; what a
+    decomposition inserts is decomposed in turn (a function body holding a Scan, or another function op)."""
     graph = model.graph
-    targets = [(node, h) for node in graph if (h := ops.decomposition(node)) is not None]
-    if not targets:
-        return model
     ctx = _Context(model)
     b = Inserter(graph)
     b.model = model
-    untyped = []   # kept contrib nodes: onnx cannot type their outputs
-    for node, handler in targets:
-        b.anchor = node
-        b.dtype = float_type(node, *range(len(node.inputs)))
-        replacements = handler(node, b, ctx)
-        if replacements is None:   # nothing to decompose here (the op's rule decides what to do)
-            continue
-        replacements = list(replacements)
-        replacements += [None] * (len(node.outputs) - len(replacements))
-        for i, (old, new) in enumerate(zip(node.outputs, replacements)):
-            if used(old) and new is None:
-                raise fail(node, f"its output {i} being used")
-            if new is not None:   # (only what is known: a `dtype = None` would write an untypable Tensor(None))
-                if new.shape is None and old.shape is not None:
-                    new.shape = old.shape
-                if new.dtype is None and old.dtype is not None:
-                    new.dtype = old.dtype
-        b.dirty = True
-        if node.domain in ("", "ai.onnx") or ops.is_quantized(node):
-            # An ONNX op or a pre-fused quantized one: the node keeps computing the model's outputs (bit for bit
-            # what onnxruntime's kernel gives); its decomposition, read by nothing in the forward, carries the
-            # relevance (ops.ALIAS).
-            node.meta[ops.ALIAS] = replacements
-            if node.domain not in ("", "ai.onnx"):
+    seen: set[ir.Node] = set()
+    untyped = []   # kept contrib nodes (pre-fused quantized ops): onnx cannot type their outputs
+    while targets := [(node, h) for node in graph
+                      if node not in seen and (h := ops.decomposition(node, ctx.opsets)) is not None]:
+        seen.update(node for node, _ in targets)
+        for node, handler in targets:
+            if _decompose(node, handler, b, ctx) and node.domain not in ("", "ai.onnx"):
                 untyped.append(node)
-            continue
-        # onnxruntime's contrib ops (whose outputs onnx cannot type) are replaced by their decomposition
-        for old, new in zip(node.outputs, replacements):
-            if not used(old):
-                continue
-            name = old.name
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-            if name:
-                old.name = None
-                new.name = name   # the model keeps its output names (and its readable tensor names)
-        graph.remove(node, safe=True)
-    graph.sort()   # (a decomposition may read a dequantized tensor the model makes after the fused node)
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-    while _typed_like_decomposition(untyped):   # each round types what the nodes typed last round made
+    if b.changed:
+        graph.sort()   # (a decomposition may read a dequantized tensor the model makes after the fused node)
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        while _typed_like_decomposition(untyped):   # each round types what the nodes typed last round made
+            ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return model
 
 
@@ -96,6 +69,44 @@ def _typed_like_decomposition(nodes: list[ir.Node]) -> bool:
                 old.dtype, old.shape = new.dtype, new.shape
                 changed = True
     return changed
+
+
+def _decompose(node: ir.Node, handler, b: Inserter, ctx: _Context) -> bool:
+    """Decompose one node; True when the node is kept beside its decomposition (ops.ALIAS)."""
+    b.anchor = node
+    b.dtype = float_type(node, *range(len(node.inputs)))
+    replacements = handler(node, b, ctx)
+    if replacements is None:   # nothing to decompose here (the op's rule decides what to do)
+        return False
+    replacements = list(replacements)
+    replacements += [None] * (len(node.outputs) - len(replacements))
+    for i, (old, new) in enumerate(zip(node.outputs, replacements)):
+        if used(old) and new is None:
+            raise fail(node, f"its output {i} being used")
+        if new is not None:   # (only what is known: a `dtype = None` would write an untypable Tensor(None))
+            if new.shape is None and old.shape is not None:
+                new.shape = old.shape
+            if new.dtype is None and old.dtype is not None:
+                new.dtype = old.dtype
+    b.dirty = b.changed = True
+    if node.domain in ("", "ai.onnx") or ops.is_quantized(node):
+        # An ONNX op or a pre-fused quantized one: the node keeps computing the model's outputs (bit for bit
+        # what onnxruntime's kernel gives); its decomposition, read by nothing in the forward, carries the
+        # relevance (ops.ALIAS).
+        node.meta[ops.ALIAS] = replacements
+        return True
+    # onnxruntime's contrib ops (whose outputs onnx cannot type) and other domains' ops (optimizer steps, which
+    # onnxruntime cannot run) are replaced by their decomposition
+    for old, new in zip(node.outputs, replacements):
+        if not used(old):
+            continue
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        if name:
+            old.name = None
+            new.name = name   # the model keeps its output names (and its readable tensor names)
+    b.graph.remove(node, safe=True)
+    return False
 
 
 def protect_nonstandard_ops(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from lrpc.fused_common import LOWEST, fail, optional_input, require_unused
+from lrpc.fused_common import LOWEST, fail, optional_input, output_used, require_unused
 from lrpc.graph import attr
 
 
@@ -63,11 +63,26 @@ def _int_zero(b, mask):
     return b.const(np.asarray(0, dtype=mask.dtype.numpy() if mask.dtype is not None else np.int32))
 
 
-def _causal_allowed(b, query, key, q_axis=1, k_axis=1):
-    """[S, T] bool: key j visible from query i iff j ≤ i (no past)."""
+def _positions(b, query, key, q_axis=1, k_axis=1, offset=None):
+    """([S, 1], [1, T]) int64: query i's position i + offset (the length of a past cache, or a per-batch
+    [B, 1, 1, 1] one, which makes the first [B, 1, S, 1]; none: 0), key j's j."""
     i = b.Unsqueeze(b.Range(b.i64(0), b.dim_scalar(query, q_axis), b.i64(1)), b.i64([1]))
     j = b.Unsqueeze(b.Range(b.i64(0), b.dim_scalar(key, k_axis), b.i64(1)), b.i64([0]))
+    return i if offset is None else b.Add(i, offset), j
+
+
+def _causal_allowed(b, query, key, q_axis=1, k_axis=1, offset=None):
+    """[S, T] bool: key j visible from query i iff j ≤ i + offset."""
+    i, j = _positions(b, query, key, q_axis, k_axis, offset)
     return b.LessOrEqual(j, i)
+
+
+def _window_allowed(b, query, key, offset, left: int, right: int):
+    """[S, T] bool: p − left ≤ j ≤ p + right for query position p = i + offset (a bound of −1: none)."""
+    p, j = _positions(b, query, key, 2, 2, offset)
+    allowed = [b.LessOrEqual(b.Sub(p, j), b.i64(left))] if left >= 0 else []
+    allowed += [b.LessOrEqual(b.Sub(j, p), b.i64(right))] if right >= 0 else []
+    return allowed[0] if len(allowed) == 1 else b.And(*allowed)
 
 
 def _attend(b, q, kt, v, scale, additive, bias):
@@ -158,15 +173,15 @@ def ms_multi_head_attention(node, b, ctx):
 
 def onnx_attention(node, b, ctx):
     """ONNX Attention (opset 23/24): softmax(softcap(Q·√s · (K·√s)ᵀ) + mask)·V, 3-D or 4-D, GQA by repeating
-    K/V heads, is_causal top-left aligned, bool masks True = attend, fully masked rows give zeros."""
-    for i, name in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
-        if optional_input(node, i) is not None:
-            raise fail(node, f"input '{name}'")
-    require_unused(node, (1, 2, 3), ("present_key", "present_value", "qk_matmul_output"))
-    for name in ("left_window_size", "right_window_size"):
-        if int(attr(node, name, -1)) != -1:
-            raise fail(node, f"attribute {name}")
-    q, k, v, mask = (optional_input(node, i) for i in range(4))
+    K/V heads, is_causal and sliding windows aligned to the end of a past cache (top-left without one), bool
+    masks True = attend, fully masked rows give zeros. A past key/value cache is concatenated in front of K/V
+    (present_key / present_value); qk_matmul_output is the scaled Q·Kᵀ (mode 0), plus the mask (1, 2; without
+    softcap), or the softmax (3)."""
+    mode = int(attr(node, "qk_matmul_output_mode", 0))
+    left, right = int(attr(node, "left_window_size", -1)), int(attr(node, "right_window_size", -1))
+    q, k, v, mask, past_key, past_value, nonpad = (optional_input(node, i) for i in range(7))
+    if (past_key is None) != (past_value is None) or (past_key is not None and nonpad is not None):
+        raise fail(node, "only one of past_key / past_value, or a past cache with nonpad_kv_seqlen")
     r = b.rank(q)
     if r not in (3, 4):
         raise fail(node, f"a query of unknown rank ({r})")
@@ -181,6 +196,9 @@ def onnx_attention(node, b, ctx):
         q4, k4, v4 = q, k, v
         nq, nkv = b.dim(q, 1), b.dim(k, 1)
         head = b.dim(q, 3)
+    if past_key is not None:   # the cache is [B, kv heads, past, head] whatever the rank of Q/K/V
+        k4, v4 = b.Concat(past_key, k4, axis=2), b.Concat(past_value, v4, axis=2)
+    present = (k4, v4) if past_key is not None else (None, None)
     if nq != nkv:
         if not (isinstance(nq, int) and isinstance(nkv, int) and nq % nkv == 0):
             raise fail(node, "query and key/value head counts that are unknown or not multiples")
@@ -191,25 +209,38 @@ def onnx_attention(node, b, ctx):
             raise fail(node, "unknown head size without a scale attribute")
         scale = 1.0 / math.sqrt(head)
     root = b.scalar(math.sqrt(float(scale)))
-    scores = b.MatMul(b.Mul(q4, root), b.Transpose(b.Mul(k4, root), perm=[0, 1, 3, 2]))
+    scores = qk = b.MatMul(b.Mul(q4, root), b.Transpose(b.Mul(k4, root), perm=[0, 1, 3, 2]))
     softcap = float(attr(node, "softcap", 0.0))
     if softcap > 0:
         scores = b.Mul(b.Tanh(b.Div(scores, b.scalar(softcap))), b.scalar(softcap))
     additive = None
     if mask is not None:
         additive = b.Where(mask, b.scalar(0.0), b.scalar(-np.inf)) if mask.dtype == ir.DataType.BOOL else mask
-    if attr(node, "is_causal", 0):
-        causal = b.Where(_causal_allowed(b, q4, k4, 2, 2), b.scalar(0.0), b.scalar(-np.inf))
-        additive = causal if additive is None else b.Add(additive, causal)
+    offset = b.dim_scalar(past_key, 2) if past_key is not None else None
+    if nonpad is not None:   # an external cache: batch row n holds nonpad[n] valid keys, the queries last
+        valid = b.Reshape(nonpad, b.i64([-1, 1, 1, 1]))
+        offset = b.Sub(valid, b.dim_scalar(q4, 2))
+    allowed = [_causal_allowed(b, q4, k4, 2, 2, offset)] if attr(node, "is_causal", 0) else []
+    allowed += [_window_allowed(b, q4, k4, offset, left, right)] if left >= 0 or right >= 0 else []
+    allowed += [b.Less(_positions(b, q4, k4, 2, 2)[1], valid)] if nonpad is not None else []
+    for visible in allowed:
+        bias = b.Where(visible, b.scalar(0.0), b.scalar(-np.inf))
+        additive = bias if additive is None else b.Add(additive, bias)
     if additive is not None:
         scores = b.Add(scores, additive)
     probs = b.Softmax(scores, axis=-1)
-    if mask is not None:  # a row whose mask hides every key attends to nothing (the spec's zeros)
+    if mask is not None or left >= 0 or right >= 0 or nonpad is not None:
+        # a row whose mask hides every key attends to nothing (the spec's zeros)
         full = b.Add(additive, b.Expand(b.scalar(0.0), b.Shape(scores)))
         dead = b.Equal(b.ReduceMax(full, b.i64([-1]), keepdims=1), b.scalar(-np.inf))
         probs = b.Where(dead, b.scalar(0.0), probs)
     out = b.MatMul(probs, v4)
-    return [_merge_heads(b, out) if r == 3 else out]
+    qk_output = None
+    if output_used(node, 3):   # (with a softcap, modes 1 and 2 are read differently by onnx and onnxruntime)
+        qk_output = {0: qk, 3: probs}.get(mode, scores if softcap <= 0 else None)
+        if qk_output is None:
+            raise fail(node, f"qk_matmul_output_mode={mode} with softcap")
+    return [_merge_heads(b, out) if r == 3 else out, *present, qk_output]
 
 
 def _repeat_heads(b, t, heads, reps):

@@ -28,6 +28,7 @@ class Inserter(Builder):
     dtype: ir.DataType = ir.DataType.FLOAT        # its float type (for constants)
     model: ir.Model | None = None
     dirty = False                                 # the graph changed since shapes were last inferred
+    changed = False                               # the graph changed at all
 
     def op(self, op_type: str, *inputs, _domain: str = "", _outputs: int = 1, **attrs):
         attrs = {k: _plain(v) for k, v in attrs.items() if v is not None}
@@ -35,6 +36,7 @@ class Inserter(Builder):
         node = ir.Node(_domain, op_type, inputs, ir.convenience.convert_attributes(attrs),
                        outputs=outputs, name=self.fresh(op_type))
         self.graph.insert_before(self.anchor, node)
+        self.dirty = True
         return outputs[0] if _outputs == 1 else tuple(outputs)
 
     def rank(self, value: ir.Value | None) -> int | None:

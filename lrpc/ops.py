@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from lrpc import control_flow as cf, fused_attention as fa, fused_norms as fn, fused_quant as fq
-from lrpc import fused_recurrent as fr, rows
+from lrpc import control_flow as cf, fused_attention as fa, fused_deform as fd, fused_function as ff, fused_norms as fn
+from lrpc import fused_quant as fq, fused_recurrent as fr, fused_training as ft, rows
 from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw
 from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
 from lrpc import vjp_spectral as spectral, vjp_structural as st
@@ -98,7 +98,8 @@ def _alias(n, g):
     targets = n.node.meta.get(ALIAS)
     if targets is None:   # control flow left as it is (a run-time condition, a loop)
         refuse(n, "relevance through control flow whose subgraph reads a relevance-carrying tensor is not "
-                  "supported (only an If with a static condition, a Scan of static length); export the model without it")
+                  "supported (only an If with a static condition, a Scan of static length, a Loop with a compile-time "
+                  "iteration count); export the model without it")
     return {new: (lambda grad=grad: grad) for new, grad in zip(targets, n.grads) if new is not None and grad is not None}
 
 
@@ -133,7 +134,7 @@ def _transpose(n, g):
 QUANTIZATION: dict[str, Op] = {
     "QuantizeLinear": Op(ELEMENTWISE, qt.quantize, rows=rows.pointwise, differentiable=(0,), quantized=(0,)),
     "DynamicQuantizeLinear": Op(ELEMENTWISE, qt.dynamic_quantize, differentiable=(0,), quantized=(0,)),
-    "DequantizeLinear": Op(ELEMENTWISE, qt.dequantize, rows=rows.pointwise, differentiable=(0,)),
+    "DequantizeLinear": Op(ELEMENTWISE, qt.dequantize, rows=rows.pointwise, differentiable=(0, 1)),
     "MatMulInteger": Op(LINEAR, qt.matmul_integer, rows=rows.matmul, differentiable=(0, 1), quantized=(0,)),
     "ConvInteger": Op(LINEAR, qt.conv_integer, differentiable=(0, 1), quantized=(0,)),
     f"{MS}::DynamicQuantizeMatMul": Op(LINEAR, qt.dynamic_quantize_matmul, differentiable=(0,)),
@@ -270,6 +271,7 @@ OPS: dict[str, Op] = {
     "MaxUnpool": structural(sc.max_unpool),
     "Compress": structural(sc.compress),
     "TensorScatter": structural(sc.tensor_scatter, differentiable=(0, 1)),
+    "ai.onnx.ml::ArrayFeatureExtractor": structural(st.array_feature_extractor),
     "Trilu": structural(lambda n, g: (lambda: n.b.Trilu(g, n.raw(1) if len(n.inputs) > 1 else None,
                                                         upper=n.attr("upper", 1)),)),
     # reductions
@@ -301,16 +303,17 @@ OPS: dict[str, Op] = {
         "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax")},
+        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
     # control flow
     "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
-    "Loop": control_flow(),
+    "Loop": control_flow(cf.unroll_loop, "a compile-time iteration count: the body is unrolled"),
     "Scan": control_flow(cf.unroll_scan, "a static length: the body is unrolled"),
     # fused ops, rewritten into the standard ops above (lrpc.decompose)
     "RMSNormalization": fused(fn.simplified_layer_norm),
     "SimplifiedLayerNormalization": fused(fn.simplified_layer_norm),
     "Attention": fused(fa.onnx_attention),
     "RotaryEmbedding": fused(fa.onnx_rotary),
+    "DeformConv": fused(fd.deform_conv),
     "RNN": fused(fr.recurrent),
     "GRU": fused(fr.recurrent),
     "LSTM": fused(fr.recurrent),
@@ -328,6 +331,10 @@ OPS: dict[str, Op] = {
     f"{MS}::Attention": fused(fa.ms_attention),
     f"{MS}::MultiHeadAttention": fused(fa.ms_multi_head_attention),
     f"{MS}::RotaryEmbedding": fused(fa.ms_rotary),
+    # optimizer steps (no onnxruntime kernel: replaced by their decomposition)
+    f"{ft.TRAINING}::Adagrad": fused(ft.adagrad),
+    f"{ft.TRAINING}::Momentum": fused(ft.momentum),
+    f"{ft.TRAINING}::Adam": fused(ft.adam),
     f"{MS}::GroupQueryAttention": refused("GroupQueryAttention (a generation op with a key/value cache)"),
 }
 
@@ -337,8 +344,13 @@ def key(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
 
 
+# an ONNX op without a row whose schema defines it by a function body: expanded into that body (lrpc.fused_function)
+EXPANDED = fused(ff.expand)
+
+
 def lookup(node: ir.Node) -> Op | None:
-    return OPS.get(key(node))
+    op = OPS.get(key(node))
+    return EXPANDED if op is None and ALIAS in node.meta else op
 
 
 def is_kind(node: ir.Node | None, *kinds: str) -> bool:
@@ -375,9 +387,13 @@ def vjp(node: ir.Node) -> Callable | None:
     return op.vjp if op is not None else None
 
 
-def decomposition(node: ir.Node) -> Callable | None:
-    op = lookup(node)
-    return op.decompose if op is not None else None
+def decomposition(node: ir.Node, opsets: dict[str, int]) -> Callable | None:
+    """What rewrites the node before analysis: its row's handler, or for an ONNX op without a row the expansion
+    into its function body at the model's opsets (lrpc.fused_function)."""
+    op = OPS.get(key(node))
+    if op is None:
+        return EXPANDED.decompose if ff.has_body(node, opsets) else None
+    return op.decompose
 
 
 # (domain, op_type) of every fused op

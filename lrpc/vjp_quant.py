@@ -84,11 +84,24 @@ def dynamic_quantize(n, g):
 
 
 def dequantize(n, g):
-    """DequantizeLinear y = (q − zero_point) · scale: ĝ_q = ĝ_y · scale (ĝ_q = ĝ_y after a paired quantize)."""
+    """DequantizeLinear y = (q − zero_point) · scale: ĝ_q = ĝ_y · scale (ĝ_q = ĝ_y after a paired quantize); a
+    scale that carries relevance (a graph input; never in a quantized model, whose scales are constants or
+    DynamicQuantizeLinear's, which carry none) gets ĝ_y · (q − zero_point) summed over all but its own axis."""
+    b = n.b
+
+    def scale():
+        centred = n.x(0) if len(n.inputs) < 3 or n.inputs[2] is None else b.Sub(n.x(0), _along(n, 2))
+        rank, lead = n.rank(0), 1 if n.lead else 0
+        if rank is None:
+            refuse(n, "a relevance-carrying scale on a tensor of unknown rank")
+        own = [] if n.rank(1) == 0 else [n.grad_axis(n.attr("axis", 1) % rank)]
+        _along(n, 1)   # (refuses blocked quantization)
+        return b.ReduceSum(b.Mul(g, centred), b.i64([a for a in range(lead, lead + rank) if a not in own]),
+                           keepdims=0)
     producer = n.node.inputs[0].producer()
     if producer is not None and producer.op_type == "QuantizeLinear" and _paired(producer):
-        return (lambda: g,)
-    return (lambda: n.b.Mul(g, _along(n, 1)),)
+        return (lambda: g, scale)
+    return (lambda: b.Mul(g, _along(n, 1)), scale)
 
 
 def matmul_integer(n, g):

@@ -36,6 +36,8 @@ def _scatter(n, g, scatter, gather):
         return (lambda: g, None, lambda: gather(g))
     if reduction == "none":
         return (lambda: scatter(g, n.zeros_like(b.Shape(n.raw(2)))), None, lambda: gather(g))
+    if reduction == "mul":
+        return _scatter_product(n, g, scatter, gather)
     if reduction not in ("max", "min"):
         refuse(n, f"reduction={reduction} is not supported")
     y = n.y()
@@ -43,6 +45,24 @@ def _scatter(n, g, scatter, gather):
     hit_updates = n.cached("hit_updates", lambda: b.Cast(b.Equal(n.x(2), gather(y)), to=1))
     share = n.cached("share", lambda: b.Div(g, scatter(hit_data(), hit_updates(), reduction="add")))
     return (lambda: b.Mul(share(), hit_data()), None, lambda: b.Mul(gather(share()), hit_updates()))
+
+
+def _scatter_product(n, g, scatter, gather):
+    """reduction=mul: y = data ⊙ Π (updates at that position). ĝ_data = ĝ_y ⊙ Π updates; an update's ĝ is
+    ĝ_y ⊙ data ⊙ Π (the other updates at its position), formed without dividing by a zero update: P is the
+    product of the non-zero updates at a position, Z the count of zero ones."""
+    b = n.b
+    zero = b.Equal(n.x(2), b.f32(0.0))
+    is_zero, nonzero = b.Cast(zero, to=1), b.Where(zero, b.f32(1.0), n.x(2))
+    base = n.zeros_like(b.Shape(n.raw(0)))
+    products = n.cached("products", lambda: scatter(b.Add(base, b.f32(1.0)), nonzero, reduction="mul"))
+    zeros = n.cached("zeros", lambda: scatter(base, is_zero, reduction="add"))
+
+    def others():
+        return b.Where(b.Equal(b.Sub(gather(zeros()), is_zero), b.f32(0.0)), b.Div(gather(products()), nonzero),
+                       b.f32(0.0))
+    return (lambda: b.Mul(g, b.Where(b.Equal(zeros(), b.f32(0.0)), products(), b.f32(0.0))), None,
+            lambda: b.Mul(gather(b.Mul(g, n.x(0))), others()))
 
 
 def top_k(n, g):

@@ -250,3 +250,16 @@ def center_crop_pad(n, g):
         dims = shape if axes is None else n.b.Gather(shape, n.b.i64(list(axes)))
         return n.b.CenterCropPad(g, dims, axes=None if axes is None else [n.grad_axis(a) for a in axes])
     return (grad, None)
+
+
+def array_feature_extractor(n, g):
+    """y = x[..., indices] (ai.onnx.ml; a 1-D x gives [1, k]): ĝ_x scatter-adds ĝ_y back along the last axis
+    (indices may repeat)."""
+    b = n.b
+
+    def grad():
+        pieces = ([n.k_shape] if n.lead else []) + [b.Shape(n.raw(0), end=-1), b.i64([-1])]
+        rows = b.Reshape(g, b.Concat(*pieces, axis=0))
+        index = b.Expand(b.Reshape(b.Cast(n.raw(1), to=7), b.i64([-1])), b.Shape(rows))
+        return b.ScatterElements(n.grad_zeros(0), index, rows, axis=-1, reduction="add")
+    return (grad, None)

@@ -245,3 +245,108 @@ def test_node_case_is_exact(name):
     case = next(c for c in conformance.collect() if c.name == name)
     outcome = conformance.run_case(case)
     assert (outcome.status, outcome.attnlrp) == ("exact", ""), outcome.detail
+
+
+@pytest.mark.parametrize("updates, r_data, r_updates", [
+    # y = [2·3·4, 3, 5·0.5, 7]: R_data = data ⊙ Π updates, R_u = u ⊙ data ⊙ Π (the other updates there)
+    ([3.0, 4.0, 0.5], [24.0, 3.0, 2.5, 7.0], [24.0, 24.0, 2.5]),
+    # a zero update: y₀ = 0, finite relevance (dividing y by the update would give 0/0)
+    ([0.0, 4.0, 0.5], [0.0, 3.0, 2.5, 7.0], [0.0, 0.0, 2.5]),
+])
+def test_scatter_elements_product_with_repeated_indices(updates, r_data, r_updates):
+    model = _model([helper.make_node("ScatterElements", ["data", "indices", "updates"], ["y"], axis=1,
+                                     reduction="mul")],
+                   [helper.make_tensor_value_info("data", F, [1, 4]), helper.make_tensor_value_info("updates", F, [1, 3])],
+                   [helper.make_tensor_value_info("y", F, [1, 4])], [("indices", np.array([[0, 0, 2]], np.int64))])
+    feed = {"data": np.float32([[2.0, 3.0, 5.0, 7.0]]), "updates": np.float32([updates])}
+    r, _ = _relevance(model, feed, ["data", "updates"], seed_vector=np.ones((1, 4), np.float32))
+    np.testing.assert_allclose(r["data"], [r_data], rtol=1e-6)
+    np.testing.assert_allclose(r["updates"], [r_updates], rtol=1e-6)
+
+
+def _loop_model(trip_count_is_static: bool):
+    """y_{t+1} = a·y_t + x for 3 iterations (x read from the outer graph), every y_t also a scan output."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Mul", ["y_in", "a"], ["ay"]),
+         helper.make_node("Add", ["ay", "x"], ["y_out"]), helper.make_node("Identity", ["y_out"], ["scan"])],
+        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond_in", BOOL, []),
+                 helper.make_tensor_value_info("y_in", F, [1, 1])],
+        [helper.make_tensor_value_info("cond_out", BOOL, []), helper.make_tensor_value_info("y_out", F, [1, 1]),
+         helper.make_tensor_value_info("scan", F, [1, 1])])
+    inputs = [helper.make_tensor_value_info("x", F, [1, 1]), helper.make_tensor_value_info("y0", F, [1, 1])]
+    inits = [("a", np.float32([[2.0]])), ("go", np.array(True))]
+    if trip_count_is_static:
+        inits.append(("trips", np.array(3, np.int64)))
+    else:
+        inputs.append(helper.make_tensor_value_info("trips", I64, []))
+    return _model([helper.make_node("Loop", ["trips", "go", "y0"], ["y", "ys"], body=body),
+                   helper.make_node("ReduceSum", ["ys"], ["total"], keepdims=0),
+                   helper.make_node("Add", ["y", "total"], ["out"])],
+                  inputs, [helper.make_tensor_value_info("out", F, [1, 1]),
+                           helper.make_tensor_value_info("ys", F, [3, 1, 1])], inits)
+
+
+@pytest.mark.parametrize("preset", ["gxi", "attnlrp"])
+@pytest.mark.parametrize("static", [True, False])
+def test_loop_with_a_compile_time_iteration_count_is_unrolled(static, preset):
+    # y1 = 2y0 + x, y2 = 4y0 + 3x, y3 = 8y0 + 7x; out = y3 + (y1 + y2 + y3) = 22·y0 + 18·x (linear: every
+    # preset gives the gradient), so R_x = 18x, R_y0 = 22·y0; the count comes from the trip count or from
+    # the scan output's static length
+    feed = {"x": np.float32([[0.5]]), "y0": np.float32([[-1.5]])} | ({} if static else {"trips": np.array(3)})
+    r, outs = _relevance(_loop_model(static), feed, ["x", "y0"], preset=preset)
+    np.testing.assert_allclose(r["x"], [[9.0]], rtol=1e-6)
+    np.testing.assert_allclose(r["y0"], [[-33.0]], rtol=1e-6)
+
+
+def test_loop_run_for_another_count_than_compiled_fails_loudly():
+    # compiled for the scan output's 3 iterations, run with a trip count of 2: the explainer's own check fails
+    explainer = lrpc.compile(_loop_model(False), preset="gxi", attribute=["x"])
+    session = ort.InferenceSession(explainer.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"x": np.float32([[0.5]]), "y0": np.float32([[-1.5]]), "trips": np.array(2),
+            "lrp_target": np.zeros(1, np.int64)}
+    with pytest.raises(Exception, match="loop_iterations"):
+        session.run(None, feed)
+
+
+def test_array_feature_extractor_with_repeated_indices():
+    # ai.onnx.ml ArrayFeatureExtractor y = x[:, [2, 0, 2]]: R_x = x ⊙ (times each column is read) = x ⊙ [1, 0, 2]
+    graph = helper.make_graph([helper.make_node("ArrayFeatureExtractor", ["x", "idx"], ["y"], domain="ai.onnx.ml")],
+                              "case", [helper.make_tensor_value_info("x", F, [2, 3])],
+                              [helper.make_tensor_value_info("y", F, [2, 3])],
+                              [numpy_helper.from_array(np.array([2, 0, 2], np.int64), "idx")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 3)])
+    x = np.float32([[1.0, -2.0, 3.0], [0.5, 4.0, -1.5]])
+    r, _ = _relevance(model, {"x": x}, ["x"], seed_vector=np.ones((2, 3), np.float32))
+    np.testing.assert_allclose(r["x"], x * np.float32([1.0, 0.0, 2.0]), rtol=1e-6)
+
+
+def test_grouped_deform_conv_is_exact():
+    # group=2 with offset_group=2, strides, dilations, pads, mask and bias (ONNX's node tests have group=1):
+    # every input's relevance against float64 finite differences, the conformance suite's oracle
+    import conformance
+    rng = np.random.default_rng(7)
+    shapes = {"X": (1, 4, 5, 5), "W": (2, 2, 2, 2), "offset": (1, 16, 3, 3), "B": (2,), "mask": (1, 8, 3, 3)}
+    inputs = {k: rng.uniform(-1, 1, s).astype(np.float32) for k, s in shapes.items()}
+    inputs["offset"] *= 1.7
+    model = _model([helper.make_node("DeformConv", list(shapes), ["Y"], group=2, offset_group=2, strides=[2, 1],
+                                     dilations=[1, 2], pads=[1, 0, 1, 0], kernel_shape=[2, 2])],
+                   [helper.make_tensor_value_info(k, F, s) for k, s in shapes.items()],
+                   [helper.make_tensor_value_info("Y", F, None)], opset=22)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = {"Y": session.run(None, inputs)[0]}
+    assert outputs["Y"].shape == (1, 2, 3, 3)
+    outcome = conformance.run_case(conformance.Case("deform_conv_grouped", "DeformConv", model.SerializeToString(),
+                                                    inputs, outputs))
+    assert (outcome.status, outcome.attnlrp) == ("exact", ""), outcome.detail
+    assert sorted(outcome.attributed) == sorted(shapes)
+
+
+def test_dequantize_with_a_scale_that_carries_relevance():
+    # y = (q − zp) · s per axis 1: R_s[c] = s[c] · Σ_i (q[i, c] − zp[c]) (seed: every output), R of q is none
+    model = _model([helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=1)],
+                   [helper.make_tensor_value_info("s", F, [3])], [helper.make_tensor_value_info("y", F, [2, 3])],
+                   [("q", np.array([[1, 5, 9], [3, 7, 2]], np.uint8)), ("zp", np.array([2, 4, 6], np.uint8))])
+    s = np.float32([0.5, -2.0, 0.25])
+    r, _ = _relevance(model, {"s": s}, ["s"], seed_vector=np.ones((2, 3), np.float32))
+    np.testing.assert_allclose(r["s"], s * np.float32([(1 - 2) + (3 - 2), (5 - 4) + (7 - 4), (9 - 6) + (2 - 6)]),
+                               rtol=1e-6)

@@ -165,6 +165,8 @@ RECIPES.update({
                                  n("Unsqueeze", ["l", "one_axis"], "u"), n("Add", ["x", "u"], "o")],
                                 {"t": RNG.integers(0, S, (B, D)), "one_axis": np.array([1])}),
 })
+RECIPES["ai.onnx.ml::ArrayFeatureExtractor"] = ([n("ArrayFeatureExtractor", ["x", "cols"], "o", domain="ai.onnx.ml")],
+                                               {"cols": np.array([4, 0, 4, 2])})
 OPSET = {"Swish": 24, "GroupNormalization": 21, "TensorScatter": 24}   # the opset that has the op (in the form the rule reads)
 RECIPES["Squeeze"] = RECIPES["Unsqueeze"]
 
@@ -186,7 +188,9 @@ def _build(nodes, inits, output, shape, opset=20):
     graph = helper.make_graph(nodes, "op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, S, D])],
                               [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)],
                               [tensor(k, v) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    domains = sorted({node.domain for node in nodes if node.domain})   # ai.onnx.ml's ops
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] +
+                             [helper.make_opsetid(d, {"ai.onnx.ml": 3}.get(d, 1)) for d in domains])
 
 
 def finite_difference_relevance(proto, x, step=1e-3):
@@ -224,10 +228,26 @@ def test_op_compiles_under_every_preset_and_gxi_is_exact(op):
 
 
 def test_an_op_outside_the_registry_is_refused_by_name():
-    proto = _build([n("Shrink", ["x"], "c"), n("MatMul", ["c", "readout"], "y")],
+    proto = _build([n("Shrink", ["x"], "c", domain="lrp.test"), n("MatMul", ["c", "readout"], "y")],
                    {"readout": const((D, CLASSES))}, "y", [B, S, CLASSES])
-    with pytest.raises(LrpcError, match="no relevance rule for op Shrink"):
+    proto.opset_import.append(helper.make_opsetid("lrp.test", 1))
+    with pytest.raises(LrpcError, match="no relevance rule for op lrp.test::Shrink"):
         lrpc.compile(proto)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_an_onnx_op_without_a_row_is_expanded_into_its_function_body(preset):
+    # Shrink has no row; its schema's function body (Where / Less / Add …) carries the relevance, the node
+    # itself the forward: gxi against central differences, every preset's forward bit for bit the model's
+    proto = _build([n("Shrink", ["x"], "c", lambd=0.3, bias=0.2), n("MatMul", ["c", "readout"], "y")],
+                   {"readout": const((D, CLASSES))}, "y", [B, S, CLASSES])
+    x = RNG.normal(size=(B, S, D)).astype(np.float32)
+    result = lrpc.Explainer(lrpc.compile(proto, preset=preset)).explain({"x": x}, target=TARGET, position=POSITION)
+    plain = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert np.array_equal(result.outputs["y"], plain)
+    if preset == "gxi":
+        want = finite_difference_relevance(proto, x)
+        np.testing.assert_allclose(result.relevance["x"], want, atol=2e-3 * np.abs(want).max())
 
 
 def test_lrpc_ops_lists_the_registry():

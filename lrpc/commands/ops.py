@@ -26,7 +26,8 @@ def cmd_ops(args) -> int:
     print("  " + ", ".join(ops.of_kind(ops.NON_DIFFERENTIABLE)))
     print("AttnLRP rules the passes assign to single nodes:")
     print("  " + ", ".join(sorted(rules.RULES)))
-    print("per op (an op not listed has no rule: a model where relevance flows through it is refused):")
+    print("per op (an ONNX op not listed is expanded into its function body if its schema has one; else a "
+          "model where relevance flows through it is refused):")
     for op, status, detail in ops.describe():
         print(f"  {op:48s} {status:16s} {detail}")
     return 0
