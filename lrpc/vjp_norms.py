@@ -65,10 +65,9 @@ def _centred_attention_grad(n, g, o, v, scale, grad_o):
     rv = v.shape.rank() if v.shape is not None else None
     if n.compact is not None or rv is None or rv < 2:   # one row: the [1, T] subtraction is cheap
         return b.Add(g, sums)
-    v = n.f32(v)
-    ones = b.Expand(b.f32(1.0), b.Concat(b.Shape(v, end=-1), b.i64([1]), axis=0))
+    with_ones = b.Pad(n.f32(v), b.i64([0] * (2 * rv - 1) + [1]), b.f32(1.0))   # [v, 1]: one column of ones
     left = b.Concat(grad_o if scale == 1.0 else b.Mul(grad_o, b.f32(scale)), sums, axis=-1)
-    return b.MatMul(left, b.Transpose(b.Concat(v, ones, axis=-1), perm=list(range(rv - 2)) + [rv - 1, rv - 2]))
+    return b.MatMul(left, b.Transpose(with_ones, perm=list(range(rv - 2)) + [rv - 1, rv - 2]))
 
 
 def log_softmax(n, g):
