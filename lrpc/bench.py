@@ -7,8 +7,10 @@ In one run, side by side (interleaved repetitions, so machine noise hits every m
 - ``torch``: eager PyTorch autograd Input×Gradient on the same weights (zoo models only);
 - ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
 
-With ``--targets K1,K2,…`` (`bench_targets`): one run of a ``--targets dynamic`` explainer for K targets
-against K single-target runs and K torch passes, and the K run in forward passes.
+Several lengths (`bench_lengths`) share one export and one compile; `format_curve` prints the explainer's
+cost against the forward per length. With ``--targets K1,K2,…`` (`bench_targets`): one run of a
+``--targets dynamic`` explainer for K targets against K single-target runs and K torch passes, and the K
+run in forward passes.
 
 Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
 runs it once: it includes the interpreter, onnxruntime and the weights. A repetition runs each method
@@ -234,21 +236,14 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     return entry, module, path, explainer, compile_s
 
 
-def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats: int = 7,
-          occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
-          layers: int | None = None, force: bool = False, torch: bool = True) -> dict:
-    """Time (and measure) the model's forward, its explainer, torch autograd and occlusion. The model and
-    explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
-    temporary folder removed at the end."""
-    return list(bench_lengths(model, [seq], batch, threads, repeats, occlusion, memory, checkpoint, workdir,
-                              layers, force, torch))[0]
-
-
 def bench_lengths(model: str, seqs: list[int], batch: int = 1, threads: int = 2, repeats: int = 7,
                   occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
                   layers: int | None = None, force: bool = False, torch: bool = True):
-    """`bench` at each length of `seqs`, in order, with one export and one compile: yields one result per
-    length as it is measured (`format_curve` prints the explainer/forward curve of them all)."""
+    """Time (and measure) the model's forward, its explainer, torch autograd (unless `torch` is False) and
+    occlusion at each length of `seqs`, in order, with one export and one compile; yields one result per
+    length as it is measured (`format_curve` prints the explainer/forward curve of them all). The model and
+    explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
+    temporary folder removed at the end."""
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         prepared = prepare(model, Path(workdir), checkpoint, layers, force)
