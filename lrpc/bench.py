@@ -7,8 +7,10 @@ In one run, side by side (interleaved repetitions, so machine noise hits every m
 - ``torch``: eager PyTorch autograd Input×Gradient on the same weights (zoo models only);
 - ``occlusion``: token occlusion, one forward per token (token replaced by id 0), batched.
 
-With ``--targets K1,K2,…`` (`bench_targets`): one run of a ``--targets dynamic`` explainer for K targets
-against K single-target runs and K torch passes, and the K run in forward passes.
+Several lengths (`bench_lengths`) share one export and one compile; `format_curve` prints the explainer's
+cost against the forward per length. With ``--targets K1,K2,…`` (`bench_targets`): one run of a
+``--targets dynamic`` explainer for K targets against K single-target runs and K torch passes, and the K
+run in forward passes.
 
 Peak memory is the peak resident set size (VmHWM) of a fresh child process that loads the session and
 runs it once: it includes the interpreter, onnxruntime and the weights. A repetition runs each method
@@ -19,6 +21,7 @@ repetitions, and the ratios use the medians.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -135,10 +138,12 @@ def _torch_gxi(module, inputs: dict, threads: int):
     return run
 
 
-def _time_interleaved(fns: dict, repeats: int, block: int = 3) -> dict[str, list[float]]:
+def _time_interleaved(fns: dict, repeats: int, block: int = 3, cpu: dict | None = None) -> dict[str, list[float]]:
     """Per repetition, each method runs `block` times back to back and keeps its fastest run; methods
     alternate within every repetition, so a slow spell of the machine hits them alike and a single
-    hiccup (a page fault, a preempted thread) does not decide a repetition."""
+    hiccup (a page fault, a preempted thread) does not decide a repetition. `cpu`, when given, receives
+    the process CPU seconds of each kept run: on a machine shared with other jobs, wall time mostly
+    measures the waiting, and the CPU time of the run is the steadier measure of its work."""
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (allocations, prepacking)
         fn()
@@ -146,10 +151,13 @@ def _time_interleaved(fns: dict, repeats: int, block: int = 3) -> dict[str, list
         for k, fn in fns.items():
             runs = []
             for _ in range(block):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
-                runs.append(time.perf_counter() - t)
-            times[k].append(min(runs))
+                runs.append((time.perf_counter() - t, time.process_time() - c))
+            fastest = min(runs)
+            times[k].append(fastest[0])
+            if cpu is not None:
+                cpu.setdefault(k, []).append(fastest[1])
     return times
 
 
@@ -231,39 +239,46 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     return entry, module, path, explainer, compile_s
 
 
-def bench(model: str, seq: int = 256, batch: int = 1, threads: int = 2, repeats: int = 7,
-          occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
-          layers: int | None = None, force: bool = False) -> dict:
-    """Time (and measure) the model's forward, its explainer, torch autograd and occlusion. The model and
+def bench_lengths(model: str, seqs: list[int], batch: int = 1, threads: int = 2, repeats: int = 7,
+                  occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
+                  layers: int | None = None, force: bool = False, torch: bool = True):
+    """Time (and measure) the model's forward, its explainer, torch autograd (unless `torch` is False) and
+    occlusion at each length of `seqs`, in order, with one export and one compile; yields one result per
+    length as it is measured (`format_curve` prints the explainer/forward curve of them all). The model and
     explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
     temporary folder removed at the end."""
     if workdir is not None:
         safeio.folder(workdir, "--workdir")
-        return _bench(model, Path(workdir), seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
-                      force)
+        prepared = prepare(model, Path(workdir), checkpoint, layers, force)
+        for seq in seqs:
+            yield _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch)
+        return
     with safeio.scratch_folder("lrpc-bench-") as scratch:
-        return _bench(model, scratch, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers, True)
+        prepared = prepare(model, scratch, checkpoint, layers, True)
+        for seq in seqs:
+            yield _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch)
 
 
-def _methods(path, explainer, module, entry, inputs: dict, threads: int):
+def _methods(path, explainer, module, entry, inputs: dict, threads: int, torch: bool = True):
     """The forward session and the functions timed in every bench: forward, explainer, torch (zoo models)."""
     fwd, exp = _session(path, threads), _session(explainer, threads)
     feed = _feeds(inputs, exp, _target(entry))
     fns = {"forward": lambda: fwd.run(None, inputs), "explainer": lambda: exp.run(None, feed)}
-    if module is not None:
+    if module is not None and torch:
         fns["torch"] = _torch_gxi(module, inputs, threads)
     return fwd, fns
 
 
-def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory, checkpoint, layers,
-           force) -> dict:
-    entry, module, path, explainer, compile_s = prepare(model, workdir, checkpoint, layers, force)
+def _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch) -> dict:
+    entry, module, path, explainer, compile_s = prepared
     inputs = token_inputs(entry, batch, seq, path)
-    fwd, fns = _methods(path, explainer, module, entry, inputs, threads)
-    times = _time_interleaved(fns, repeats)
+    fwd, fns = _methods(path, explainer, module, entry, inputs, threads, torch)
+    cpu = {}
+    times = _time_interleaved(fns, repeats, cpu=cpu)
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
-              "compile_s": compile_s, "checkpoint": checkpoint,
-              "ms": {k: {"min": 1e3 * min(v), "median": 1e3 * float(np.median(v))} for k, v in times.items()}}
+              "compile_s": compile_s, "checkpoint": checkpoint, "load": os.getloadavg()[0],
+              "ms": {k: {"min": 1e3 * min(v), "median": 1e3 * float(np.median(v))} for k, v in times.items()},
+              "cpu_ms": {k: 1e3 * float(np.median(v)) for k, v in cpu.items()}}
     if occlusion != "off" and "input_ids" in inputs:
         chunks = list(_occlusion_feeds(inputs, OCCLUSION_CHUNK))
         measured = chunks if occlusion == "full" else chunks[:2]
@@ -276,7 +291,8 @@ def _bench(model, workdir: Path, seq, batch, threads, repeats, occlusion, memory
         result["ms"]["occlusion"] = {"min": 1e3 * per_row * seq, "median": 1e3 * per_row * seq,
                                      "measured_rows": sum(len(c["input_ids"]) for c in measured)}
     med = {k: v["median"] for k, v in result["ms"].items()}
-    result["ratios"] = {"explainer/forward": med["explainer"] / med["forward"]}
+    result["ratios"] = {"explainer/forward": med["explainer"] / med["forward"],
+                        "explainer/forward (cpu)": result["cpu_ms"]["explainer"] / result["cpu_ms"]["forward"]}
     if "torch" in med:
         result["ratios"]["torch/explainer"] = med["torch"] / med["explainer"]
     if "occlusion" in med:
@@ -360,15 +376,29 @@ def _zoo_names():
     return set(models.names()) | set(models.zoo.BENCH)
 
 
+def format_curve(results: list[dict]) -> str:
+    """The explainer's cost against the forward per length, side by side at each length: the medians of
+    wall time and of the runs' process CPU time (the steadier one on a shared machine), and the load."""
+    r0 = results[0]
+    lines = [f"lrpc bench {r0['model']}: explainer / forward by length (batch {r0['batch']}, threads "
+             f"{r0['threads']}, medians of {r0['repeats']} interleaved repetitions)",
+             f"  {'seq':>6} {'forward ms':>11} {'explainer ms':>13} {'wall ratio':>11} {'cpu ratio':>10} {'load':>6}"]
+    for r in results:
+        lines.append(f"  {r['seq']:>6} {r['ms']['forward']['median']:11.1f} {r['ms']['explainer']['median']:13.1f} "
+                     f"{r['ratios']['explainer/forward']:10.2f}x {r['ratios']['explainer/forward (cpu)']:9.2f}x "
+                     f"{r['load']:6.1f}")
+    return "\n".join(lines)
+
+
 def format_result(r: dict) -> str:
     lines = [f"lrpc bench {r['model']}  seq {r['seq']}  batch {r['batch']}  threads {r['threads']}  "
              f"({r['repeats']} interleaved repetitions, best of 3 each; compile {r['compile_s']:.1f} s"
-             f"{', checkpoint ' + str(r['checkpoint']) if r['checkpoint'] else ''})"]
+             f"{', checkpoint ' + str(r['checkpoint']) if r['checkpoint'] else ''}; load {r['load']:.1f})"]
     for k, v in r["ms"].items():
         extra = f"  (extrapolated from {v['measured_rows']} occluded sequences)" if "measured_rows" in v else ""
         lines.append(f"  {k:<10} median {v['median']:9.1f} ms   min {v['min']:9.1f} ms{extra}")
     for k, v in r["ratios"].items():
-        lines.append(f"  {k:<22} {v:7.2f}x")
+        lines.append(f"  {k:<23} {v:7.2f}x")
     for k, v in r.get("peak_rss_mb", {}).items():
         lines.append(f"  peak RSS {k:<10} {v:8.0f} MiB")
     return "\n".join(lines)

@@ -15,9 +15,9 @@ def softmax(n, g):
     b, y = n.b, n.y()
 
     def grad_x():
-        weighted = _attention_weighted_sum(n)
-        if weighted is not None:
-            return b.Mul(y, b.Sub(g, weighted))
+        attention = _attention_reader(n)
+        if attention is not None:
+            return b.Mul(y, _centred_attention_grad(n, g, *attention))
         # A row whose inputs are all −inf (a fully masked query) is NaN in the forward; a reader other than
         # the attention product (a Where giving such rows zeros) keeps the forward finite and sends them
         # ĝ = 0, which the NaN would turn into NaN: those rows attend to nothing and get ĝ_x = 0.
@@ -27,10 +27,9 @@ def softmax(n, g):
     return (grad_x,)
 
 
-def _attention_weighted_sum(n):
-    """Σ_j ĝ_y[i, j]·y[i, j] read off the attention output o = y @ v instead of the [.., T, T] scores: with
-    ĝ_y = c·ĝ_o·vᵀ (c = ½ under the uniform rule), it is c·Σ_d ĝ_o[i, d]·o[i, d] (as FlashAttention's
-    backward does). None unless y's only reader is that product, as its left operand, over the last axis."""
+def _attention_reader(n):
+    """(the attention output o = y @ v, v, c, ĝ_o) when y's only reader is that product, as its left operand,
+    over the last axis, and its ĝ is ĝ_y = c·ĝ_o·vᵀ (c = ½ under the uniform rule); else None."""
     y = n.raw_out(0)
     r = n.rank(0)
     if r is None or n.attr("axis", -1) % r != r - 1:
@@ -49,14 +48,26 @@ def _attention_weighted_sum(n):
         return None
     scale = {None: 1.0, Rule.UNIFORM: 0.5}.get(n.rule_of(product))
     grad_o = n.accumulated(o) if scale is not None else None
-    if grad_o is None:
-        return None
+    return None if grad_o is None else (o, product.inputs[1], scale, grad_o)
+
+
+def _centred_attention_grad(n, g, o, v, scale, grad_o):
+    """ĝ_y − Σ_j ĝ_y[i, j]·y[i, j] without a pass over the [.., T, T] scores for the row sums: they are
+    c·Σ_d ĝ_o[i, d]·o[i, d] (as FlashAttention's backward reads them off the output). On whole rows the
+    subtraction goes into the product that makes ĝ_y, one column wider: [c·ĝ_o, −sums] @ [v, 1]ᵀ, so no
+    [T, T] tensor is read and written again for it (ĝ_y itself, left unread, is dead code)."""
     b, width = n.b, o.shape[-1]
     products = b.Mul(grad_o, n.f32(o))
     if isinstance(width, int):  # the scaled row sum as one product with a constant column (no extra kernel)
-        return b.MatMul(products, b.f32(np.full((width, 1), scale, np.float32)))
-    total = b.ReduceSum(products, b.i64([-1]), keepdims=1)
-    return total if scale == 1.0 else b.Mul(total, b.f32(scale))
+        sums = b.MatMul(products, b.f32(np.full((width, 1), -scale, np.float32)))
+    else:
+        sums = b.Mul(b.ReduceSum(products, b.i64([-1]), keepdims=1), b.f32(-scale))
+    rv = v.shape.rank() if v.shape is not None else None
+    if n.compact is not None or rv is None or rv < 2:   # one row: the [1, T] subtraction is cheap
+        return b.Add(g, sums)
+    with_ones = b.Pad(n.f32(v), b.i64([0] * (2 * rv - 1) + [1]), b.f32(1.0))   # [v, 1]: one column of ones
+    left = b.Concat(grad_o if scale == 1.0 else b.Mul(grad_o, b.f32(scale)), sums, axis=-1)
+    return b.MatMul(left, b.Transpose(with_ones, perm=list(range(rv - 2)) + [rv - 1, rv - 2]))
 
 
 def log_softmax(n, g):

@@ -134,7 +134,19 @@ def test_bench_cli_smoke(tmp_path, capsys):
     import json
     result = json.loads(capsys.readouterr().out)
     assert set(result["ms"]) == {"forward", "explainer", "torch", "occlusion"}
-    assert set(result["ratios"]) == {"explainer/forward", "torch/explainer", "occlusion/explainer"}
+    assert set(result["ratios"]) == {"explainer/forward", "explainer/forward (cpu)", "torch/explainer",
+                                     "occlusion/explainer"}
+    assert set(result["cpu_ms"]) == {"forward", "explainer", "torch"}
+
+
+def test_bench_curve_over_lengths(tmp_path, capsys):
+    """Several --seq: one compile, one result per length, then the explainer/forward curve (no times asserted)."""
+    assert main(["bench", "llama", "--seq", "8,12", "--repeats", "1", "--occlusion", "off", "--no-memory",
+                 "--no-torch", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    curve = out[out.index("explainer / forward by length"):].splitlines()
+    assert [line.split()[0] for line in curve[2:]] == ["8", "12"]
+    assert "torch" not in out and len(list(tmp_path.glob("*.explainer.onnx"))) == 1
 
 
 def test_bench_targets_cli_smoke(tmp_path, capsys):

@@ -10,7 +10,8 @@ EXAMPLES = """examples:
   lrpc bench llama-bench --seq 256                          # the LLaMA-style performance workload
   lrpc bench model.onnx --seq 128 --json
   lrpc bench llama-bench --seq 256 --targets 1,4,16,64     # K targets in one run vs K runs vs K torch passes
-  lrpc bench llama-bench --seq 64,256,1024 --no-memory      # a sweep over lengths
+  lrpc bench llama-bench --seq 64,256,1024 --no-memory      # a sweep over lengths, then the explainer/forward curve
+  lrpc bench llama-bench --seq 64,256,1024,2048,4096 --no-torch --occlusion off --no-memory --repeats 3
 """
 
 
@@ -26,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--occlusion", default="sample", choices=["sample", "full", "off"],
                    help="sample: time 2 batches of occluded sequences and extrapolate; full: all of them")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-torch", action="store_true", help="skip torch autograd (its [T, T] activations at long "
+                   "lengths)")
     p.add_argument("--workdir", help="keep the exported model and explainer here (default: a temporary folder, "
                    "removed at the end)")
     p.add_argument("--force", action="store_true", help="replace an explainer already in --workdir")
@@ -45,7 +48,7 @@ def run(args) -> int:
     import json
 
     from lrpc import validate
-    from lrpc.bench import bench, bench_targets, format_result, format_targets
+    from lrpc.bench import bench_lengths, bench_targets, format_curve, format_result, format_targets
     from lrpc.commands.common import check_counts
     from lrpc.errors import LrpcError
     if args.layers is not None:
@@ -59,19 +62,25 @@ def run(args) -> int:
         raise LrpcError("--chunk splits the targets of --targets: give --targets, or drop --chunk")
     if args.targets is not None and args.checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
-    results = []
-    for seq in args.seq:
-        if args.targets:
-            result = bench_targets(args.model, args.targets, seq=seq, batch=args.batch, threads=args.threads,
-                                   repeats=args.repeats, chunk=args.chunk, memory=not args.no_memory,
-                                   workdir=args.workdir, layers=args.depth, force=args.force)
-        else:
-            result = bench(args.model, seq=seq, batch=args.batch, threads=args.threads, repeats=args.repeats,
-                           occlusion=args.occlusion, memory=not args.no_memory, checkpoint=args.checkpoint,
-                           workdir=args.workdir, layers=args.depth, force=args.force)
-        results.append(result)
-        if not args.json:
-            print((format_targets if args.targets else format_result)(result), flush=True)
+    if args.targets:
+        results = []
+        for seq in args.seq:
+            results.append(bench_targets(args.model, args.targets, seq=seq, batch=args.batch, threads=args.threads,
+                                         repeats=args.repeats, chunk=args.chunk, memory=not args.no_memory,
+                                         workdir=args.workdir, layers=args.depth, force=args.force))
+            if not args.json:
+                print(format_targets(results[-1]), flush=True)
+    else:
+        results = []
+        for result in bench_lengths(args.model, args.seq, batch=args.batch, threads=args.threads,
+                                    repeats=args.repeats, occlusion=args.occlusion, memory=not args.no_memory,
+                                    checkpoint=args.checkpoint, workdir=args.workdir, layers=args.depth,
+                                    force=args.force, torch=not args.no_torch):
+            results.append(result)
+            if not args.json:
+                print(format_result(result), flush=True)
+        if len(results) > 1 and not args.json:
+            print(format_curve(results))
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
