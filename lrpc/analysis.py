@@ -30,9 +30,12 @@ class Attribution:
 
 def vocabulary(attribution: Attribution) -> int | None:
     """Rows of the embedding tables that token ids index directly (the fewest, if several), else None."""
-    rows = [p.producer().inputs[0].shape[0] for p in attribution.points
-            if attribution.kind == "token" and p.producer().inputs[1] is attribution.input
-            and p.producer().inputs[0].shape is not None and isinstance(p.producer().inputs[0].shape[0], int)]
+    if attribution.kind != "token":
+        return None
+    lookups = [p.producer() for p in attribution.points]   # (an exposed embedding, --embeddings-input, has none)
+    rows = [node.inputs[0].shape[0] for node in lookups
+            if node is not None and node.op_type == "Gather" and node.inputs[1] is attribution.input
+            and node.inputs[0].shape is not None and isinstance(node.inputs[0].shape[0], int)]
     return min(rows) if rows else None
 
 
