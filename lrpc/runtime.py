@@ -181,7 +181,8 @@ class Explainer:
                 unit = validate.indices("condition unit", [mask], 1, units)[0]
                 mask = np.zeros(units, np.float32)
                 mask[unit] = 1.0
-            feed[full] = validate.input_array(full, mask, np.float32, [units])
+            feed[full] = validate.finite(f"condition mask '{full}'",
+                                         validate.input_array(full, mask, np.float32, [units]))
             feed[BYPASS_PREFIX + full[len(MASK_PREFIX):]] = np.zeros((), np.float32)
         return feed
 

@@ -144,6 +144,9 @@ def test_bad_conditions_are_one_line(conditioned):
         explainer.explain({"input_ids": ids}, condition={"mlp.7": 0}, **args)
     with pytest.raises(LrpcError, match=r"condition unit \[24\] out of range"):
         explainer.explain({"input_ids": ids}, condition={"mlp.0": 24}, **args)
+    units = explainer.scales["lrp_mask.mlp.0"].shape[0]
+    with pytest.raises(LrpcError, match=r"condition mask .lrp_mask.mlp.0. contains ±Inf"):
+        explainer.explain({"input_ids": ids}, condition={"mlp.0": np.full(units, np.inf)}, **args)
     with pytest.raises(LrpcError, match="compile it with --conditions"):
         plain.explain({"input_ids": ids}, condition={"mlp.0": 0}, **args)
 
