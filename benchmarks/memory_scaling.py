@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -27,30 +25,30 @@ def main(argv=None):
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     import lrpc
+    from lrpc import safeio
     from lrpc.bench import _session, peak_rss_mb, token_inputs
     from lrpc.models import zoo
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lrpc-mem-"))
-    work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for layers in args.layers:
-        entry = zoo.llama_bench(layers)
-        model = work / f"{entry.name}.onnx"
-        if not model.exists():
-            entry.export(model, external_data=True)
-        plain, ckpt = work / f"{entry.name}.explainer.onnx", work / f"{entry.name}.explainer-ckpt.onnx"
-        lrpc.compile(str(model), output=plain, force=True)
-        lrpc.compile(str(model), output=ckpt, force=True, checkpoint=args.checkpoint)
-        x = token_inputs(entry, 1, 64)
-        feed = dict(x, lrp_target=np.array([1]), lrp_position=np.array([-1]))
-        a = _session(plain, args.threads).run(None, feed)
-        b = _session(ckpt, args.threads).run(None, feed)
-        diff = max(float(np.abs(u - v).max()) for u, v in zip(a, b))
-        row = {"layers": layers, "seq": args.seq, "max_abs_diff": diff,
-               "forward_mb": peak_rss_mb("forward", str(model), args.seq, 1, args.threads, None),
-               "explainer_mb": peak_rss_mb("explainer", str(plain), args.seq, 1, args.threads, None),
-               "checkpoint_mb": peak_rss_mb("explainer", str(ckpt), args.seq, 1, args.threads, None)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    with safeio.work_folder(args.workdir, "lrpc-mem-") as work:
+        rows = []
+        for layers in args.layers:
+            entry = zoo.llama_bench(layers)
+            model = work / f"{entry.name}.onnx"
+            if not model.exists():
+                entry.export(model, external_data=True)
+            plain, ckpt = work / f"{entry.name}.explainer.onnx", work / f"{entry.name}.explainer-ckpt.onnx"
+            lrpc.compile(str(model), output=plain, force=True)
+            lrpc.compile(str(model), output=ckpt, force=True, checkpoint=args.checkpoint)
+            x = token_inputs(entry, 1, 64)
+            feed = dict(x, lrp_target=np.array([1]), lrp_position=np.array([-1]))
+            a = _session(plain, args.threads).run(None, feed)
+            b = _session(ckpt, args.threads).run(None, feed)
+            diff = max(float(np.abs(u - v).max()) for u, v in zip(a, b))
+            row = {"layers": layers, "seq": args.seq, "max_abs_diff": diff,
+                   "forward_mb": peak_rss_mb("forward", str(model), args.seq, 1, args.threads, None),
+                   "explainer_mb": peak_rss_mb("explainer", str(plain), args.seq, 1, args.threads, None),
+                   "checkpoint_mb": peak_rss_mb("explainer", str(ckpt), args.seq, 1, args.threads, None)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     base = rows[0]
     print(f"\npeak RSS (MiB) at {args.seq} tokens, relative to L = {base['layers']}:")
     print(f"{'L':>4} {'forward':>10} {'explainer':>12} {'--checkpoint':>14} {'ratio plain':>12} {'ratio ckpt':>11}")

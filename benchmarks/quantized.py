@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -54,54 +52,53 @@ def main(argv=None):
     import onnxruntime as ort
 
     import lrpc
-    from lrpc import deployed, models
+    from lrpc import deployed, models, safeio
     from lrpc.bench import _feeds, _session, _time_interleaved
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="lrpc-quantized-"))
-    work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.models:
-        entry = models.get(name)
-        batch = 2
-        feeds = [{k: v.numpy() for k, v in entry.inputs(batch, args.seq, seed=s).items()} for s in range(4)]
-        inputs = feeds[0]
-        source = work / f"{name}.onnx"
-        if not source.exists():
-            entry.export(source)
-        reference_path = work / f"{name}.explainer.onnx"
-        lrpc.compile(str(source), output=reference_path, force=True)
-        reference = lrpc.Explainer(reference_path)
-        rank = reference.meta["rank"]
-        position = np.full(batch, -1, np.int64) if rank == 3 else None
-        logits = reference.forward(inputs)[reference.explained]
-        target = (logits[:, -1] if rank == 3 else logits).argmax(-1).astype(np.int64)
-        float_relevance, _ = _relevance(reference, inputs, target, position)
-        for kind in args.kinds:
-            path = deployed.make(kind, source, work / f"{name}.{kind}.onnx", feeds)
-            explainer_path = work / f"{name}.{kind}.explainer.onnx"
-            lrpc.compile(str(path), output=explainer_path, force=True)
-            explainer = lrpc.Explainer(explainer_path)
-            typed = {k: v.astype(np.float16) if v.dtype.kind == "f" and kind == "fp16" else v for k, v in inputs.items()}
-            relevance, result = _relevance(explainer, typed, target, position)
-            row = {"model": name, "kind": kind, **compare(float_relevance, relevance),
-                   "finite": bool(np.isfinite(relevance).all())}
-            for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"):
-                options = ort.SessionOptions()
-                options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-                lrpc.runtime.avoid_known_crashes(options, explainer.meta)
-                model_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                explainer_session = ort.InferenceSession(str(explainer_path), options, providers=["CPUExecutionProvider"])
-                want = model_session.run(None, typed)[0]
-                got = explainer_session.run([explainer.explained], _feeds(typed, explainer_session, 0))[0]
-                row[f"exact_{level[11:].lower()}"] = bool(np.array_equal(want, got))
-                row[f"max_diff_{level[11:].lower()}"] = float(np.abs(want.astype(np.float64) - got).max())
-            model_session, explainer_session = _session(path, args.threads), _session(explainer_path, args.threads)
-            feed = _feeds(typed, explainer_session, int(target[0]))
-            times = _time_interleaved({"forward": lambda: model_session.run(None, typed),
-                                       "explainer": lambda: explainer_session.run(None, feed)}, args.repeats)
-            row["explainer_over_forward"] = float(np.median(times["explainer"]) / np.median(times["forward"]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    with safeio.work_folder(args.workdir, "lrpc-quantized-") as work:
+        rows = []
+        for name in args.models:
+            entry = models.get(name)
+            batch = 2
+            feeds = [{k: v.numpy() for k, v in entry.inputs(batch, args.seq, seed=s).items()} for s in range(4)]
+            inputs = feeds[0]
+            source = work / f"{name}.onnx"
+            if not source.exists():
+                entry.export(source)
+            reference_path = work / f"{name}.explainer.onnx"
+            lrpc.compile(str(source), output=reference_path, force=True)
+            reference = lrpc.Explainer(reference_path)
+            rank = reference.meta["rank"]
+            position = np.full(batch, -1, np.int64) if rank == 3 else None
+            logits = reference.forward(inputs)[reference.explained]
+            target = (logits[:, -1] if rank == 3 else logits).argmax(-1).astype(np.int64)
+            float_relevance, _ = _relevance(reference, inputs, target, position)
+            for kind in args.kinds:
+                path = deployed.make(kind, source, work / f"{name}.{kind}.onnx", feeds)
+                explainer_path = work / f"{name}.{kind}.explainer.onnx"
+                lrpc.compile(str(path), output=explainer_path, force=True)
+                explainer = lrpc.Explainer(explainer_path)
+                typed = {k: v.astype(np.float16) if v.dtype.kind == "f" and kind == "fp16" else v for k, v in inputs.items()}
+                relevance, result = _relevance(explainer, typed, target, position)
+                row = {"model": name, "kind": kind, **compare(float_relevance, relevance),
+                       "finite": bool(np.isfinite(relevance).all())}
+                for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"):
+                    options = ort.SessionOptions()
+                    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+                    lrpc.runtime.avoid_known_crashes(options, explainer.meta)
+                    model_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    explainer_session = ort.InferenceSession(str(explainer_path), options, providers=["CPUExecutionProvider"])
+                    want = model_session.run(None, typed)[0]
+                    got = explainer_session.run([explainer.explained], _feeds(typed, explainer_session, 0))[0]
+                    row[f"exact_{level[11:].lower()}"] = bool(np.array_equal(want, got))
+                    row[f"max_diff_{level[11:].lower()}"] = float(np.abs(want.astype(np.float64) - got).max())
+                model_session, explainer_session = _session(path, args.threads), _session(explainer_path, args.threads)
+                feed = _feeds(typed, explainer_session, int(target[0]))
+                times = _time_interleaved({"forward": lambda: model_session.run(None, typed),
+                                           "explainer": lambda: explainer_session.run(None, feed)}, args.repeats)
+                row["explainer_over_forward"] = float(np.median(times["explainer"]) / np.median(times["forward"]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(f"\n{'model':<8} {'variant':<10} {'cosine':>7} {'top-5':>6} {'exact (default / basic)':>24} {'explainer/forward':>18}")
     for r in rows:
         exact = f"{'yes' if r['exact_all'] else 'no'} / {'yes' if r['exact_basic'] else 'no'}"

@@ -247,14 +247,8 @@ def bench_lengths(model: str, seqs: list[int], batch: int = 1, threads: int = 2,
     length as it is measured (`format_curve` prints the explainer/forward curve of them all). The model and
     explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
     temporary folder removed at the end."""
-    if workdir is not None:
-        safeio.folder(workdir, "--workdir")
-        prepared = prepare(model, Path(workdir), checkpoint, layers, force)
-        for seq in seqs:
-            yield _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch)
-        return
-    with safeio.scratch_folder("lrpc-bench-") as scratch:
-        prepared = prepare(model, scratch, checkpoint, layers, True)
+    with safeio.work_folder(workdir, "lrpc-bench-") as folder:
+        prepared = prepare(model, folder, checkpoint, layers, force or workdir is None)
         for seq in seqs:
             yield _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch)
 

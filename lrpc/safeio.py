@@ -248,6 +248,16 @@ def folder(path: PathLike, what: str) -> Path:
 
 
 @contextlib.contextmanager
+def work_folder(path: PathLike | None, prefix: str):
+    """The user's `--workdir` (kept, created if missing), or else a scratch folder removed at the end."""
+    if path is not None:
+        yield folder(path, "--workdir")
+        return
+    with scratch_folder(prefix) as scratch:
+        yield scratch
+
+
+@contextlib.contextmanager
 def scratch_folder(prefix: str):
     """A temporary working folder (in the system's temp dir) removed on every exit path, SIGTERM included."""
     with on_terminate():
