@@ -139,20 +139,19 @@ def _torch_gxi(module, inputs: dict, threads: int):
     return run
 
 
-def _time_interleaved(fns: dict, repeats: int, block: int | dict = 3, cpu: dict | None = None) -> dict[str, list[float]]:
-    """Per repetition, each method runs `block` times back to back (a dict: per method name, default 1)
-    and keeps its fastest run; methods alternate within every repetition, so a slow spell of the machine
-    hits them alike and a single hiccup (a page fault, a preempted thread) does not decide a repetition.
-    `cpu`, when given, receives the process CPU seconds of each kept run: on a machine shared with other
-    jobs, wall time mostly measures the waiting, and the CPU time of the run is the steadier measure of
-    its work."""
+def _time_interleaved(fns: dict, repeats: int, block: int = 3, cpu: dict | None = None) -> dict[str, list[float]]:
+    """Per repetition, each method runs `block` times back to back and keeps its fastest run; methods
+    alternate within every repetition, so a slow spell of the machine hits them alike and a single
+    hiccup (a page fault, a preempted thread) does not decide a repetition. `cpu`, when given, receives
+    the process CPU seconds of each kept run: on a machine shared with other jobs, wall time mostly
+    measures the waiting, and the CPU time of the run is the steadier measure of its work."""
     times = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (allocations, prepacking)
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
             runs = []
-            for _ in range(block.get(k, 1) if isinstance(block, dict) else block):
+            for _ in range(block):
                 t, c = time.perf_counter(), time.process_time()
                 fn()
                 runs.append((time.perf_counter() - t, time.process_time() - c))
@@ -328,8 +327,8 @@ def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, 
     fns.update({f"K={k}": _k_run(many, inputs, k, threads, chunk) for k in targets})
     load = os.getloadavg()[0]
     cpu = {}
-    # the short runs (forward, one explanation, one torch pass) keep the fastest of 3 per repetition
-    times = _time_interleaved(fns, repeats, block={"forward": 3, "explainer": 3, "torch": 3}, cpu=cpu)
+    # one run of each per repetition, whatever its length: every method gets as many tries at its minimum
+    times = _time_interleaved(fns, repeats, block=1, cpu=cpu)
     med = {name: 1e3 * float(np.median(v)) for name, v in times.items()}
     least = {name: 1e3 * min(v) for name, v in cpu.items()}
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
@@ -340,6 +339,7 @@ def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, 
         row = {"K run ms": one, "K single runs ms": k * med["explainer"],
                "K run / K single runs": one / (k * med["explainer"]),
                "K run in forwards": one / med["forward"], "forward constant": (one / med["forward"] - 1) / k,
+               "K run / K single runs (cpu)": least[f"K={k}"] / (k * least["explainer"]),
                **_forward_cost(least[f"K={k}"], least["forward"], k)}
         if "torch" in med:
             row["K torch passes ms"] = k * med["torch"]
@@ -366,17 +366,18 @@ def format_targets(r: dict) -> str:
              f"{r['load'][1]:.1f})",
              "  wall medians: " + "  ".join(f"{k} {v:.1f} ms" for k, v in r["ms"].items() if not k.startswith("K=")),
              "  CPU minima:   " + "  ".join(f"{k} {v:.1f} ms" for k, v in r["cpu_ms"].items() if not k.startswith("K=")),
-             "  K single runs / K torch passes: K × the wall median of one.  forwards: the K run over one forward; "
+             "  K single runs / K torch passes: K × one (wall median; cpu: minimum).  forwards: the K run over one forward; "
              "constant c = (K run − 1 forward) / (K · forward),",
              "  i.e. the K run costs 1 + c·K forwards; cpu: from the runs' minimum process CPU time (the steadier "
              "measure on a shared machine), wall: from the medians"]
     peaks = r.get("peak_rss_mb", {})
-    header = (f"  {'K':>4} {'K run ms':>10} {'/K single':>10} {'torch/K run':>12} {'forwards':>9} {'1+0.9K':>7} "
+    header = (f"  {'K':>4} {'K run ms':>10} {'/K single':>10} {'(cpu)':>6} {'torch/K run':>12} {'forwards':>9} {'1+0.9K':>7} "
               f"{'c cpu':>6} {'c wall':>7}")
     lines.append(header + ("  peak MiB (× single)" if peaks else ""))
     for k, row in r["targets"].items():
         torch = f"{row['K torch passes / K run']:11.2f}x" if "K torch passes / K run" in row else f"{'-':>12}"
-        line = (f"  {k:>4} {row['K run ms']:10.1f} {row['K run / K single runs']:9.2f}x {torch} "
+        line = (f"  {k:>4} {row['K run ms']:10.1f} {row['K run / K single runs']:9.2f}x "
+                f"{row['K run / K single runs (cpu)']:5.2f}x {torch} "
                 f"{row['K run in forwards (cpu)']:9.2f} {1 + 0.9 * int(k):7.1f} {row['forward constant (cpu)']:6.3f} "
                 f"{row['forward constant']:7.3f}")
         if peaks:
