@@ -179,6 +179,8 @@ OPS: dict[str, Op] = {
     "Pow": arithmetic(pw.power),
     "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
     "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Optional": structural(lambda n, g: same(g)),             # an optional holding the tensor
+    "OptionalGetElement": structural(lambda n, g: same(g)),   # the tensor an optional holds (or the tensor itself)
     "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
     "Dropout": Op(ELEMENTWISE, pw.dropout, rows=rows.pointwise, differentiable=(0,)),
     "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), differentiable=(0,)),   # input 1 gives the type
@@ -234,17 +236,20 @@ OPS: dict[str, Op] = {
     "Resize": Op(LINEAR, smp.resize),
     "AffineGrid": Op(LINEAR, smp.affine_grid, differentiable=(0,)),
     "GridSample": Op(LINEAR, smp.grid_sample),
+    "RoiAlign": Op(LINEAR, smp.roi_align),   # (max mode: piecewise linear)
     "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
     "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
     "STFT": Op(LINEAR, spectral.stft, differentiable=(0, 2)),   # linear in the signal and in the window
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
+    "CumProd": Op(LINEAR, sc.cumprod, differentiable=(0,)),   # multilinear in x along the axis (as Det)
     **QUANTIZATION,
     **QUANTIZED_REFUSED,
     # pooling (a fixed linear map of each window, or a selection from it)
     "AveragePool": Op(LINEAR, pool.average_pool),
     "GlobalAveragePool": reduction(pool.global_average_pool),
     "LpPool": reduction(pool.lp_pool),
+    "GlobalLpPool": reduction(pool.global_lp_pool),
     "MaxPool": structural(pool.max_pool),
     "GlobalMaxPool": structural(pool.global_max_pool),
     # structural
