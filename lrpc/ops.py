@@ -273,6 +273,7 @@ OPS: dict[str, Op] = {
     "ScatterElements": structural(sc.scatter_elements, differentiable=(0, 2)),
     "ScatterND": structural(sc.scatter_nd, differentiable=(0, 2)),
     "TopK": structural(sc.top_k),
+    "OneHot": structural(sc.one_hot, differentiable=(2,)),   # places its [off, on] values
     "MaxUnpool": structural(sc.max_unpool),
     "Compress": structural(sc.compress),
     "TensorScatter": structural(sc.tensor_scatter, differentiable=(0, 1)),
@@ -308,7 +309,7 @@ OPS: dict[str, Op] = {
         "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
+        "Range", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
     # control flow
     "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
     "Loop": control_flow(cf.unroll_loop, "a compile-time iteration count: the body is unrolled"),

@@ -273,8 +273,6 @@ def roi_align(n, g):
     the largest weight on q where x[q] > 0 (the probe of e_q), the smallest where x[q] < 0 (minus the probe of
     −e_q − FAR·(1 − e_q)), found by y_p = w·x[q] (ties split evenly). ĝ of each roi goes to its batch row."""
     b = n.b
-    if n.carries(1):
-        refuse(n, "relevance into the rois (the sampling coordinates) is not supported")
     x = n.raw(0).shape
     if x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[1:]):
         refuse(n, "the channels and spatial dims of X must be static")
@@ -315,4 +313,81 @@ def roi_align(n, g):
         images = b.Range(b.i64(0), b.Reshape(b.Shape(n.raw(0), end=1), b.i64([])), b.i64(1))
         owner = b.Cast(b.Equal(b.Unsqueeze(images, b.i64([1])), b.Unsqueeze(batch, b.i64([0]))), to=1)   # [N, R]
         return b.Reshape(b.MatMul(owner, per_roi), n.grad_shape(0))                          # [(K,) N, C·Q]
-    return (grad, None, None)
+    return (grad, (lambda: roi_align_rois(n, g)) if n.carries(1) else None, None)
+
+
+def roi_align_rois(n, g):
+    """ĝ of the rois of RoiAlign's avg mode with a fixed sampling_ratio G. Bin (ph, pw) averages the G×G samples
+    at y = y₁·s − ½ + (ph + (i + ½)/G)/PH · (y₂ − y₁)·s (x alike; no −½ with output_half_pixel, where a roi
+    shorter than 1 counts as 1), each bilinear with onnxruntime's rules: 0 beyond [−1, H], y ≤ 0 read at 0, y
+    past H − 1 at H − 1. So ∂sample/∂y = Σ over its two columns of their x weight × (X[y_high] − X[y_low]),
+    0 where y is clamped or outside, and ∂y/∂y₁ = s·(1 − u), ∂y/∂y₂ = s·u, u the sample's fraction of the roi."""
+    b = n.b
+    _, _, height, width = n.raw(0).shape
+    ratio, mode = int(n.attr("sampling_ratio", 0)), n.attr("mode", "avg")
+    if mode != "avg" or ratio <= 0:
+        refuse(n, "relevance into the rois needs mode=avg and a fixed sampling_ratio")
+    half = n.attr("coordinate_transformation_mode", "half_pixel") == "half_pixel"
+    scale = float(n.attr("spatial_scale", 1.0))
+    bins = int(n.attr("output_height", 1)), int(n.attr("output_width", 1))
+    rois, batch = n.x(1), n.raw(2)
+    images = b.Reshape(b.Gather(n.x(0), batch, axis=0), b.i64([0, 0, height * width]))    # [R, C, H·W]
+
+    def coordinates(first: int, count: int):
+        """Sample positions along one axis [R, count·G], and their derivatives by the roi's start and end."""
+        start, end = (b.Slice(rois, b.i64([k]), b.i64([k + 1]), b.i64([1])) for k in (first, first + 2))
+        length = b.Mul(b.Sub(end, start), b.f32(scale))
+        fraction = b.f32(np.array([(p + (i + 0.5) / ratio) / count for p in range(count) for i in range(ratio)],
+                                  np.float32))
+        if half:
+            origin, by_end = b.Sub(b.Mul(start, b.f32(scale)), b.f32(0.5)), b.Mul(fraction, b.f32(scale))
+            return b.Add(origin, b.Mul(fraction, length)), b.Sub(b.f32(scale), by_end), by_end
+        stretched = b.Cast(b.GreaterOrEqual(length, b.f32(1.0)), to=1)                     # else the length is 1
+        place = b.Add(b.Mul(start, b.f32(scale)), b.Mul(fraction, b.Max(length, b.f32(1.0))))
+        by_end = b.Mul(b.Mul(fraction, b.f32(scale)), stretched)
+        return place, b.Sub(b.f32(scale), by_end), by_end
+
+    def corners(place, size: int):
+        """(low index, high index, weight of high, not clamped, inside) of onnxruntime's bilinear sampling."""
+        inside = b.And(b.GreaterOrEqual(place, b.f32(-1.0)), b.LessOrEqual(place, b.f32(float(size))))
+        clamped = b.Max(place, b.f32(0.0))
+        low = b.Floor(clamped)
+        free = b.And(b.Greater(place, b.f32(0.0)), b.Less(low, b.f32(size - 1.0)))
+        low = b.Min(low, b.f32(size - 1.0))
+        high = b.Min(b.Add(low, b.f32(1.0)), b.f32(size - 1.0))
+        weight = b.Where(free, b.Sub(clamped, low), b.f32(0.0))
+        return b.Cast(low, to=7), b.Cast(high, to=7), weight, b.Cast(free, to=1), b.Cast(inside, to=1)
+
+    ys, dy1, dy2 = coordinates(1, bins[0])                                                  # [R, PH·G]
+    xs, dx1, dx2 = coordinates(0, bins[1])                                                  # [R, PW·G]
+    rows, columns = corners(ys, height), corners(xs, width)
+
+    def pixels(row, column):   # X[b_r, c, row, column] for every sample: [R, C, PH·G, PW·G]
+        at = b.Add(b.Mul(b.Unsqueeze(row, b.i64([2])), b.i64(width)), b.Unsqueeze(column, b.i64([1])))
+        flat = b.Reshape(at, b.i64([0, 1, -1]))
+        picked = b.GatherElements(images, b.Expand(flat, b.Concat(b.Shape(images, end=2), b.Shape(flat, start=2),
+                                                                  axis=0)), axis=2)
+        return b.Reshape(picked, b.Concat(b.Shape(images, end=2), b.Shape(row, start=1), b.Shape(column, start=1),
+                                          axis=0))
+
+    def slope(along, across, along_axis: int):
+        """∂sample/∂(its coordinate along `along`) [R, C, PH·G, PW·G]."""
+        low, high, _, free, inside = along
+        o_low, o_high, o_weight, _, o_inside = across
+        pick = (lambda a, o: pixels(a, o)) if along_axis == 0 else (lambda a, o: pixels(o, a))  # noqa: E731
+        spread = lambda v, dim: b.Unsqueeze(v, b.i64([1, 5 - dim]))  # noqa: E731   [R, S] → [R, 1, S, 1] or [R, 1, 1, S]
+        o_weight, o_inside = spread(o_weight, 3 - along_axis), spread(o_inside, 3 - along_axis)
+        difference = b.Add(b.Mul(b.Sub(pick(high, o_low), pick(low, o_low)), b.Sub(b.f32(1.0), o_weight)),
+                           b.Mul(b.Sub(pick(high, o_high), pick(low, o_high)), o_weight))
+        return b.Mul(difference, b.Mul(b.Mul(spread(free, 2 + along_axis), spread(inside, 2 + along_axis)), o_inside))
+
+    lead = n.lead
+    pooled = b.Reshape(g, b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0], 1, bins[1], 1]), axis=0))
+    spread_g = b.Reshape(b.Expand(pooled, b.Concat(b.Shape(g, end=lead + 2),
+                                                   b.i64([bins[0], ratio, bins[1], ratio]), axis=0)),
+                         b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0] * ratio, bins[1] * ratio]), axis=0))
+    weighted = lambda d: b.Mul(spread_g, b.Mul(d, b.f32(1.0 / ratio ** 2)))  # noqa: E731   ĝ per sample
+    by_y = b.ReduceSum(weighted(slope(rows, columns, 0)), b.i64([lead + 1, lead + 3]), keepdims=0)   # [(K,) R, PH·G]
+    by_x = b.ReduceSum(weighted(slope(columns, rows, 1)), b.i64([lead + 1, lead + 2]), keepdims=0)   # [(K,) R, PW·G]
+    total = lambda v, d: b.ReduceSum(b.Mul(v, d), b.i64([-1]), keepdims=1)  # noqa: E731
+    return b.Concat(total(by_x, dx1), total(by_y, dy1), total(by_x, dx2), total(by_y, dy2), axis=-1)   # [(K,) R, 4]

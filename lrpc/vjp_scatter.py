@@ -1,5 +1,5 @@
-"""VJPs of the ops that scatter or select by index: CumSum, CumProd, ScatterElements/ScatterND, TopK, MaxUnpool,
-Compress, TensorScatter.
+"""VJPs of the ops that scatter or select by index: CumSum, CumProd, ScatterElements/ScatterND, OneHot, TopK,
+MaxUnpool, Compress, TensorScatter.
 Index inputs get no ĝ."""
 
 from __future__ import annotations
@@ -99,6 +99,21 @@ def _scatter_product(n, g, scatter, gather):
                        b.f32(0.0))
     return (lambda: b.Mul(g, b.Where(b.Equal(zeros(), b.f32(0.0)), products(), b.f32(0.0))), None,
             lambda: b.Mul(gather(b.Mul(g, n.x(0))), others()))
+
+
+def one_hot(n, g):
+    """y = on where the index is hot, off elsewhere: ĝ_values = [Σ ĝ off the hot positions, Σ ĝ on them]."""
+    b, r = n.b, n.rank(0)
+    if r is None:
+        refuse(n, "the rank of the indices must be known")
+
+    def grad():
+        hot = b.OneHot(n.raw(0), n.raw(1), b.f32([0.0, 1.0]), axis=n.attr("axis", -1))
+        every = b.i64(list(range(n.lead, n.lead + r + 1)))
+        on = b.ReduceSum(b.Mul(g, hot), every, keepdims=0)
+        off = b.Sub(b.ReduceSum(g, every, keepdims=0), on)
+        return b.Concat(b.Unsqueeze(off, b.i64([-1])), b.Unsqueeze(on, b.i64([-1])), axis=-1)   # [(K,) 2]
+    return (None, None, grad)
 
 
 def top_k(n, g):

@@ -116,10 +116,11 @@ def collect() -> list[Case]:
         if not _float_inputs(model) or not t.data_sets:
             continue
         names = [i.name for i in model.graph.input]
-        inputs = {n: v for n, v in zip(names, inputs_list) if isinstance(v, np.ndarray)}
+        inputs = {n: v for n, v in zip(names, map(_tensor, inputs_list)) if isinstance(v, np.ndarray)}
         if len(inputs) != len(inputs_list) or sum(v.size for v in inputs.values()) > MAX_ELEMENTS:
             continue
-        outputs = {o.name: v for o, v in zip(model.graph.output, outputs_list) if isinstance(v, np.ndarray)}
+        outputs = {o.name: v for o, v in zip(model.graph.output, map(_tensor, outputs_list))
+                   if isinstance(v, np.ndarray)}
         base = t.name.split("_expanded")[0]
         op = single.get(t.name) or (single.get(base, base.removeprefix("test_")) + " (expanded)")
         cases.append(Case(t.name, op, model.SerializeToString(), inputs, outputs))
@@ -128,6 +129,11 @@ def collect() -> list[Case]:
     tmp.write_bytes(pickle.dumps([(c.name, c.op, c.model, c.inputs, c.outputs) for c in cases]))
     os.replace(tmp, cache)
     return cases
+
+
+def _tensor(value):
+    """A node test's value; a numpy scalar (a reduced loss, CumSum's axis) as the 0-d array it stands for."""
+    return np.asarray(value) if isinstance(value, np.generic) else value
 
 
 def _double_only(model: onnx.ModelProto) -> bool:
@@ -142,8 +148,8 @@ def _as_float(model: onnx.ModelProto, inputs: list, outputs: list) -> tuple[onnx
     for value in list(model.graph.input) + list(model.graph.output):
         if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
             value.type.tensor_type.elem_type = TensorProto.FLOAT
-    def single(v):   # (a numpy scalar, e.g. CumSum's axis, as a 0-d array)
-        v = np.asarray(v) if isinstance(v, np.generic) else v
+    def single(v):
+        v = _tensor(v)
         return v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v
     return model, [single(v) for v in inputs], [single(v) for v in outputs]
 
@@ -545,7 +551,6 @@ def at_older_opset(case: Case) -> tuple[Case, int] | None:
     """A test whose op onnxruntime has no kernel for at the test's opset (RoiAlign-22, GlobalLpPool-22,
     OptionalGetElement-28, ...), converted by onnx's version converter to the newest older default opset at
     which onnxruntime runs it and gives the test's outputs, and that opset; None when there is none."""
-    import onnxruntime as ort
     from onnx import version_converter
     model = onnx.load_from_string(case.model)
     if [o.domain for o in model.opset_import] not in (["ai.onnx"], [""]):
@@ -556,7 +561,8 @@ def at_older_opset(case: Case) -> tuple[Case, int] | None:
             got = _run(older.SerializeToString(), case.inputs)
         except Exception:  # noqa: BLE001  (no conversion, or still no kernel: try an older opset)
             continue
-        same = all(np.allclose(got[k], v, rtol=1e-3, atol=1e-6) for k, v in case.outputs.items() if k in got)  # (as onnx's backend tests)
+        same = all(np.allclose(got[k], v, rtol=1e-3, atol=1e-6)   # (the tolerance of onnx's backend tests)
+                   for k, v in case.outputs.items() if k in got)
         return (Case(case.name, case.op, older.SerializeToString(), case.inputs, case.outputs), opset) if same else None
     return None
 

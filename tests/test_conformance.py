@@ -14,19 +14,24 @@ import pytest
 
 import conformance
 
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {   # found when node tests with numpy-scalar data were let in
+    # quantization is straight-through (docs/design.md, "Quantized models"): a scale carries no relevance
+    "test_dynamicquantizelinear": "its float y_scale output depends on x (its range) but carries no relevance",
+    "test_dynamicquantizelinear_max_adjusted": "its float y_scale output depends on x but carries no relevance",
+    # lrpc.untouched.attach reads each model input through Where(x == x, x, x): no int16 / uint16 Where kernel
+    "test_dequantizelinear_int16": "the untouched forward's opaque identity is a Where on int16",
+    "test_dequantizelinear_uint16": "the untouched forward's opaque identity is a Where on uint16",
+}
 
 NOT_YET_SUPPORTED: dict[str, str] = {
     "AffineGrid (expanded)": "an If with a run-time condition reading the carrying theta",
     "DequantizeLinear": "blocked quantization with a scale that carries relevance",
-    "NegativeLogLikelihoodLoss": "a class weight that carries relevance is not supported",
-    "RoiAlign": "relevance into the rois (the sampling coordinates)",
-    "SoftmaxCrossEntropyLoss": "a class weight that carries relevance is not supported",
-    "SoftmaxCrossEntropyLoss (expanded)": "NegativeLogLikelihoodLoss with a carrying class weight",
+    "Dropout": "training mode without its mask output (ratio 0)",
+    "MelWeightMatrix": "no rule (its output depends on the float band edges)",
 }
 
 # distinct ops verified exact today: the coverage must not go down
-MIN_EXACT_OPS = 134
+MIN_EXACT_OPS = 135
 
 
 @pytest.fixture(scope="module")

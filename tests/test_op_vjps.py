@@ -123,6 +123,34 @@ def test_resize_keeping_the_aspect_ratio_is_torch_interpolate(policy, sizes, sca
                                    recompute_scale_factor=False), {"sizes": np.array(sizes)})
 
 
+@pytest.mark.parametrize("mode, scale", [("half_pixel", 1.0), ("output_half_pixel", 0.5)])
+def test_roi_align_rois_is_finite_differences(mode, scale):
+    # relevance into X and into the rois (one partly outside the image, one shorter than a pixel), against
+    # central differences of onnxruntime's own RoiAlign in float64
+    x = rand(2, 3, 5, 6)
+    rois = np.array([[0.63, 1.3, 4.27, 3.9], [-1.6, 0.7, 3.1, 9.4], [2.3, 2.2, 2.9, 2.6]], np.float32) / scale
+    batch = np.array([1, 0, 1])
+    settings = dict(coordinate_transformation_mode=mode, output_height=2, output_width=3, sampling_ratio=2,
+                    spatial_scale=scale)
+    node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], **settings)
+    got, w = relevance(node, {"x": x, "rois": rois}, indices={"batch": batch}, opset=16)
+    double = helper.make_model(helper.make_graph(
+        [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "rois")] +
+        [helper.make_tensor_value_info("batch", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)]), opset_imports=[helper.make_opsetid("", 16)])
+    session = ort.InferenceSession(double.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = {"x": x.astype(np.float64), "rois": rois.astype(np.float64)}
+    s = lambda feed: float(np.sum(w * session.run(None, {**feed, "batch": batch})[0]))  # noqa: E731
+    for name, value in inputs.items():
+        want = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[i] += 1e-6
+            down[i] -= 1e-6
+            want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / 2e-6
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
 def _resize_crop(axes, extrapolation=0.5):
     return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear", axes=axes,
                             coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation)
@@ -168,6 +196,26 @@ def test_resize_crop_roi_of_an_unresized_axis_gets_nothing():
         .SerializeToString()).run(None, {"x": x, "roi": r})[0]
     assert np.array_equal(run(roi), run(roi + np.array([0.1, 0, 0.1, 0], np.float32)))
     assert got["roi"][0] == 0 and got["roi"][2] == 0 and np.all(got["roi"][[1, 3]] != 0)
+
+
+@pytest.mark.parametrize("op", ["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"])
+@pytest.mark.parametrize("reduction, ignore", [("mean", None), ("mean", 1), ("sum", 1), ("none", None)])
+def test_loss_class_weight_is_torch(op, reduction, ignore):
+    # relevance into the scores and into the class weight (torch's nll_loss does not differentiate its weight:
+    # the loss written out, −w[t]·scores_t per element, summed or averaged over Σ w[t])
+    x, w, t = rand(3, 4, 2), RNG.uniform(0.5, 2.0, 4).astype(np.float32), np.array([[1, 2], [0, 1], [3, 3]])
+    node = helper.make_node(op, ["x", "t", "w"], ["y"], reduction=reduction,
+                            **({} if ignore is None else {"ignore_index": ignore}))
+
+    def loss(x, w):
+        scores = torch.log_softmax(x, 1) if op == "SoftmaxCrossEntropyLoss" else x
+        target = torch.tensor(t)
+        keep = torch.ones(t.shape, dtype=torch.float64) if ignore is None else (target != ignore).double()
+        safe = torch.where(target == (-1 if ignore is None else ignore), 0, target)
+        weight = w[safe] * keep
+        per_element = -weight * torch.gather(scores, 1, safe.unsqueeze(1)).squeeze(1)
+        return {"none": per_element, "sum": per_element.sum()}.get(reduction, per_element.sum() / weight.sum())
+    check(node, {"x": x, "w": w}, loss, indices={"t": t})
 
 
 @pytest.mark.parametrize("align_corners", [0, 1])

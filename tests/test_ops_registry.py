@@ -88,6 +88,11 @@ RECIPES.update({
     # x along S without a factor: the product of the others, zeros and all
     "CumProd": ([n("CumProd", ["x", "axis"], "o", exclusive=1, reverse=1)], {"axis": np.array(1)}),
     "GlobalLpPool": ([n("GlobalLpPool", ["x"], "o", p=3)], {}),
+    # the [off, on] values x[0, 0, :2] placed by fixed indices
+    "OneHot": ([n("Slice", ["x", "zero3", "pair_end", "axes3"], "first"), n("Reshape", ["first", "pair"], "values"),
+                n("OneHot", ["hot", "depth", "values"], "o")],
+               {"zero3": np.array([0, 0, 0]), "pair_end": np.array([1, 1, 2]), "axes3": np.array([0, 1, 2]),
+                "pair": np.array([2]), "hot": RNG.integers(0, D, (B, S)), "depth": np.array(D)}),
     "OptionalGetElement": ([n("Optional", ["x"], "opt"), n("OptionalGetElement", ["opt"], "o")], {}),
     # θ = x[:, :2, :3], the grid [B, 4, 3, 2] read as [B, 4, 6]
     "AffineGrid": ([n("Slice", ["x", "zero2", "theta_end", "last2"], "theta"),
