@@ -123,6 +123,18 @@ def test_resize_keeping_the_aspect_ratio_is_torch_interpolate(policy, sizes, sca
                                    recompute_scale_factor=False), {"sizes": np.array(sizes)})
 
 
+def check_central_differences(got: dict[str, np.ndarray], s, inputs: dict[str, np.ndarray], step=1e-6):
+    """`got` against x ⊙ ∂s/∂x of every input by central differences of s (float64 inputs)."""
+    for name, value in inputs.items():
+        want = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[i] += step
+            down[i] -= step
+            want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / (2 * step)
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
 @pytest.mark.parametrize("mode, scale", [("half_pixel", 1.0), ("output_half_pixel", 0.5)])
 def test_roi_align_rois_is_finite_differences(mode, scale):
     # relevance into X and into the rois (one partly outside the image, one shorter than a pixel), against
@@ -141,14 +153,7 @@ def test_roi_align_rois_is_finite_differences(mode, scale):
     session = ort.InferenceSession(double.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs = {"x": x.astype(np.float64), "rois": rois.astype(np.float64)}
     s = lambda feed: float(np.sum(w * session.run(None, {**feed, "batch": batch})[0]))  # noqa: E731
-    for name, value in inputs.items():
-        want = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            up, down = value.copy(), value.copy()
-            up[i] += 1e-6
-            down[i] -= 1e-6
-            want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / 2e-6
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+    check_central_differences(got, s, inputs)
 
 
 def _resize_crop(axes, extrapolation=0.5):
@@ -173,14 +178,7 @@ def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
     evaluator = ReferenceEvaluator(double)
     inputs = {"x": x.astype(np.float64), "roi": roi.astype(np.float64)}
     s = lambda feed: float(np.sum(w * evaluator.run(None, feed)[0]))  # noqa: E731
-    for name, value in inputs.items():
-        want = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            up, down = value.copy(), value.copy()
-            up[i] += 1e-6
-            down[i] -= 1e-6
-            want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / 2e-6
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+    check_central_differences(got, s, inputs)
 
 
 def test_resize_crop_roi_of_an_unresized_axis_gets_nothing():
