@@ -646,7 +646,8 @@ class Attributor:
         in ONE run of the K explainer: the `Generation` holds the [generated, prompt + generated] matrix."""
         n = validate.at_least_one(max_new_tokens, "max_new_tokens (--generate)")
         if not isinstance(prompt, str):
-            raise LrpcError("generation takes one prompt text")
+            raise LrpcError(f"generation takes one prompt text, got a {type(prompt).__name__}: call generate once "
+                            "per prompt")
         if self.rank != 3 or self.attributed.get(self.main_input) != "token" or self.hidden_states:
             raise LrpcError(NOT_A_LANGUAGE_MODEL.format(what=f"output '{self.explainer.explained}' is not one"))
         item = self._text_item(prompt)

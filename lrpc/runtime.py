@@ -355,7 +355,9 @@ def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:
     if missing or unknown:
         raise LrpcError("wrong inputs: " + "; ".join(
             ([f"missing {', '.join(missing)}"] if missing else []) +
-            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}")
+            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}"
+            + ("" if not any(n.startswith("lrp_") for n in unknown) else " (targets, positions and seeds are not "
+               "inputs here: give --target / --position, in Python explain(target=…, position=…, seed=…))"))
     return {name: validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
             for name, spec in specs.items()}
 

@@ -290,3 +290,24 @@ def test_cli_generate_on_a_zoo_model_that_is_not_a_language_model(name, task, ca
     run = _cli(name, "--text", "a man plays guitar", "--generate", "2", cache=cache)
     assert run.returncode == 2 and f"{name} is a {task} model" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_top_k_lines_of_a_batch_file_are_one_k_run(saved, cache, tmp_path):
+    """`lrpc explain --file` with "top_k" lines: the lines of one batch make ONE K-explainer run (after the
+    forward that ranks the classes), each target equal to its own single-target explanation."""
+    _, path = saved("gpt2")
+    attributor = lrpc.Attributor(path, tokenizer="toy", cache=cache)
+    many, single = attributor._many(), attributor.explainer
+    calls = {"many": 0, "single": 0}
+    for key, explainer in (("many", many), ("single", single)):
+        def counted(names, feed, run=explainer._run, key=key):
+            calls[key] += 1
+            return run(names, feed)
+        explainer._run = counted
+    texts = ["the cat sat on the", "a great movie , i love"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t, "top_k": 3}) + "\n" for t in texts))
+    got = attributor.attribute_file(tmp_path / "in.jsonl")
+    assert calls == {"many": 1, "single": 1} and len(got) == 6 and not got.errors
+    for a in got:
+        ref = attributor.attribute(texts[a.index], target=a.target)
+        assert relative_error(a.relevance, ref.relevance) <= 1e-5 and a.line == a.index + 1

@@ -261,3 +261,13 @@ def test_scattering_vjps_keep_the_k_axis(op):
     expected = _single_rows(single, inputs, target, None)["x"]
     assert np.abs(expected).sum(-1).min() > 0   # every target reaches x
     assert relative_error(got, expected) <= 1e-6
+
+
+def test_index_inputs_given_as_model_inputs_say_where_they_go(llama_k):
+    """An .npz (or dict) holding lrp_target / lrp_seed beside the model's inputs: one line saying they are
+    given as target= / position= / seed= (--target / --position), not as inputs."""
+    inputs = {**_inputs(models.get("llama"), 6), "lrp_target": np.ones((2, 1), np.int64)}
+    with pytest.raises(LrpcError, match=re.escape("unknown lrp_target; the model takes input_ids, attention_mask "
+                                                  "(targets, positions and seeds are not inputs here")) as err:
+        lrpc.Explainer(llama_k).explain(inputs, target=[[1], [2]])
+    assert "\n" not in str(err.value)
