@@ -44,9 +44,9 @@ from lrpc.results import Attribution, Attributions, Generation, LineError
 from lrpc.runtime import Explainer
 
 HIDDEN_STATES = ("last_hidden_state",)   # an encoder's output without a head (Hugging Face's name)
-NOT_A_LANGUAGE_MODEL = ("generation needs a causal language model or an encoder–decoder one (token ids in, next-token "
-                         "logits [batch, seq, vocab] out), and {what}: give a model such as GPT-2, LLaMA, T5 or "
-                         "BART")
+NOT_A_LANGUAGE_MODEL = ("generation needs a causal language model or an encoder–decoder one (token ids in, "
+                        "next-token logits [batch, seq, vocab] out), and {what}: give a model such as GPT-2, LLaMA, "
+                        "T5 or BART")
 
 
 @dataclass

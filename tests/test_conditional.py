@@ -9,7 +9,14 @@ the embedding output E, so what bypasses c never enters it; R = Σ_hidden E ⊙ 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -181,12 +188,6 @@ def test_compile_command_adds_the_mask_inputs(decoder, tmp_path):
 
 def _explain_cli(tmp_path, proto, *args):
     """`lrpc explain` on the exported model (its own cache folder), stdout's JSON and stderr."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import onnx
     if not (tmp_path / "m.onnx").exists():
         onnx.save(proto, tmp_path / "m.onnx")
     env = {**os.environ, "LRPC_CACHE": str(tmp_path / "cache")}
@@ -237,5 +238,4 @@ def test_explain_command_bad_conditions_are_one_line(decoder, tmp_path, args, me
     np.savez(tmp_path / "ids.npz", input_ids=np.ones((1, 4), np.int64))
     rc, _, err = _explain_cli(tmp_path, proto, "--input", tmp_path / "ids.npz", *args)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    import re
     assert re.search(message, err), err

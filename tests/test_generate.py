@@ -141,17 +141,22 @@ def test_generation_needs_a_causal_lm(zoo_export, cache):
         lrpc.Attributor(proto, tokenizer="toy", cache=cache).generate("a great movie", 2)
 
 
-@pytest.mark.parametrize("name,k,contrast", [("llama", 3, "dog"), ("bert", 2, None)])
-def test_top_k_is_one_k_run_equal_to_the_k_loop(name, k, contrast, saved, cache):
-    _, path = saved(name)
-    attributor = lrpc.Attributor(path, tokenizer="toy", cache=cache)
-    many, single = attributor._many(), attributor.explainer
+def _count_runs(attributor) -> dict[str, int]:
+    """Counts of the onnxruntime runs of the attributor's K explainer ("many") and single-target one."""
     calls = {"many": 0, "single": 0}
-    for key, explainer in (("many", many), ("single", single)):
+    for key, explainer in (("many", attributor._many()), ("single", attributor.explainer)):
         def counted(names, feed, run=explainer._run, key=key):
             calls[key] += 1
             return run(names, feed)
         explainer._run = counted
+    return calls
+
+
+@pytest.mark.parametrize("name,k,contrast", [("llama", 3, "dog"), ("bert", 2, None)])
+def test_top_k_is_one_k_run_equal_to_the_k_loop(name, k, contrast, saved, cache):
+    _, path = saved(name)
+    attributor = lrpc.Attributor(path, tokenizer="toy", cache=cache)
+    calls = _count_runs(attributor)
     texts = ["a great movie , i love it", "the cat sat on the"]   # two lengths: one padded batch
     got = attributor.attribute(texts, top_k=k, contrast=contrast)
     assert calls == {"many": 1, "single": 1}   # the forward that ranks the classes, then ONE explainer run
@@ -246,27 +251,24 @@ def test_generation_pictures_match_the_matrix(saved, cache, tmp_path, monkeypatc
     np.testing.assert_array_equal(drawn["matrix"], gen.matrix)
 
 
-class _Tiny:
-    """A one-layer token model: mean-mixing over the whole sequence (not causal), or a head narrower than
-    the vocabulary (not next-token logits)."""
+def _tiny_token_model(bidirectional: bool, classes: int):
+    """A one-layer token model: mean-mixing over the whole sequence (not causal) or over the prefix, with a
+    head of `classes` outputs (fewer than the vocabulary: not next-token logits)."""
+    import torch
 
-    @staticmethod
-    def build(bidirectional: bool, classes: int):
-        import torch
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(128, 8)
+            self.head = torch.nn.Linear(8, classes)
 
-        class Model(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                torch.manual_seed(0)
-                self.embed = torch.nn.Embedding(128, 8)
-                self.head = torch.nn.Linear(8, classes)
-
-            def forward(self, input_ids):
-                h = self.embed(input_ids)
-                mixed = h.mean(1, keepdim=True) if bidirectional else h.cumsum(1) / torch.arange(
-                    1, h.shape[1] + 1).reshape(1, -1, 1)
-                return self.head(h + mixed)
-        return Model().eval()
+        def forward(self, input_ids):
+            h = self.embed(input_ids)
+            mixed = h.mean(1, keepdim=True) if bidirectional else h.cumsum(1) / torch.arange(
+                1, h.shape[1] + 1).reshape(1, -1, 1)
+            return self.head(h + mixed)
+    return Model().eval()
 
 
 @pytest.mark.parametrize("bidirectional,classes,message", [
@@ -276,7 +278,7 @@ class _Tiny:
 def test_generation_refuses_what_is_not_a_causal_lm(cache, bidirectional, classes, message):
     """Greedy decoding of an encoder or a token classifier would be noise: one line saying why."""
     import torch
-    model = _Tiny.build(bidirectional, classes)
+    model = _tiny_token_model(bidirectional, classes)
     attributor = lrpc.Attributor(model, example_inputs={"input_ids": torch.tensor([[5, 6, 7, 8]])}, tokenizer="toy",
                                  cache=cache)
     with pytest.raises(lrpc.LrpcError, match=message) as err:
@@ -297,13 +299,7 @@ def test_top_k_lines_of_a_batch_file_are_one_k_run(saved, cache, tmp_path):
     forward that ranks the classes), each target equal to its own single-target explanation."""
     _, path = saved("gpt2")
     attributor = lrpc.Attributor(path, tokenizer="toy", cache=cache)
-    many, single = attributor._many(), attributor.explainer
-    calls = {"many": 0, "single": 0}
-    for key, explainer in (("many", many), ("single", single)):
-        def counted(names, feed, run=explainer._run, key=key):
-            calls[key] += 1
-            return run(names, feed)
-        explainer._run = counted
+    calls = _count_runs(attributor)
     texts = ["the cat sat on the", "a great movie , i love"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t, "top_k": 3}) + "\n" for t in texts))
     got = attributor.attribute_file(tmp_path / "in.jsonl")
