@@ -674,9 +674,9 @@ class Attributor:
                                 f"prompt — {exc}") from None
             self._check_next_token_logits(logits, previous)
             # the first maximum, as torch.argmax (greedy decoding), among the tokens the config allows
+            scores = self._greedy_scores(logits[0, -1], ids, step, start)
             allowed = forced.get(step)
-            ids.append(int(np.argmax(logits[0, -1])) if allowed is None
-                       else allowed[int(np.argmax(logits[0, -1, allowed]))])
+            ids.append(int(np.argmax(scores)) if allowed is None else allowed[int(np.argmax(scores[allowed]))])
             if ids[-1] in stop:
                 break
         generated = ids[start:]
@@ -698,6 +698,30 @@ class Attributor:
                           generated_tokens=[token(i) for i in generated], generated_ids=generated,
                           prompt_length=len(columns) - k, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
                           model=str(self.name))
+
+    def _greedy_scores(self, logits: np.ndarray, ids: list[int], step: int, start: int) -> np.ndarray:
+        """The next token's scores after the logits processors Hugging Face's greedy `generate` applies as
+        the config asks: repetition_penalty over the ids so far, no_repeat_ngram_size, no EOS before
+        min_length / min_new_tokens, suppress_tokens, begin_suppress_tokens at the first free step (forced
+        BOS / EOS are `_forced_tokens`). Beam search (num_beams > 1) is not followed: decoding is greedy."""
+        config, scores = self.config, np.array(logits, np.float32)
+        penalty = float(config.get("repetition_penalty") or 1.0)
+        if penalty != 1.0:
+            seen = np.unique(ids)
+            factor = np.float32(penalty)
+            scores[seen] = np.where(scores[seen] < 0, scores[seen] * factor, scores[seen] / factor)
+        size = int(config.get("no_repeat_ngram_size") or 0)
+        if size and len(ids) + 1 >= size:   # a token completing an n-gram the ids already hold is banned
+            tail = ids[len(ids) - size + 1:]
+            banned = [ids[i + size - 1] for i in range(len(ids) - size + 1) if ids[i:i + size - 1] == tail]
+            scores[banned] = -np.inf
+        if len(ids) < int(config.get("min_length") or 0) or step < int(config.get("min_new_tokens") or 0):
+            scores[sorted(self._eos_ids())] = -np.inf
+        begin = 1 if start == 1 and config.get("forced_bos_token_id") is not None else 0
+        suppressed = list(config.get("suppress_tokens") or []) + (
+            list(config.get("begin_suppress_tokens") or []) if step == begin else [])
+        scores[suppressed] = -np.inf
+        return scores
 
     def _check_next_token_logits(self, logits: np.ndarray, previous: np.ndarray | None) -> None:
         """Greedy decoding reads the output as a causal model's next-token logits: an output narrower than the

@@ -307,3 +307,30 @@ def test_top_k_lines_of_a_batch_file_are_one_k_run(saved, cache, tmp_path):
     for a in got:
         ref = attributor.attribute(texts[a.index], target=a.target)
         assert relative_error(a.relevance, ref.relevance) <= 1e-5 and a.line == a.index + 1
+
+
+@pytest.mark.parametrize("options", [
+    {"repetition_penalty": 0.7},
+    {"no_repeat_ngram_size": 2, "min_new_tokens": 3, "eos_token_id": "first"},
+    {"suppress_tokens": ["first", "third"], "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
+    {"begin_suppress_tokens": ["first"], "min_length": 8, "eos_token_id": "second"},
+], ids=("penalty", "ngram-min-new", "suppress", "begin-min-length"))
+def test_generation_follows_the_greedy_options_of_generation_config(saved, cache, tmp_path, options):
+    """Hugging Face's greedy generate applies generation_config.json's repetition penalty, n-gram ban,
+    minimum length and suppressed tokens; so does Attributor.generate (each option chosen to change the
+    plain greedy answer's tokens: "first" is the first token greedy decoding gives without them)."""
+    import shutil
+    module, path = saved("llama")
+    free = lrpc.Attributor(path, tokenizer="toy", cache=cache).generate(PROMPT, 8, stop_at_eos=False).generated_ids
+    named = {"first": free[0], "second": free[1], "third": free[2]}
+    config = {k: ([named.get(x, x) for x in v] if isinstance(v, list) else named.get(v, v)) for k, v in options.items()}
+    shutil.copy(path, tmp_path / "model.onnx")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, **config}))
+    gen = lrpc.Attributor(tmp_path / "model.onnx", tokenizer="toy", cache=cache).generate(PROMPT, 8)
+    ids, _ = Tokenizer.toy().encode(PROMPT)
+    import torch
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        want = module.hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                        do_sample=False, pad_token_id=0, **{"eos_token_id": 2, **config})
+    assert gen.generated_ids == want[0, len(ids):].tolist() != free[:len(gen.generated_ids)]
