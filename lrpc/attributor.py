@@ -44,6 +44,9 @@ from lrpc.results import Attribution, Attributions, Generation, LineError
 from lrpc.runtime import Explainer
 
 HIDDEN_STATES = ("last_hidden_state",)   # an encoder's output without a head (Hugging Face's name)
+NOT_A_LANGUAGE_MODEL = ("generation needs a causal language model or an encoder–decoder one (token ids in, "
+                        "next-token logits [batch, seq, vocab] out), and {what}: give a model such as GPT-2, LLaMA, "
+                        "T5 or BART")
 
 
 @dataclass
@@ -95,7 +98,8 @@ class Attributor:
         self.source = None if given_explainer else model
         self._options = dict(tokenizer=tokenizer, preset=preset, task=task, cache=cache, providers=providers,
                              threads=threads, session_config=session_config)
-        self._output = dict(output_name=output_name, pooling=pooling)
+        # what the K explainer (`_many`) is compiled with besides the seed and K
+        self._output = dict(output_name=output_name, pooling=pooling, conditions=conditions)
         self.activations: dict[str, str] = {}   # component → its tensor among the outputs (`components=`)
         self._k_explainer: Explainer | None = None
         if isinstance(model, Explainer):
@@ -336,13 +340,15 @@ class Attributor:
     # ---- the run -------------------------------------------------------------------------------
     def attribute(self, inputs=None, target=None, *, position: int | None = None, contrast=None,
                   top_k: int | None = None, image=None, seed=None, seed_label: str = "", batch_size: int = 16,
-                  progress=None):
+                  progress=None, condition: dict | None = None):
         """Explain `inputs` (text, a list of texts, a dict of arrays with a batch axis, a list of dicts,
         an image path / PIL image with `image=`). target: None (the predicted class / next token), an
         index, or a label / token string; top_k: the k highest-scoring classes; position: the sequence
         position (rank-3 outputs; negative from the end of each input); contrast: explain
         logit[target] − logit[contrast]; seed: a vector over the output's last axis, explain ⟨seed, y⟩
-        (an embedding's similarity to another; `seed_label` says what it is), instead of a target.
+        (an embedding's similarity to another; `seed_label` says what it is), instead of a target;
+        condition: CRP's conditional relevance, {"mlp.3": unit or [units] mask} (an Attributor made with
+        `conditions=`; `Explainer.explain(condition=…)`).
 
         Returns an `Attribution` for one input and one target, else an `Attributions` list (input-major,
         the top-k in descending order)."""
@@ -354,11 +360,11 @@ class Attributor:
             raise LrpcError("a seed vector replaces the target: drop target, top_k and contrast")
         results = self._explain_items(items, target, position, contrast, top_k, batch_size, progress,
                                       seed=None if seed is None else np.asarray(seed, np.float32),
-                                      seed_label=seed_label)
+                                      seed_label=seed_label, condition=condition)
         return results[0] if len(results) == 1 and not top_k and len(items) == 1 else results
 
     def _explain_items(self, items, target, position, contrast, top_k, batch_size, progress, seed=None,
-                       seed_label: str = "") -> Attributions:
+                       seed_label: str = "", condition: dict | None = None) -> Attributions:
         """Input-major results (`index`: the input's place in `items`), run in `_batches`; a `seed` vector
         replaces the targets (every row explains ⟨seed, y⟩)."""
         if top_k is not None:
@@ -366,8 +372,8 @@ class Attributor:
         per_item: list[list[Attribution]] = [[] for _ in items]
         for batch in self._batches(items, batch_size):
             chunk = [items[i] for i in batch]
-            out = (self._run(chunk, target, position, contrast, top_k) if seed is None
-                   else self._run_seed(chunk, seed, seed_label, position))
+            out = (self._run(chunk, target, position, contrast, top_k, condition) if seed is None
+                   else self._run_seed(chunk, seed, seed_label, position, condition))
             k = len(out) // len(batch)   # top_k rows per input, else one
             for j, i in enumerate(batch):
                 per_item[i] = out[j * k:(j + 1) * k]
@@ -486,7 +492,7 @@ class Attributor:
             ex.explain(feed, target=y.argmax(-1), position=position, condition=condition)
         return lengths, forward, explanation
 
-    def _run(self, items, target, position, contrast, top_k) -> list[Attribution]:
+    def _run(self, items, target, position, contrast, top_k, condition=None) -> list[Attribution]:
         ex = self.explainer
         feed, lengths = self.pad(items)
         n = len(items)
@@ -522,22 +528,24 @@ class Attributor:
         if per_input > 1 and self.vector and self.source is not None and not self.latent_names:
             # several targets of one input: one run of the K explainer, not the input repeated per target
             out = self._many().explain(feed, seed=_seeds(rows, classes).reshape(n, per_input, classes),
-                                       position=None if pos is None else pos.reshape(n, per_input))
+                                       position=None if pos is None else pos.reshape(n, per_input),
+                                       condition=condition)
             relevance = {name: v.reshape(n * per_input, *v.shape[2:]) for name, v in out.relevance.items()}
             logit = out.logit.reshape(-1)
         else:
             batch = {k: v[take] for k, v in feed.items()}
             if self.vector:
-                out = ex.explain(batch, seed=_seeds(rows, classes), position=pos)
+                out = ex.explain(batch, seed=_seeds(rows, classes), position=pos, condition=condition)
             else:
                 if contrast is not None:
                     raise LrpcError("a contrastive target needs a vector-seed explainer: compile with --seed vector, "
                                     "or give the original model")
-                out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos)
+                out = ex.explain(batch, target=np.array([r[1] for r in rows], np.int64), position=pos,
+                                 condition=condition)
             relevance, logit = out.relevance, out.logit
         return self._results(items, lengths, rows, relevance, logit, pos)
 
-    def _run_seed(self, items, seed, seed_label, position) -> list[Attribution]:
+    def _run_seed(self, items, seed, seed_label, position, condition=None) -> list[Attribution]:
         """One row per item, all explaining ⟨seed, y⟩."""
         if not self.vector:
             raise LrpcError("a seed vector needs a vector-seed explainer: compile with --seed vector, or give the "
@@ -549,7 +557,7 @@ class Attributor:
             raise LrpcError(f"the seed is shaped {list(seed.shape)}; output '{self.explainer.explained}' needs a "
                             f"vector of {size}")
         pos = None if positions is None else np.array(positions, np.int64)
-        out = self.explainer.explain(feed, seed=np.tile(seed, (len(items), 1)), position=pos)
+        out = self.explainer.explain(feed, seed=np.tile(seed, (len(items), 1)), position=pos, condition=condition)
         return self._results(items, lengths, [(i, None, None) for i in range(len(items))], out.relevance, out.logit,
                              pos, seed_label)
 
@@ -638,10 +646,10 @@ class Attributor:
         in ONE run of the K explainer: the `Generation` holds the [generated, prompt + generated] matrix."""
         n = validate.at_least_one(max_new_tokens, "max_new_tokens (--generate)")
         if not isinstance(prompt, str):
-            raise LrpcError("generation takes one prompt text")
-        if self.rank != 3 or self.attributed.get(self.main_input) != "token":
-            raise LrpcError("generation needs a causal language model or an encoder–decoder one (token ids in, "
-                            f"logits [batch, seq, vocab] out); '{self.explainer.explained}' is not one")
+            raise LrpcError(f"generation takes one prompt text, got a {type(prompt).__name__}: call generate once "
+                            "per prompt")
+        if self.rank != 3 or self.attributed.get(self.main_input) != "token" or self.hidden_states:
+            raise LrpcError(NOT_A_LANGUAGE_MODEL.format(what=f"output '{self.explainer.explained}' is not one"))
         item = self._text_item(prompt)
         source = [int(i) for i in item.inputs["input_ids"][0]]
         seq2seq = "decoder_input_ids" in self.explainer.inputs
@@ -652,29 +660,83 @@ class Attributor:
             return self._token_arrays(source, ids) if seq2seq else self._token_arrays(ids)
         start, stop = len(ids), self._eos_ids() if stop_at_eos else set()
         forced = self._forced_tokens(start, n)
+        logits = None
         for step in range(n):
-            logits = self.explainer.forward(arrays())[self.explainer.explained]
+            previous = logits
+            try:
+                logits = self.explainer.forward(arrays())[self.explainer.explained]
+            except LrpcError as exc:
+                if step == 0:
+                    raise
+                # a model with learned positions has a longest input: say where it ends, not just the op
+                raise LrpcError(f"the model fails on {len(ids)} tokens ({start} of the prompt + {step} generated; "
+                                f"its positions end?): give max_new_tokens (--generate) ≤ {step} for this "
+                                f"prompt — {exc}") from None
+            self._check_next_token_logits(logits, previous)
             # the first maximum, as torch.argmax (greedy decoding), among the tokens the config allows
+            scores = self._greedy_scores(logits[0, -1], ids, step, start)
             allowed = forced.get(step)
-            ids.append(int(np.argmax(logits[0, -1])) if allowed is None
-                       else allowed[int(np.argmax(logits[0, -1, allowed]))])
+            ids.append(int(np.argmax(scores)) if allowed is None else allowed[int(np.argmax(scores[allowed]))])
             if ids[-1] in stop:
                 break
         generated = ids[start:]
         k, classes = len(generated), logits.shape[-1]
         seed = np.zeros((1, k, classes), np.float32)
         seed[0, np.arange(k), generated] = 1.0
-        # generated token i is the prediction at position start + i − 1 (of the decoder side for seq2seq)
+        # generated token i is the prediction at position start + i − 1 (of the decoder side for seq2seq). The
+        # last token predicts nothing here: the run reads the ids without it (so an answer that fills the
+        # model's positions, as Hugging Face's generate allows, still runs), and its column is 0 by causality
+        last = ids.pop()
         out = self._many().explain(arrays(), seed=seed, position=np.arange(start - 1, start - 1 + k)[None])
+        ids.append(last)
         token = self.tokenizer.token
         # columns: seq2seq: the source, then the decoder's ids; a causal LM: the prompt and the answer
         names = ["input_ids", "decoder_input_ids"] if seq2seq else [self.main_input]
-        matrix = np.concatenate([out.relevance[name][0] for name in names], axis=-1)
+        matrix = np.concatenate([out.relevance[name][0] for name in names] + [np.zeros((k, 1), np.float32)], axis=-1)
         columns = (item.tokens if seq2seq else []) + [token(i) for i in ids]
         return Generation(matrix=np.asarray(matrix, np.float32), source_tokens=columns,
                           generated_tokens=[token(i) for i in generated], generated_ids=generated,
                           prompt_length=len(columns) - k, logits=np.asarray(out.logit[0], np.float32), prompt=prompt,
                           model=str(self.name))
+
+    def _greedy_scores(self, logits: np.ndarray, ids: list[int], step: int, start: int) -> np.ndarray:
+        """The next token's scores after the logits processors Hugging Face's greedy `generate` applies as
+        the config asks: repetition_penalty over the ids so far, no_repeat_ngram_size, no EOS before
+        min_length / min_new_tokens, suppress_tokens, begin_suppress_tokens at the first free step (forced
+        BOS / EOS are `_forced_tokens`). Beam search (num_beams > 1) is not followed: decoding is greedy."""
+        config, scores = self.config, np.array(logits, np.float32)
+        penalty = float(config.get("repetition_penalty") or 1.0)
+        if penalty != 1.0:
+            seen = np.unique(ids)
+            factor = np.float32(penalty)
+            scores[seen] = np.where(scores[seen] < 0, scores[seen] * factor, scores[seen] / factor)
+        size = int(config.get("no_repeat_ngram_size") or 0)
+        if size and len(ids) + 1 >= size:   # a token completing an n-gram the ids already hold is banned
+            tail = ids[len(ids) - size + 1:]
+            banned = [ids[i + size - 1] for i in range(len(ids) - size + 1) if ids[i:i + size - 1] == tail]
+            scores[banned] = -np.inf
+        if len(ids) < int(config.get("min_length") or 0) or step < int(config.get("min_new_tokens") or 0):
+            scores[sorted(self._eos_ids())] = -np.inf
+        begin = 1 if start == 1 and config.get("forced_bos_token_id") is not None else 0
+        suppressed = list(config.get("suppress_tokens") or []) + (
+            list(config.get("begin_suppress_tokens") or []) if step == begin else [])
+        scores[suppressed] = -np.inf
+        return scores
+
+    def _check_next_token_logits(self, logits: np.ndarray, previous: np.ndarray | None) -> None:
+        """Greedy decoding reads the output as a causal model's next-token logits: an output narrower than the
+        vocabulary (hidden states, token classes) or one whose earlier positions change when a token is
+        appended (a bidirectional encoder) is not that, and its "answer" would be noise."""
+        vocab = self.meta.get("vocab", {}).get(self.main_input)
+        what = None
+        if vocab and logits.shape[-1] < vocab:
+            what = f"has {logits.shape[-1]} values per token for a vocabulary of {vocab}"
+        elif previous is not None:
+            earlier = logits[0, :previous.shape[1]]
+            if np.abs(earlier - previous[0]).max() > 1e-3 * max(float(np.abs(previous).max()), 1e-6):
+                what = "changes at earlier positions when a token is appended (a bidirectional model)"
+        if what:
+            raise LrpcError(NOT_A_LANGUAGE_MODEL.format(what=f"output '{self.explainer.explained}' {what}"))
 
     def _decoder_start(self) -> int:
         """An encoder–decoder's decoder start token (config.json's decoder_start_token_id)."""

@@ -28,9 +28,17 @@ def command(name: str):
     return importlib.import_module(f"lrpc.commands.{name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option value (`--top-k abc`) told in one line, as every other user error, not
+    after the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, _printable(f"{self.prog}: error: {message} (`{self.prog} -h` lists the options)") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lrpc import __version__
-    parser = argparse.ArgumentParser(prog="lrpc", description="Compile transformers into ONNX explainers that "
+    parser = _Parser(prog="lrpc", description="Compile transformers into ONNX explainers that "
                                      "compute AttnLRP relevance in one onnxruntime run.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lrpc {__version__}")

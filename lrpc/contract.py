@@ -73,12 +73,14 @@ def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str
     per_row = [batch] if targets is None else [batch, k_dim(targets)]   # the index inputs' shape
     if mode == "vector":
         per_class = index_input = add_input(graph, b, SEED, F32, per_row + [classes])
-        per_class = checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite")
+        if targets is not None:
+            per_class = _k_checked(b, per_class, y)
+        per_class = checked(b, per_class, b.Not(b.Or(b.IsNaN(per_class), b.IsInf(per_class))), "finite", SEED)
     elif mode == "target":
         target = index_input = add_input(graph, b, TARGET, I64, per_row)
         if targets is not None:
-            target = checked(b, target, b.Greater(b.Shape(target, start=1, end=2), b.i64([0])), "nonempty")
-        target = checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range")
+            target = _k_checked(b, target, y)
+        target = checked(b, target, _in_range(b, target, b.Shape(y, start=-1), negative=False), "in_range", TARGET)
         per_class = b.OneHot(target, b.Shape(y, start=-1), b.f32([0.0, 1.0]), axis=-1)
     else:
         raise LrpcError(f"unknown seed mode '{mode}': use 'target' or 'vector'")
@@ -90,12 +92,20 @@ def seed(graph: ir.Graph, b: Builder, y: ir.Value, mode: str, targets: int | str
     seq = b.Shape(y, start=1, end=2)
     if targets is not None:  # one position per target: the same [batch, K] as the target / seed's first axes
         same = b.Equal(b.Shape(position), b.Shape(index_input, end=2))
-        position = checked(b, position, same, "same_shape_as_" + index_input.name)
-    position = checked(b, position, _in_range(b, position, seq, negative=True), "in_range")
+        position = checked(b, position, same, "same_shape_as_" + index_input.name, POSITION)
+    position = checked(b, position, _in_range(b, position, seq, negative=True), "in_range", POSITION)
     at_position = b.OneHot(position, seq, b.f32([0.0, 1.0]), axis=-1)  # negative: from end
     if targets is not None:
         at_position = b.Transpose(at_position, perm=[1, 0, 2])   # [K, batch, seq]
     return b.Mul(b.Unsqueeze(at_position, b.i64([-1])), b.Unsqueeze(per_class, b.i64([1 if targets is None else 2])))
+
+
+def _k_checked(b: Builder, index: ir.Value, y: ir.Value) -> ir.Value:
+    """A [batch, K, …] index input checked for K ≥ 1 and for the model's batch (a mismatched batch would
+    otherwise fail deep in the relevance pass, or broadcast one row's targets over the batch)."""
+    name = index.name
+    index = checked(b, index, b.Greater(b.Shape(index, start=1, end=2), b.i64([0])), "nonempty", name)
+    return checked(b, index, b.Equal(b.Shape(index, end=1), b.Shape(y, end=1)), "same_batch_as_model", name)
 
 
 def k_dim(targets: int | str):

@@ -59,10 +59,17 @@ class Example:
     tokens: list[str] | None = None
 
     def __post_init__(self):
-        if self.target is not None and np.ndim(self.target) == 1:   # several targets: a list of ints
-            self.target = [int(t) for t in self.target]
-            if not self.target:
-                raise LrpcError("an example has an empty list of targets: give at least one")
+        if self.target is None:
+            return
+        if np.ndim(self.target) == 0:
+            self.target = validate.whole_number(self.target, "an example's target")
+            return
+        targets = np.asarray(self.target)   # several targets: a list of class indices
+        if targets.ndim == 1 and targets.size == 0:
+            raise LrpcError("an example has an empty list of targets: give at least one")
+        if targets.ndim != 1 or targets.dtype.kind not in "iu" or any(isinstance(t, bool) for t in self.target):
+            raise LrpcError(f"an example's target must be a class index or a list of them, got {self.target!r}")
+        self.target = [int(t) for t in targets]
 
 
 def _session(path: Path, threads: int | None):

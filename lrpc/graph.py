@@ -294,16 +294,17 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
     return graphs + [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.value]
 
 
-def checked(b: Builder, value: ir.Value, ok: ir.Value, test: str) -> ir.Value:
+def checked(b: Builder, value: ir.Value, ok: ir.Value, test: str, subject: str | None = None) -> ir.Value:
     """`value` itself, read through a Reshape to its own shape plus `bad` (1 if any entry fails `ok`, else
     0): a no-op when every entry passes, an impossible shape (more elements) otherwise, so the run fails
     with onnxruntime naming the node, lrp_check_<input>_<test>. The relevance reads the Reshape's output:
     a data dependency no optimiser may drop, and no branch (works alike on every execution provider).
     allowzero=1 (a 0 in the shape is a real 0: only an empty input has one) is what stops the Builder
-    from merging a later Reshape of the checked value into this one, which would skip the check."""
+    from merging a later Reshape of the checked value into this one, which would skip the check. `subject`:
+    the name the node gives (default: the value's; an input checked several times keeps its own name)."""
     bad = b.ReduceSum(b.Cast(b.Not(ok), to=ir.DataType.INT64.value), keepdims=0)  # an empty batch has nothing bad
     out = ir.Value(name=b.fresh(f"checked_{value.name}"), type=value.type, shape=value.shape)
     b.graph.append(ir.Node("", "Reshape", [value, b.Add(b.Shape(value), bad)], outputs=[out],
                            attributes=[ir.AttrInt64("allowzero", 1)],  # also keeps Builder from folding it
-                           name=b.fresh(f"{INPUT_CHECK}{value.name}_{test}")))
+                           name=b.fresh(f"{INPUT_CHECK}{subject or value.name}_{test}")))
     return out

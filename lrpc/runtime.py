@@ -271,14 +271,7 @@ class Explainer:
         if vector:
             if seed is None or target is not None:
                 raise LrpcError("this explainer was compiled with --seed vector: pass seed=[batch, K, classes]")
-            seed = validate.finite("seed", seed)
-            if seed.ndim == 2:
-                seed = np.broadcast_to(seed, (batch,) + seed.shape).copy()
-            if seed.ndim != 3 or seed.shape[0] != batch or seed.shape[1] == 0 or seed.shape[2] != classes \
-                    or (k is not None and seed.shape[1] != k):
-                raise LrpcError(f"seed has shape {list(seed.shape)}; give [batch={batch}, K{'=' + str(k) if k else ''}"
-                                f", classes={classes}] with K ≥ 1")
-            feed[contract.SEED] = seed
+            seed = feed[contract.SEED] = validate.seed_matrix(seed, batch, k, classes)
             width = seed.shape[1]
         else:
             if target is None:
@@ -364,7 +357,9 @@ def checked_feed(specs: dict, inputs: dict) -> dict[str, np.ndarray]:
     if missing or unknown:
         raise LrpcError("wrong inputs: " + "; ".join(
             ([f"missing {', '.join(missing)}"] if missing else []) +
-            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}")
+            ([f"unknown {', '.join(unknown)}"] if unknown else [])) + f"; the model takes {', '.join(specs)}"
+            + ("" if not any(n.startswith("lrp_") for n in unknown) else " (targets, positions and seeds are not "
+               "inputs here: give --target / --position, in Python explain(target=…, position=…, seed=…))"))
     return {name: validate.input_array(name, inputs[name], ORT_TO_NUMPY.get(spec.type, np.float32), spec.shape)
             for name, spec in specs.items()}
 

@@ -125,6 +125,8 @@ def finite(name: str, value, dtype=np.float32, *, allow_inf: bool = False) -> np
     range become Inf on conversion: refused too, naming them as such). `allow_inf` lets a deliberate ±Inf
     through (an additive −inf attention mask); the explainer then checks that the relevance is finite."""
     array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise LrpcError(f"{name} must be numbers, got {_short(value)}")
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(dtype, copy=False)
     bad = ~np.isfinite(converted)
@@ -185,23 +187,39 @@ def targets_option(value) -> int | str | None:
 
 def index_matrix(name: str, value, batch: int, k: int | None, size: int | None, *,
                  negative: bool = False) -> np.ndarray:
-    """K integer indices per batch row, [batch, K] (a [K] list is used for every row), in [0, size), or
-    [−size, size) when negative indices count from the end; K must be ≥ 1 (and `k` when the explainer
+    """K integer indices per batch row, [batch, K] (one row's [K] when the batch is one row: a [batch]
+    vector, the single-target shape, is refused rather than read as K targets of every row), in [0, size),
+    or [−size, size) when negative indices count from the end; K must be ≥ 1 (and `k` when the explainer
     fixes it)."""
     array = np.asarray(value)
+    if array.size == 0 and array.ndim in (1, 2):
+        raise LrpcError(f"{name} has K = 0 targets per row; give at least one")
     if array.dtype.kind not in "iu" or array.ndim not in (1, 2):
-        raise LrpcError(f"{name} must be integer indices shaped [batch, K] (or [K] for every row), got "
-                        f"{np.asarray(value).tolist()!r}")
+        raise LrpcError(f"{name} must be integer indices shaped [batch, K], got {_short(value)}")
     array = array.astype(np.int64)
     if array.ndim == 1:
-        array = np.broadcast_to(array, (batch, array.shape[0])).copy()
+        if batch != 1:
+            raise LrpcError(f"{name} has shape {list(array.shape)}; this explainer explains K targets per row: "
+                            f"give [batch={batch}, K] (one target per row: [[t] for t in {name}])")
+        array = array[None]
     if array.shape[0] != batch:
         raise LrpcError(f"{name} has shape {list(array.shape)}; give [batch={batch}, K]")
-    if array.shape[1] == 0:
-        raise LrpcError(f"{name} has K = 0 targets per row; give at least one")
     if k is not None and array.shape[1] != k:
         raise LrpcError(f"{name} has K = {array.shape[1]} per row, this explainer was compiled with --targets {k}")
-    return indices(name, array.ravel(), array.size, size, negative=negative).reshape(array.shape)
+    if size is not None:
+        low = -size if negative else 0
+        bad = np.argwhere((array < low) | (array >= size))
+        if len(bad):
+            row, column = bad[0]
+            raise LrpcError(f"{name} {array[row, column]} (row {row}, target {column}) is out of range: use "
+                            f"{low}..{size - 1}")
+    return array
+
+
+def _short(value, limit: int = 80) -> str:
+    """A value as it appears in a message: its repr, cut to one short line."""
+    text = " ".join(repr(value.tolist() if isinstance(value, np.ndarray) else value).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
@@ -214,6 +232,40 @@ def seed_vector(value, batch: int, classes: int | None) -> np.ndarray:
     if classes is not None and seed.shape[1] != classes:
         raise LrpcError(f"seed has {seed.shape[1]} columns, the explained output has {classes} classes")
     return seed
+
+
+def seed_matrix(value, batch: int, k: int | None, classes: int | None) -> np.ndarray:
+    """K seed vectors per batch row, [batch, K, classes] (one row's [K, classes] when the batch is one row),
+    finite as float32; K ≥ 1 (and `k` when the explainer fixes it)."""
+    seed = finite("seed", value)
+    if seed.ndim == 2 and batch == 1:
+        seed = seed[None]
+    want = f"[batch={batch}, K{'=' + str(k) if k else ''}, classes={classes}] with K ≥ 1"
+    if seed.ndim == 2:
+        raise LrpcError(f"seed has shape {list(seed.shape)}; this explainer explains K targets per row: give {want} "
+                        "(one seed per row: seed[:, None])")
+    if seed.ndim != 3 or seed.shape[0] != batch or seed.shape[1] == 0 or (k is not None and seed.shape[1] != k) \
+            or (classes is not None and seed.shape[2] != classes):
+        raise LrpcError(f"seed has shape {list(seed.shape)}; give {want}")
+    return seed
+
+
+def conditions_option(value: str) -> dict[str, int]:
+    """`lrpc explain --conditions mlp.3=17[,heads.1=2…]` → {"mlp.3": 17, …}: CRP's conditional relevance
+    through those units (`Explainer.explain(condition=…)`); whether the layer and unit exist is the
+    explainer's to say (it knows its components)."""
+    from lrpc.components import SELECTORS
+    condition: dict[str, int] = {}
+    for part in (p.strip() for p in value.split(",")):
+        component, equals, unit = part.partition("=")
+        kind, dot, layer = component.strip().partition(".")
+        if not (equals and dot and kind in SELECTORS and layer.isdigit() and unit.strip().isdigit()):
+            raise LrpcError(f"--conditions {part!r}: give COMPONENT.LAYER=UNIT (e.g. mlp.3=17; components "
+                            f"{', '.join(SELECTORS)}; several: comma-separated)")
+        if component.strip() in condition:
+            raise LrpcError(f"--conditions names {component.strip()} twice: give one unit per component")
+        condition[component.strip()] = int(unit)
+    return condition
 
 
 def token_ids(ids, vocab: int | None, name: str = "input_ids") -> None:

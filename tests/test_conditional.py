@@ -9,7 +9,14 @@ the embedding output E, so what bypasses c never enters it; R = Σ_hidden E ⊙ 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -177,3 +184,58 @@ def test_compile_command_adds_the_mask_inputs(decoder, tmp_path):
     names = {i.name for i in onnx.load(tmp_path / "e.onnx").graph.input}
     assert {"lrp_mask.heads.0", "lrp_bypass.heads.0", "lrp_mask.heads.1", "lrp_bypass.heads.1"} <= names
     assert not any(n.startswith("lrp_mask.mlp") for n in names)
+
+
+def _explain_cli(tmp_path, proto, *args):
+    """`lrpc explain` on the exported model (its own cache folder), stdout's JSON and stderr."""
+    if not (tmp_path / "m.onnx").exists():
+        onnx.save(proto, tmp_path / "m.onnx")
+    env = {**os.environ, "LRPC_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(tmp_path / "m.onnx"), *map(str, args)],
+                         capture_output=True, text=True, env=env)
+    return run.returncode, json.loads(run.stdout) if run.returncode == 0 else None, run.stderr
+
+
+def test_explain_command_conditions(decoder, tmp_path):
+    """`lrpc explain --conditions C.L=U`: the conditional heatmap of each input, equal to the reference's
+    autograd through that unit alone (the oracle of the tests above), and to the Python API for several
+    components and for --top-k (one K run)."""
+    model, proto, _ = decoder
+    ids = np.random.default_rng(3).integers(0, 40, size=(2, 8)).astype(np.int64)
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    rc, docs, err = _explain_cli(tmp_path, proto, "--input", tmp_path / "ids.npz", "--target", 3, "--position", 1,
+                                 "--conditions", "mlp.1=17", "--json")
+    assert rc == 0, err
+    tapped, _ = taps("ref", model)["mlp.1"]
+    want = conditional_oracle(reference_run(model, ids), tapped, 24, 17, [3, 3], [1, 1])
+    got = np.array([d["relevance"] for d in docs])
+    assert relative_error(got, want) <= TOL
+    assert all("through mlp.1=17 alone" in d["target_label"] for d in docs)
+    explainer = lrpc.Explainer(lrpc.compile(proto, seed="vector", conditions="heads,mlp"))
+    condition = {"mlp.0": 5, "heads.1": 1}
+    rc, docs, err = _explain_cli(tmp_path, proto, "--input", tmp_path / "ids.npz", "--top-k", 2,
+                                 "--conditions", "mlp.0=5,heads.1=1", "--json")
+    assert rc == 0, err
+    for d in docs:
+        seed = np.zeros((1, 40), np.float32)
+        seed[0, d["target"]] = 1.0
+        ref = explainer.explain({"input_ids": ids[d["index"]:d["index"] + 1]}, seed=seed, position=[-1],
+                                condition=condition)
+        assert relative_error(np.array(d["relevance"]), ref.relevance["input_ids"][0]) <= TOL
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--conditions", "mlp.1"), "give COMPONENT.LAYER=UNIT"),
+    (("--conditions", "ffn.1=2"), "give COMPONENT.LAYER=UNIT"),
+    (("--conditions", "mlp.1=-2"), "give COMPONENT.LAYER=UNIT"),
+    (("--conditions", "mlp.1=2,mlp.1=3"), "names mlp.1 twice"),
+    (("--conditions", "mlp.7=0"), "no conditional relevance input 'lrp_mask.mlp.7': this explainer has mlp.0, mlp.1"),
+    (("--conditions", "mlp.0=24"), r"condition unit \[24\] out of range \(use 0..23\)"),
+    (("--conditions", "mlp.0=1", "--generate", "2"), "--conditions explains"),
+])
+def test_explain_command_bad_conditions_are_one_line(decoder, tmp_path, args, message):
+    _, proto, _ = decoder
+    np.savez(tmp_path / "ids.npz", input_ids=np.ones((1, 4), np.int64))
+    rc, _, err = _explain_cli(tmp_path, proto, "--input", tmp_path / "ids.npz", *args)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err

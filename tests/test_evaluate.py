@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -202,3 +203,18 @@ def test_cli_evaluate_several_targets_per_input(tmp_path, capsys):
     np.testing.assert_allclose(np.array(results.relevances["attnlrp"]), expected.T, rtol=1e-5)
     with pytest.raises(lrpc.LrpcError, match="empty list of targets"):
         ev.Example({"input_ids": ids[:1]}, target=[])
+
+
+@pytest.mark.parametrize("target,message", [
+    ([[1, 2]], "a class index or a list of them, got [[1, 2]]"),
+    ([1.5], "a class index or a list of them, got [1.5]"),
+    ([True, 2], "a class index or a list of them"),
+    ("abc", "target 'abc' must be a whole number"),
+    (2.0, "target 2.0 must be a whole number"),
+    ([], "empty list of targets"),
+])
+def test_an_example_refuses_targets_that_are_not_class_indices(target, message):
+    """Not truncated to an int, not a nested list read as indices, not an IndexError later on."""
+    with pytest.raises(lrpc.LrpcError, match=re.escape(message)) as err:
+        ev.Example({"input_ids": np.ones((1, 3), np.int64)}, target=target)
+    assert "\n" not in str(err.value)

@@ -4,6 +4,7 @@ test_gxi_zoo.py and against the paper's equations in test_attnlrp_reference.py),
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -109,13 +110,60 @@ def llama_k(zoo_export, tmp_path_factory):
     ([[1, 2], [3, 10 ** 6]], None, "target"),
     ([[1, 2]] * 3, None, "batch=2"),
     (None, None, "target=[batch, K]"),
+    ([], None, "K = 0"),
+    ("3", None, "must be integer indices shaped [batch, K], got '3'"),
+    ([[1.0, 2.0]] * 2, None, "must be integer indices"),
+    (7, None, "must be integer indices"),
+    (np.ones((2, 2, 1), np.int64), None, "must be integer indices"),
+    # the single-target shape [batch] is not read as K targets of every row
+    ([3, 4], [-1, -1], "target has shape [2]; this explainer explains K targets per row: give [batch=2, K] "
+                       "(one target per row: [[t] for t in target])"),
+    ([[1, 2], [3, 4]], [-1, -1], "position has shape [2]"),
+    ([[1, 2], [3, 4]], [[-1, 6], [0, 0]], "position 6 (row 0, target 1) is out of range: use -6..5"),
+    ([[1, 2], [3, 4]], [[-1, 0], [-7, 0]], "position -7 (row 1, target 0) is out of range: use -6..5"),
+    ([[1, 2], [3, 128]], None, "target 128 (row 1, target 1) is out of range: use 0..127"),
+    ([[1, -1], [3, 4]], None, "target -1 (row 0, target 1) is out of range: use 0..127"),
 ])
 def test_bad_k_inputs_are_refused_in_one_line(llama_k, target, position, message):
     explainer = lrpc.Explainer(llama_k)
     inputs = _inputs(models.get("llama"), 6)
-    with pytest.raises(LrpcError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+    with pytest.raises(LrpcError, match=re.escape(message)) as err:
         explainer.explain(inputs, target=target, position=position)
     assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def llama_k_vector(zoo_export, tmp_path_factory):
+    _, proto = zoo_export("llama")
+    path = tmp_path_factory.mktemp("kv") / "k.onnx"
+    lrpc.compile(proto, targets="dynamic", seed="vector", output=path)
+    return path
+
+
+@pytest.mark.parametrize("seed,position,message", [
+    (np.ones((2, 128), np.float32), [-1, -1], "seed has shape [2, 128]; this explainer explains K targets per row"),
+    (np.ones((2, 3, 129), np.float32), None, "seed has shape [2, 3, 129]; give [batch=2, K, classes=128]"),
+    (np.ones((2, 0, 128), np.float32), None, "seed has shape [2, 0, 128]; give [batch=2, K, classes=128] with K ≥ 1"),
+    (np.ones((3, 2, 128), np.float32), None, "seed has shape [3, 2, 128]"),
+    ("abc", None, "seed must be numbers, got 'abc'"),
+    (np.full((2, 2, 128), np.nan, np.float32), None, "seed contains NaN"),
+    (np.ones((2, 2, 128), np.float32), [[-1, 9], [0, 0]], "position 9 (row 0, target 1) is out of range"),
+    (np.ones((2, 2, 128), np.float32), [[-1], [0]], "one position per target"),
+])
+def test_bad_k_seeds_are_refused_in_one_line(llama_k_vector, seed, position, message):
+    explainer = lrpc.Explainer(llama_k_vector)
+    with pytest.raises(LrpcError, match=re.escape(message)) as err:
+        explainer.explain(_inputs(models.get("llama"), 6), seed=seed, position=position)
+    assert "\n" not in str(err.value)
+
+
+def test_one_row_takes_a_k_list(llama_k):
+    """For a batch of one row, [K] is that row's K targets: the same as [[…]]."""
+    explainer = lrpc.Explainer(llama_k)
+    inputs = {k: v[:1] for k, v in _inputs(models.get("llama"), 6).items()}
+    flat = explainer.explain(inputs, target=[3, 4, 5], position=[-1, 2, 0]).relevance["input_ids"]
+    nested = explainer.explain(inputs, target=[[3, 4, 5]], position=[[-1, 2, 0]]).relevance["input_ids"]
+    assert flat.shape == (1, 3, 6) and np.array_equal(flat, nested)
 
 
 def test_a_fixed_k_explainer_refuses_another_k(zoo_export):
@@ -129,10 +177,21 @@ def test_a_fixed_k_explainer_refuses_another_k(zoo_export):
     ({"lrp_target": np.zeros((2, 0), np.int64), "lrp_position": np.zeros((2, 0), np.int64)}, "nonempty"),
     ({"lrp_target": np.ones((2, 2), np.int64), "lrp_position": np.full((2, 3), -1, np.int64)}, "same_shape"),
     ({"lrp_target": np.ones((2, 2), np.int64), "lrp_position": np.array([[-1, 6], [0, 0]])}, "in_range"),
+    ({"lrp_target": np.ones((2, 2), np.int64), "lrp_position": np.array([[-1, -7], [0, 0]])}, "in_range"),
+    ({"lrp_target": np.array([[1, 128], [0, 0]]), "lrp_position": np.full((2, 2), -1, np.int64)}, "in_range"),
+    ({"lrp_target": np.array([[1, -1], [0, 0]]), "lrp_position": np.full((2, 2), -1, np.int64)}, "in_range"),
+    ({"lrp_target": np.ones((3, 2), np.int64), "lrp_position": np.full((3, 2), -1, np.int64)}, "same_batch_as_model"),
+    ({"lrp_target": np.ones((1, 2), np.int64), "lrp_position": np.full((1, 2), -1, np.int64)}, "same_batch_as_model"),
+    ({"lrp_seed": np.ones((2, 0, 128), np.float32), "lrp_position": np.zeros((2, 0), np.int64)}, "lrp_seed_nonempty"),
+    ({"lrp_seed": np.ones((1, 2, 128), np.float32), "lrp_position": np.zeros((1, 2), np.int64)},
+     "same_batch_as_model"),
+    ({"lrp_seed": np.ones((2, 2, 128), np.float32), "lrp_position": np.array([[0, 0], [0, 6]])}, "in_range"),
 ])
-def test_the_graph_checks_k_inputs_itself(llama_k, feed, check):
-    """A deployed explainer runs without lrpc's Python checks: the graph refuses bad [batch, K] inputs."""
-    session = ort.InferenceSession(str(llama_k), providers=["CPUExecutionProvider"])
+def test_the_graph_checks_k_inputs_itself(llama_k, llama_k_vector, feed, check):
+    """A deployed explainer runs without lrpc's Python checks: the graph refuses bad [batch, K] inputs (the
+    run fails naming the check), never wrapping a position or broadcasting one row's targets."""
+    path = llama_k_vector if "lrp_seed" in feed else llama_k
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = _inputs(models.get("llama"), 6)
     names = {i.name for i in session.get_inputs()}
     with pytest.raises(Exception, match=check):
@@ -202,3 +261,13 @@ def test_scattering_vjps_keep_the_k_axis(op):
     expected = _single_rows(single, inputs, target, None)["x"]
     assert np.abs(expected).sum(-1).min() > 0   # every target reaches x
     assert relative_error(got, expected) <= 1e-6
+
+
+def test_index_inputs_given_as_model_inputs_say_where_they_go(llama_k):
+    """An .npz (or dict) holding lrp_target / lrp_seed beside the model's inputs: one line saying they are
+    given as target= / position= / seed= (--target / --position), not as inputs."""
+    inputs = {**_inputs(models.get("llama"), 6), "lrp_target": np.ones((2, 1), np.int64)}
+    with pytest.raises(LrpcError, match=re.escape("unknown lrp_target; the model takes input_ids, attention_mask "
+                                                  "(targets, positions and seeds are not inputs here")) as err:
+        lrpc.Explainer(llama_k).explain(inputs, target=[[1], [2]])
+    assert "\n" not in str(err.value)

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   lrpc explain model.onnx --input inputs.npz --json
   lrpc explain bert --file inputs.jsonl --json > results.jsonl    # one {"text": …} per line
   lrpc explain llama --text "the cat sat on the" --generate 8 --html gen.html   # attribute a generated answer
+  lrpc explain llama --text "the cat sat on the" --conditions mlp.1=17   # relevance through MLP unit 17 alone
 """
 
 
@@ -49,6 +50,9 @@ def add_arguments(p) -> None:
                    "--text (stopping at the model's end-of-sequence token) and explain each of them in one run: "
                    "the [generated × prompt+generated] relevance matrix; encoder–decoder LMs (T5, BART): --text "
                    "is the source, the matrix [generated × source+decoder start+generated]")
+    t.add_argument("--conditions", metavar="C.L=U[,…]", help="conditional relevance (CRP): only what flows "
+                   "through unit U of component C (mlp, heads, residual) in layer L, e.g. mlp.1=17 (several: "
+                   "through all of them); the relevance bypassing those layers is dropped")
     p.add_argument("--tokenizer", metavar="DIR", help="folder with tokenizer.json (default: the model's folder; "
                    "'toy': the 128-word tokenizer of the tiny zoo models, their default)")
     p.add_argument("--task", help="task for a Hugging Face folder")
@@ -86,7 +90,11 @@ def run(args) -> int:
     if args.top_k is not None and args.target is not None:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size", "generate")
-    from lrpc import corpus_run
+    from lrpc import corpus_run, validate
+    args.condition = None if args.conditions is None else validate.conditions_option(args.conditions)
+    if args.condition and (args.generate is not None or args.file or similarity or corpus_run.wanted(args)):
+        raise LrpcError("--conditions explains --text, --image or --input inputs: drop --generate, --file, "
+                        "--similar-to and the corpus options (--out, …)")
     if args.generate is not None:
         if corpus_run.wanted(args):
             raise LrpcError("--generate explains one prompt, not a corpus: drop the corpus options (--out, …)")
@@ -97,6 +105,11 @@ def run(args) -> int:
         if clashing or not args.text or len(args.text) != 1:
             raise LrpcError("--generate explains the tokens the model generates after one --text prompt: "
                             + (f"drop {', '.join(clashing)}" if clashing else "give exactly one --text"))
+        from lrpc import models
+        if not Path(args.model).exists() and models.known(args.model) and \
+                models.get(args.model).task not in ("causal-lm", "seq2seq-lm"):   # said before exporting it
+            from lrpc.attributor import NOT_A_LANGUAGE_MODEL
+            raise LrpcError(NOT_A_LANGUAGE_MODEL.format(what=f"{args.model} is a {models.get(args.model).task} model"))
     if corpus_run.wanted(args):
         return corpus_run.run_cli(args)
     if args.png:
@@ -152,8 +165,9 @@ def _generation(generation, args, sources) -> int:
 
 def _attributor(args):
     from lrpc.attributor import Attributor
+    kinds = sorted({name.split(".")[0] for name in args.condition or ()})   # the explainer's condition inputs
     return Attributor(args.model, tokenizer=args.tokenizer, preset=args.preset, layers=args.layers,
-                      latent=args.latent, task=args.task, cache=args.cache)
+                      latent=args.latent, task=args.task, cache=args.cache, conditions=",".join(kinds) or None)
 
 
 def _attribute(args, spec):
@@ -176,7 +190,11 @@ def _attribute(args, spec):
         inputs, image = None, args.image
     else:
         inputs, image = read_npz(Path(args.input)), None
-    return Attributions(_as_list(attributor.attribute(inputs, image=image, batch_size=args.batch_size, **spec)))
+    results = Attributions(_as_list(attributor.attribute(inputs, image=image, batch_size=args.batch_size,
+                                                         condition=args.condition, **spec)))
+    for a in results if args.condition else ():   # the heatmap says it is a conditional one
+        a.target_label = f"{a.target_label}, through {args.conditions} alone"
+    return results
 
 
 def _similarity(args, spec):
