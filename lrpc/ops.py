@@ -55,6 +55,9 @@ class Op:
     why: str = ""                        # REFUSED / CONTROL_FLOW: what is refused and why (`lrpc ops` says it)
     quantized: tuple[int, ...] = ()      # outputs that carry relevance although integer: a quantized tensor
     #                                      stands for the float it approximates (its other outputs carry none)
+    copies: bool = False                 # ELEMENTWISE, yet its output is its first input's values as they are or
+    #                                      repeated (Expand, Identity): like a structural op, it keeps a quantized
+    #                                      tensor quantized (onnxruntime moves Q/DQ pairs across it)
 
 
 # ---- definers: the kind of row, named ----------------------------------------------------------------
@@ -178,11 +181,11 @@ OPS: dict[str, Op] = {
     "Mean": arithmetic(pw.mean),
     "Pow": arithmetic(pw.power),
     "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
-    "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Identity": Op(ELEMENTWISE, lambda n, g: same(g), rows=rows.pointwise, copies=True),
     "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
     "Dropout": Op(ELEMENTWISE, pw.dropout, rows=rows.pointwise, differentiable=(0,)),
     "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), differentiable=(0,)),   # input 1 gives the type
-    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True, differentiable=(0,)),
+    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True, differentiable=(0,), copies=True),
     "Where": Op(ELEMENTWISE, st.where, broadcasts=True, differentiable=(1, 2)),
     "Max": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
     "Min": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
@@ -368,12 +371,12 @@ def differentiable_inputs(node: ir.Node) -> list[ir.Value | None]:
 
 def carrying_outputs(node: ir.Node, is_float: Callable, quantized_input: bool) -> list[ir.Value]:
     """The outputs of a node with a carrying input that carry relevance: its quantized outputs (integer);
-    every output of a structural op moving a quantized (integer) carrying input; else every output
-    `is_float` accepts."""
+    every output of a structural op (or Expand, Identity) moving a quantized (integer) carrying input; else
+    every output `is_float` accepts."""
     op = lookup(node)
     if op is not None and op.quantized:
         return [node.outputs[i] for i in op.quantized]
-    if quantized_input and op is not None and op.kind == STRUCTURAL:
+    if quantized_input and op is not None and (op.kind == STRUCTURAL or op.copies):
         return list(node.outputs)
     return [o for o in node.outputs if is_float(o)]
 

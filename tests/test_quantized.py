@@ -58,6 +58,12 @@ RECIPES = {
 }
 RECIPES["DynamicQuantizeLinear"] = RECIPES["MatMulInteger"]
 RECIPES["DequantizeLinear"] = RECIPES["QuantizeLinear"]
+for _op in ("Expand", "Identity"):   # of a quantized tensor: onnxruntime's optimiser moves Q/DQ pairs across them
+    RECIPES[f"{_op} of a quantized tensor"] = (
+        [n("QuantizeLinear", ["x", "a_scale", "a_zp"], "q"), n(_op, ["q", "shape"][:1 + (_op == "Expand")], "e"),
+         n("DequantizeLinear", ["e", "a_scale", "a_zp"], "o")],
+        {"a_scale": np.float32(0.01), "a_zp": np.int8(-2), "shape": np.array([1, S, 1], np.int64)},
+        [n("Identity", ["x"], "o")], {})
 
 
 def build(nodes, constants, readout) -> onnx.ModelProto:
@@ -250,6 +256,51 @@ def test_a_quantized_product_of_two_activations_is_refused_in_one_line():
         lrpc.compile(build(nodes, {}, np.ones((S, CLASSES), np.float32)))
 
 
+def _duplicated_dequantizations(duplicated: bool, seed: int = 16) -> onnx.ModelProto:
+    """ids → an int8 embedding table → RMSNorm → a layer → quantize → SiLU → readout, in QDQ format.
+    `duplicated`: each reader of a dequantized tensor has a DequantizeLinear of its own, as onnxruntime's QDQ
+    optimiser writes them (`…/duplicated`); the RMSNorm's statistic and its scaled input read two copies of the
+    embedding (attribution points, with no common carrying ancestor), the SiLU's Sigmoid and Mul two copies of its
+    input."""
+    second, rng = ("2" if duplicated else "1"), np.random.default_rng(seed)
+    table = rng.integers(-127, 128, (CLASSES + 4, D)).astype(np.int8)
+    nodes = [n("Gather", ["table", "ids"], "eq"),
+             *[n("DequantizeLinear", ["eq", "w_scale", "w_zp"], f"e{i}") for i in "12"[:1 + duplicated]],
+             n("Mul", [f"e{second}", f"e{second}"], "sq"), n("ReduceMean", ["sq", "axes"], "ms"),
+             n("Add", ["ms", "eps"], "mse"), n("Sqrt", ["mse"], "rms"), n("Reciprocal", ["rms"], "inv"),
+             n("Mul", ["e1", "inv"], "normed"), n("MatMul", ["normed", "layer"], "z"),
+             n("QuantizeLinear", ["z", *XQ], "hq"),
+             *[n("DequantizeLinear", ["hq", *XQ], f"h{i}") for i in "12"[:1 + duplicated]],
+             n("Sigmoid", ["h1"], "gate"), n("Mul", [f"h{second}", "gate"], "silu"),
+             n("MatMul", ["silu", "readout"], "y")]
+    for node in nodes:
+        node.name = node.output[0]
+    constants = {"table": table, "w_scale": W_SCALE, "w_zp": W_ZP, "axes": np.array([-1], np.int64),
+                 "eps": np.float32(1e-6), "x_scale": X_SCALE, "x_zp": X_ZP,
+                 "layer": rng.normal(size=(D, D)).astype(np.float32),
+                 "readout": rng.uniform(-1, 1, (D, CLASSES)).astype(np.float32)}
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("ids", TensorProto.INT64, [B, S])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, CLASSES])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_duplicated_dequantizations_are_one_tensor_for_the_rules():
+    """The plan and the AttnLRP relevance of a QDQ graph whose dequantizations onnxruntime duplicated per reader
+    are those of the same graph with one DequantizeLinear per tensor (the norm's statistic frozen, the SiLU one
+    identity region)."""
+    ids = np.random.default_rng(0).integers(0, CLASSES + 4, (B, S))
+    results, plans = [], []
+    for duplicated in (False, True):
+        proto = _duplicated_dequantizations(duplicated)
+        plans.append({node.name: record.rule for node, record in lrpc.plan_model(proto).records.items()
+                      if record.rule != "inside"})
+        results.append(lrpc.Explainer(lrpc.compile(proto)).explain({"ids": ids}, target=TARGET, position=POSITION))
+    assert plans[1] == plans[0] and sorted(plans[0].values()) == ["frozen", "identity"], plans
+    assert np.array_equal(results[1].outputs["y"], results[0].outputs["y"])
+    np.testing.assert_allclose(results[1].relevance["ids"], results[0].relevance["ids"], rtol=1e-6, atol=1e-7)
+
+
 # ---- zoo models as onnxruntime users deploy them -------------------------------------------------------
 
 LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -292,6 +343,30 @@ def test_zoo_model_quantized_by_onnxruntime(zoo_export, tmp_path, name, kind):
     explained = _check_against_float(explainer, float_path, feeds[0], 0.9)
     _assert_forward_bit_for_bit(variant, explainer, feeds[:2])   # the quantized forward
     assert np.array_equal(explained.outputs["logits"], _outputs(variant, feeds[0])[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_onnxruntime_fused_qdq_model_gets_the_float_models_rules(zoo_export, tmp_path, name):
+    """onnxruntime's optimiser gives each reader of a dequantized tensor its own DequantizeLinear and moves Q/DQ
+    pairs across Expand / Reshape / Transpose before it fuses QDQ groups: the rules still land as on the float
+    model (the nodes both keep get the same rule, every rule as often; the products inside QLinearMatMul /
+    QLinearMul have their decomposition's), and relevance is the QDQ model's it was fused from (up to the
+    fused kernels' rounding)."""
+    entry = lrpc.models.get(name)
+    float_path = tmp_path / "float.onnx"
+    onnx.save(zoo_export(name)[1], float_path)
+    feeds = [{k: v.numpy() for k, v in entry.inputs(*entry.example_shape, seed=s).items()} for s in range(3)]
+    qdq = deployed.qdq(float_path, tmp_path / "qdq.onnx", feeds)
+    fused = deployed.fused_by_onnxruntime(qdq, tmp_path / "fused.onnx")
+    want, got = ({row["node"]: row["rule"] for row in lrpc.compiler.plan_document(path)["rows"]}
+                 for path in (float_path, fused))
+    assert sorted(got.values()) == sorted(want.values())
+    assert {node: rule for node, rule in got.items() if node in want} == {n: want[n] for n in got if n in want}
+    explained = _check_against_float(lrpc.compile(fused), float_path, feeds[0], 0.95)
+    relevance = explained.relevance["input_ids"]
+    unfused = lrpc.Explainer(lrpc.compile(qdq)).explain(feeds[0], target=explained.target).relevance["input_ids"]
+    cosine = (relevance * unfused).sum(-1) / np.linalg.norm(relevance, axis=-1) / np.linalg.norm(unfused, axis=-1)
+    assert cosine.min() > 0.999, cosine
 
 
 def _assert_forward_bit_for_bit(model_path, explainer_path, feeds):
