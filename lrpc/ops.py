@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc import control_flow as cf, fused_attention as fa, fused_deform as fd, fused_function as ff, fused_norms as fn
-from lrpc import fused_quant as fq, fused_recurrent as fr, fused_training as ft, rows
+from lrpc import fused_matmul as fm, fused_quant as fq, fused_recurrent as fr, fused_training as ft, rows
 from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw
 from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
 from lrpc import vjp_spectral as spectral, vjp_structural as st
@@ -334,6 +334,7 @@ OPS: dict[str, Op] = {
     f"{MS}::Attention": fused(fa.ms_attention),
     f"{MS}::MultiHeadAttention": fused(fa.ms_multi_head_attention),
     f"{MS}::RotaryEmbedding": fused(fa.ms_rotary),
+    f"{MS}::FusedMatMul": fused(fm.fused_matmul),
     # optimizer steps (no onnxruntime kernel: replaced by their decomposition)
     f"{ft.TRAINING}::Adagrad": fused(ft.adagrad),
     f"{ft.TRAINING}::Momentum": fused(ft.momentum),

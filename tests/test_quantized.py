@@ -186,6 +186,39 @@ def test_prefused_quantized_op_keeps_its_forward_and_is_straight_through(op):
             assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
 
 
+def _fused_matmuls() -> onnx.ModelProto:
+    """x [B, S, D] → q, k (two layers) → com.microsoft FusedMatMul of q and k under each attribute (rank 3 and a
+    rank-4 head split) → concatenated → readout → y [B, S, CLASSES]; every product reads two carrying operands."""
+    e = D + 1   # (even: two heads of e / 2)
+    heads = np.array([B, S, 2, e // 2], np.int64)
+    nodes = [n("MatMul", ["x", "wq"], "q"), n("MatMul", ["x", "wk"], "k"),
+             ms("FusedMatMul", ["q", "k"], "v1", transB=1, alpha=0.37),
+             n("Transpose", ["q"], "qt", perm=[0, 2, 1]), ms("FusedMatMul", ["qt", "k"], "v2", transA=1, transB=1),
+             n("Transpose", ["q"], "qb", perm=[1, 0, 2]), ms("FusedMatMul", ["qb", "k"], "v3", transBatchA=1, transB=1),
+             n("Transpose", ["k"], "kb", perm=[2, 0, 1]), ms("FusedMatMul", ["q", "kb"], "v4", transBatchB=1),
+             n("Reshape", ["q", "heads"], "q4"), n("Reshape", ["k", "heads"], "k4"),
+             ms("FusedMatMul", ["q4", "k4"], "p", transBatchA=1, transBatchB=1, transB=1, alpha=0.5),   # [S, 2, B, B]
+             n("Transpose", ["p"], "pt", perm=[2, 0, 1, 3]), n("Reshape", ["pt", "rows"], "v5"),
+             n("Concat", ["v1", "v2", "v3", "v4", "v5"], "o", axis=-1)]
+    constants = {"wq": RNG.normal(size=(D, e)).astype(np.float32), "wk": RNG.normal(size=(D, e)).astype(np.float32),
+                 "heads": heads, "rows": np.array([B, S, 2 * B], np.int64)}
+    return build(nodes, constants, RNG.uniform(-1, 1, (4 * S + 2 * B, CLASSES)).astype(np.float32))
+
+
+def test_fused_matmul_is_its_matmul_with_the_transposes_and_scale():
+    """com.microsoft FusedMatMul (onnxruntime's optimiser writes it for Q·Kᵀ in a quantize_dynamic model): the
+    explainer's outputs are onnxruntime's (its own kernel), Input×Gradient is central finite differences of the
+    model as onnxruntime runs it, and AttnLRP finds each FusedMatMul as a product of two carrying operands."""
+    proto = _fused_matmuls()
+    x = RNG.normal(size=(B, S, D)).astype(np.float32)
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    result = lrpc.Explainer(lrpc.compile(proto, preset="gxi")).explain({"x": x}, target=TARGET, position=POSITION)
+    np.testing.assert_allclose(result.outputs["y"], model_y, rtol=1e-5, atol=1e-5)
+    want = finite_difference_relevance(proto, x)
+    assert np.abs(result.relevance["x"] - want).max() <= 2e-3 * np.abs(want).max()
+    assert lrpc.plan_model(proto).summary() == {"uniform": 5}
+
+
 # ---- --epsilon / --gamma-* on quantized layers ---------------------------------------------------------------
 
 def _one_layer(kind: str) -> onnx.ModelProto:
@@ -346,26 +379,29 @@ def test_zoo_model_quantized_by_onnxruntime(zoo_export, tmp_path, name, kind):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_onnxruntime_fused_qdq_model_gets_the_float_models_rules(zoo_export, tmp_path, name):
-    """onnxruntime's optimiser gives each reader of a dequantized tensor its own DequantizeLinear and moves Q/DQ
-    pairs across Expand / Reshape / Transpose before it fuses QDQ groups: the rules still land as on the float
-    model (the nodes both keep get the same rule, every rule as often; the products inside QLinearMatMul /
-    QLinearMul have their decomposition's), and relevance is the QDQ model's it was fused from (up to the
-    fused kernels' rounding)."""
+@pytest.mark.parametrize("kind", ["qdq", "dynamic"])
+def test_onnxruntime_fused_quantized_model_gets_the_float_models_rules(zoo_export, tmp_path, name, kind):
+    """onnxruntime's optimiser, on a QDQ model, gives each reader of a dequantized tensor its own DequantizeLinear
+    and moves Q/DQ pairs across Expand / Reshape / Transpose before it fuses QDQ groups; on a quantize_dynamic
+    model it folds Q·Kᵀ's transpose and scale into FusedMatMul. The rules still land as on the float model (the
+    nodes both keep get the same rule, every rule as often; the products inside QLinearMatMul / QLinearMul /
+    FusedMatMul have their decomposition's), and relevance is the one of the quantized model it was fused from
+    (up to the fused kernels' rounding)."""
     entry = lrpc.models.get(name)
     float_path = tmp_path / "float.onnx"
     onnx.save(zoo_export(name)[1], float_path)
     feeds = [{k: v.numpy() for k, v in entry.inputs(*entry.example_shape, seed=s).items()} for s in range(3)]
-    qdq = deployed.qdq(float_path, tmp_path / "qdq.onnx", feeds)
-    fused = deployed.fused_by_onnxruntime(qdq, tmp_path / "fused.onnx")
+    unfused = deployed.make(kind, float_path, tmp_path / f"{kind}.onnx", feeds)
+    fused = deployed.fused_by_onnxruntime(unfused, tmp_path / "fused.onnx")
     want, got = ({row["node"]: row["rule"] for row in lrpc.compiler.plan_document(path)["rows"]}
                  for path in (float_path, fused))
     assert sorted(got.values()) == sorted(want.values())
     assert {node: rule for node, rule in got.items() if node in want} == {n: want[n] for n in got if n in want}
     explained = _check_against_float(lrpc.compile(fused), float_path, feeds[0], 0.95)
     relevance = explained.relevance["input_ids"]
-    unfused = lrpc.Explainer(lrpc.compile(qdq)).explain(feeds[0], target=explained.target).relevance["input_ids"]
-    cosine = (relevance * unfused).sum(-1) / np.linalg.norm(relevance, axis=-1) / np.linalg.norm(unfused, axis=-1)
+    reference = lrpc.Explainer(lrpc.compile(unfused)).explain(feeds[0], target=explained.target)
+    reference = reference.relevance["input_ids"]
+    cosine = (relevance * reference).sum(-1) / np.linalg.norm(relevance, axis=-1) / np.linalg.norm(reference, axis=-1)
     assert cosine.min() > 0.999, cosine
 
 
