@@ -266,13 +266,38 @@ def test_gamma_on_an_integer_layer_of_quantize_dynamic_is_refused_in_one_line():
         assert "\n" not in str(error.value)
 
 
-def test_a_quantized_fused_attention_is_refused_in_one_line():
-    nodes = [DQL, ms("QAttention", ["q", "w", "bias", "s", "w_scale", "", "zp", "w_zp"], "o", num_heads=1)]
-    constants = {**INT_WEIGHT, "w": RNG.integers(-127, 128, (D, 3 * D)).astype(np.int8),
-                 "bias": np.zeros(3 * D, np.float32)}
-    with pytest.raises(lrpc.LrpcError, match="QAttention") as error:
-        lrpc.compile(build(nodes, constants, np.ones((D, CLASSES), np.float32)))
-    assert "\n" not in str(error.value)
+QATTENTION_WEIGHT = RNG.integers(-127, 128, (D, 12)).astype(np.int8)   # Q, K, V of 2 heads × 2
+QATTENTION_BIAS = RNG.uniform(-0.2, 0.2, 12).astype(np.float32)
+QATTENTION_MASK = np.array([[1] * S, [1] * (S - 1) + [0]], np.int32)
+
+
+@pytest.mark.parametrize("variant", ["per-tensor", "per-column-masked-causal"])
+def test_quantized_fused_attention_is_attention_on_its_dequantized_input_and_weight(variant):
+    """com.microsoft QAttention (quantize_dynamic of a model whose attention onnxruntime fused): the node keeps
+    the forward, bit for bit; Input×Gradient equals central finite differences of com.microsoft Attention on
+    the dequantized weight (x on DynamicQuantizeLinear's grid, so the dequantized input is x); AttnLRP finds its
+    softmax and its two products."""
+    per_column = variant != "per-tensor"
+    w_scale = RNG.uniform(0.01, 0.03, 12).astype(np.float32) if per_column else W_SCALE
+    w_zp = np.zeros(12, np.int8) if per_column else W_ZP
+    attrs = {"num_heads": 2, **({"unidirectional": 1} if per_column else {})}
+    mask = ["mask"] if per_column else [""]
+    nodes = [DQL, ms("QAttention", ["q", "w", "bias", "s", "w_scale", *mask, "zp", "w_zp"], "o", **attrs)]
+    constants = {"w": QATTENTION_WEIGHT, "w_scale": w_scale, "w_zp": w_zp, "bias": QATTENTION_BIAS,
+                 **({"mask": QATTENTION_MASK} if per_column else {})}
+    w_deq = (QATTENTION_WEIGHT.astype(np.float32) - w_zp) * w_scale
+    float_nodes = [ms("Attention", ["x", "w", "bias", *mask], "o", **attrs)]
+    readout = RNG.uniform(-1, 1, (4, CLASSES)).astype(np.float32)
+    proto = build(nodes, constants, readout)
+    codes = RNG.integers(0, 256, (B, S, D))
+    codes.flat[:2] = 0, 255   # (the range DynamicQuantizeLinear reads: scale 0.02, zero point 100)
+    x = ((codes - 100) * 0.02).astype(np.float32)
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    result = lrpc.Explainer(lrpc.compile(proto, preset="gxi")).explain({"x": x}, target=TARGET, position=POSITION)
+    assert np.array_equal(result.outputs["y"], model_y)
+    want = finite_difference_relevance(build(float_nodes, {**constants, "w": w_deq}, readout), x)
+    assert np.abs(result.relevance["x"] - want).max() <= 2e-3 * np.abs(want).max()
+    assert lrpc.plan_model(proto).summary() == {"softmax": 1, "uniform": 2}
 
 
 def test_an_all_zero_activation_quantizes_to_scale_zero_without_nan():
