@@ -149,9 +149,12 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     for node in graph:  # graph nodes are kept in topological order
         if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
-        # a fused node's outputs carry what its decomposition's do (which may start at an attribution point)
-        aliases = node.meta.get(ops.ALIAS) or ()
-        carrying.update(o for o, new in zip(node.outputs, aliases) if new in carrying and o not in cut)
+        # a fused node's outputs carry what its decomposition's do (which may start at an attribution point, or
+        # end at a tensor a preset cuts), whatever its own inputs carry
+        aliases = node.meta.get(ops.ALIAS)
+        if aliases:
+            carrying.update(o for o, new in zip(node.outputs, aliases) if new in carrying and o not in cut)
+            continue
         read = [i for i in ops.differentiable_inputs(node) + outer_captures(node) if i is not None and i in carrying]
         if read:
             quantized = any(not _maybe_float(i) for i in read)
