@@ -1,11 +1,11 @@
 """Relevance of quantized and float16 models against the float model's, and the explainer's speed.
 
     .venv/bin/python benchmarks/quantized.py [--models bert gpt2 llama hf-vit minilm]
-                                             [--kinds dynamic qdq qoperator qdq-fused fp16]
+                                             [--kinds dynamic qdq qoperator dynamic-fused qdq-fused fp16]
 
 For each zoo model it exports the float32 ONNX model, makes the variants onnxruntime users make
-(lrpc.deployed: quantize_dynamic, quantize_static in QDQ and QOperator formats, the QDQ model as onnxruntime's
-optimiser fuses it, convert_float_to_float16), compiles an
+(lrpc.deployed: quantize_dynamic, quantize_static in QDQ and QOperator formats, the dynamic and QDQ models as
+onnxruntime's optimiser fuses them, convert_float_to_float16), compiles an
 AttnLRP explainer of each and reports, against the float model's explainer for the same target:
 the cosine of the input relevance (mean over the batch rows), the top-5 agreement (|top-5 ∩ top-5| / 5 of
 the attributed positions — tokens, or pixels summed over channels), whether the explainer's outputs equal
@@ -43,7 +43,7 @@ def compare(reference, variant) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["bert", "gpt2", "llama", "hf-vit", "minilm"])
-    p.add_argument("--kinds", nargs="+", default=["dynamic", "qdq", "qoperator", "qdq-fused", "fp16"])
+    p.add_argument("--kinds", nargs="+", default=["dynamic", "qdq", "qoperator", "dynamic-fused", "qdq-fused", "fp16"])
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

@@ -70,6 +70,23 @@ def _dequantized(value: ir.Value) -> list[ir.Value]:
     return []
 
 
+def dequantized_once(value: ir.Value) -> ir.Value:
+    """`value`, or for one of several identical DequantizeLinear of one tensor (same inputs and attributes) the
+    copy named first: the tensor all of them stand for. onnxruntime's QDQ optimiser gives each reader of a
+    dequantized tensor a DequantizeLinear of its own (`…/duplicated`, so that each QDQ group fuses on its own);
+    the passes see the copies as one tensor (an RMSNorm's statistic and its scaled input read two copies of
+    the embedding, a SiLU's Sigmoid and Mul two copies of its input)."""
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return value
+    settings = {name: a.value for name, a in node.attributes.items()}
+    copies = [reader.outputs[0] for reader, index in node.inputs[0].uses()
+              if index == 0 and reader.op_type == node.op_type and reader.domain == node.domain
+              and list(reader.inputs) == list(node.inputs)
+              and {name: a.value for name, a in reader.attributes.items()} == settings]
+    return min(copies, key=lambda v: v.name or "")
+
+
 def _constant_table(table: ir.Value) -> bool:
     """A constant table, or one dequantized from a constant (quantize_static's QDQ format)."""
     producer = table.producer()
@@ -132,9 +149,12 @@ def relevance_carrying(graph: ir.Graph, sources: set[ir.Value], cut: set[ir.Valu
     for node in graph:  # graph nodes are kept in topological order
         if ops.is_kind(node, ops.NON_DIFFERENTIABLE):  # zero derivative: never passes relevance on
             continue
-        # a fused node's outputs carry what its decomposition's do (which may start at an attribution point)
-        aliases = node.meta.get(ops.ALIAS) or ()
-        carrying.update(o for o, new in zip(node.outputs, aliases) if new in carrying and o not in cut)
+        # a fused node's outputs carry what its decomposition's do (which may start at an attribution point, or
+        # end at a tensor a preset cuts), whatever its own inputs carry
+        aliases = node.meta.get(ops.ALIAS)
+        if aliases:
+            carrying.update(o for o, new in zip(node.outputs, aliases) if new in carrying and o not in cut)
+            continue
         read = [i for i in ops.differentiable_inputs(node) + outer_captures(node) if i is not None and i in carrying]
         if read:
             quantized = any(not _maybe_float(i) for i in read)

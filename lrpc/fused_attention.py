@@ -116,11 +116,16 @@ def ms_attention(node, b, ctx):
     for i, name in ((4, "past"), (6, "past_sequence_length")):
         if optional_input(node, i) is not None:
             raise fail(node, f"input '{name}' (key/value cache)")
+    return self_attention(node, b, *(optional_input(node, i) for i in (0, 1, 2, 3, 5)))
+
+
+def self_attention(node, b, x, w, bias, mask, attn_bias):
+    """com.microsoft Attention's computation (also QAttention's, on its dequantized input and weight; the
+    attributes are the node's)."""
     for name in ("do_rotary", "past_present_share_buffer"):
         if attr(node, name, 0):
             raise fail(node, f"attribute {name}=1")
     require_unused(node, (1,), ("present",))
-    x, w, bias, mask, attn_bias = (optional_input(node, i) for i in (0, 1, 2, 3, 5))
     n = int(attr(node, "num_heads"))
     sizes = _qkv_sizes(node, b, w)
     head = _head_size(node, sizes[0], n)

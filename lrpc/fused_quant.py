@@ -12,14 +12,16 @@ pass reads as a constant weight (ε / γ on the dequantized weight).
 
 from __future__ import annotations
 
+from lrpc.fused_attention import self_attention
 from lrpc.fused_common import fail, optional_input
 from lrpc.graph import attr
 
 
-def _dequantize(b, node, data: int, axis: int | None = None):
-    """DequantizeLinear of input `data` with the scale and zero point that follow it; a per-axis scale (1-D)
-    lies along `axis`."""
-    x, scale, zero = node.inputs[data], node.inputs[data + 1], optional_input(node, data + 2)
+def _dequantize(b, node, data: int, axis: int | None = None, scale: int | None = None, zero: int | None = None):
+    """DequantizeLinear of input `data` with its scale and zero point (the inputs that follow it unless given);
+    a per-axis scale (1-D) lies along `axis`."""
+    scale, zero = data + 1 if scale is None else scale, data + 2 if zero is None else zero
+    x, scale, zero = node.inputs[data], node.inputs[scale], optional_input(node, zero)
     inputs = [x, scale, *([zero] if zero is not None else [])]
     axis = axis if b.rank(scale) == 1 else None
     for reader, _ in x.uses():   # the model's own, if it has one (RMSNorm reads the same tensor as its statistic)
@@ -96,3 +98,12 @@ def qgemm(node, b, ctx):
     y = b.Gemm(_dequantize(b, node, 0), _dequantize(b, node, 3, axis=0 if trans_b else 1),
                *([bias] if bias is not None else []), alpha=alpha, transA=trans_a, transB=trans_b)
     return [y if optional_input(node, 7) is None else _quantize(b, node, y, 7)]
+
+
+def qattention(node, b, ctx):
+    """com.microsoft QAttention (quantize_dynamic of a model with fused Attention): Attention on DQ(input) (its
+    scale input 3, zero point 6) and DQ(weight) (scale 4, per tensor or per column; zero point 7)."""
+    if optional_input(node, 8) is not None:
+        raise fail(node, "input 'past' (key/value cache)")
+    x, w = _dequantize(b, node, 0, scale=3, zero=6), _dequantize(b, node, 1, axis=1, scale=4, zero=7)
+    return self_attention(node, b, x, w, optional_input(node, 2), optional_input(node, 5), None)

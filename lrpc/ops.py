@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc import control_flow as cf, fused_attention as fa, fused_deform as fd, fused_function as ff, fused_norms as fn
-from lrpc import fused_quant as fq, fused_recurrent as fr, fused_training as ft, rows
+from lrpc import fused_matmul as fm, fused_quant as fq, fused_recurrent as fr, fused_training as ft, rows
 from lrpc import vjp_conv as conv, vjp_linear as lin, vjp_losses as loss, vjp_norms as nrm, vjp_pointwise as pw
 from lrpc import vjp_pooling as pool, vjp_quant as qt, vjp_sampling as smp, vjp_scatter as sc
 from lrpc import vjp_spectral as spectral, vjp_structural as st
@@ -55,6 +55,9 @@ class Op:
     why: str = ""                        # REFUSED / CONTROL_FLOW: what is refused and why (`lrpc ops` says it)
     quantized: tuple[int, ...] = ()      # outputs that carry relevance although integer: a quantized tensor
     #                                      stands for the float it approximates (its other outputs carry none)
+    copies: bool = False                 # ELEMENTWISE, yet its output is its first input's values as they are or
+    #                                      repeated (Expand, Identity): like a structural op, it keeps a quantized
+    #                                      tensor quantized (onnxruntime moves Q/DQ pairs across it)
 
 
 # ---- definers: the kind of row, named ----------------------------------------------------------------
@@ -154,10 +157,9 @@ QUANTIZATION: dict[str, Op] = {
     f"{MS}::QLinearConcat": quantized_fused(fq.qlinear_concat, None),
     f"{MS}::QLinearWhere": quantized_fused(fq.qlinear_where, (1, 4)),
     f"{MS}::QGemm": quantized_fused(fq.qgemm, (0, 3)),
+    f"{MS}::QAttention": quantized_fused(fq.qattention),
 }
 QUANTIZED_REFUSED = {   # onnxruntime's quantized fusions of whole blocks (quantize_dynamic of an optimised model)
-    f"{MS}::QAttention": refused("QAttention (quantized fused attention): quantize the model before "
-                                 "onnxruntime.transformers.optimizer fuses its attention, or leave attention unfused"),
     f"{MS}::QEmbedLayerNormalization": refused("QEmbedLayerNormalization (quantized fused embedding): quantize the "
                                                "model before onnxruntime.transformers.optimizer fuses it"),
     f"{MS}::DynamicQuantizeLSTM": refused("DynamicQuantizeLSTM: quantize the model with op_types_to_quantize "
@@ -178,13 +180,13 @@ OPS: dict[str, Op] = {
     "Mean": arithmetic(pw.mean),
     "Pow": arithmetic(pw.power),
     "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
-    "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Identity": Op(ELEMENTWISE, lambda n, g: same(g), rows=rows.pointwise, copies=True),
     "Optional": structural(lambda n, g: same(g)),             # an optional holding the tensor
     "OptionalGetElement": structural(lambda n, g: same(g)),   # the tensor an optional holds (or the tensor itself)
     "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
     "Dropout": Op(ELEMENTWISE, pw.dropout, rows=rows.pointwise, differentiable=(0,)),
     "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), differentiable=(0,)),   # input 1 gives the type
-    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True, differentiable=(0,)),
+    "Expand": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), broadcasts=True, differentiable=(0,), copies=True),
     "Where": Op(ELEMENTWISE, st.where, broadcasts=True, differentiable=(1, 2)),
     "Max": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
     "Min": Op(ELEMENTWISE, pw.extremum, broadcasts=True),
@@ -337,6 +339,7 @@ OPS: dict[str, Op] = {
     f"{MS}::Attention": fused(fa.ms_attention),
     f"{MS}::MultiHeadAttention": fused(fa.ms_multi_head_attention),
     f"{MS}::RotaryEmbedding": fused(fa.ms_rotary),
+    f"{MS}::FusedMatMul": fused(fm.fused_matmul),
     # optimizer steps (no onnxruntime kernel: replaced by their decomposition)
     f"{ft.TRAINING}::Adagrad": fused(ft.adagrad),
     f"{ft.TRAINING}::Momentum": fused(ft.momentum),
@@ -374,12 +377,12 @@ def differentiable_inputs(node: ir.Node) -> list[ir.Value | None]:
 
 def carrying_outputs(node: ir.Node, is_float: Callable, quantized_input: bool) -> list[ir.Value]:
     """The outputs of a node with a carrying input that carry relevance: its quantized outputs (integer);
-    every output of a structural op moving a quantized (integer) carrying input; else every output
-    `is_float` accepts."""
+    every output of a structural op (or Expand, Identity) moving a quantized (integer) carrying input; else
+    every output `is_float` accepts."""
     op = lookup(node)
     if op is not None and op.quantized:
         return [node.outputs[i] for i in op.quantized]
-    if quantized_input and op is not None and op.kind == STRUCTURAL:
+    if quantized_input and op is not None and (op.kind == STRUCTURAL or op.copies):
         return list(node.outputs)
     return [o for o in node.outputs if is_float(o)]
 

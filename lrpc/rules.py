@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lrpc import ops, rows
+from lrpc.analysis import dequantized_once
 from lrpc.gamma import linear_gamma
 from lrpc.graph import same_dim
 from lrpc.plan import Rule
@@ -60,12 +61,14 @@ def _identity_region(n, g, input: str):
 
 
 def _cofactor(n, u):
-    """s when the region's output node is v = u ⊙ s (either operand order) and v is shaped like u."""
+    """s when the region's output node is v = u ⊙ s (either operand order; u or an identical dequantization
+    of it, lrpc.analysis.dequantized_once) and v is shaped like u."""
     node, v = n.node, n.raw_out(0)
-    if node.op_type != "Mul" or u not in node.inputs or u.shape is None or v.shape is None \
+    operands = [dequantized_once(x) for x in node.inputs]
+    if node.op_type != "Mul" or u not in operands or u.shape is None or v.shape is None \
             or u.shape.rank() != v.shape.rank() or not all(map(same_dim, u.shape, v.shape)):
         return None
-    return node.inputs[1] if node.inputs[0] is u else node.inputs[0]
+    return node.inputs[1] if operands[0] is u else node.inputs[0]
 
 
 def _no_relevance(n, g):

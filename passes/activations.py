@@ -23,7 +23,7 @@ NAME = "activations"
 
 
 def region(dag: CarryingDAG, node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
-    start, out = node.inputs[0], node.outputs[0]
+    start, out = dag.vertex(node.inputs[0]), node.outputs[0]
     if start not in dag.dag or out not in dag.dag:
         return None
 

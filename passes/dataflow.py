@@ -7,6 +7,7 @@ import networkx as nx
 import onnx_ir as ir
 
 from lrpc import ops
+from lrpc.analysis import dequantized_once
 from lrpc.plan import Rule
 
 ROOT, SINK = "<sources>", "<outputs>"
@@ -36,10 +37,10 @@ def stands_for(value: ir.Value) -> ir.Value | None:
 def walk_up_elementwise(start: ir.Value, carrying: set[ir.Value]):
     """Yield `start` and every carrying tensor above it reached through elementwise ops only (and from a fused
     node's output to its decomposition's), each once; the walk stops at (but yields) tensors made by any
-    other op."""
+    other op. Identical dequantizations of one tensor are yielded as one (lrpc.analysis.dequantized_once)."""
     seen, stack = set(), [start]
     while stack:
-        value = stack.pop()
+        value = dequantized_once(stack.pop())
         if value in seen:
             continue
         seen.add(value)
@@ -58,7 +59,10 @@ def elementwise_ancestry(start: ir.Value, carrying: set[ir.Value]) -> set[ir.Val
 
 class CarryingDAG:
     """Tensors that carry relevance as a DAG (edges through the nodes that relate them), rooted at a
-    virtual source before every attribution point and closed by a virtual sink after every output."""
+    virtual source before every attribution point and closed by a virtual sink after every output.
+    Identical dequantizations of one tensor are one vertex (`vertex`; lrpc.analysis.dequantized_once)."""
+
+    vertex = staticmethod(dequantized_once)   # the vertex of a carrying tensor
 
     def __init__(self, graph: ir.Graph, carrying: set[ir.Value]):
         dag = nx.DiGraph()
@@ -68,12 +72,13 @@ class CarryingDAG:
             outs = [o for o in node.outputs if o in carrying]
             aliases = node.meta.get(ops.ALIAS)
             if aliases:   # a fused node's outputs are its decomposition's (lrpc.decompose)
-                dag.add_edges_from((new, o) for o, new in zip(node.outputs, aliases) if o in outs and new in carrying)
+                dag.add_edges_from((self.vertex(new), o) for o, new in zip(node.outputs, aliases)
+                                   if o in outs and new in carrying)
                 continue
-            ins = carrying_inputs(node, carrying)
+            ins = [self.vertex(i) for i in carrying_inputs(node, carrying)]
             for o in outs:
                 for i in ins:
-                    dag.add_edge(i, o)
+                    dag.add_edge(i, self.vertex(o))
         for value in list(dag.nodes):
             if value in (ROOT, SINK):
                 continue

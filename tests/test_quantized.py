@@ -11,6 +11,8 @@ finite and close to the float model's."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -58,6 +60,12 @@ RECIPES = {
 }
 RECIPES["DynamicQuantizeLinear"] = RECIPES["MatMulInteger"]
 RECIPES["DequantizeLinear"] = RECIPES["QuantizeLinear"]
+# a quantized tensor moved by an op that copies values (onnxruntime's optimiser moves Q/DQ pairs across them)
+MOVED = {f"{op} of a quantized tensor": (
+    [n("QuantizeLinear", ["x", "a_scale", "a_zp"], "q"), n(op, ["q", "shape"][:1 + (op == "Expand")], "e"),
+     n("DequantizeLinear", ["e", "a_scale", "a_zp"], "o")],
+    {"a_scale": np.float32(0.01), "a_zp": np.int8(-2), "shape": np.array([1, S, 1], np.int64)},
+    [n("Identity", ["x"], "o")], {}) for op in ("Expand", "Identity")}
 
 
 def build(nodes, constants, readout) -> onnx.ModelProto:
@@ -69,9 +77,9 @@ def build(nodes, constants, readout) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MS, 1)])
 
 
-@pytest.mark.parametrize("op", sorted(RECIPES))
+@pytest.mark.parametrize("op", sorted(RECIPES) + sorted(MOVED))
 def test_quantized_op_is_straight_through(op):
-    nodes, constants, float_nodes, float_constants = RECIPES[op]
+    nodes, constants, float_nodes, float_constants = {**RECIPES, **MOVED}[op]
     width = M if any(node.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
                      for node in nodes) else D
     readout = RNG.uniform(-1, 1, (width, CLASSES)).astype(np.float32)
@@ -168,16 +176,56 @@ def test_prefused_quantized_op_keeps_its_forward_and_is_straight_through(op):
     proto = build(nodes, constants, readout)
     x = (RNG.integers(28, 229, (B, S, D)).astype(np.float32) - np.float32(X_ZP)) * X_SCALE   # on the grid
     model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    float_model = build(float_nodes, {**constants, **float_constants}, readout)
     for preset in PRESETS:
+        try:
+            lrpc.compile(float_model, preset=preset)
+        except lrpc.LrpcError as refusal:   # (CP-LRP cuts a lone softmax: nothing carries to y) as the float op
+            with pytest.raises(lrpc.LrpcError, match=re.escape(str(refusal))):
+                lrpc.compile(proto, preset=preset)
+            continue
         explainer = lrpc.compile(proto, preset=preset)
         assert lrpc.contract.read_metadata({p.key: p.value for p in explainer.metadata_props})["untouched_forward"]
         result = lrpc.Explainer(explainer).explain({"x": x}, target=TARGET, position=POSITION)
         assert np.array_equal(result.outputs["y"], model_y), preset      # the fused op's own forward, bit for bit
         assert np.isfinite(result.relevance["x"]).all(), preset
         if preset == "gxi":
-            want = finite_difference_relevance(build(float_nodes, {**constants, **float_constants}, readout), x)
+            want = finite_difference_relevance(float_model, x)
             got = result.relevance["x"]
             assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max(), (got, want)
+
+
+def _fused_matmuls() -> onnx.ModelProto:
+    """x [B, S, D] → q, k (two layers) → com.microsoft FusedMatMul of q and k under each attribute (rank 3 and a
+    rank-4 head split) → concatenated → readout → y [B, S, CLASSES]; every product reads two carrying operands."""
+    e = D + 1   # (even: two heads of e / 2)
+    heads = np.array([B, S, 2, e // 2], np.int64)
+    nodes = [n("MatMul", ["x", "wq"], "q"), n("MatMul", ["x", "wk"], "k"),
+             ms("FusedMatMul", ["q", "k"], "v1", transB=1, alpha=0.37),
+             n("Transpose", ["q"], "qt", perm=[0, 2, 1]), ms("FusedMatMul", ["qt", "k"], "v2", transA=1, transB=1),
+             n("Transpose", ["q"], "qb", perm=[1, 0, 2]), ms("FusedMatMul", ["qb", "k"], "v3", transBatchA=1, transB=1),
+             n("Transpose", ["k"], "kb", perm=[2, 0, 1]), ms("FusedMatMul", ["q", "kb"], "v4", transBatchB=1),
+             n("Reshape", ["q", "heads"], "q4"), n("Reshape", ["k", "heads"], "k4"),
+             ms("FusedMatMul", ["q4", "k4"], "p", transBatchA=1, transBatchB=1, transB=1, alpha=0.5),   # [S, 2, B, B]
+             n("Transpose", ["p"], "pt", perm=[2, 0, 1, 3]), n("Reshape", ["pt", "rows"], "v5"),
+             n("Concat", ["v1", "v2", "v3", "v4", "v5"], "o", axis=-1)]
+    constants = {"wq": RNG.normal(size=(D, e)).astype(np.float32), "wk": RNG.normal(size=(D, e)).astype(np.float32),
+                 "heads": heads, "rows": np.array([B, S, 2 * B], np.int64)}
+    return build(nodes, constants, RNG.uniform(-1, 1, (4 * S + 2 * B, CLASSES)).astype(np.float32))
+
+
+def test_fused_matmul_is_its_matmul_with_the_transposes_and_scale():
+    """com.microsoft FusedMatMul (onnxruntime's optimiser writes it for Q·Kᵀ in a quantize_dynamic model): the
+    explainer's outputs are onnxruntime's (its own kernel), Input×Gradient is central finite differences of the
+    model as onnxruntime runs it, and AttnLRP finds each FusedMatMul as a product of two carrying operands."""
+    proto = _fused_matmuls()
+    x = RNG.normal(size=(B, S, D)).astype(np.float32)
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    result = lrpc.Explainer(lrpc.compile(proto, preset="gxi")).explain({"x": x}, target=TARGET, position=POSITION)
+    np.testing.assert_allclose(result.outputs["y"], model_y, rtol=1e-5, atol=1e-5)
+    want = finite_difference_relevance(proto, x)
+    assert np.abs(result.relevance["x"] - want).max() <= 2e-3 * np.abs(want).max()
+    assert lrpc.plan_model(proto).summary() == {"uniform": 5}
 
 
 # ---- --epsilon / --gamma-* on quantized layers ---------------------------------------------------------------
@@ -227,13 +275,38 @@ def test_gamma_on_an_integer_layer_of_quantize_dynamic_is_refused_in_one_line():
         assert "\n" not in str(error.value)
 
 
-def test_a_quantized_fused_attention_is_refused_in_one_line():
-    nodes = [DQL, ms("QAttention", ["q", "w", "bias", "s", "w_scale", "", "zp", "w_zp"], "o", num_heads=1)]
-    constants = {**INT_WEIGHT, "w": RNG.integers(-127, 128, (D, 3 * D)).astype(np.int8),
-                 "bias": np.zeros(3 * D, np.float32)}
-    with pytest.raises(lrpc.LrpcError, match="QAttention") as error:
-        lrpc.compile(build(nodes, constants, np.ones((D, CLASSES), np.float32)))
-    assert "\n" not in str(error.value)
+QATTENTION_WEIGHT = RNG.integers(-127, 128, (D, 12)).astype(np.int8)   # Q, K, V of 2 heads × 2
+QATTENTION_BIAS = RNG.uniform(-0.2, 0.2, 12).astype(np.float32)
+QATTENTION_MASK = np.array([[1] * S, [1] * (S - 1) + [0]], np.int32)
+
+
+@pytest.mark.parametrize("variant", ["per-tensor", "per-column-masked-causal"])
+def test_quantized_fused_attention_is_attention_on_its_dequantized_input_and_weight(variant):
+    """com.microsoft QAttention (quantize_dynamic of a model whose attention onnxruntime fused): the node keeps
+    the forward, bit for bit; Input×Gradient equals central finite differences of com.microsoft Attention on
+    the dequantized weight (x on DynamicQuantizeLinear's grid, so the dequantized input is x); AttnLRP finds its
+    softmax and its two products."""
+    per_column = variant != "per-tensor"
+    w_scale = RNG.uniform(0.01, 0.03, 12).astype(np.float32) if per_column else W_SCALE
+    w_zp = np.zeros(12, np.int8) if per_column else W_ZP
+    attrs = {"num_heads": 2, **({"unidirectional": 1} if per_column else {})}
+    mask = ["mask"] if per_column else [""]
+    nodes = [DQL, ms("QAttention", ["q", "w", "bias", "s", "w_scale", *mask, "zp", "w_zp"], "o", **attrs)]
+    constants = {"w": QATTENTION_WEIGHT, "w_scale": w_scale, "w_zp": w_zp, "bias": QATTENTION_BIAS,
+                 **({"mask": QATTENTION_MASK} if per_column else {})}
+    w_deq = (QATTENTION_WEIGHT.astype(np.float32) - w_zp) * w_scale
+    float_nodes = [ms("Attention", ["x", "w", "bias", *mask], "o", **attrs)]
+    readout = RNG.uniform(-1, 1, (4, CLASSES)).astype(np.float32)
+    proto = build(nodes, constants, readout)
+    codes = RNG.integers(0, 256, (B, S, D))
+    codes.flat[:2] = 0, 255   # (the range DynamicQuantizeLinear reads: scale 0.02, zero point 100)
+    x = ((codes - 100) * 0.02).astype(np.float32)
+    model_y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    result = lrpc.Explainer(lrpc.compile(proto, preset="gxi")).explain({"x": x}, target=TARGET, position=POSITION)
+    assert np.array_equal(result.outputs["y"], model_y)
+    want = finite_difference_relevance(build(float_nodes, {**constants, "w": w_deq}, readout), x)
+    assert np.abs(result.relevance["x"] - want).max() <= 2e-3 * np.abs(want).max()
+    assert lrpc.plan_model(proto).summary() == {"softmax": 1, "uniform": 2}
 
 
 def test_an_all_zero_activation_quantizes_to_scale_zero_without_nan():
@@ -248,6 +321,51 @@ def test_a_quantized_product_of_two_activations_is_refused_in_one_line():
              n("Cast", ["qy"], "o", to=TensorProto.FLOAT)]
     with pytest.raises(lrpc.LrpcError, match="MatMulInteger of two relevance-carrying tensors"):
         lrpc.compile(build(nodes, {}, np.ones((S, CLASSES), np.float32)))
+
+
+def _duplicated_dequantizations(duplicated: bool, seed: int = 16) -> onnx.ModelProto:
+    """ids → an int8 embedding table → RMSNorm → a layer → quantize → SiLU → readout, in QDQ format.
+    `duplicated`: each reader of a dequantized tensor has a DequantizeLinear of its own, as onnxruntime's QDQ
+    optimiser writes them (`…/duplicated`); the RMSNorm's statistic and its scaled input read two copies of the
+    embedding (attribution points, with no common carrying ancestor), the SiLU's Sigmoid and Mul two copies of its
+    input."""
+    second, rng = ("2" if duplicated else "1"), np.random.default_rng(seed)
+    table = rng.integers(-127, 128, (CLASSES + 4, D)).astype(np.int8)
+    nodes = [n("Gather", ["table", "ids"], "eq"),
+             *[n("DequantizeLinear", ["eq", "w_scale", "w_zp"], f"e{i}") for i in "12"[:1 + duplicated]],
+             n("Mul", [f"e{second}", f"e{second}"], "sq"), n("ReduceMean", ["sq", "axes"], "ms"),
+             n("Add", ["ms", "eps"], "mse"), n("Sqrt", ["mse"], "rms"), n("Reciprocal", ["rms"], "inv"),
+             n("Mul", ["e1", "inv"], "normed"), n("MatMul", ["normed", "layer"], "z"),
+             n("QuantizeLinear", ["z", *XQ], "hq"),
+             *[n("DequantizeLinear", ["hq", *XQ], f"h{i}") for i in "12"[:1 + duplicated]],
+             n("Sigmoid", ["h1"], "gate"), n("Mul", [f"h{second}", "gate"], "silu"),
+             n("MatMul", ["silu", "readout"], "y")]
+    for node in nodes:
+        node.name = node.output[0]
+    constants = {"table": table, "w_scale": W_SCALE, "w_zp": W_ZP, "axes": np.array([-1], np.int64),
+                 "eps": np.float32(1e-6), "x_scale": X_SCALE, "x_zp": X_ZP,
+                 "layer": rng.normal(size=(D, D)).astype(np.float32),
+                 "readout": rng.uniform(-1, 1, (D, CLASSES)).astype(np.float32)}
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("ids", TensorProto.INT64, [B, S])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, S, CLASSES])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_duplicated_dequantizations_are_one_tensor_for_the_rules():
+    """The plan and the AttnLRP relevance of a QDQ graph whose dequantizations onnxruntime duplicated per reader
+    are those of the same graph with one DequantizeLinear per tensor (the norm's statistic frozen, the SiLU one
+    identity region)."""
+    ids = np.random.default_rng(0).integers(0, CLASSES + 4, (B, S))
+    results, plans = [], []
+    for duplicated in (False, True):
+        proto = _duplicated_dequantizations(duplicated)
+        plans.append({node.name: record.rule for node, record in lrpc.plan_model(proto).records.items()
+                      if record.rule != "inside"})
+        results.append(lrpc.Explainer(lrpc.compile(proto)).explain({"ids": ids}, target=TARGET, position=POSITION))
+    assert plans[1] == plans[0] and sorted(plans[0].values()) == ["frozen", "identity"], plans
+    assert np.array_equal(results[1].outputs["y"], results[0].outputs["y"])
+    np.testing.assert_allclose(results[1].relevance["ids"], results[0].relevance["ids"], rtol=1e-6, atol=1e-7)
 
 
 # ---- zoo models as onnxruntime users deploy them -------------------------------------------------------
@@ -292,6 +410,34 @@ def test_zoo_model_quantized_by_onnxruntime(zoo_export, tmp_path, name, kind):
     explained = _check_against_float(explainer, float_path, feeds[0], 0.9)
     _assert_forward_bit_for_bit(variant, explainer, feeds[:2])   # the quantized forward
     assert np.array_equal(explained.outputs["logits"], _outputs(variant, feeds[0])[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["qdq", "dynamic"])
+def test_onnxruntime_fused_quantized_model_gets_the_float_models_rules(zoo_export, tmp_path, name, kind):
+    """onnxruntime's optimiser, on a QDQ model, gives each reader of a dequantized tensor its own DequantizeLinear
+    and moves Q/DQ pairs across Expand / Reshape / Transpose before it fuses QDQ groups; on a quantize_dynamic
+    model it folds Q·Kᵀ's transpose and scale into FusedMatMul. The rules still land as on the float model (the
+    nodes both keep get the same rule, every rule as often; the products inside QLinearMatMul / QLinearMul /
+    FusedMatMul have their decomposition's), and relevance is the one of the quantized model it was fused from
+    (up to the fused kernels' rounding)."""
+    entry = lrpc.models.get(name)
+    float_path = tmp_path / "float.onnx"
+    onnx.save(zoo_export(name)[1], float_path)
+    feeds = [{k: v.numpy() for k, v in entry.inputs(*entry.example_shape, seed=s).items()} for s in range(3)]
+    unfused = deployed.make(kind, float_path, tmp_path / f"{kind}.onnx", feeds)
+    fused = deployed.fused_by_onnxruntime(unfused, tmp_path / "fused.onnx")
+    for preset in ("attnlrp", "cp-lrp"):   # (CP-LRP cuts QLinearSoftmax's decomposition: A·V is then linear in V)
+        want, got = ({row["node"]: row["rule"] for row in lrpc.compiler.plan_document(path, preset)["rows"]}
+                     for path in (float_path, fused))
+        assert sorted(got.values()) == sorted(want.values()), preset
+        assert {node: rule for node, rule in got.items() if node in want} == {n: want[n] for n in got if n in want}
+    explained = _check_against_float(lrpc.compile(fused), float_path, feeds[0], 0.95)
+    relevance = explained.relevance["input_ids"]
+    reference = lrpc.Explainer(lrpc.compile(unfused)).explain(feeds[0], target=explained.target)
+    reference = reference.relevance["input_ids"]
+    cosine = (relevance * reference).sum(-1) / np.linalg.norm(relevance, axis=-1) / np.linalg.norm(reference, axis=-1)
+    assert cosine.min() > 0.999, cosine
 
 
 def _assert_forward_bit_for_bit(model_path, explainer_path, feeds):
