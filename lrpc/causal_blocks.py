@@ -269,15 +269,15 @@ def guarded(plain: ir.Model, blocked: ir.Model, masks: list[str], blocks: int, m
     from the plain graph) says whether every mask hides all the scores the blocks skip, every query row
     keeps a key, and the sequence has at least `min_tokens` tokens."""
     main = ir.Graph([], [], nodes=[], name=plain.graph.name, opset_imports=dict(plain.graph.opset_imports))
-    inputs = list(plain.graph.inputs)
+    weights = [plain.graph.initializers.pop(name) for name in list(plain.graph.initializers)]
+    inputs = list(plain.graph.inputs)   # (an optional input is also an initializer: its default)
     plain.graph.inputs.clear()
     main.inputs.extend(inputs)
+    for value in weights:
+        main.register_initializer(value)
     for value in blocked.graph.inputs:   # the same inputs, read from the outer graph
         value.replace_all_uses_with(main.inputs[[v.name for v in main.inputs].index(value.name)])
     blocked.graph.inputs.clear()
-    for name in list(plain.graph.initializers):
-        value = plain.graph.initializers.pop(name)
-        main.register_initializer(value)
     for name in list(blocked.graph.initializers):
         value = blocked.graph.initializers[name]
         twin = main.initializers.get(name)
@@ -379,7 +379,7 @@ PROBE_TOKENS = 16
 
 def causal_unpadded(graph: ir.Graph, masks: list[str], blocks: int) -> bool | None:
     """Whether the guard holds for one unpadded sequence of PROBE_TOKENS tokens (integer inputs all ones,
-    position ids 0 … T−1): if not — a bidirectional encoder's expanded padding mask — the blocked graph would
+    position ids 0 … T−1, inputs read only for their shape ones): if not — a bidirectional encoder's expanded padding mask — the blocked graph would
     never run, and is not built. None when that cannot be tried (a float mask input: the caller's)."""
     import numpy as np
     import onnxruntime as ort
@@ -389,13 +389,15 @@ def causal_unpadded(graph: ir.Graph, masks: list[str], blocks: int) -> bool | No
     ok = _guard(b, graph, masks, blocks, 1)
     probe.outputs.append(ok)
     ok.type, ok.shape = ir.TensorType(ir.DataType.BOOL), ir.Shape([])
-    used = {v.name for node in probe for v in node.inputs if v is not None}
     feed = {}
     for v in probe.inputs:
-        if v.name not in used:
+        readers = [node for node, _ in v.uses()]
+        if not readers:
             continue
-        if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL) or v.shape is None:
-            return None
+        shape_only = all(node.op_type == "Shape" for node in readers)   # (ViT's zero mask: pixel_values' shape)
+        if v.shape is None or not shape_only and v.dtype not in (ir.DataType.INT64, ir.DataType.INT32,
+                                                                  ir.DataType.BOOL):
+            return None   # a float mask given as an input: its values are the caller's
         shape = [d if isinstance(d, int) else 1 if axis == 0 else PROBE_TOKENS for axis, d in enumerate(v.shape)]
         array = np.broadcast_to(np.arange(shape[-1]), shape) if "position" in v.name and shape else np.ones(shape)
         feed[v.name] = array.astype(v.dtype.numpy())

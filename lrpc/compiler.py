@@ -153,15 +153,22 @@ def with_causal_blocks(prepared, blocks: int | None, min_tokens: int, **settings
     the row-block form of its causal self-attention (lrpc/causal_blocks.py) when it has one. `prepared`
     gives a fresh copy of the loaded model each call; blocks 0 / None: the plain explainer alone."""
     from lrpc import causal_blocks
+    from lrpc.components import parse
     plain = build_explainer(prepared(), **settings)
-    if not blocks:
-        return plain
+    if not blocks or any("heads" in parse(settings.get(k)) for k in ("components", "intervene", "conditions")):
+        return plain   # (a head's unit is the attention product the blocks cut apart)
     model = prepared()
     if untouched.needed(model.graph, settings.get("forward_mode", "auto")):
         return plain   # the outputs come from the untouched forward: nothing to gain, one more graph to hold
     masks = causal_blocks.rewrite(model.graph, blocks)
     if not masks or causal_blocks.causal_unpadded(model.graph, masks, blocks) is False:
         return plain
+    latent = contract.read_metadata(plain.metadata_props)["latent"]   # the same tensors, not their block copies
+    if settings.get("latent"):
+        present = {v.name for node in model.graph for v in node.outputs}
+        if not set(latent) <= present:
+            return plain   # a latent tensor the blocks replace (the attention weights)
+        settings = {**settings, "latent": "^(" + "|".join(re.escape(name) for name in latent) + ")$"}
     return causal_blocks.guarded(plain, build_explainer(model, **settings), masks, blocks, min_tokens)
 
 

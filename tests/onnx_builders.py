@@ -92,3 +92,14 @@ def masked_attention_model(hidden=8, heads=2, classes=5, seed=0, opset=18) -> on
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", classes])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()] + consts)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of the graph and of its subgraphs (If / Loop / Scan bodies; an explainer with causal
+    blocks holds its two graphs as the branches of one If)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                yield from all_nodes(sub)

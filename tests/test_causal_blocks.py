@@ -114,11 +114,12 @@ def test_left_padding_falls_back_bit_for_bit(zoo_export):
 
 
 def test_bidirectional_models_are_not_rewritten(zoo_export):
-    """BERT's export expands its padding mask to [batch, 1, T, T]: the compile-time probe (an unpadded input)
-    finds it is not causal, so no blocked graph is built; LLaMA's passes the probe."""
+    """BERT's export expands its padding mask to [batch, 1, T, T] and ViT's adds a zero mask made from the
+    pixels' shape: the compile-time probe (an unpadded input) finds them not causal, so no blocked graph is
+    built; LLaMA's passes the probe."""
     from lrpc import causal_blocks
     from lrpc.compiler import load
-    for name, causal in (("bert", False), ("llama", True)):
+    for name, causal in (("bert", False), ("hf-vit", False), ("llama", True)):
         model = load(zoo_export(name, "dynamo")[1])
         masks = causal_blocks.rewrite(model.graph, 4)
         assert masks and causal_blocks.causal_unpadded(model.graph, masks, 4) is causal
@@ -139,3 +140,43 @@ def test_checker_and_metadata():
 def test_bad_options_are_refused(blocks, min_tokens):
     with pytest.raises(LrpcError, match="causal"):
         lrpc.compile(masked_attention_model(), attribute=["x"], causal_blocks=blocks, causal_min_tokens=min_tokens)
+
+
+@pytest.mark.parametrize("options,feed,blocked", [
+    ({"seed": "vector"}, {"lrp_seed": "vector"}, True),
+    ({"targets": "dynamic"}, {"lrp_target": np.array([[3, 5], [1, 2]]), "lrp_position": np.array([[-1, 2], [4, -3]])},
+     True),
+    ({"components": "mlp,residual", "intervene": "mlp"}, {}, True),
+    ({"conditions": "mlp"}, {}, True),
+    ({"components": "heads"}, {}, False),      # a head's unit is the product the blocks cut apart
+    ({"checkpoint": "auto"}, {}, True),
+    ({"embeddings_input": True}, {}, True),
+    ({"latent": "linear"}, {}, True),
+    ({"latent": "add"}, {}, False),            # matches the masked scores, which the blocks replace
+    ({"preset": "cp-lrp", "forward": "shared"}, {}, True),
+    ({"forward": "copy"}, {}, False),          # the outputs come from the untouched forward
+], ids=["seed-vector", "targets", "components", "conditions", "heads", "checkpoint", "embeddings", "latent",
+        "latent-scores", "cp-lrp", "forward-copy"])
+def test_blocks_with_every_compile_option(zoo_export, options, feed, blocked):
+    """The blocked graph builds, runs and equals the plain one whatever else the explainer was compiled with;
+    where the blocks cannot serve an option, the explainer is the plain one alone."""
+    from lrpc import models
+    _, proto = zoo_export("llama", "dynamo")
+    inputs = {k: v.numpy() for k, v in models.get("llama").inputs(2, T).items()}
+    inputs["attention_mask"] = np.ones_like(inputs["input_ids"])
+    guarded = lrpc.compile(proto, causal_min_tokens=4, **options)
+    plain = lrpc.compile(proto, causal_blocks=0, **options)
+    if not blocked:
+        assert not any(n.op_type == "If" for n in guarded.graph.node)
+        return
+    session = _session(plain)
+    full = {**inputs, "lrp_target": np.array([3, 5]), "lrp_position": np.array([-1, 4]), **feed}
+    for i in session.get_inputs():
+        if i.name.startswith("inputs_embeds."):   # --embeddings-input: the looked-up embeddings as an input
+            full[i.name] = np.random.default_rng(0).normal(size=(2, T, i.shape[-1])).astype(np.float32)
+        if isinstance(full.get(i.name), str):   # --seed vector: one seed vector per row
+            full[i.name] = np.random.default_rng(1).normal(size=(2, i.shape[-1])).astype(np.float32)
+    (out, took), want = _run(guarded, full, with_guard=True), _run(plain, full)
+    assert took
+    for got, expected in zip(out, want):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * max(np.abs(expected).max(), 1e-30))
