@@ -127,7 +127,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     if checkpoint:  # rematerialise forward segments during the relevance pass (lrpc/checkpoint.py)
         from lrpc.checkpoint import rematerialise
         remat = rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
-    optimise(ir_model)
+    optimise(ir_model, seeds=(contract.TARGET, contract.SEED) if targets is not None else ())
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},

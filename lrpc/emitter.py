@@ -39,6 +39,11 @@ class Emitter:
 
     def with_targets(self, seed: ir.Value, k_dim) -> None:
         """Give every ĝ of this walk a leading K axis, sized like the seed's first axis."""
+        node = seed.producer()
+        if node is not None and node.op_type == "Mul":
+            # contract.seed's one-hot product [K, batch, seq, classes]: read K off a factor (both lead with
+            # it), or the product, which row compaction never uses, is made for its Shape alone
+            seed = node.inputs[0]
         self.k_shape = self.b.Shape(seed, end=1)
         self.k_dim = k_dim if isinstance(k_dim, int) else ir.SymbolicDim(k_dim)
 

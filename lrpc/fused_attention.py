@@ -175,8 +175,8 @@ def onnx_attention(node, b, ctx):
     """ONNX Attention (opset 23/24): softmax(softcap(Q·√s · (K·√s)ᵀ) + mask)·V, 3-D or 4-D, GQA by repeating
     K/V heads, is_causal and sliding windows aligned to the end of a past cache (top-left without one), bool
     masks True = attend, fully masked rows give zeros. A past key/value cache is concatenated in front of K/V
-    (present_key / present_value); qk_matmul_output is the scaled Q·Kᵀ (mode 0), plus the mask (1, 2; without
-    softcap), or the softmax (3)."""
+    (present_key / present_value); qk_matmul_output is the scaled Q·Kᵀ (mode 0), softcapped (1), plus the mask
+    (2), or the softmax (3)."""
     mode = int(attr(node, "qk_matmul_output_mode", 0))
     left, right = int(attr(node, "left_window_size", -1)), int(attr(node, "right_window_size", -1))
     q, k, v, mask, past_key, past_value, nonpad = (optional_input(node, i) for i in range(7))
@@ -213,9 +213,12 @@ def onnx_attention(node, b, ctx):
     softcap = float(attr(node, "softcap", 0.0))
     if softcap > 0:
         scores = b.Mul(b.Tanh(b.Div(scores, b.scalar(softcap))), b.scalar(softcap))
-    additive = None
+    capped, additive = scores, None
     if mask is not None:
         additive = b.Where(mask, b.scalar(0.0), b.scalar(-np.inf)) if mask.dtype == ir.DataType.BOOL else mask
+        keys, given = b.dim(k4, 2), b.dim(mask, -1)
+        if isinstance(keys, int) and isinstance(given, int) and given < keys:   # the spec pads it with -inf
+            additive = b.Pad(additive, b.i64([0] * (2 * b.rank(mask) - 1) + [keys - given]), b.scalar(-np.inf))
     offset = b.dim_scalar(past_key, 2) if past_key is not None else None
     if nonpad is not None:   # an external cache: batch row n holds nonpad[n] valid keys, the queries last
         valid = b.Reshape(nonpad, b.i64([-1, 1, 1, 1]))
@@ -236,10 +239,10 @@ def onnx_attention(node, b, ctx):
         probs = b.Where(dead, b.scalar(0.0), probs)
     out = b.MatMul(probs, v4)
     qk_output = None
-    if output_used(node, 3):   # (with a softcap, modes 1 and 2 are read differently by onnx and onnxruntime)
-        qk_output = {0: qk, 3: probs}.get(mode, scores if softcap <= 0 else None)
+    if output_used(node, 3):   # the spec's modes, as onnx's reference and onnxruntime (≥ 1.32) compute them
+        qk_output = {0: qk, 1: capped, 2: scores, 3: probs}.get(mode)
         if qk_output is None:
-            raise fail(node, f"qk_matmul_output_mode={mode} with softcap")
+            raise fail(node, f"qk_matmul_output_mode={mode}")
     return [_merge_heads(b, out) if r == 3 else out, *present, qk_output]
 
 

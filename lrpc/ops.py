@@ -179,6 +179,8 @@ OPS: dict[str, Op] = {
     "Pow": arithmetic(pw.power),
     "Neg": arithmetic(lambda n, g: (lambda: n.b.Neg(g),), broadcasts=False),
     "Identity": arithmetic(lambda n, g: same(g), broadcasts=False),
+    "Optional": structural(lambda n, g: same(g)),             # an optional holding the tensor
+    "OptionalGetElement": structural(lambda n, g: same(g)),   # the tensor an optional holds (or the tensor itself)
     "Cast": arithmetic(lambda n, g: same(g), broadcasts=False),
     "Dropout": Op(ELEMENTWISE, pw.dropout, rows=rows.pointwise, differentiable=(0,)),
     "CastLike": Op(ELEMENTWISE, lambda n, g: (lambda: g, None), differentiable=(0,)),   # input 1 gives the type
@@ -234,17 +236,20 @@ OPS: dict[str, Op] = {
     "Resize": Op(LINEAR, smp.resize),
     "AffineGrid": Op(LINEAR, smp.affine_grid, differentiable=(0,)),
     "GridSample": Op(LINEAR, smp.grid_sample),
+    "RoiAlign": Op(LINEAR, smp.roi_align),   # (max mode: piecewise linear)
     "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
     "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
     "STFT": Op(LINEAR, spectral.stft, differentiable=(0, 2)),   # linear in the signal and in the window
     "Einsum": Op(LINEAR, lin.einsum),
     "CumSum": Op(LINEAR, sc.cumsum, differentiable=(0,)),
+    "CumProd": Op(LINEAR, sc.cumprod, differentiable=(0,)),   # multilinear in x along the axis (as Det)
     **QUANTIZATION,
     **QUANTIZED_REFUSED,
     # pooling (a fixed linear map of each window, or a selection from it)
     "AveragePool": Op(LINEAR, pool.average_pool),
     "GlobalAveragePool": reduction(pool.global_average_pool),
     "LpPool": reduction(pool.lp_pool),
+    "GlobalLpPool": reduction(pool.global_lp_pool),
     "MaxPool": structural(pool.max_pool),
     "GlobalMaxPool": structural(pool.global_max_pool),
     # structural
@@ -268,6 +273,7 @@ OPS: dict[str, Op] = {
     "ScatterElements": structural(sc.scatter_elements, differentiable=(0, 2)),
     "ScatterND": structural(sc.scatter_nd, differentiable=(0, 2)),
     "TopK": structural(sc.top_k),
+    "OneHot": structural(sc.one_hot, differentiable=(2,)),   # places its [off, on] values
     "MaxUnpool": structural(sc.max_unpool),
     "Compress": structural(sc.compress),
     "TensorScatter": structural(sc.tensor_scatter, differentiable=(0, 1)),
@@ -303,7 +309,7 @@ OPS: dict[str, Op] = {
         "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-        "Range", "OneHot", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
+        "Range", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
     # control flow
     "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
     "Loop": control_flow(cf.unroll_loop, "a compile-time iteration count: the body is unrolled"),

@@ -14,6 +14,12 @@ The reverse pass of a transformer is mostly ĝ·Wᵀ products, emitted as `Resha
   (ĝ of two complementary slices, as in rotary embeddings' rotate_half: one write instead of two padded
   copies and a three-way sum).
 
+With a K axis (`--targets`) one more, since there ĝ is K times the size of the forward values it meets:
+
+- `factors_once`:  (ĝ · a) · c  →  ĝ · (a · c)  for forward values a, c
+  (a norm's weight and 1/σ, a gated MLP's other branch and σ(x)): the factor is made once at the forward's
+  size, and ĝ is multiplied once instead of twice.
+
 Each applies only to relevance nodes (named `lrp_…`): the forward graph stays exactly as exported, so the
 explainer's outputs equal the model's.
 """
@@ -27,7 +33,8 @@ import onnx_ir.passes.common as common_passes
 from lrpc.graph import PREFIX, Builder, attr, const_array
 
 
-def optimise(model: ir.Model) -> None:
+def optimise(model: ir.Model, seeds: tuple[str, ...] = ()) -> None:
+    """seeds: with a K axis, the names of the graph inputs ĝ is made from (`factors_once`)."""
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     graph = model.graph
@@ -35,6 +42,8 @@ def optimise(model: ir.Model) -> None:
     scale_into_gemm(graph)
     accumulate_in_gemm(graph, b)
     pads_to_concat(graph, b)
+    if seeds:
+        factors_once(graph, b, [v for v in graph.inputs if v.name in seeds])
     graph.sort()
     common_passes.RemoveUnusedNodesPass()(model)
 
@@ -171,3 +180,40 @@ def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
         done += 1
     return done
 
+
+
+def _computed_from(sources: list[ir.Value]) -> set[ir.Value]:
+    """Every value computed from `sources` (and they themselves)."""
+    found, stack = set(sources), list(sources)
+    while stack:
+        for node, _ in stack.pop().uses():
+            for out in node.outputs:
+                if out not in found:
+                    found.add(out)
+                    stack.append(out)
+    return found
+
+
+def factors_once(graph: ir.Graph, b: Builder, seeds: list[ir.Value]) -> int:
+    """Mul(Mul(ĝ, a), c) → Mul(ĝ, Mul(a, c)) where ĝ is computed from the seed inputs and a, c are not, and
+    the inner product is read by the outer one alone. A chain ĝ·a·c·d folds in turn (nodes in order)."""
+    grads = _computed_from(seeds)
+    done = 0
+    for node in list(graph):
+        if not _ours(node) or node.op_type != "Mul" or node.outputs[0].is_graph_output():
+            continue
+        for i in (0, 1):
+            inner, c = node.inputs[i].producer(), node.inputs[1 - i]
+            if c in grads or not _ours(inner) or inner.op_type != "Mul" \
+                    or not _only_consumer(node.inputs[i], node):
+                continue
+            carried = [j for j in (0, 1) if inner.inputs[j] in grads]
+            if len(carried) != 1:
+                continue
+            g, a = inner.inputs[carried[0]], inner.inputs[1 - carried[0]]
+            node.replace_input_with(i, g)
+            node.replace_input_with(1 - i, b.Mul(a, c))
+            graph.remove(inner, safe=True)
+            done += 1
+            break
+    return done

@@ -21,7 +21,9 @@ except ModuleNotFoundError:  # the core install has neither wheel: lrpc[cpu] or 
 
 ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": np.float32}
+                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": np.float32,
+                "tensor(int16)": np.int16, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+                "tensor(uint64)": np.uint64}
 
 
 # Targets per run of a `--targets dynamic` explainer (Explainer's target_chunk): K = 64 at 256 tokens on

@@ -10,7 +10,8 @@ the rounding there, so the outputs would move (by an ulp, or for QDQ by a quanti
 So the explainer keeps the forward twice: the relevance pass reads the forward it was compiled on, and the
 model's outputs come from a copy of the forward that nothing else reads, so onnxruntime transforms it
 exactly as it transforms the model itself, at every optimisation level. The copy reads each model input
-through `Where(x == x, x, x)` (the value itself, bit for bit, NaN included), which no onnxruntime rewrite
+through `Where(x == x, x, x)` (the value itself, bit for bit, NaN included; `x | x` for the integer types
+onnxruntime's Where lacks, `x or x` for bool), which no onnxruntime rewrite
 removes, so its nodes can never be merged with the other forward's (common-subexpression elimination),
 except the constant ones, which are the same either way; its float16 / bfloat16 weights are its own
 (`_own_weight`). It costs one more forward per run, so by default only quantized and float16 / bfloat16 models get it
@@ -67,13 +68,26 @@ def _decomposition_only(forward: list[ir.Node], model_outputs: list[ir.Value]) -
     return producers(targets, stop=needed)
 
 
+WHERE_LACKS = (ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.UINT64)   # onnxruntime has no Where kernel
+
+
+def _opaque(b: Builder, value: ir.Value) -> ir.Value:
+    """The value itself through an op no onnxruntime rewrite removes: Where(x == x, x, x), or x | x (x or x for
+    bool) for the types onnxruntime's Where lacks."""
+    if value.dtype == ir.DataType.BOOL:
+        return b.Or(value, value)
+    if value.dtype in WHERE_LACKS:
+        return b.BitwiseOr(value, value)
+    return b.Where(b.Equal(value, value), value, value)
+
+
 def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value]) -> None:
     """Give `model_outputs` (made by the `forward` nodes) to a copy of those nodes that reads the model
     inputs through an opaque identity; the originals keep their nodes under a `lrp_forward.` name."""
     b = Builder(graph)
     copies: dict[ir.Value, ir.Value] = {}
     for value in graph.inputs:
-        copies[value] = b.Where(b.Equal(value, value), value, value)
+        copies[value] = _opaque(b, value)
         copies[value].dtype, copies[value].shape = value.dtype, value.shape
     forward = set(forward)
     for value in list(graph.initializers.values()):   # weights of its own: see `_own_weight`

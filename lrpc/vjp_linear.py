@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from lrpc import vjp_conv as conv_family
 from lrpc.errors import LrpcError
@@ -140,10 +141,15 @@ def conv(n, g, weight=None):
 def einsum(n, g):
     eq = n.attr("equation").replace(" ", "")
     lhs, out = eq.split("->") if "->" in eq else (eq, None)
+    if out is None:   # implicit: the letters that occur once, in alphabetical order (behind an ellipsis)
+        letters = lhs.replace(",", "").replace(".", "")
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     terms = lhs.split(",")
-    if out is None or len(terms) != 2 or "." in eq:
-        raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): only explicit two-operand equations without "
-                        "ellipsis are supported")
+    if len(terms) == 1:
+        return (lambda: _einsum_one(n, g, terms[0], out),)
+    if len(terms) != 2 or "." in eq:
+        raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): only one or two operands, two without an "
+                        "ellipsis, are supported")
     a, c = terms
 
     def grad(i):
@@ -154,6 +160,45 @@ def einsum(n, g):
         k = next(c for c in "KLMNOPQRSTUVWXYZklmnopqrstuvwxyz" if c not in eq) if n.lead else ""  # ĝ's K axis
         return n.b.Einsum(g, n.x(1 - i), equation=f"{k}{out},{other}->{k}{own}")
     return (lambda: grad(0), lambda: grad(1))
+
+
+def _einsum_one(n, g, term: str, out: str):
+    """One operand (a transpose, a sum, a diagonal, with or without an ellipsis): ĝ_x = ĝ_y times a ones vector
+    for each index summed away and an identity for each repeat of an index, as one Einsum: 'ij->i' gives
+    'i,j->ij' with ones, '...ii->...i' gives '...i,iI->...iI' with the identity."""
+    b, eq = n.b, f"{term}->{out}"
+    fresh = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in eq)
+    k = next(fresh) if n.lead else ""   # ĝ's K axis
+    letters = term.replace("...", "")
+    r = n.rank(0)
+    if r is None:
+        raise LrpcError(f"node '{n.node.name}' (Einsum '{eq}'): the rank of the operand must be known")
+    dots = term.find("...")
+
+    def axis(position: int) -> int:   # the operand axis of the letter at `position` in `letters`
+        return position if dots < 0 or position < dots else position + r - len(letters)
+
+    def size(position: int):
+        return b.Shape(n.raw(0), start=axis(position), end=axis(position) + 1)
+
+    renamed, operands, terms, seen = [], [], [], set()
+    for position, letter in enumerate(letters):
+        if letter in seen:   # a repeat: its own letter, tied to the first by an identity
+            other = next(fresh)
+            renamed.append(other)
+            terms.append(letter + other)
+            operands.append(b.EyeLike(b.ConstantOfShape(b.Concat(size(position), size(position), axis=0),
+                                                        value=ir.tensor([0.0], dtype=ir.DataType.FLOAT))))
+            continue
+        seen.add(letter)
+        renamed.append(letter)
+        if letter not in out:   # summed away: ĝ is the same along it
+            terms.append(letter)
+            operands.append(b.ConstantOfShape(size(position), value=ir.tensor([1.0], dtype=ir.DataType.FLOAT)))
+    target = "".join(renamed)
+    if dots >= 0:
+        target = target[:dots] + "..." + target[dots:]
+    return b.Einsum(g, *operands, equation=",".join([k + out] + terms) + f"->{k}{target}")
 
 
 def det(n, g):

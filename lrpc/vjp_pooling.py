@@ -107,11 +107,27 @@ def lp_pool(n, g):
     channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
 
     def grad():
-        y, x = n.y(), n.x(0)
-        safe = b.Where(b.Equal(y, b.f32(0.0)), b.f32(1.0), y)
-        scaled = b.Where(b.Equal(y, b.f32(0.0)), b.f32(0.0), b.Mul(g, b.Pow(safe, b.f32(1.0 - p))))
-        spread = b.ConvTranspose(scaled, b.f32(np.ones([channels, 1] + kernel, np.float32)), group=channels,
-                                 strides=strides, pads=pads, dilations=dilations,
+        spread = b.ConvTranspose(_lp_outer(n, g, p), b.f32(np.ones([channels, 1] + kernel, np.float32)),
+                                 group=channels, strides=strides, pads=pads, dilations=dilations,
                                  output_padding=extra if any(extra) else None)
-        return b.Mul(spread, b.Mul(b.Sign(x), b.Pow(b.Abs(x), b.f32(p - 1.0))))
+        return _lp_inner(n, spread, p)
     return (grad,)
+
+
+def global_lp_pool(n, g):
+    """y = (Σ_spatial |x|^p)^(1/p) per channel: lp_pool with one window over all of the spatial dims."""
+    p = float(n.attr("p", 2))
+    return (lambda: _lp_inner(n, n.b.Expand(_lp_outer(n, g, p), n.b.Shape(n.raw(0))), p),)
+
+
+def _lp_outer(n, g, p):
+    """ĝ_y ⊙ y^(1−p), 0 where y = 0 (no division by a zero norm)."""
+    b, y = n.b, n.y()
+    zero = b.Equal(y, b.f32(0.0))
+    return b.Where(zero, b.f32(0.0), b.Mul(g, b.Pow(b.Where(zero, b.f32(1.0), y), b.f32(1.0 - p))))
+
+
+def _lp_inner(n, spread, p):
+    """ĝ_y ⊙ y^(1−p) spread over each window, times ∂|x|^p/∂x / p = sign(x)·|x|^(p−1)."""
+    b, x = n.b, n.x(0)
+    return b.Mul(spread, b.Mul(b.Sign(x), b.Pow(b.Abs(x), b.f32(p - 1.0))))

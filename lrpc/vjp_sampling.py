@@ -1,5 +1,6 @@
-"""VJPs of the resampling ops: Resize (Upsample becomes Resize), GridSample, AffineGrid (docs/design.md, "Relevance
-semantics"). For fixed coordinates each is linear in its data input, and its VJP is the transposed map."""
+"""VJPs of the resampling ops: Resize (Upsample becomes Resize), GridSample, AffineGrid, RoiAlign (docs/design.md,
+"Relevance semantics"). For fixed coordinates each is linear in its data input (RoiAlign's max mode piecewise linear),
+and its VJP is the transposed map."""
 
 from __future__ import annotations
 
@@ -38,18 +39,27 @@ def resize(n, g):
     """Resize is separable: along each resized axis a it is a fixed matrix M_a [out_a, in_a] (nearest,
     linear, cubic, antialias and every coordinate transform alike). M_aᵀ is read off the op itself, as
     Resize of the identity [in_a, in_a] along its last axis with the node's own settings (extrapolation 0);
-    ĝ_x applies each M_aᵀ to ĝ_y along its axis."""
+    ĝ_x applies each M_aᵀ to ĝ_y along its axis. The roi's ĝ: `resize_roi`."""
     b = n.b
-    if any(n.carries(i) for i in (1, 2) if i < len(n.inputs)):
-        refuse(n, "relevance into roi or scales (the sampling coordinates) is not supported")
+    if len(n.inputs) > 2 and n.carries(2):
+        refuse(n, "relevance into the scales (the sampling coordinates) is not supported")
     use_scales = _given(n, 2)
-    if not use_scales and n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        refuse(n, f"keep_aspect_ratio_policy={n.attr('keep_aspect_ratio_policy')} is not supported")
     r = n.rank(0)
     if r is None:
         refuse(n, "the rank of the input must be known")
     axes = [a % r for a in (n.attr("axes") or range(r))]
+    k = len(axes)
+    # the policy scales every resized axis by one factor (one axis: its own, as with stretch)
+    policy = "stretch" if use_scales or k == 1 else n.attr("keep_aspect_ratio_policy", "stretch")
     cropping = n.attr("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+    if policy != "stretch":
+        dims = n.raw(0).shape
+        extents = [dims[a] for a in axes] if dims is not None else [None]
+        if cropping or not all(isinstance(d, int) for d in extents):
+            refuse(n, f"keep_aspect_ratio_policy={policy} needs static resized dims and no crop")
+        if max(extents) * int(np.prod(extents)) > PROBE_LIMIT:
+            refuse(n, f"keep_aspect_ratio_policy={policy}: its probe of the scale is too large for the exact "
+                      "transposed map")
     settings = {k: n.attr(k) for k in RESIZE_ATTRS if n.attr(k) is not None}
 
     def probe(j: int, a: int):
@@ -63,19 +73,89 @@ def resize(n, g):
         sizes = None if use_scales else b.Concat(size, b.Cast(pick(3), to=7), axis=0)
         return b.Resize(eye, roi, scales, sizes, extrapolation_value=0.0, **settings)
 
-    def grad():
-        grad, last = g, r - 1 + n.lead
+    def probe_all(j: int, a: int):
+        """M_aᵀ [in_a, out_a] when the sizes are kept to one aspect ratio: the scale then depends on every resized
+        axis, so the identity along a is resized together with constant (ones) extents of the others, with the
+        node's own sizes and policy, and read at index 0 of the others."""
+        size = b.Shape(n.raw(0), start=a, end=a + 1)
+        extents = b.Gather(b.Shape(n.raw(0)), b.i64(axes))
+        eye = b.EyeLike(b.ConstantOfShape(b.Concat(size, size, axis=0), value=ir.tensor([0.0], dtype=F32)))
+        ones = lambda m: [b.i64([1] * m)] if m else []  # noqa: E731
+        # [1, in_a, extents] resized along its last k axes: a 4-D probe for an image, as onnxruntime's cubic needs
+        placed = b.Reshape(eye, b.Concat(b.i64([1]), size, *ones(j), size, *ones(k - j - 1), axis=0))
+        sampled = b.Resize(b.Expand(placed, b.Concat(b.i64([1]), size, extents, axis=0)), None, None,
+                           b.Cast(n.raw(3), to=7), axes=list(range(2, k + 2)), keep_aspect_ratio_policy=policy,
+                           **settings)
+        others = [i + 2 for i in range(k) if i != j]
+        first = b.Slice(sampled, b.i64([0] * len(others)), b.i64([1] * len(others)), b.i64(others))
+        return b.Reshape(first, b.Concat(size, b.i64([-1]), axis=0))
+
+    def back(grad, skip=None):
+        """ĝ_y with M_aᵀ applied along every resized axis a but `skip`."""
         for j, a in enumerate(axes):
-            if _identity_axis(n, j, a, use_scales, cropping):
+            if j == skip or policy == "stretch" and _identity_axis(n, j, a, use_scales, cropping):
                 continue
-            ga = n.grad_axis(a)
-            swap = list(range(last + 1))
-            swap[ga], swap[last] = last, ga
-            moved = grad if ga == last else b.Transpose(grad, perm=swap)
-            back = b.MatMul(moved, b.Transpose(probe(j, a), perm=[1, 0]))
-            grad = back if ga == last else b.Transpose(back, perm=swap)
+            matrix = probe(j, a) if policy == "stretch" else probe_all(j, a)
+            grad = _along(b, grad, n.grad_axis(a), r + n.lead, b.Transpose(matrix, perm=[1, 0]))
         return grad
-    return (grad,) + (None,) * (len(n.inputs) - 1)
+
+    grads = [lambda: back(g)] + [None] * (len(n.inputs) - 1)
+    if len(n.inputs) > 1 and n.carries(1):
+        grads[1] = lambda: resize_roi(n, g, axes, back)
+    return tuple(grads)
+
+
+def _along(b, t, axis: int, rank: int, matrix):
+    """t [..., d_axis, ...] times matrix [d_axis, e] along `axis`: [..., e, ...]."""
+    last = rank - 1
+    swap = list(range(rank))
+    swap[axis], swap[last] = last, axis
+    moved = t if axis == last else b.Transpose(t, perm=swap)
+    product = b.MatMul(moved, matrix)
+    return product if axis == last else b.Transpose(product, perm=swap)
+
+
+def resize_roi(n, g, axes, back):
+    """ĝ of tf_crop_and_resize's roi, linear mode (nearest: 0). Along axis a the output o reads
+    x_a(o) = start·(in − 1) + o·(end − start)·(in − 1)/(out − 1) (out = 1: the middle) by linear interpolation
+    of the pixels x₁ = min(⌊x_a⌋, in − 1), x₂ = min(x₁ + 1, in − 1), and the extrapolation value outside
+    [0, in − 1], as the spec and onnxruntime do: ∂y/∂x_a = X[x₂] − X[x₁] inside (the matrix D_a, applied along a,
+    the other axes resized as the node does). ĝ_start = Σ_o c(o)·(in − 1)(1 − o/(out − 1)), ĝ_end =
+    Σ_o c(o)·(in − 1)·o/(out − 1), c(o) = Σ over the other axes of (ĝ_y resized back along them) ⊙ (D_a x)."""
+    b, r, lead = n.b, n.rank(0), n.lead
+    mode = n.attr("mode", "nearest")
+    if n.attr("coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize" or mode == "nearest":
+        return n.grad_zeros(1)   # the roi unread, or piecewise constant
+    if mode != "linear" or n.attr("antialias", 0):
+        refuse(n, f"relevance into roi with mode={mode}{' and antialias' * bool(n.attr('antialias', 0))} is not "
+                  "supported (linear only)")
+    k, roi = len(axes), n.x(1)
+    starts, ends = [], []
+    for j, a in enumerate(axes):
+        size = b.Cast(b.Shape(n.raw(0), start=a, end=a + 1), to=1)                                  # [1] in_a
+        out = b.Cast(b.Shape(n.raw_out(0), start=a, end=a + 1), to=1)                              # [1] out_a
+        span = b.Sub(size, b.f32(1.0))
+        start, end = b.Slice(roi, b.i64([j]), b.i64([j + 1])), b.Slice(roi, b.i64([j + k]), b.i64([j + k + 1]))
+        steps = b.Range(b.f32(0.0), b.Reshape(out, b.i64([])), b.f32(1.0))                          # [out_a] o
+        many = b.Greater(out, b.f32(1.0))
+        fraction = b.Where(many, b.Div(steps, b.Max(b.Sub(out, b.f32(1.0)), b.f32(1.0))), b.f32(0.5))   # o/(out−1)
+        place = b.Add(b.Mul(start, span), b.Mul(b.Mul(fraction, b.Sub(end, start)), span))          # x_a(o)
+        first = b.Min(b.Floor(place), span)
+        second = b.Min(b.Add(first, b.f32(1.0)), span)
+        inside = b.Cast(b.And(b.GreaterOrEqual(place, b.f32(0.0)), b.LessOrEqual(place, span)), to=1)
+        pixels = b.Range(b.f32(0.0), b.Reshape(size, b.i64([])), b.f32(1.0))                         # [in_a]
+        column = b.Unsqueeze(pixels, b.i64([1]))
+        onehot = lambda at: b.Cast(b.Equal(column, b.Unsqueeze(at, b.i64([0]))), to=1)  # noqa: E731
+        difference = b.Mul(b.Sub(onehot(second), onehot(first)), inside)                           # D_aᵀ [in_a, out_a]
+        slope = _along(b, n.x(0), a, r, difference)                                                 # D_a x
+        others = [i + lead for i in range(r) if i != a]
+        c = b.ReduceSum(b.Mul(back(g, skip=j), slope), b.i64(others), keepdims=0)                  # [(K,) out_a]
+        # onnxruntime leaves an axis whose size does not change uncropped, whatever its roi
+        cropped = b.Mul(span, b.Cast(b.Not(b.Equal(out, size)), to=1))
+        weights = lambda w: b.ReduceSum(b.Mul(c, b.Mul(w, cropped)), b.i64([-1]), keepdims=1)  # noqa: E731
+        starts.append(weights(b.Sub(b.f32(1.0), fraction)))
+        ends.append(weights(fraction))
+    return b.Concat(*starts, *ends, axis=-1)                                                        # [(K,) 2k]
 
 
 def affine_grid(n, g):
@@ -103,10 +183,8 @@ PROBE_LIMIT = 1 << 26   # floats in GridSample's sampling matrix (256 MiB): beyo
 def grid_sample(n, g):
     """For a fixed grid, y[n, c, p] = Σ_q M[n, p, q] x[n, c, q], M the sampling weights (every mode, padding and
     align_corners alike). M is read off the op itself, as GridSample of the one-hot images [N, Q, *spatial]
-    (Q = ∏ spatial) on the node's grid; ĝ_x = ĝ_y · M."""
+    (Q = ∏ spatial) on the node's grid; ĝ_x = ĝ_y · M. The grid's ĝ: `grid_sample_grid`."""
     b = n.b
-    if n.carries(1):
-        refuse(n, "relevance into the grid (the sampling coordinates) is not supported")
     x, grid = n.raw(0).shape, n.raw(1).shape
     if x is None or grid is None or not all(isinstance(d, int) for d in list(x)[2:] + list(grid)[1:-1]):
         refuse(n, "the spatial dims of the input and the grid must be static")
@@ -123,4 +201,193 @@ def grid_sample(n, g):
         flat = b.Reshape(g, b.Concat(b.Shape(g, end=n.lead + 2), b.i64([p]), axis=0))         # [(K,) N, C, P]
         back = b.MatMul(flat, b.Transpose(weights, perm=[0, 2, 1]))                            # [(K,) N, C, Q]
         return b.Reshape(back, n.grad_shape(0))
-    return (grad, None)
+    return (grad, (lambda: grid_sample_grid(n, g)) if n.carries(1) else None)
+
+
+CUBIC_A = -0.75   # GridSample's cubic convolution constant (fixed by the spec)
+
+
+def grid_sample_grid(n, g):
+    """ĝ of the grid of a 2-D GridSample. Along x (y alike) the output is Σ_i w_i(t) P(x₀ + i), t = ix − ⌊ix⌋,
+    ix the unnormalised coordinate, P the image column with the node's own padding applied per pixel (as the
+    spec and onnxruntime do), w the linear or cubic weights; nearest is piecewise constant (ĝ 0). So
+    ∂y/∂ix = Σ_i w_i′(t) Q_i, where Q_i = GridSample at the integer x₀ + i (every x weight but one is 0 there,
+    so Q_i is P(x₀ + i) interpolated along y only, with the node's padding), and ∂ix/∂gx = (W − 1)/2 with
+    align_corners, else W/2. ĝ_grid[n, h, w, axis] = Σ_c ĝ_y[n, c, h, w] ∂y/∂g_axis."""
+    b = n.b
+    x = n.raw(0).shape
+    if x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[2:]):
+        refuse(n, "relevance into the grid needs a 2-D GridSample with static spatial dims")
+    mode = {"bilinear": "linear", "bicubic": "cubic"}.get(n.attr("mode", "bilinear"), n.attr("mode", "bilinear"))
+    if mode == "nearest":
+        return n.grad_zeros(1)
+    corners = n.attr("align_corners", 0)
+    settings = {k: n.attr(k) for k in ("align_corners", "mode", "padding_mode") if n.attr(k) is not None}
+    grid, shift = n.x(1), 0.0 if corners else 0.5
+    parts = []
+    for axis, size in ((0, x[3]), (1, x[2])):   # the grid's last axis holds (x, y)
+        scale = (size - 1) / 2 if corners else size / 2
+        if scale == 0:   # one pixel with align_corners: ix = 0 whatever the grid
+            parts.append(b.Mul(b.ReduceSum(g, b.i64([n.grad_axis(1)]), keepdims=1), b.f32(0.0)))
+            continue
+        pixel = b.Sub(b.Mul(b.Add(b.Gather(grid, b.i64(axis), axis=3), b.f32(1.0)), b.f32(scale)), b.f32(shift))
+        floor = b.Floor(pixel)                                                              # [N, H_out, W_out]
+        other = b.Gather(grid, b.i64([1 - axis]), axis=3)
+        slope = None
+        for i, weight in _weight_derivatives(b, b.Sub(pixel, floor), mode):
+            at = b.Unsqueeze(b.Sub(b.Div(b.Add(floor, b.f32(i + shift)), b.f32(scale)), b.f32(1.0)),
+                             b.i64([3]))                                                    # x₀ + i, normalised
+            sampled = b.GridSample(n.x(0), b.Concat(*((at, other) if axis == 0 else (other, at)), axis=3), **settings)
+            term = b.Mul(sampled, b.f32(weight) if isinstance(weight, float) else b.Unsqueeze(weight, b.i64([1])))
+            slope = term if slope is None else b.Add(slope, term)                           # [N, C, H_out, W_out]
+        parts.append(b.ReduceSum(b.Mul(g, b.Mul(slope, b.f32(scale))), b.i64([n.grad_axis(1)]), keepdims=1))
+    return b.Transpose(b.Concat(*parts, axis=n.grad_axis(1)), perm=n.grad_perm([0, 2, 3, 1]))   # [(K,) N, H, W, 2]
+
+
+def _weight_derivatives(b, t, mode):
+    """(i, w_i′(t)) for the interpolation weights of the pixels ⌊ix⌋ + i: i = 0, 1 (linear) or −1 … 2 (cubic,
+    the spec's cubic convolution with A = −0.75)."""
+    if mode == "linear":
+        return [(0, -1.0), (1, 1.0)]
+    a = CUBIC_A
+
+    def outer(s):   # d/ds of A s³ − 5A s² + 8A s − 4A (1 ≤ s ≤ 2)
+        return b.Add(b.Mul(b.Sub(b.Mul(s, b.f32(3 * a)), b.f32(10 * a)), s), b.f32(8 * a))
+
+    def inner(s):   # d/ds of (A + 2) s³ − (A + 3) s² + 1 (0 ≤ s ≤ 1)
+        return b.Mul(b.Sub(b.Mul(s, b.f32(3 * (a + 2))), b.f32(2 * (a + 3))), s)
+    return [(-1, outer(b.Add(t, b.f32(1.0)))), (0, inner(t)), (1, b.Neg(inner(b.Sub(b.f32(1.0), t)))),
+            (2, b.Neg(outer(b.Sub(b.f32(2.0), t))))]
+
+
+ROI_ALIGN_ATTRS = ("coordinate_transformation_mode", "mode", "output_height", "output_width", "sampling_ratio",
+                   "spatial_scale")
+FAR = 1e30   # the max-mode probe's value away from the probed pixel: below any weighted pixel of a bin
+
+
+def roi_align(n, g):
+    """For fixed rois, each bin of y[r, c] is read from X[batch_indices[r], c] at weighted pixels. The weights
+    M[r, q, p] are read off the op itself: RoiAlign of the one-hot images [1, Q, H, W] (Q = H·W) on the node's
+    rois and settings. mode=avg: y = M·x, ĝ_x[q] = Σ_p ĝ_y[p] M[p, q]. mode=max (onnxruntime's: the largest
+    weighted pixel w·x[q] over the bin's samples and corners): ∂y_p/∂x_q is the weight of the winning term,
+    the largest weight on q where x[q] > 0 (the probe of e_q), the smallest where x[q] < 0 (minus the probe of
+    −e_q − FAR·(1 − e_q)), found by y_p = w·x[q] (ties split evenly). ĝ of each roi goes to its batch row."""
+    b = n.b
+    x = n.raw(0).shape
+    if x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[1:]):
+        refuse(n, "the channels and spatial dims of X must be static")
+    q = x[2] * x[3]
+    bins = int(n.attr("output_height", 1)) * int(n.attr("output_width", 1))
+    if q * (q + bins * x[1]) > PROBE_LIMIT:
+        refuse(n, f"its sampling matrix ({q}×{bins} per roi) is too large for the exact transposed map")
+    settings = {k: n.attr(k) for k in ROI_ALIGN_ATTRS if n.attr(k) is not None}
+    rois, batch = n.raw(1), n.raw(2)
+    lead = n.lead
+
+    def weights(images):
+        """[R, P, Q]: RoiAlign of the probe images (channel q) on the node's rois, all read from image 0."""
+        zeros = b.Mul(batch, b.i64(0))
+        sampled = b.RoiAlign(images, rois, zeros, **settings)                              # [R, Q, oh, ow]
+        return b.Transpose(b.Reshape(sampled, b.i64([0, q, bins])), perm=[0, 2, 1])
+
+    def grad():
+        onehot = b.Reshape(b.EyeLike(b.ConstantOfShape(b.i64([q, q]), value=ir.tensor([0.0], dtype=F32))),
+                           b.i64([1, q, x[2], x[3]]))
+        flat = b.Reshape(g, b.Concat(b.Shape(g, end=lead + 2), b.i64([1, bins]), axis=0))   # [(K,) R, C, 1, P]
+        if n.attr("mode", "avg") == "avg":
+            jacobian = b.Unsqueeze(weights(onehot), b.i64([1]))                              # [R, 1, P, Q]
+        else:
+            largest, smallest = weights(onehot), b.Neg(weights(b.Where(b.Cast(onehot, to=9), b.f32(-1.0), b.f32(-FAR))))
+            pixels = b.Reshape(b.Gather(n.x(0), batch, axis=0), b.i64([0, 0, 1, q]))       # [R, C, 1, Q]
+            y = b.Reshape(n.y(), b.i64([0, 0, bins, 1]))                                    # [R, C, P, 1]
+
+            def winning(w, sign):
+                hit = b.And(b.Equal(y, b.Mul(b.Unsqueeze(w, b.i64([1])), pixels)), sign)
+                return b.Cast(hit, to=1)
+            hits = [winning(largest, b.Greater(pixels, b.f32(0.0))), winning(smallest, b.Less(pixels, b.f32(0.0)))]
+            count = b.Max(b.ReduceSum(b.Add(*hits), b.i64([-1]), keepdims=1), b.f32(1.0))
+            jacobian = b.Div(b.Add(b.Mul(hits[0], b.Unsqueeze(largest, b.i64([1]))),
+                                   b.Mul(hits[1], b.Unsqueeze(smallest, b.i64([1])))), count)   # [R, C, P, Q]
+        per_roi = b.MatMul(flat, jacobian)                                                   # [(K,) R, C, 1, Q]
+        per_roi = b.Reshape(per_roi, b.Concat(b.Shape(g, end=lead + 1), b.i64([x[1] * q]), axis=0))
+        images = b.Range(b.i64(0), b.Reshape(b.Shape(n.raw(0), end=1), b.i64([])), b.i64(1))
+        owner = b.Cast(b.Equal(b.Unsqueeze(images, b.i64([1])), b.Unsqueeze(batch, b.i64([0]))), to=1)   # [N, R]
+        return b.Reshape(b.MatMul(owner, per_roi), n.grad_shape(0))                          # [(K,) N, C·Q]
+    return (grad, (lambda: roi_align_rois(n, g)) if n.carries(1) else None, None)
+
+
+def roi_align_rois(n, g):
+    """ĝ of the rois of RoiAlign's avg mode with a fixed sampling_ratio G. Bin (ph, pw) averages the G×G samples
+    at y = y₁·s − ½ + (ph + (i + ½)/G)/PH · (y₂ − y₁)·s (x alike; no −½ with output_half_pixel, where a roi
+    shorter than 1 counts as 1), each bilinear with onnxruntime's rules: 0 beyond [−1, H], y ≤ 0 read at 0, y
+    past H − 1 at H − 1. So ∂sample/∂y = Σ over its two columns of their x weight × (X[y_high] − X[y_low]),
+    0 where y is clamped or outside, and ∂y/∂y₁ = s·(1 − u), ∂y/∂y₂ = s·u, u the sample's fraction of the roi."""
+    b = n.b
+    _, _, height, width = n.raw(0).shape
+    ratio, mode = int(n.attr("sampling_ratio", 0)), n.attr("mode", "avg")
+    if mode != "avg" or ratio <= 0:
+        refuse(n, "relevance into the rois needs mode=avg and a fixed sampling_ratio")
+    half = n.attr("coordinate_transformation_mode", "half_pixel") == "half_pixel"
+    scale = float(n.attr("spatial_scale", 1.0))
+    bins = int(n.attr("output_height", 1)), int(n.attr("output_width", 1))
+    rois, batch = n.x(1), n.raw(2)
+    images = b.Reshape(b.Gather(n.x(0), batch, axis=0), b.i64([0, 0, height * width]))    # [R, C, H·W]
+
+    def coordinates(first: int, count: int):
+        """Sample positions along one axis [R, count·G], and their derivatives by the roi's start and end."""
+        start, end = (b.Slice(rois, b.i64([k]), b.i64([k + 1]), b.i64([1])) for k in (first, first + 2))
+        length = b.Mul(b.Sub(end, start), b.f32(scale))
+        fraction = b.f32(np.array([(p + (i + 0.5) / ratio) / count for p in range(count) for i in range(ratio)],
+                                  np.float32))
+        if half:
+            origin, by_end = b.Sub(b.Mul(start, b.f32(scale)), b.f32(0.5)), b.Mul(fraction, b.f32(scale))
+            return b.Add(origin, b.Mul(fraction, length)), b.Sub(b.f32(scale), by_end), by_end
+        stretched = b.Cast(b.GreaterOrEqual(length, b.f32(1.0)), to=1)                     # else the length is 1
+        place = b.Add(b.Mul(start, b.f32(scale)), b.Mul(fraction, b.Max(length, b.f32(1.0))))
+        by_end = b.Mul(b.Mul(fraction, b.f32(scale)), stretched)
+        return place, b.Sub(b.f32(scale), by_end), by_end
+
+    def corners(place, size: int):
+        """(low index, high index, weight of high, not clamped, inside) of onnxruntime's bilinear sampling."""
+        inside = b.And(b.GreaterOrEqual(place, b.f32(-1.0)), b.LessOrEqual(place, b.f32(float(size))))
+        clamped = b.Max(place, b.f32(0.0))
+        low = b.Floor(clamped)
+        free = b.And(b.Greater(place, b.f32(0.0)), b.Less(low, b.f32(size - 1.0)))
+        low = b.Min(low, b.f32(size - 1.0))
+        high = b.Min(b.Add(low, b.f32(1.0)), b.f32(size - 1.0))
+        weight = b.Where(free, b.Sub(clamped, low), b.f32(0.0))
+        return b.Cast(low, to=7), b.Cast(high, to=7), weight, b.Cast(free, to=1), b.Cast(inside, to=1)
+
+    ys, dy1, dy2 = coordinates(1, bins[0])                                                  # [R, PH·G]
+    xs, dx1, dx2 = coordinates(0, bins[1])                                                  # [R, PW·G]
+    rows, columns = corners(ys, height), corners(xs, width)
+
+    def pixels(row, column):   # X[b_r, c, row, column] for every sample: [R, C, PH·G, PW·G]
+        at = b.Add(b.Mul(b.Unsqueeze(row, b.i64([2])), b.i64(width)), b.Unsqueeze(column, b.i64([1])))
+        flat = b.Reshape(at, b.i64([0, 1, -1]))
+        picked = b.GatherElements(images, b.Expand(flat, b.Concat(b.Shape(images, end=2), b.Shape(flat, start=2),
+                                                                  axis=0)), axis=2)
+        return b.Reshape(picked, b.Concat(b.Shape(images, end=2), b.Shape(row, start=1), b.Shape(column, start=1),
+                                          axis=0))
+
+    def slope(along, across, along_axis: int):
+        """∂sample/∂(its coordinate along `along`) [R, C, PH·G, PW·G]."""
+        low, high, _, free, inside = along
+        o_low, o_high, o_weight, _, o_inside = across
+        pick = (lambda a, o: pixels(a, o)) if along_axis == 0 else (lambda a, o: pixels(o, a))  # noqa: E731
+        spread = lambda v, dim: b.Unsqueeze(v, b.i64([1, 5 - dim]))  # noqa: E731   [R, S] → [R, 1, S, 1] or [R, 1, 1, S]
+        o_weight, o_inside = spread(o_weight, 3 - along_axis), spread(o_inside, 3 - along_axis)
+        difference = b.Add(b.Mul(b.Sub(pick(high, o_low), pick(low, o_low)), b.Sub(b.f32(1.0), o_weight)),
+                           b.Mul(b.Sub(pick(high, o_high), pick(low, o_high)), o_weight))
+        return b.Mul(difference, b.Mul(b.Mul(spread(free, 2 + along_axis), spread(inside, 2 + along_axis)), o_inside))
+
+    lead = n.lead
+    pooled = b.Reshape(g, b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0], 1, bins[1], 1]), axis=0))
+    spread_g = b.Reshape(b.Expand(pooled, b.Concat(b.Shape(g, end=lead + 2),
+                                                   b.i64([bins[0], ratio, bins[1], ratio]), axis=0)),
+                         b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0] * ratio, bins[1] * ratio]), axis=0))
+    weighted = lambda d: b.Mul(spread_g, b.Mul(d, b.f32(1.0 / ratio ** 2)))  # noqa: E731   ĝ per sample
+    by_y = b.ReduceSum(weighted(slope(rows, columns, 0)), b.i64([lead + 1, lead + 3]), keepdims=0)   # [(K,) R, PH·G]
+    by_x = b.ReduceSum(weighted(slope(columns, rows, 1)), b.i64([lead + 1, lead + 2]), keepdims=0)   # [(K,) R, PW·G]
+    total = lambda v, d: b.ReduceSum(b.Mul(v, d), b.i64([-1]), keepdims=1)  # noqa: E731
+    return b.Concat(total(by_x, dx1), total(by_y, dy1), total(by_x, dx2), total(by_y, dy2), axis=-1)   # [(K,) R, 4]

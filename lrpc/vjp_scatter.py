@@ -1,18 +1,54 @@
-"""VJPs of the ops that scatter or select by index: CumSum, ScatterElements/ScatterND, TopK, MaxUnpool, Compress,
-TensorScatter.
+"""VJPs of the ops that scatter or select by index: CumSum, CumProd, ScatterElements/ScatterND, OneHot, TopK,
+MaxUnpool, Compress, TensorScatter.
 Index inputs get no ĝ."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from lrpc.vjp_common import refuse
+
+F32 = ir.DataType.FLOAT
 
 
 def cumsum(n, g):
     """The transpose of a (reverse, exclusive) running sum is the running sum the other way."""
     return (lambda: n.b.CumSum(g, n.raw(1), exclusive=n.attr("exclusive", 0), reverse=1 - n.attr("reverse", 0)),
             None)
+
+
+PRODUCT_LIMIT = 1 << 26   # floats in CumProd's [L, *x] table of partial products: beyond it the op is refused
+
+
+def cumprod(n, g):
+    """∂y_i/∂x_k = Π_{j ∈ window(i), j ≠ k} x_j for k in y_i's window, else 0, formed without dividing by x_k
+    (which may be 0): the running product of x with x_k replaced by 1, for every k at once ([L, *x], L the
+    axis length), times the window mask, which is the running sum of the one-hot e_k with the node's own
+    exclusive / reverse; ĝ_x[k] = Σ_i ĝ_y[i] ∂y_i/∂x_k. The axis may be a run-time input."""
+    b, r = n.b, n.rank(0)
+    if r is None:
+        refuse(n, "the rank of the input must be known")
+    dims = n.raw(0).shape
+    if dims is not None and all(isinstance(d, int) for d in dims) and max(dims, default=0) * int(np.prod(dims)) > \
+            PRODUCT_LIMIT:
+        refuse(n, f"its table of partial products (up to {max(dims)} × {int(np.prod(dims))}) is too large")
+    modes = {"exclusive": n.attr("exclusive", 0), "reverse": n.attr("reverse", 0)}
+
+    def grad():
+        a = b.Mod(b.Add(b.Reshape(b.Cast(n.raw(1), to=7), b.i64([1])), b.i64(r)), b.i64(r))   # [1], in [0, r)
+        length = b.Gather(b.Shape(n.raw(0)), a)
+        eye = b.EyeLike(b.ConstantOfShape(b.Concat(length, length, axis=0), value=ir.tensor([0.0], dtype=F32)))
+        along = b.ScatterElements(b.i64([1] * r), a, length, axis=0)                     # [1, …, L at a, …, 1]
+        onehot = b.Reshape(eye, b.Concat(length, along, axis=0))                          # [L(k), e_k along a]
+        inner = b.Reshape(b.Add(a, b.i64(1)), b.i64([]))
+        others = b.CumProd(b.Where(b.Cast(onehot, to=9), b.f32(1.0), n.x(0)), inner, **modes)   # [L, *x]
+        window = b.CumSum(onehot, inner, **modes)
+        lead = n.lead
+        summed = b.ReduceSum(b.Mul(b.Unsqueeze(g, b.i64([lead])), b.Mul(others, window)), b.Add(a, b.i64(lead + 1)),
+                             keepdims=1)                                                   # [(K,) L(k), *x, i → 1]
+        return b.ReduceSum(b.Mul(summed, onehot), b.i64([lead]), keepdims=0)               # k back along a
+    return (grad, None)
 
 
 def scatter_elements(n, g):
@@ -63,6 +99,21 @@ def _scatter_product(n, g, scatter, gather):
                        b.f32(0.0))
     return (lambda: b.Mul(g, b.Where(b.Equal(zeros(), b.f32(0.0)), products(), b.f32(0.0))), None,
             lambda: b.Mul(gather(b.Mul(g, n.x(0))), others()))
+
+
+def one_hot(n, g):
+    """y = on where the index is hot, off elsewhere: ĝ_values = [Σ ĝ off the hot positions, Σ ĝ on them]."""
+    b, r = n.b, n.rank(0)
+    if r is None:
+        refuse(n, "the rank of the indices must be known")
+
+    def grad():
+        hot = b.OneHot(n.raw(0), n.raw(1), b.f32([0.0, 1.0]), axis=n.attr("axis", -1))
+        every = b.i64(list(range(n.lead, n.lead + r + 1)))
+        on = b.ReduceSum(b.Mul(g, hot), every, keepdims=0)
+        off = b.Sub(b.ReduceSum(g, every, keepdims=0), on)
+        return b.Concat(b.Unsqueeze(off, b.i64([-1])), b.Unsqueeze(on, b.i64([-1])), axis=-1)   # [(K,) 2]
+    return (None, None, grad)
 
 
 def top_k(n, g):

@@ -1,7 +1,9 @@
 """ONNX's backend node tests as a conformance suite for lrpc's relevance (issue 18).
 
 Every node test of the installed `onnx` package (generated from its `onnx.backend.test.case.node` modules;
-the wheel ships no data folder) whose output depends on a float32 input is wrapped so it explains one scalar,
+the wheel ships no data folder; a float64-only test retyped to float32; a test onnxruntime has no kernel for at
+its opset converted to an older one where it has; plus lrpc's own cases named `lrpc_*`, `own_cases`) whose
+output depends on a float32 input is wrapped so it explains one scalar,
 s = Σ_k Σ w_k ⊙ y_k over its float outputs y_k (fixed random w_k), exposed as a [1, 1] output. The wrapper
 is compiled with `preset="gxi"` and the relevance R = x ⊙ ĝ is compared with an independent oracle: central
 finite differences of s, run in float64 (onnxruntime on the wrapper with its float tensors retyped to
@@ -91,8 +93,10 @@ def _float_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def collect() -> list[Case]:
-    """The node tests with a float32 input, small enough to run (cached: onnx builds them in ~40 s)."""
-    cache = _cache_dir() / "cases.pickle"
+    """The node tests with a float32 input, small enough to run (cached: onnx builds them in ~40 s); a node
+    test whose float inputs are all float64 (CumSum, CumProd, Einsum have no other) also runs retyped to
+    float32, and `own_cases()` adds lrpc's cases for ops or forms ONNX ships no float32 node test of."""
+    cache = _cache_dir() / f"cases-{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}.pickle"
     if cache.exists():  # stored as tuples: this module also runs as __main__
         return [Case(*fields) for fields in pickle.loads(cache.read_bytes())]
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull:
@@ -106,21 +110,90 @@ def collect() -> list[Case]:
     single = {t.name: t.model.graph.node[0].op_type for t in raw if len(t.model.graph.node) == 1}
     cases = []
     for t in raw:
-        model = t.model
+        model, (inputs_list, outputs_list) = t.model, t.data_sets[0] if t.data_sets else (None, None)
+        if not _float_inputs(model) and t.data_sets and _double_only(model):
+            model, inputs_list, outputs_list = _as_float(model, inputs_list, outputs_list)
         if not _float_inputs(model) or not t.data_sets:
             continue
-        inputs_list, outputs_list = t.data_sets[0]
         names = [i.name for i in model.graph.input]
-        inputs = {n: v for n, v in zip(names, inputs_list) if isinstance(v, np.ndarray)}
+        inputs = {n: v for n, v in zip(names, map(_tensor, inputs_list)) if isinstance(v, np.ndarray)}
         if len(inputs) != len(inputs_list) or sum(v.size for v in inputs.values()) > MAX_ELEMENTS:
             continue
-        outputs = {o.name: v for o, v in zip(model.graph.output, outputs_list) if isinstance(v, np.ndarray)}
+        outputs = {o.name: v for o, v in zip(model.graph.output, map(_tensor, outputs_list))
+                   if isinstance(v, np.ndarray)}
         base = t.name.split("_expanded")[0]
         op = single.get(t.name) or (single.get(base, base.removeprefix("test_")) + " (expanded)")
         cases.append(Case(t.name, op, model.SerializeToString(), inputs, outputs))
+    cases += own_cases()
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(pickle.dumps([(c.name, c.op, c.model, c.inputs, c.outputs) for c in cases]))
     os.replace(tmp, cache)
+    return cases
+
+
+def _tensor(value):
+    """A node test's value; a numpy scalar (a reduced loss, CumSum's axis) as the 0-d array it stands for."""
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def _double_only(model: onnx.ModelProto) -> bool:
+    """A single-node test whose float inputs are all float64."""
+    types = {i.type.tensor_type.elem_type for i in model.graph.input}
+    return len(model.graph.node) == 1 and TensorProto.DOUBLE in types and TensorProto.FLOAT not in types
+
+
+def _as_float(model: onnx.ModelProto, inputs: list, outputs: list) -> tuple[onnx.ModelProto, list, list]:
+    """A float64 node test retyped to float32: its graph inputs and outputs, and its data."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.DOUBLE:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    def single(v):
+        v = _tensor(v)
+        return v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v
+    return model, [single(v) for v in inputs], [single(v) for v in outputs]
+
+
+OWN = "lrpc_"   # the name prefix of lrpc's own cases
+
+
+def own_cases() -> list[Case]:
+    """lrpc's own single-node cases, run like the node tests (expected outputs from ONNX's reference evaluator, else
+    onnxruntime):
+    ops with no float32 node test (GlobalLpPool), zeros in CumProd, Attention's qk_matmul_output modes with a
+    mask and a softcap (the node tests have mode 1 only without a mask)."""
+    from onnx.reference import ReferenceEvaluator
+    rng = np.random.default_rng(18)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    with_zeros = normal(3, 4)
+    with_zeros[0, 1] = with_zeros[2, 1] = with_zeros[2, 3] = 0.0   # one zero, and two in one running product
+    specs = [  # name, op, opset, inputs (float32 are attributed; others constant), outputs, attributes
+        ("globallppool", "GlobalLpPool", 21, {"x": normal(1, 3, 4, 5)}, 1, {}),
+        ("globallppool_p3_3d_zero_channel", "GlobalLpPool", 21,
+         {"x": normal(2, 2, 3, 2, 2) * np.array([1, 0], np.float32)[:, None, None, None]}, 1, {"p": 3}),
+        ("globallppool_p1", "GlobalLpPool", 21, {"x": normal(1, 2, 6)}, 1, {"p": 1}),
+        *((f"cumprod_zeros{'_exclusive' * e}{'_reverse' * r}", "CumProd", 26,
+           {"x": with_zeros, "axis": np.array(1, np.int64)}, 1, {"exclusive": e, "reverse": r})
+          for e in (0, 1) for r in (0, 1)),
+        *((f"attention_qk_matmul_mode{mode}_mask{'_softcap' * bool(cap)}", "Attention", 23,
+           {"Q": normal(1, 2, 3, 4), "K": normal(1, 2, 5, 4), "V": normal(1, 2, 5, 4), "attn_mask": normal(3, 5)}, 4,
+           {"qk_matmul_output_mode": mode, **({"softcap": cap} if cap else {})})
+          for mode in (1, 2) for cap in (0.0, 2.0)),
+    ]
+    cases = []
+    for name, op, opset, inputs, outputs, attributes in specs:
+        names = [f"y{k}" if k in (0, outputs - 1) else "" for k in range(outputs)]
+        node = helper.make_node(op, list(inputs), names, **attributes)
+        graph = helper.make_graph([node], name, [helper.make_tensor_value_info(
+            k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in inputs.items()],
+            [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in names if k])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        try:
+            expected = ReferenceEvaluator(model).run(None, inputs)
+        except Exception:  # noqa: BLE001  (an op ONNX's reference lacks, e.g. GlobalLpPool: onnxruntime runs it)
+            expected = _session(model.SerializeToString()).run(None, inputs)
+        cases.append(Case(OWN + name, op, model.SerializeToString(), inputs,
+                          dict(zip([k for k in names if k], expected))))
     return cases
 
 
@@ -402,7 +475,7 @@ def measure(case: Case, model: onnx.ModelProto) -> tuple:
     return result
 
 
-def run_case(case: Case) -> Outcome:
+def run_case(case: Case, older: bool = False) -> Outcome:
     wrapped = wrap(case)
     if wrapped is None:
         return Outcome(case.name, case.op, "n/a", "no finite float output")
@@ -411,6 +484,12 @@ def run_case(case: Case) -> Outcome:
     if measured[0] == "n/a":
         return Outcome(case.name, case.op, "n/a", measured[1])
     _, plain, oracle, estimates = measured
+    if oracle["forward"] != "onnxruntime" and not older:
+        converted = at_older_opset(case)
+        if converted is not None:
+            outcome = run_case(converted[0], older=True)
+            outcome.detail += f" (converted to opset {converted[1]}: onnxruntime has no kernel at the test's)"
+            return outcome
     tiny = 1e-7 * (1 + abs(oracle["s0"]))
     moving = [k for k, es in estimates.items() if any(e is not None and abs(e[0]) > tiny for _, e in es)]
     defined = [k for k, es in estimates.items() if any(e is not None for _, e in es)]
@@ -466,6 +545,26 @@ def run_case(case: Case) -> Outcome:
     outcome.attnlrp = _check_attnlrp(compiled["attnlrp"], got, plain, attribute, case.inputs, float_outputs,
                                      exact_forward=oracle["forward"] == "onnxruntime")
     return outcome
+
+
+def at_older_opset(case: Case) -> tuple[Case, int] | None:
+    """A test whose op onnxruntime has no kernel for at the test's opset (RoiAlign-22, GlobalLpPool-22,
+    OptionalGetElement-28, ...), converted by onnx's version converter to the newest older default opset at
+    which onnxruntime runs it and gives the test's outputs, and that opset; None when there is none."""
+    from onnx import version_converter
+    model = onnx.load_from_string(case.model)
+    if [o.domain for o in model.opset_import] not in (["ai.onnx"], [""]):
+        return None
+    for opset in range(model.opset_import[0].version - 1, 17, -1):
+        try:
+            older = version_converter.convert_version(model, opset)
+            got = _run(older.SerializeToString(), case.inputs)
+        except Exception:  # noqa: BLE001  (no conversion, or still no kernel: try an older opset)
+            continue
+        same = all(np.allclose(got[k], v, rtol=1e-3, atol=1e-6)   # (the tolerance of onnx's backend tests)
+                   for k, v in case.outputs.items() if k in got)
+        return (Case(case.name, case.op, older.SerializeToString(), case.inputs, case.outputs), opset) if same else None
+    return None
 
 
 def _where(message: str) -> str:
@@ -528,10 +627,11 @@ def coverage_line(outcomes: list[Outcome]) -> str:
     ops = per_op(outcomes)
     counts = collections.Counter(ops.values())
     cases = collections.Counter(o.status for o in outcomes)
+    own = sum(o.case.startswith(OWN) for o in outcomes)
     return (f"ONNX node tests (onnx {onnx.__version__}): {distinct_exact(ops)} distinct ops verified exact; per op "
             f"(expanded function bodies separately): {counts['exact']} exact, {counts['wrong']} wrong, "
             f"{counts['crash']} crash, {counts['refused']} refused, {counts['n/a']} n/a "
-            f"(cases: {', '.join(f'{cases[s]} {s}' for s in STATUSES)})")
+            f"(cases: {', '.join(f'{cases[s]} {s}' for s in STATUSES)}; {own} of them lrpc's own)")
 
 
 def distinct_exact(ops: dict[str, str]) -> int:

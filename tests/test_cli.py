@@ -102,11 +102,11 @@ def test_missing_and_truncated_external_data(tmp_path):
 
 def test_op_without_rule(tmp_path):
     model = token_model()
-    model.graph.node[2].op_type = "GlobalLpPool"  # Tanh → a real ONNX op with no rule and no function body
-    path = tmp_path / "lppool.onnx"
+    model.graph.node[2].op_type = "Unique"  # Tanh → a real ONNX op with no rule and no function body
+    path = tmp_path / "unique.onnx"
     onnx.save(model, path)
     rc, _, err = run_cli("compile", path, "-o", tmp_path / "o.onnx", "--preset", "gxi")
-    assert_one_line_error(rc, err, "GlobalLpPool", "lrpc ops")
+    assert_one_line_error(rc, err, "Unique", "lrpc ops")
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -14,23 +14,21 @@ import pytest
 
 import conformance
 
-KNOWN_FAILURES: dict[str, str] = {}
+KNOWN_FAILURES: dict[str, str] = {   # found when node tests with numpy-scalar data were let in
+    # quantization is straight-through (docs/design.md, "Quantized models"): a scale carries no relevance
+    "test_dynamicquantizelinear": "its float y_scale output depends on x (its range) but carries no relevance",
+    "test_dynamicquantizelinear_max_adjusted": "its float y_scale output depends on x but carries no relevance",
+}
 
 NOT_YET_SUPPORTED: dict[str, str] = {
     "AffineGrid (expanded)": "an If with a run-time condition reading the carrying theta",
-    "Attention": "qk_matmul_output modes 1 and 2 with a softcap (onnx and onnxruntime read them differently)",
     "DequantizeLinear": "blocked quantization with a scale that carries relevance",
-    "GridSample": "relevance into the grid (the sampling coordinates)",
-    "NegativeLogLikelihoodLoss": "a class weight that carries relevance is not supported",
-    "OptionalGetElement": "no rule (an optional-typed input; onnxruntime 1.32 has no OptionalGetElement-28 kernel)",
-    "RoiAlign": "no rule yet (and onnxruntime 1.32 has no RoiAlign-22 kernel)",
-    "Resize": "relevance into roi (tf_crop_and_resize) and keep_aspect_ratio_policy other than stretch",
-    "SoftmaxCrossEntropyLoss": "a class weight that carries relevance is not supported",
-    "SoftmaxCrossEntropyLoss (expanded)": "NegativeLogLikelihoodLoss with a carrying class weight",
+    "Dropout": "training mode without its mask output (ratio 0)",
+    "MelWeightMatrix": "no rule (its output depends on the float band edges)",
 }
 
 # distinct ops verified exact today: the coverage must not go down
-MIN_EXACT_OPS = 125
+MIN_EXACT_OPS = 136
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,112 @@ def test_resize_is_torch_interpolate(mode, torch_mode, extra):
           {"sizes": np.array([2, 3, 7, 3])})
 
 
+@pytest.mark.parametrize("policy, sizes, scale", [("not_larger", [6, 12], 1.5), ("not_smaller", [6, 12], 2.0),
+                                                  ("not_larger", [2, 5], 0.5)])
+@pytest.mark.parametrize("mode, torch_mode", [("linear", "bilinear"), ("cubic", "bicubic")])
+def test_resize_keeping_the_aspect_ratio_is_torch_interpolate(policy, sizes, scale, mode, torch_mode):
+    # one scale for both axes (the sizes' smallest or largest ratio to the input's), rounded sizes that torch's
+    # floored ones equal here
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode, axes=[2, 3],
+                            keep_aspect_ratio_policy=policy)
+    check(node, {"x": rand(2, 3, 4, 6)},
+          lambda x: tf.interpolate(x, scale_factor=scale, mode=torch_mode, align_corners=False,
+                                   recompute_scale_factor=False), {"sizes": np.array(sizes)})
+
+
+def check_central_differences(got: dict[str, np.ndarray], s, inputs: dict[str, np.ndarray], step=1e-6):
+    """`got` against x ⊙ ∂s/∂x of every input by central differences of s (float64 inputs)."""
+    for name, value in inputs.items():
+        want = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            up, down = value.copy(), value.copy()
+            up[i] += step
+            down[i] -= step
+            want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / (2 * step)
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("mode, scale", [("half_pixel", 1.0), ("output_half_pixel", 0.5)])
+def test_roi_align_rois_is_finite_differences(mode, scale):
+    # relevance into X and into the rois (one partly outside the image, one shorter than a pixel), against
+    # central differences of onnxruntime's own RoiAlign in float64
+    x = rand(2, 3, 5, 6)
+    rois = np.array([[0.63, 1.3, 4.27, 3.9], [-1.6, 0.7, 3.1, 9.4], [2.3, 2.2, 2.9, 2.6]], np.float32) / scale
+    batch = np.array([1, 0, 1])
+    settings = dict(coordinate_transformation_mode=mode, output_height=2, output_width=3, sampling_ratio=2,
+                    spatial_scale=scale)
+    node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], **settings)
+    got, w = relevance(node, {"x": x, "rois": rois}, indices={"batch": batch}, opset=16)
+    double = helper.make_model(helper.make_graph(
+        [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "rois")] +
+        [helper.make_tensor_value_info("batch", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)]), opset_imports=[helper.make_opsetid("", 16)])
+    session = ort.InferenceSession(double.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = {"x": x.astype(np.float64), "rois": rois.astype(np.float64)}
+    s = lambda feed: float(np.sum(w * session.run(None, {**feed, "batch": batch})[0]))  # noqa: E731
+    check_central_differences(got, s, inputs)
+
+
+def _resize_crop(axes, extrapolation=0.5):
+    return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear", axes=axes,
+                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation)
+
+
+@pytest.mark.parametrize("roi, axes, sizes", [([0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4]),
+                                             ([-0.2, 0.3, 1.3, 0.6], [3, 2], [3, 6]),
+                                             ([0.0, 0.0, -0.15, 0.3, 1.0, 1.0, 0.85, 1.4], None, [1, 1, 3, 4])])
+def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
+    # relevance into tf_crop_and_resize's roi (boxes partly outside the image: extrapolated outputs), against
+    # central differences of ONNX's reference evaluator in float64 (onnxruntime computes the same here)
+    from onnx.reference import ReferenceEvaluator
+    x, roi, sizes = rand(1, 1, 4, 5), np.array(roi, np.float32), np.array(sizes)
+    node = _resize_crop(axes)
+    got, w = relevance(node, {"x": x, "roi": roi}, {"sizes": sizes})
+    double = helper.make_model(helper.make_graph(
+        [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "roi")],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], [numpy_helper.from_array(sizes, "sizes")]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    evaluator = ReferenceEvaluator(double)
+    inputs = {"x": x.astype(np.float64), "roi": roi.astype(np.float64)}
+    s = lambda feed: float(np.sum(w * evaluator.run(None, feed)[0]))  # noqa: E731
+    check_central_differences(got, s, inputs)
+
+
+def test_resize_crop_roi_of_an_unresized_axis_gets_nothing():
+    # onnxruntime crops no axis whose size stays (here the rows, 4 → 4): their roi moves nothing, and gets no
+    # relevance, while the columns' roi does
+    x, roi = rand(1, 1, 4, 5), np.array([0.2, 0.1, 0.7, 0.8], np.float32)
+    node = _resize_crop([2, 3])
+    got, _ = relevance(node, {"x": x, "roi": roi}, {"sizes": np.array([4, 3])})
+    run = lambda r: ort.InferenceSession(helper.make_model(helper.make_graph(  # noqa: E731
+        [node], "crop", [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in ("x", "roi")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([4, 3]), "sizes")]), opset_imports=[helper.make_opsetid("", 21)])
+        .SerializeToString()).run(None, {"x": x, "roi": r})[0]
+    assert np.array_equal(run(roi), run(roi + np.array([0.1, 0, 0.1, 0], np.float32)))
+    assert got["roi"][0] == 0 and got["roi"][2] == 0 and np.all(got["roi"][[1, 3]] != 0)
+
+
+@pytest.mark.parametrize("op", ["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"])
+@pytest.mark.parametrize("reduction, ignore", [("mean", None), ("mean", 1), ("sum", 1), ("none", None)])
+def test_loss_class_weight_is_torch(op, reduction, ignore):
+    # relevance into the scores and into the class weight (torch's nll_loss does not differentiate its weight:
+    # the loss written out, −w[t]·scores_t per element, summed or averaged over Σ w[t])
+    x, w, t = rand(3, 4, 2), RNG.uniform(0.5, 2.0, 4).astype(np.float32), np.array([[1, 2], [0, 1], [3, 3]])
+    node = helper.make_node(op, ["x", "t", "w"], ["y"], reduction=reduction,
+                            **({} if ignore is None else {"ignore_index": ignore}))
+
+    def loss(x, w):
+        scores = torch.log_softmax(x, 1) if op == "SoftmaxCrossEntropyLoss" else x
+        target = torch.tensor(t)
+        keep = torch.ones(t.shape, dtype=torch.float64) if ignore is None else (target != ignore).double()
+        safe = torch.where(target == (-1 if ignore is None else ignore), 0, target)
+        weight = w[safe] * keep
+        per_element = -weight * torch.gather(scores, 1, safe.unsqueeze(1)).squeeze(1)
+        return {"none": per_element, "sum": per_element.sum()}.get(reduction, per_element.sum() / weight.sum())
+    check(node, {"x": x, "w": w}, loss, indices={"t": t})
+
+
 @pytest.mark.parametrize("align_corners", [0, 1])
 def test_affine_grid_is_torch_affine_grid(align_corners):
     theta = rand(2, 2, 3)
@@ -140,6 +246,17 @@ def test_grid_sample_is_torch_grid_sample(mode, padding, align):
     check(node, {"x": x}, lambda x: tf.grid_sample(x, torch.tensor(grid, dtype=torch.float64), mode=torch_mode,
                                                    padding_mode=padding, align_corners=bool(align)),
           {"grid": grid})
+
+
+@pytest.mark.parametrize("mode, padding, align", [("linear", "zeros", 0), ("linear", "border", 1),
+                                                  ("cubic", "zeros", 1), ("cubic", "border", 0), ("nearest", "zeros", 0)])
+def test_grid_sample_grid_is_torch_grid_sample(mode, padding, align):
+    # relevance into the sampling coordinates too (padding applied per pixel, as torch does for these modes)
+    x, grid = rand(2, 3, 4, 5), RNG.uniform(-1.2, 1.2, (2, 3, 6, 2)).astype(np.float32)
+    node = helper.make_node("GridSample", ["x", "grid"], ["y"], mode=mode, padding_mode=padding, align_corners=align)
+    torch_mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)
+    check(node, {"x": x, "grid": grid}, lambda x, grid: tf.grid_sample(x, grid, mode=torch_mode, padding_mode=padding,
+                                                                       align_corners=bool(align)))
 
 
 @pytest.mark.parametrize("inverse, onesided, length", [(0, 0, None), (0, 1, 6), (1, 0, 3), (1, 1, None)])

@@ -79,6 +79,21 @@ RECIPES.update({
                        n("ConvTranspose", ["t", "w", "bias"], "c", pads=[3, 3], strides=[2], output_padding=[1]),
                        n("Transpose", ["c"], "o", perm=[0, 2, 1])], {"w": const((D, 6, 3)), "bias": const(6)}),
     "Resize": ([n("Resize", ["x", "", "", "sizes"], "o", mode="linear")], {"sizes": np.array([B, S, 7])}),
+    # x as images [B, 1, S, D]; roi r of image r, 4×3 bins of 2×2 samples: [2, 1, 4, 3] read as [B, S, 3]
+    "RoiAlign": ([n("Unsqueeze", ["x", "one_axis"], "images"), n("RoiAlign", ["images", "rois", "image"], "r",
+                                                                  output_height=S, output_width=3, sampling_ratio=2),
+                  n("Reshape", ["r", "back"], "o")],
+                 {"one_axis": np.array([1]), "rois": np.array([[0.2, 0.1, 3.7, 2.9], [1.0, 0.5, 4.6, 3.4]]),
+                  "image": np.array([0, 1]), "back": np.array([B, S, 3])}),
+    # x along S without a factor: the product of the others, zeros and all
+    "CumProd": ([n("CumProd", ["x", "axis"], "o", exclusive=1, reverse=1)], {"axis": np.array(1)}),
+    "GlobalLpPool": ([n("GlobalLpPool", ["x"], "o", p=3)], {}),
+    # the [off, on] values x[0, 0, :2] placed by fixed indices
+    "OneHot": ([n("Slice", ["x", "zero3", "pair_end", "axes3"], "first"), n("Reshape", ["first", "pair"], "values"),
+                n("OneHot", ["hot", "depth", "values"], "o")],
+               {"zero3": np.array([0, 0, 0]), "pair_end": np.array([1, 1, 2]), "axes3": np.array([0, 1, 2]),
+                "pair": np.array([2]), "hot": RNG.integers(0, D, (B, S)), "depth": np.array(D)}),
+    "OptionalGetElement": ([n("Optional", ["x"], "opt"), n("OptionalGetElement", ["opt"], "o")], {}),
     # θ = x[:, :2, :3], the grid [B, 4, 3, 2] read as [B, 4, 6]
     "AffineGrid": ([n("Slice", ["x", "zero2", "theta_end", "last2"], "theta"),
                     n("AffineGrid", ["theta", "size"], "grid"), n("Reshape", ["grid", "back"], "o")],
@@ -167,8 +182,10 @@ RECIPES.update({
 })
 RECIPES["ai.onnx.ml::ArrayFeatureExtractor"] = ([n("ArrayFeatureExtractor", ["x", "cols"], "o", domain="ai.onnx.ml")],
                                                {"cols": np.array([4, 0, 4, 2])})
-OPSET = {"Swish": 24, "GroupNormalization": 21, "TensorScatter": 24}   # the opset that has the op (in the form the rule reads)
+# the opset that has the op (in the form the rule reads)
+OPSET = {"Swish": 24, "GroupNormalization": 21, "TensorScatter": 24, "CumProd": 26}
 RECIPES["Squeeze"] = RECIPES["Unsqueeze"]
+RECIPES["Optional"] = RECIPES["OptionalGetElement"]
 
 
 def model(op: str):

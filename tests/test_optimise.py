@@ -94,6 +94,36 @@ def test_peepholes_keep_relevance_and_remove_ops(tmp_path, zoo_export, monkeypat
     assert any(n.op_type == "Gemm" and any(a.name == "alpha" and a.f == 0.5 for a in n.attribute) for n in graph.node)
 
 
+def _seed_muls(path) -> int:
+    """Mul nodes computed from lrp_target: the ones that run K-wide in a --targets explainer."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    reached, count = {"lrp_target"}, 0
+    for node in graph.node:   # (stored in topological order)
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+            count += node.op_type == "Mul"
+    return count
+
+
+def test_factors_made_once_under_targets(tmp_path, zoo_export, monkeypatch):
+    """--targets: (ĝ·a)·c regrouped as ĝ·(a·c) (optimise.factors_once) gives the relevance of the graph
+    without it, with fewer products over the K-wide ĝ; a single-target explainer is not touched."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama", "dynamo", None)
+    fast, plain, single = tmp_path / "fast.onnx", tmp_path / "plain.onnx", tmp_path / "single.onnx"
+    lrpc.compile(proto, output=fast, targets="dynamic")
+    calls = []
+    monkeypatch.setattr(optimise, "factors_once", lambda *a: calls.append(a) or 0)
+    lrpc.compile(proto, output=plain, targets="dynamic")
+    lrpc.compile(proto, output=single)
+    assert len(calls) == 1   # the --targets compile only
+    inputs = {k: v.numpy() for k, v in entry.inputs(2, 11, seed=4).items()}
+    kw = dict(target=np.array([[1, 5, 2], [0, 3, 3]]), position=np.array([[-1, 3, 0], [5, -2, -1]]))
+    a, b = (Explainer(p).explain(inputs, **kw).relevance["input_ids"] for p in (fast, plain))
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+    assert _seed_muls(fast) < _seed_muls(plain)
+
+
 @pytest.mark.parametrize("preset", ["attnlrp", "cp-lrp"])
 def test_one_row_attention_equals_whole_rows(preset, tmp_path, zoo_export, monkeypatch):
     """ĝ kept as one sequence row through the last attention block (the query side) gives the relevance a

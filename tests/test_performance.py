@@ -161,6 +161,11 @@ def test_bench_targets_cli_smoke(tmp_path, capsys):
         assert row["K single runs ms"] == pytest.approx(int(k) * result["ms"]["explainer"])
         assert row["K run / K single runs"] == pytest.approx(row["K run ms"] / row["K single runs ms"])
         assert row["forward constant"] == pytest.approx((row["K run in forwards"] - 1) / int(k))
+        cpu = row["K run in forwards (cpu)"]   # the same two forms from CPU-time minima
+        assert cpu == pytest.approx(result["cpu_ms"][f"K={k}"] / result["cpu_ms"]["forward"])
+        assert row["forward constant (cpu)"] == pytest.approx((cpu - 1) / int(k))
+        assert row["K run / K single runs (cpu)"] == pytest.approx(
+            result["cpu_ms"][f"K={k}"] / (int(k) * result["cpu_ms"]["explainer"]))
     assert set(result["peak_rss_mb"]) == {"explainer", "K=1", "K=3"}
 
 
