@@ -35,6 +35,7 @@ from lrpc import safeio
 from lrpc.errors import LrpcError
 
 OCCLUSION_CHUNK = 16  # sequences per occlusion forward
+NO_BLOCKS = "explainer (no blocks)"   # --compare-blocks: the explainer compiled with causal_blocks=0
 
 
 def _session(path, threads: int, optimise: bool = True, low_memory: bool | None = None):
@@ -217,7 +218,8 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = None, force: bool = False):
+def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = None, force: bool = False,
+            plain_too: bool = False):
     """(zoo entry or None, torch module or None, model path, explainer path)."""
     import lrpc
     from lrpc import models
@@ -237,19 +239,24 @@ def prepare(model: str, workdir: Path, checkpoint=None, layers: int | None = Non
     t = time.perf_counter()
     lrpc.compile(str(path), output=explainer, force=force, **kw)
     compile_s = time.perf_counter() - t
-    return entry, module, path, explainer, compile_s
+    plain = None
+    if plain_too:   # the same explainer without the causal blocks' branch (lrpc/causal_blocks.py)
+        plain = explainer.with_name(explainer.stem + "-noblocks.onnx")
+        lrpc.compile(str(path), output=plain, force=force, causal_blocks=0, **kw)
+    return entry, module, path, explainer, compile_s, plain
 
 
 def bench_lengths(model: str, seqs: list[int], batch: int = 1, threads: int = 2, repeats: int = 7,
                   occlusion: str = "sample", memory: bool = True, checkpoint=None, workdir=None,
-                  layers: int | None = None, force: bool = False, torch: bool = True):
+                  layers: int | None = None, force: bool = False, torch: bool = True, plain_too: bool = False):
     """Time (and measure) the model's forward, its explainer, torch autograd (unless `torch` is False) and
     occlusion at each length of `seqs`, in order, with one export and one compile; yields one result per
     length as it is measured (`format_curve` prints the explainer/forward curve of them all). The model and
     explainer go to `workdir` (an explainer already there is replaced only with `force`), else to a
-    temporary folder removed at the end."""
+    temporary folder removed at the end. `plain_too`: also time the explainer compiled without causal blocks
+    ("explainer (no blocks)")."""
     with safeio.work_folder(workdir, "lrpc-bench-") as folder:
-        prepared = prepare(model, folder, checkpoint, layers, force or workdir is None)
+        prepared = prepare(model, folder, checkpoint, layers, force or workdir is None, plain_too)
         for seq in seqs:
             yield _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch)
 
@@ -265,9 +272,13 @@ def _methods(path, explainer, module, entry, inputs: dict, threads: int, torch: 
 
 
 def _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, checkpoint, torch) -> dict:
-    entry, module, path, explainer, compile_s = prepared
+    entry, module, path, explainer, compile_s, plain = prepared
     inputs = token_inputs(entry, batch, seq, path)
     fwd, fns = _methods(path, explainer, module, entry, inputs, threads, torch)
+    if plain is not None:
+        without = _session(plain, threads)
+        feed = _feeds(inputs, without, _target(entry))
+        fns[NO_BLOCKS] = lambda: without.run(None, feed)
     cpu = {}
     times = _time_interleaved(fns, repeats, cpu=cpu)
     result = {"model": str(model), "seq": seq, "batch": batch, "threads": threads, "repeats": repeats,
@@ -288,6 +299,8 @@ def _bench(model, prepared, seq, batch, threads, repeats, occlusion, memory, che
     med = {k: v["median"] for k, v in result["ms"].items()}
     result["ratios"] = {"explainer/forward": med["explainer"] / med["forward"],
                         "explainer/forward (cpu)": result["cpu_ms"]["explainer"] / result["cpu_ms"]["forward"]}
+    if NO_BLOCKS in med:
+        result["ratios"][f"{NO_BLOCKS}/forward (cpu)"] = result["cpu_ms"][NO_BLOCKS] / result["cpu_ms"]["forward"]
     if "torch" in med:
         result["ratios"]["torch/explainer"] = med["torch"] / med["explainer"]
     if "occlusion" in med:
@@ -319,7 +332,7 @@ def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, 
     import lrpc
     from lrpc.runtime import TARGET_CHUNK
     chunk = TARGET_CHUNK if chunk is None else chunk
-    entry, module, path, explainer, compile_s = prepare(model, workdir, None, layers, force)
+    entry, module, path, explainer, compile_s, _ = prepare(model, workdir, None, layers, force)
     many = workdir / (path.stem + ".explainer-targets.onnx")
     lrpc.compile(str(path), output=many, force=force, targets="dynamic")
     inputs = token_inputs(entry, batch, seq, path)
@@ -399,11 +412,13 @@ def format_curve(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"lrpc bench {r0['model']}: explainer / forward by length (batch {r0['batch']}, threads "
              f"{r0['threads']}, medians of {r0['repeats']} interleaved repetitions)",
-             f"  {'seq':>6} {'forward ms':>11} {'explainer ms':>13} {'wall ratio':>11} {'cpu ratio':>10} {'load':>6}"]
+             f"  {'seq':>6} {'forward ms':>11} {'explainer ms':>13} {'wall ratio':>11} {'cpu ratio':>10} {'load':>6}"
+             + (f" {'no blocks, cpu':>15}" if NO_BLOCKS in r0["ms"] else "")]
     for r in results:
         lines.append(f"  {r['seq']:>6} {r['ms']['forward']['median']:11.1f} {r['ms']['explainer']['median']:13.1f} "
                      f"{r['ratios']['explainer/forward']:10.2f}x {r['ratios']['explainer/forward (cpu)']:9.2f}x "
-                     f"{r['load']:6.1f}")
+                     f"{r['load']:6.1f}"
+                     + (f" {r['ratios'][NO_BLOCKS + '/forward (cpu)']:14.2f}x" if NO_BLOCKS in r["ms"] else ""))
     return "\n".join(lines)
 
 

@@ -114,7 +114,7 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
     targets: as `lrpc compile --targets` (a K explainer). `components`: selectors whose relevance per
     position is output, their tensors also made model outputs (lrpc.components.expose: the units'
     activations). `conditions`: selectors given CRP's mask inputs (`lrpc.compile(conditions=…)`)."""
-    from lrpc.compiler import build_explainer, load
+    from lrpc.compiler import CAUSAL_BLOCKS, CAUSAL_MIN_TOKENS, load, with_causal_blocks
     from lrpc.latent import residual_stream
     from lrpc.loading import save_model
     model_key, stem = model_hash(model)
@@ -134,7 +134,8 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         # a corrupted explainer may still parse: never use it unchecked; rebuild instead of failing forever
         print(f"lrpc: the cached explainer {path} does not match its recorded digest (damaged or truncated); "
               "compiling it again", file=sys.stderr)
-    ir_model = load(onnx_source(model, task, pooling))  # once: the residual stream is found in the graph compiled
+    source = onnx_source(model, task, pooling)
+    ir_model = load(source)  # the residual stream is found in the graph compiled
     info: dict[str, Any] = {"source": str(model) if not isinstance(model, onnx.ModelProto) else "model"}
     pattern = latent
     if layers and latent is None:
@@ -147,9 +148,18 @@ def compiled_explainer(model, *, preset: str = "attnlrp", seed: str = "vector", 
         from lrpc.components import expose
         output_name = output_name or ir_model.graph.outputs[0].name
         info["activations"] = expose(ir_model, components)
-    explainer = build_explainer(ir_model, preset=preset, seed=seed, latent=pattern, output_name=output_name,
-                                targets=targets, components=components, per_position=bool(components),
-                                conditions=conditions)
+    copies = iter([ir_model])
+
+    def prepared():   # the model as loaded above, then a second copy for the causal-blocks variant
+        copy = next(copies, None)
+        if copy is None:
+            copy = load(source)
+            if components:
+                expose(copy, components)
+        return copy
+    explainer = with_causal_blocks(prepared, CAUSAL_BLOCKS, CAUSAL_MIN_TOKENS, preset=preset, seed=seed,
+                                   latent=pattern, output_name=output_name, targets=targets, components=components,
+                                   per_position=bool(components), conditions=conditions)
     save_model(explainer, path, force=True)  # a cache entry: replaced when stale or half-present
     info["digest"] = explainer_digest(path)
     safeio.write_text(sidecar, json.dumps(info), force=True)

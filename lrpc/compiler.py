@@ -12,6 +12,8 @@ import onnx_ir.passes.common as common_passes
 
 from lrpc import __version__, contract, planio, safeio, untouched, validate
 from lrpc.analysis import find_attributions, vocabulary
+from lrpc.causal_blocks import BLOCKS as CAUSAL_BLOCKS
+from lrpc.causal_blocks import MIN_TOKENS as CAUSAL_MIN_TOKENS
 from lrpc.canonicalize import canonicalize
 from lrpc.decompose import decompose_fused, protect_nonstandard_ops
 from lrpc.emitter import Emitter
@@ -146,6 +148,30 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
     return ir_model
 
 
+def with_causal_blocks(prepared, blocks: int | None, min_tokens: int, **settings) -> ir.Model:
+    """build_explainer(prepared(), **settings), joined by a run-time guard to the same explainer compiled on
+    the row-block form of its causal self-attention (lrpc/causal_blocks.py) when it has one. `prepared`
+    gives a fresh copy of the loaded model each call; blocks 0 / None: the plain explainer alone."""
+    from lrpc import causal_blocks
+    from lrpc.components import parse
+    plain = build_explainer(prepared(), **settings)
+    if not blocks or any("heads" in parse(settings.get(k)) for k in ("components", "intervene", "conditions")):
+        return plain   # (a head's unit is the attention product the blocks cut apart)
+    model = prepared()
+    if untouched.needed(model.graph, settings.get("forward_mode", "auto")):
+        return plain   # the outputs come from the untouched forward: nothing to gain, one more graph to hold
+    masks = causal_blocks.rewrite(model.graph, blocks)
+    if not masks or causal_blocks.causal_unpadded(model.graph, masks, blocks) is False:
+        return plain
+    latent = contract.read_metadata(plain.metadata_props)["latent"]   # the same tensors, not their block copies
+    if settings.get("latent"):
+        present = {v.name for node in model.graph for v in node.outputs}
+        if not set(latent) <= present:
+            return plain   # a latent tensor the blocks replace (the attention weights)
+        settings = {**settings, "latent": "^(" + "|".join(re.escape(name) for name in latent) + ")$"}
+    return causal_blocks.guarded(plain, build_explainer(model, **settings), masks, blocks, min_tokens)
+
+
 def _components(ir_model: ir.Model, components, intervene, conditions):
     """The components whose relevance is output, the names of the scale inputs added for `intervene`, and
     the components `conditions` names (their mask inputs are added with the walk)."""
@@ -182,6 +208,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             targets: int | str | None = None, components: str | list[str] | None = None,
             components_per_position: bool = False, intervene: str | list[str] | None = None,
             conditions: str | list[str] | None = None, forward: str = "auto",
+            causal_blocks: int | None = CAUSAL_BLOCKS, causal_min_tokens: int = CAUSAL_MIN_TOKENS,
             **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
@@ -200,12 +227,16 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     (bit for bit the model's at every onnxruntime level, one more forward per run); "shared", the forward the
     relevance pass reads (float rounding off where onnxruntime fuses less); "auto" (default), the copy for
     quantized and float16 / bfloat16 models only.
+    `causal_blocks=N` (default 8; 0 turns it off) also compiles the model's causal self-attention cut into N
+    query-row blocks that skip the masked upper triangle, used for runs of at least `causal_min_tokens`
+    tokens whose masks are causal (checked in the graph per run; lrpc/causal_blocks.py).
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
                         "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
     validate.forward_option(forward)
+    causal_blocks, causal_min_tokens = validate.causal_blocks_option(causal_blocks, causal_min_tokens)
     validate.components_options(components, components_per_position)
     options = Options(epsilon=epsilon, gamma_linear=gamma_linear, gamma_conv=gamma_conv, rule_nodes=rule_nodes)
     sources = safeio.input_files(model)
@@ -214,12 +245,11 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     if example_inputs is not None or is_torch_module(model):
         from lrpc.frontend import torch_to_onnx
         model = torch_to_onnx(model, example_inputs, **frontend_options)
-    ir_model = build_explainer(load(model), preset=preset, output_name=output_name, attribute=attribute,
-                               seed=seed, latent=latent,
-                               options=options,
-                               embeddings_input=embeddings_input, checkpoint=checkpoint, targets=targets,
-                               components=components, per_position=components_per_position, intervene=intervene,
-                               conditions=conditions, forward_mode=forward)
+    ir_model = with_causal_blocks(lambda: load(model), causal_blocks, causal_min_tokens, preset=preset,
+                                  output_name=output_name, attribute=attribute, seed=seed, latent=latent,
+                                  options=options, embeddings_input=embeddings_input, checkpoint=checkpoint,
+                                  targets=targets, components=components, per_position=components_per_position,
+                                  intervene=intervene, conditions=conditions, forward_mode=forward)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

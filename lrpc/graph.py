@@ -164,8 +164,10 @@ class Builder:
     constant, which commutes with any transpose), and a Reshape of a Reshape reshapes the inner input.
     """
 
-    def __init__(self, graph: ir.Graph):
+    def __init__(self, graph: ir.Graph, prefix: str = PREFIX):
+        """prefix: of every name made (a forward rewrite names its nodes apart from the relevance's lrp_)."""
         self.graph = graph
+        self.prefix = prefix
         self.taken = all_names(graph)
         self._counter = itertools.count()
         self._consts: dict[tuple, ir.Value] = {}
@@ -173,7 +175,7 @@ class Builder:
 
     def fresh(self, hint: str) -> str:
         while True:
-            name = f"{PREFIX}{hint}_{next(self._counter)}"
+            name = f"{self.prefix}{hint}_{next(self._counter)}"
             if name not in self.taken:
                 self.taken.add(name)
                 return name

@@ -174,6 +174,19 @@ def forward_option(value: str) -> str:
     return value
 
 
+def causal_blocks_option(blocks, min_tokens) -> tuple[int, int]:
+    """--causal-blocks N (0: off; else 2 … 64 query-row blocks) and its minimum sequence length (≥ N)."""
+    for name, value, low in (("causal_blocks", blocks, 0), ("causal_min_tokens", min_tokens, 1)):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise LrpcError(f"{name}={value!r}: give a whole number ≥ {low}")
+    blocks, min_tokens = int(blocks), int(min_tokens)
+    if blocks == 1 or blocks > 64:
+        raise LrpcError(f"--causal-blocks {blocks}: give 0 (off) or 2 … 64 query-row blocks")
+    return blocks, max(min_tokens, blocks)
+
+
 def targets_option(value) -> int | str | None:
     """--targets: K ≥ 1 (a fixed number of targets per input row) or "dynamic" (K chosen per run)."""
     if value is None or value == "dynamic":

@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 import lrpc
+from onnx_builders import all_nodes
 from lrpc import models
 from lrpc.cli import main
 from lrpc.compiler import load
@@ -55,7 +56,7 @@ def test_checkpointed_explainer_equals_plain(name, every, tmp_path, zoo_export):
     plain, ckpt = tmp_path / "plain.onnx", tmp_path / "ckpt.onnx"
     lrpc.compile(proto, output=plain)
     lrpc.compile(proto, output=ckpt, checkpoint=every)
-    recomputed = [n for n in onnx.load(str(ckpt), load_external_data=False).graph.node if "remat" in n.name]
+    recomputed = [n for n in all_nodes(onnx.load(str(ckpt), load_external_data=False).graph) if "remat" in n.name]
     if every == "1":  # 2 layers, a boundary at each: the first layer's forward is recomputed
         assert recomputed
     inputs = entry.inputs(2, entry.example_shape[1] + 2, seed=3)
@@ -87,8 +88,8 @@ def test_linear_layer_relevance_stores_no_transposed_weights(tmp_path, zoo_expor
     lrpc.compile(proto, output=path)
     graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer if len(i.dims) == 2}
-    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
-    assert any(n.op_type == "Gemm" and n.input[1] in weights for n in graph.node)
+    assert not [n.name for n in all_nodes(graph) if n.op_type == "Transpose" and n.input[0] in weights]
+    assert any(n.op_type == "Gemm" and n.input[1] in weights for n in all_nodes(graph))
 
 
 def test_layer_boundaries_one_per_layer(zoo_export):

@@ -22,7 +22,7 @@ from onnx import TensorProto, numpy_helper
 import lrpc
 from lrpc import validate
 from lrpc.errors import LrpcError
-from onnx_builders import float_model, token_model
+from onnx_builders import all_nodes, float_model, token_model
 
 def session(proto_or_path) -> ort.InferenceSession:
     source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
@@ -393,7 +393,7 @@ def test_the_checks_leave_valid_results_bit_identical(name, zoo_export, monkeypa
     checked = lrpc.compile(proto)
     monkeypatch.setattr(contract, "checked", lambda b, value, ok, test: value)
     unchecked = lrpc.compile(proto)
-    assert not any(n.name.startswith("lrp_check_") for n in unchecked.graph.node)
+    assert not any(n.name.startswith("lrp_check_") for n in all_nodes(unchecked.graph))
     feed = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 2, seed=9).items()}
     feed["lrp_target"] = np.array([0, 2])
     if any(i.name == "lrp_position" for i in checked.graph.input):
@@ -437,7 +437,7 @@ def test_checkpoint_on_gpt2_and_vit(name, exporter, every, tmp_path, zoo_export)
     entry = models.get(name)
     _, proto = zoo_export(name, exporter, None)
     plain, ckpt = lrpc.compile(proto), lrpc.compile(proto, checkpoint=every)
-    assert any("remat" in n.name for n in ckpt.graph.node)
+    assert any("remat" in n.name for n in all_nodes(ckpt.graph))
     inputs = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 1, seed=5).items()}
     extra = {"lrp_target": np.array([1, 3])}
     if any(i.name == "lrp_position" for i in plain.graph.input):

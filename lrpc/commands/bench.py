@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   lrpc bench llama-bench --seq 256 --targets 1,4,16,64     # K targets in one run vs K runs vs K torch passes
   lrpc bench llama-bench --seq 64,256,1024 --no-memory      # a sweep over lengths, then the explainer/forward curve
   lrpc bench llama-bench --seq 64,256,1024,2048,4096 --no-torch --occlusion off --no-memory --repeats 3
+  lrpc bench llama-bench --seq 1024,4096 --compare-blocks --no-torch --occlusion off --no-memory   # what the blocks buy
 """
 
 
@@ -36,6 +37,8 @@ def add_arguments(p) -> None:
                    "for K targets with K single-target runs and K torch autograd passes, for each K")
     p.add_argument("--chunk", type=int, metavar="C", help="with --targets: targets per run of the K explainer "
                    "(default: lrpc.Explainer's)")
+    p.add_argument("--compare-blocks", action="store_true", help="also time the explainer compiled without "
+                   "causal blocks (--causal-blocks 0), side by side")
     p.add_argument("--json", action="store_true")
 
 
@@ -60,6 +63,8 @@ def run(args) -> int:
             validate.at_least_one(value, f"--{flag}")
     if args.targets is None and (args.chunk is not None):
         raise LrpcError("--chunk splits the targets of --targets: give --targets, or drop --chunk")
+    if args.targets is not None and args.compare_blocks:
+        raise LrpcError("--compare-blocks times the --seq curve, not --targets: drop one of them")
     if args.targets is not None and args.checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
     if args.targets:
@@ -75,7 +80,7 @@ def run(args) -> int:
         for result in bench_lengths(args.model, args.seq, batch=args.batch, threads=args.threads,
                                     repeats=args.repeats, occlusion=args.occlusion, memory=not args.no_memory,
                                     checkpoint=args.checkpoint, workdir=args.workdir, layers=args.depth,
-                                    force=args.force, torch=not args.no_torch):
+                                    force=args.force, torch=not args.no_torch, plain_too=args.compare_blocks):
             results.append(result)
             if not args.json:
                 print(format_result(result), flush=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from lrpc import validate
+from lrpc.causal_blocks import BLOCKS as CAUSAL_BLOCKS
+from lrpc.causal_blocks import MIN_TOKENS as CAUSAL_MIN_TOKENS
 from lrpc.commands.common import add_force_option, add_rule_options, model_source, rule_options
 
 HELP = "turn a model into an explainer"
@@ -49,6 +51,13 @@ def add_arguments(p) -> None:
                    "from: copy = an untouched copy of the forward, bit for bit the model's at every onnxruntime "
                    "level (one more forward per run); shared = the forward the relevance reads (float rounding "
                    "off where onnxruntime fuses less); auto (default) = copy for quantized and float16 models")
+    p.add_argument("--causal-blocks", metavar="N", type=int, default=CAUSAL_BLOCKS, help="also compile causal "
+                   "self-attention cut into N query-row blocks that skip the masked upper triangle (about (N+1)/2N "
+                   "of its work), used per run when the masks allow it and the input is long enough "
+                   f"(--causal-min-tokens); 0: off (default {CAUSAL_BLOCKS})")
+    p.add_argument("--causal-min-tokens", metavar="T", type=int, default=CAUSAL_MIN_TOKENS, help="shortest input "
+                   f"that runs the blocked graph (default {CAUSAL_MIN_TOKENS}: below it the blocks' extra kernels "
+                   "cost more than they save)")
     p.add_argument("--reuse-weights", action="store_true", help="reference the model's external-data weights "
                    "file from the explainer instead of copying it (-o must be in that file's folder or above)")
 
@@ -66,6 +75,7 @@ def run(args) -> int:
                  embeddings_input=args.embeddings_input, reuse_weights=args.reuse_weights,
                  checkpoint=args.checkpoint, targets=args.targets, components=args.components,
                  components_per_position=args.components_per_position, intervene=args.intervene,
-                 conditions=args.conditions, forward=args.forward)
+                 conditions=args.conditions, forward=args.forward, causal_blocks=args.causal_blocks,
+                 causal_min_tokens=args.causal_min_tokens)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0
