@@ -69,11 +69,20 @@ def reduce(n, g, scale=None):
     axes, b = reduced_axes(n), n.b
     if not n.attr("keepdims", 1) and axes is not None:
         g = b.Unsqueeze(g, n.grad_axes(axes))   # axes of ĝ (a K axis shifts them)
-    elif not n.attr("keepdims", 1) and n.lead:   # all axes dropped: ĝ [K] → [K, 1, …, 1], K before x's axes
-        g = b.Reshape(g, b.Concat(n.k_shape, b.ConstantOfShape(b.Shape(b.Shape(n.raw(0))),
-                                                                 value=ir.tensor([1], dtype=ir.DataType.INT64)), axis=0))
+    elif not n.attr("keepdims", 1):   # all axes dropped
+        g = scalar_against(n, g, n.raw(0))
     grad = b.Expand(g, b.Shape(n.raw(0)))    # broadcasts: a K axis of ĝ stays
     return grad if scale is None else n.b.Mul(grad, scale(n))
+
+
+def scalar_against(n, g, value):
+    """ĝ of a scalar, made to broadcast against the forward `value`: under --targets ĝ [K] → [K, 1, …, 1]
+    (K in front of value's axes, not aligned with its last); as it is otherwise."""
+    if not n.lead:
+        return g
+    b = n.b
+    ones = b.ConstantOfShape(b.Shape(b.Shape(value)), value=ir.tensor([1], dtype=ir.DataType.INT64))
+    return b.Reshape(g, b.Concat(n.k_shape, ones, axis=0))
 
 
 def mean_scale(n):

@@ -3,7 +3,7 @@ indices; a class weight that carries relevance is refused)."""
 
 from __future__ import annotations
 
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import refuse, scalar_against
 
 
 def _nll_grad(n, g):
@@ -14,10 +14,10 @@ def _nll_grad(n, g):
     keep = b.f32(1.0) if ignore is None else b.Cast(b.Not(b.Equal(target, b.i64(ignore))), to=1)
     safe = target if ignore is None else b.Where(b.Equal(target, b.i64(ignore)), b.i64(0), target)
     weight = b.Mul(keep, b.Gather(n.x(2), safe)) if len(n.inputs) > 2 and n.inputs[2] is not None else keep
-    per_element = g if reduction == "none" else b.Expand(g, b.Shape(target))
+    per_element = g if reduction == "none" else b.Expand(scalar_against(n, g, target), b.Shape(target))
     if reduction == "mean":
         per_element = b.Div(per_element, b.ReduceSum(b.Expand(weight, b.Shape(target)), keepdims=0))
-    onehot = b.OneHot(safe, b.Shape(n.raw(0), start=1, end=2), b.f32([0.0, 1.0]), axis=n.grad_axis(1))
+    onehot = b.OneHot(safe, b.Shape(n.raw(0), start=1, end=2), b.f32([0.0, 1.0]), axis=1)   # forward-shaped
     return b.Neg(b.Mul(onehot, b.Unsqueeze(b.Mul(per_element, weight), b.i64([n.grad_axis(1)]))))
 
 

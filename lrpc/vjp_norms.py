@@ -252,13 +252,14 @@ def mean_variance_norm(n, g):
     b = n.b
 
     def grad():
-        axes = b.i64([n.grad_axis(a) for a in n.attr("axes", [0, 2, 3])])
-        mean = lambda v: b.ReduceMean(v, axes, keepdims=1)  # noqa: E731
+        forward_axes = n.attr("axes", [0, 2, 3])
+        grad_axes = b.i64([n.grad_axis(a) for a in forward_axes])   # of ĝ-shaped values (a K axis shifts them)
+        mean = lambda v, over=b.i64(list(forward_axes)): b.ReduceMean(v, over, keepdims=1)  # noqa: E731
         x = n.x(0)
         centred = b.Sub(x, mean(x))
         inv_std = b.Reciprocal(b.Sqrt(mean(b.Mul(centred, centred))))
         x_hat = b.Mul(centred, inv_std)
-        return b.Mul(b.Sub(b.Sub(g, mean(g)), b.Mul(x_hat, mean(b.Mul(g, x_hat)))), inv_std)
+        return b.Mul(b.Sub(b.Sub(g, mean(g, grad_axes)), b.Mul(x_hat, mean(b.Mul(g, x_hat), grad_axes))), inv_std)
     return (grad,)
 
 

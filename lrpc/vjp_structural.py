@@ -135,9 +135,10 @@ def gather(n, g):
                  [b.Shape(flat_idx)] + [b.Shape(n.raw(0), start=axis + 1)]
         return b.Reshape(g, b.Concat(*pieces, axis=0))
 
-    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k
+    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k (per K slice)
         idx = flat()
-        return b.ScatterND(n.grad_zeros(0), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
+        tuples = b.Unsqueeze(idx, b.i64([-1]))
+        return b.ScatterND(n.grad_zeros(0), k_indices(n, tuples) if n.lead else tuples, rows(idx), reduction="add")
 
     def scatter_elements():
         if r is None:
@@ -147,7 +148,7 @@ def gather(n, g):
         at = n.grad_axis(axis)
         index = b.Expand(b.Reshape(idx, b.i64([1] * at + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
         return b.ScatterElements(n.grad_zeros(0), index, g_r, axis=at, reduction="add")
-    return (scatter_rows if axis == 0 and not n.lead else scatter_elements, None)
+    return (scatter_rows if axis == 0 else scatter_elements, None)
 
 
 def gather_elements(n, g):
@@ -248,9 +249,17 @@ def pad(n, g):
 
 
 def reverse_sequence(n, g):
-    """Self-transposing: the same reversal maps ĝ_y back."""
-    return (lambda: n.b.ReverseSequence(g, n.raw(1), batch_axis=n.grad_axis(n.attr("batch_axis", 1)),
-                                        time_axis=n.grad_axis(n.attr("time_axis", 0))), None)
+    """Self-transposing: the same reversal maps ĝ_y back. onnxruntime takes only axes 0 and 1, so a K axis
+    of ĝ is moved behind x's axes for it."""
+    b, axes = n.b, dict(batch_axis=n.attr("batch_axis", 1), time_axis=n.attr("time_axis", 0))
+    if not n.lead:
+        return (lambda: b.ReverseSequence(g, n.raw(1), **axes), None)
+    r = n.rank(0)
+    if r is None:
+        refuse(n, "input rank unknown (needed with --targets)")
+    behind = list(range(1, r + 1)) + [0]
+    return (lambda: b.Transpose(b.ReverseSequence(b.Transpose(g, perm=behind), n.raw(1), **axes),
+                                perm=[r] + list(range(r))), None)
 
 
 def center_crop_pad(n, g):

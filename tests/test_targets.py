@@ -59,7 +59,7 @@ def test_each_row_equals_the_single_target_explainer(name, exporter, preset, zoo
 
 
 # every other zoo family, both exporters: attnlrp and cp-lrp, K = 3 and K = 1 through one dynamic-K explainer,
-# batch 1 and a short sequence to keep the suite quick
+# a short sequence to keep the suite quick (batch 2: each row its own targets)
 REST = [pytest.param(name, exporter, id=f"{name}-{exporter}") for name in models.names()
         if name not in FAMILIES + MORE_FAMILIES for exporter in models.get(name).exporters]
 
@@ -68,13 +68,14 @@ REST = [pytest.param(name, exporter, id=f"{name}-{exporter}") for name in models
 def test_every_family_rows_equal_the_single_target_explainer(name, exporter, zoo_export):
     entry = models.get(name)
     _, proto = zoo_export(name, exporter)
-    inputs = {k: v.numpy() for k, v in entry.inputs(1, 5, seed=3).items()}
+    inputs = _inputs(entry, 5, seed=3)
     for preset in ("attnlrp", "cp-lrp"):
         single = lrpc.Explainer(lrpc.compile(proto, preset=preset))
         many = lrpc.Explainer(lrpc.compile(proto, preset=preset, targets="dynamic"))
         classes = single.forward(inputs)[entry.output_name].shape[-1]
         ranked = many.meta["rank"] == 3
-        for target, position in (([[classes - 1, 0, 2]], [[-1, 1, -1]]), ([[1]], [[-2]])):
+        runs = (([[classes - 1, 0, 2], [3, 3, 1]], [[-1, 1, -1], [2, -1, 0]]), ([[1], [4]], [[-2], [-1]]))
+        for target, position in runs:
             target = np.array(target)
             position = np.array(position) if ranked else None
             got = many.explain(inputs, target=target, position=position)
