@@ -172,13 +172,6 @@ def run_case(case: conformance.Case) -> KOutcome:
     return KOutcome(case.name, case.op, status, detail)
 
 
-def run_all(cases=None) -> list[KOutcome]:
-    cases = conformance.collect() if cases is None else cases
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [run_case(c) for c in cases]
-
-
 def report(outcomes: list[KOutcome], out=sys.stdout) -> None:
     by_op = collections.defaultdict(list)
     for o in outcomes:
