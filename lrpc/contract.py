@@ -175,6 +175,8 @@ def _batch_first(b: Builder, emitter, relevance: ir.Value, value: ir.Value) -> i
     r = value.shape.rank() if value.shape is not None else None
     if r is None:
         raise LrpcError(f"--targets needs the rank of '{value.name}', which shape inference left unknown")
+    if r == 0:   # a scalar has no batch axis: its relevance is [K]
+        return relevance
     return b.Transpose(relevance, perm=[1, 0] + list(range(2, r + 1)))
 
 

@@ -8,6 +8,7 @@ input: a thunk that emits ĝ for that input, or None where nothing flows.
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from lrpc.errors import LrpcError
 
@@ -26,6 +27,12 @@ def reshape_back(n, g):
 def pointwise(derivative):
     """Rows for y = f(x): ĝ_x = ĝ_y ⊙ f'(x), with f' written in terms of n (x = n.x(0), y = n.y())."""
     return lambda n, g: (lambda: n.b.Mul(g, derivative(n)),)
+
+
+def forward_dims(n, i: int = 0) -> list | None:
+    """Input i's forward dims (without ĝ's K axis; `n.dims` gives ĝ's), None if its rank is unknown."""
+    v = n.raw(i)
+    return None if v is None or v.shape is None else list(v.shape)
 
 
 def refuse(n, why: str):
@@ -59,11 +66,23 @@ def kept(n, value):
 
 def reduce(n, g, scale=None):
     """ĝ of a reduction: ĝ_y with the reduced axes back (if dropped), broadcast to x, times ∂y/∂x."""
-    axes = reduced_axes(n)
+    axes, b = reduced_axes(n), n.b
     if not n.attr("keepdims", 1) and axes is not None:
-        g = n.b.Unsqueeze(g, n.grad_axes(axes))   # axes of ĝ (a K axis shifts them)
-    grad = n.b.Expand(g, n.b.Shape(n.raw(0)))    # broadcasts: a K axis of ĝ stays
+        g = b.Unsqueeze(g, n.grad_axes(axes))   # axes of ĝ (a K axis shifts them)
+    elif not n.attr("keepdims", 1):   # all axes dropped
+        g = scalar_against(n, g, n.raw(0))
+    grad = b.Expand(g, b.Shape(n.raw(0)))    # broadcasts: a K axis of ĝ stays
     return grad if scale is None else n.b.Mul(grad, scale(n))
+
+
+def scalar_against(n, g, value):
+    """ĝ of a scalar, made to broadcast against the forward `value`: under --targets ĝ [K] → [K, 1, …, 1]
+    (K in front of value's axes, not aligned with its last); as it is otherwise."""
+    if not n.lead:
+        return g
+    b = n.b
+    ones = b.ConstantOfShape(b.Shape(b.Shape(value)), value=ir.tensor([1], dtype=ir.DataType.INT64))
+    return b.Reshape(g, b.Concat(n.k_shape, ones, axis=0))
 
 
 def mean_scale(n):

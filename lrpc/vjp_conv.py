@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import forward_dims, refuse
 
 
 def geometry(n, spatial: int) -> dict:
@@ -22,7 +22,7 @@ def explicit_pads(n, kernel: list[int], strides: list[int], dilations: list[int]
     if auto_pad == "VALID":
         return [0] * (2 * k)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        dims = n.dims(0)
+        dims = forward_dims(n)
         if dims is None or not all(isinstance(d, int) for d in dims[2:]):
             refuse(n, f"auto_pad={auto_pad} needs static spatial dims")
         total = [max((-(-d // s) - 1) * s + (kk - 1) * dl + 1 - d, 0)
@@ -43,28 +43,48 @@ def static_weight(n, needed_by: str) -> list[int]:
     return list(w)
 
 
-def weight_grad(n, inp, out_grad, channels: int, kernel: list[int], geo: dict):
+def weight_grad(n, inp, out_grad, channels: int, kernel: list[int], geo: dict, grad_in: bool = False):
     """Σ_batch Σ_pos out_grad[b, o, pos] · inp_padded[b, c, pos·stride + k·dilation] as [O, C/G, k…]: the
     weight ĝ of a grouped convolution (inp [B, C, …] read, out_grad [B, O, …] written, C = `channels`), one
-    Conv with the batch as channels (group-major) and the roles of stride and dilation swapped."""
+    Conv with the batch as channels (group-major) and the roles of stride and dilation swapped.
+
+    Under --targets one of the two is a ĝ [K, B, …] (inp when `grad_in`) and the result is [K, O, C/G, k…]:
+    a K on inp rides in that Conv's batch, a K on out_grad in its output channels (within each group)."""
     b, group = n.b, n.attr("group", 1)
-    if n.lead:
-        refuse(n, "weights that carry relevance are not supported with --targets")
     spatial = len(kernel)
     rest = list(range(3, 3 + spatial))
-    # inp [B, C, S…] → [C/G, G·B, S…]: channel g·B + b holds group g of batch row b
-    split_in = b.Reshape(inp, b.Concat(b.i64([-1, group, channels // group]), b.Shape(inp, start=2), axis=0))
-    batch_in = b.Reshape(b.Transpose(split_in, perm=[2, 1, 0] + rest),
-                         b.Concat(b.i64([channels // group, -1]), b.Shape(inp, start=2), axis=0))
-    # out_grad [B, O, T…] → weights [O, B, T…] (O is already group-major)
-    weights = b.Transpose(out_grad, perm=[1, 0] + list(range(2, 2 + spatial)))
+    k_in, k_out = bool(n.lead) and grad_in, bool(n.lead) and not grad_in
+    # inp [B, C, S…] → [C/G, G·B, S…]: channel g·B + b holds group g of batch row b (with K: [K·C/G, G·B, S…])
+    lead = [n.k_shape] if k_in else []
+    split_in = b.Reshape(inp, b.Concat(*lead, b.i64([-1, group, channels // group]),
+                                       b.Shape(inp, start=2 + len(lead)), axis=0))
+    first = [0, 3, 2, 1] if k_in else [2, 1, 0]
+    sizes = b.Concat(b.i64([-1]), b.Mul(b.Shape(inp, start=1, end=2), b.i64([group])), b.Shape(inp, start=3),
+                     axis=0) if k_in else b.Concat(b.i64([channels // group, -1]), b.Shape(inp, start=2), axis=0)
+    batch_in = b.Reshape(b.Transpose(split_in, perm=first + [a + len(lead) for a in rest]), sizes)
+    space = list(range(2, 2 + spatial))
+    if k_out:   # out_grad [K, B, O, T…] → [G, K, O/G, B, T…] → weights [G·K·O/G, B, T…]
+        split = b.Reshape(out_grad, b.Concat(n.k_shape, b.Shape(out_grad, start=1, end=2), b.i64([group, -1]),
+                                             b.Shape(out_grad, start=3), axis=0))
+        weights = b.Reshape(b.Transpose(split, perm=[2, 0, 3, 1] + [a + 2 for a in space]),
+                            b.Concat(b.i64([-1]), b.Shape(out_grad, start=1, end=2), b.Shape(out_grad, start=3),
+                                     axis=0))
+    else:   # out_grad [B, O, T…] → weights [O, B, T…] (O is already group-major)
+        weights = b.Transpose(out_grad, perm=[1, 0] + space)
     full = b.Conv(batch_in, weights, group=group, strides=geo["dilations"], dilations=geo["strides"],
                   pads=geo["pads"])                                                  # [C/G, O, ≥k…]
-    cut = b.Slice(full, b.i64([0] * spatial), b.i64(kernel), b.i64(list(range(2, 2 + spatial))))
-    return b.Transpose(cut, perm=[1, 0] + list(range(2, 2 + spatial)))
+    cut = b.Slice(full, b.i64([0] * spatial), b.i64(kernel), b.i64(space))
+    if k_in:   # [K·C/G, O, k…] → [K, C/G, O, k…] → [K, O, C/G, k…]
+        split = b.Reshape(cut, b.Concat(n.k_shape, b.i64([channels // group, -1] + kernel), axis=0))
+        return b.Transpose(split, perm=[0, 2, 1] + [a + 1 for a in space])
+    if k_out:  # [C/G, G·K·O/G, k…] → [C/G, G, K, O/G, k…] → [K, G, O/G, C/G, k…] → [K, O, C/G, k…]
+        split = b.Reshape(cut, b.Concat(b.i64([channels // group, group]), n.k_shape, b.i64([-1] + kernel), axis=0))
+        moved = b.Transpose(split, perm=[2, 1, 3, 0] + [a + 2 for a in space])
+        return b.Reshape(moved, b.Concat(n.k_shape, b.i64([-1, channels // group] + kernel), axis=0))
+    return b.Transpose(cut, perm=[1, 0] + space)
 
 
-def _fold_k(n, g, run):
+def fold_k(n, g, run):
     """run(ĝ) on ĝ with a K axis folded into the batch ([K·B, C, …]), reshaped back to [K, B, …]."""
     b = n.b
     if not n.lead:
@@ -104,11 +124,11 @@ def conv_transpose(n, g):
     group = n.attr("group", 1)
 
     def grad_x():
-        return _fold_k(n, g, lambda v: b.Conv(v, n.x(1), group=group, **geo))
+        return fold_k(n, g, lambda v: b.Conv(v, n.x(1), group=group, **geo))
 
     def grad_w():   # W [C, O/G, k…]: the weight ĝ with ĝ_y [B, O, …] read and x written
         w = static_weight(n, "weights that carry relevance")
-        return weight_grad(n, g, n.x(0), w[1] * group, w[2:], geo)
+        return weight_grad(n, g, n.x(0), w[1] * group, w[2:], geo, grad_in=True)
     reduced = b.i64([n.grad_axis(a) for a in [0] + list(range(2, 2 + spatial))])
     return (grad_x, grad_w, lambda: b.ReduceSum(g, reduced, keepdims=0))
 
@@ -133,5 +153,5 @@ def col2im(n, g):
         def run(v):
             patches = b.Conv(v, kernels, group=channels, **geo)                 # [N, C·∏block, L…]
             return b.Reshape(patches, b.Concat(b.Shape(v, end=1), b.i64([0, -1]), axis=0))
-        return _fold_k(n, g, run)
+        return fold_k(n, g, run)
     return (grad, None, None)

@@ -3,7 +3,7 @@ weight (targets are indices)."""
 
 from __future__ import annotations
 
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import refuse, scalar_against
 
 
 def _nll_grad(n, g):
@@ -31,14 +31,9 @@ def _targets(n):
 def _per_element(n, g):
     """ĝ of the loss per target element: ĝ itself without reduction, else ĝ spread over the target's shape
     (behind a K axis)."""
-    b = n.b
     if n.attr("reduction", "mean") == "none":
         return g
-    rank = n.rank(1)
-    if n.lead and rank is None:
-        refuse(n, "the rank of the target must be known")
-    spread = b.Unsqueeze(g, b.i64(list(range(n.lead, n.lead + rank)))) if n.lead and rank else g
-    return b.Expand(spread, b.Shape(n.raw(1)))
+    return n.b.Expand(scalar_against(n, g, n.raw(1)), n.b.Shape(n.raw(1)))
 
 
 def _weight_grad(n, g, scores):

@@ -215,15 +215,16 @@ def _batch_norm_training(n, g, r):
 
 
 def _group_stats_grad(n, g, x, groups_shape, affine_shape, scale, eps):
-    """ĝ of y = x̂·scale + bias with x̂ normalised over the last axis of x reshaped to `groups_shape`."""
+    """ĝ of y = x̂·scale + bias with x̂ normalised over the last axis of x reshaped to `groups_shape` (a
+    Reshape target of 0s and −1; ĝ's K axis is kept by one more 0 in front)."""
     b = n.b
-    grouped = b.Reshape(x, groups_shape)
+    grouped = b.Reshape(x, b.i64(groups_shape))
     axes = b.i64([-1])
     mean = lambda v: b.ReduceMean(v, axes, keepdims=1)  # noqa: E731
     centred = b.Sub(grouped, mean(grouped))
     inv_std = b.Reciprocal(b.Sqrt(b.Add(mean(b.Mul(centred, centred)), b.f32(eps))))
     x_hat = b.Mul(centred, inv_std)
-    h = b.Reshape(b.Mul(g, b.Reshape(scale, affine_shape)), groups_shape)
+    h = b.Reshape(b.Mul(g, b.Reshape(scale, affine_shape)), b.i64([0] * n.lead + groups_shape))
     grad = b.Mul(b.Sub(b.Sub(h, mean(h)), b.Mul(x_hat, mean(b.Mul(h, x_hat)))), inv_std)
     return grad, x_hat
 
@@ -236,11 +237,11 @@ def grouped_norm(groups):
         if r is None:
             refuse(n, "input rank unknown")
         eps = n.attr("epsilon", 1e-5)
-        grouped = b.i64([0, 0 if groups is None else n.attr(groups), -1])
+        grouped = [0, 0 if groups is None else n.attr(groups), -1]
         stats = n.cached("stats", lambda: _group_stats_grad(n, g, n.x(0), grouped, _channel_shape(n, r), n.x(1), eps))
         others = b.i64([n.grad_axis(a) for a in [0] + list(range(2, r))])
         x_hat = lambda: b.Reshape(stats()[1], b.Shape(n.raw(0)))  # noqa: E731
-        return (lambda: b.Reshape(stats()[0], b.Shape(n.raw(0))),
+        return (lambda: b.Reshape(stats()[0], n.grad_shape(0)),
                 lambda: b.ReduceSum(b.Mul(g, x_hat()), others, keepdims=0),
                 lambda: b.ReduceSum(g, others, keepdims=0))
     return row
@@ -251,13 +252,14 @@ def mean_variance_norm(n, g):
     b = n.b
 
     def grad():
-        axes = b.i64([n.grad_axis(a) for a in n.attr("axes", [0, 2, 3])])
-        mean = lambda v: b.ReduceMean(v, axes, keepdims=1)  # noqa: E731
+        forward_axes = n.attr("axes", [0, 2, 3])
+        grad_axes = b.i64([n.grad_axis(a) for a in forward_axes])   # of ĝ-shaped values (a K axis shifts them)
+        mean = lambda v, over=b.i64(list(forward_axes)): b.ReduceMean(v, over, keepdims=1)  # noqa: E731
         x = n.x(0)
         centred = b.Sub(x, mean(x))
         inv_std = b.Reciprocal(b.Sqrt(mean(b.Mul(centred, centred))))
         x_hat = b.Mul(centred, inv_std)
-        return b.Mul(b.Sub(b.Sub(g, mean(g)), b.Mul(x_hat, mean(b.Mul(g, x_hat)))), inv_std)
+        return b.Mul(b.Sub(b.Sub(g, mean(g, grad_axes)), b.Mul(x_hat, mean(b.Mul(g, x_hat), grad_axes))), inv_std)
     return (grad,)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrpc.vjp_common import refuse
-from lrpc.vjp_conv import explicit_pads
+from lrpc.vjp_common import forward_dims, refuse
+from lrpc.vjp_conv import explicit_pads, fold_k
 
 
 def global_average_pool(n, g):
@@ -36,7 +36,7 @@ def _pool_geometry(n):
     pads = explicit_pads(n, kernel, strides, dilations)
     extra = [0] * k
     if n.attr("ceil_mode", 0):
-        dims, out = n.dims(0), n.raw_out(0).shape
+        dims, out = forward_dims(n), n.raw_out(0).shape
         if dims is None or out is None or not all(isinstance(d, int) for d in dims[2:] + list(out)[2:]):
             refuse(n, "ceil_mode=1 needs static spatial dims")
         extra = [max(0, (o - 1) * s + dl * (kk - 1) + 1 - d - pb - pe)
@@ -54,17 +54,18 @@ def max_pool(n, g):
     def grad():
         _, indices = b.MaxPool(n.x(0), kernel_shape=kernel, strides=strides, pads=pads, dilations=dilations,
                                _outputs=2)
-        flat = b.i64([-1])
-        zeros = n.zeros_like(b.Shape(b.Reshape(n.raw(0), flat)))
-        scattered = b.ScatterElements(zeros, b.Reshape(indices, flat), b.Reshape(g, flat), axis=0,
+        flat = b.i64([-1])   # each K slice of ĝ flattened and scattered alone
+        rows = b.Reshape(g, b.Concat(n.k_shape, flat, axis=0) if n.lead else flat)
+        zeros = b.Reshape(n.grad_zeros(0), b.Concat(n.k_shape, flat, axis=0) if n.lead else flat)
+        scattered = b.ScatterElements(zeros, b.Expand(b.Reshape(indices, flat), b.Shape(rows)), rows, axis=n.lead,
                                       reduction="add")
-        return b.Reshape(scattered, b.Shape(n.raw(0)))
+        return b.Reshape(scattered, n.grad_shape(0))
     return (grad,)
 
 
 def _pool_transpose_shape(n, kernel, strides, pads, dilations):
     """(channels, output_padding) for the ConvTranspose that spreads a pooling's ĝ back to its input size."""
-    dims = n.dims(0)
+    dims = forward_dims(n)
     if dims is None or not all(isinstance(d, int) for d in dims[1:]):
         refuse(n, "channels and spatial dims must be static")
     k = len(kernel)
@@ -80,7 +81,7 @@ def average_pool(n, g):
     b = n.b
     kernel, strides, pads, dilations, ceil_extra = _pool_geometry(n)
     channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
-    spatial, k = n.dims(0)[2:], len(kernel)
+    spatial, k = forward_dims(n)[2:], len(kernel)
     ones = b.f32(np.ones([channels, 1] + kernel, np.float32))
     geometry = dict(strides=strides, pads=pads, dilations=dilations)
 
@@ -94,8 +95,9 @@ def average_pool(n, g):
         else:  # the elements inside the input under each window: a convolution of ones by ones
             count = b.Conv(b.f32(np.ones([1, 1] + spatial, np.float32)), b.f32(np.ones([1, 1] + kernel, np.float32)),
                            **geometry)
-        return b.ConvTranspose(b.Div(g, count), ones, group=channels,
-                               output_padding=extra if any(extra) else None, **geometry)
+        return fold_k(n, b.Div(g, count), lambda v: b.ConvTranspose(v, ones, group=channels,
+                                                                     output_padding=extra if any(extra) else None,
+                                                                     **geometry))
     return (grad,)
 
 
@@ -107,9 +109,9 @@ def lp_pool(n, g):
     channels, extra = _pool_transpose_shape(n, kernel, strides, pads, dilations)
 
     def grad():
-        spread = b.ConvTranspose(_lp_outer(n, g, p), b.f32(np.ones([channels, 1] + kernel, np.float32)),
-                                 group=channels, strides=strides, pads=pads, dilations=dilations,
-                                 output_padding=extra if any(extra) else None)
+        spread = fold_k(n, _lp_outer(n, g, p), lambda v: b.ConvTranspose(
+            v, b.f32(np.ones([channels, 1] + kernel, np.float32)), group=channels, strides=strides, pads=pads,
+            dilations=dilations, output_padding=extra if any(extra) else None))
         return _lp_inner(n, spread, p)
     return (grad,)
 

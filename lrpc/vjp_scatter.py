@@ -54,24 +54,42 @@ def cumprod(n, g):
 def scatter_elements(n, g):
     """data's ĝ is ĝ_y with the overwritten positions zeroed (all of ĝ_y with reduction=add);
     the updates' ĝ is ĝ_y read at their positions."""
-    b, axis = n.b, n.grad_axis(n.attr("axis", 0))
-    return _scatter(n, g, lambda v, u, **kw: b.ScatterElements(v, n.raw(1), u, axis=axis, **kw),
-                    lambda v: b.GatherElements(v, n.raw(1), axis=axis))
+    b, axis = n.b, n.attr("axis", 0)
+
+    def index(k):   # on a ĝ with a K axis: the indices once per K slice
+        return b.Expand(n.raw(1), b.Concat(n.k_shape, b.Shape(n.raw(1)), axis=0)) if k else n.raw(1)
+    return _scatter(n, g, lambda v, u, k=False, **kw: b.ScatterElements(v, index(k), u, axis=n.grad_axis(axis) if k
+                                                                        else axis, **kw),
+                    lambda v, k=False: b.GatherElements(v, index(k), axis=n.grad_axis(axis) if k else axis))
 
 
 def scatter_nd(n, g):
     b = n.b
-    return _scatter(n, g, lambda v, u, **kw: b.ScatterND(v, n.raw(1), u, **kw), lambda v: b.GatherND(v, n.raw(1)))
+    index = lambda k: k_indices(n, n.raw(1)) if k else n.raw(1)  # noqa: E731
+    return _scatter(n, g, lambda v, u, k=False, **kw: b.ScatterND(v, index(k), u, **kw),
+                    lambda v, k=False: b.GatherND(v, index(k)))
+
+
+def k_indices(n, index: ir.Value) -> ir.Value:
+    """GatherND / ScatterND indices [*q, m] for a ĝ with a K axis: [K, *q, m + 1], slice k's own index in
+    front of each tuple, so each K slice is read or written alone."""
+    b = n.b
+    index = b.Cast(index, to=7)
+    ones = b.ConstantOfShape(b.Shape(b.Shape(index)), value=ir.tensor([1], dtype=ir.DataType.INT64))
+    ks = b.Reshape(b.Range(b.i64(0), b.Reshape(n.k_shape, b.i64([])), b.i64(1)), b.Concat(n.k_shape, ones, axis=0))
+    ks = b.Expand(ks, b.Concat(n.k_shape, b.Shape(index, end=-1), b.i64([1]), axis=0))
+    return b.Concat(ks, b.Expand(index, b.Concat(n.k_shape, b.Shape(index), axis=0)), axis=-1)
 
 
 def _scatter(n, g, scatter, gather):
-    """The VJPs of a scatter (`scatter(v, updates, reduction=…)` / `gather(v)` at the node's indices). With
-    reduction max/min ĝ_y goes to the data or updates equal to y, split evenly between ties."""
-    b, reduction = n.b, n.attr("reduction", "none")
+    """The VJPs of a scatter (`scatter(v, updates, k, reduction=…)` / `gather(v, k)` at the node's indices;
+    k: v is a ĝ with a K axis, not a forward value). With reduction max/min ĝ_y goes to the data or updates
+    equal to y, split evenly between ties."""
+    b, reduction, k = n.b, n.attr("reduction", "none"), bool(n.lead)
     if reduction == "add":
-        return (lambda: g, None, lambda: gather(g))
+        return (lambda: g, None, lambda: gather(g, k))
     if reduction == "none":
-        return (lambda: scatter(g, n.zeros_like(b.Shape(n.raw(2)))), None, lambda: gather(g))
+        return (lambda: scatter(g, n.grad_zeros(2), k), None, lambda: gather(g, k))
     if reduction == "mul":
         return _scatter_product(n, g, scatter, gather)
     if reduction not in ("max", "min"):
@@ -80,7 +98,7 @@ def _scatter(n, g, scatter, gather):
     hit_data = n.cached("hit_data", lambda: b.Cast(b.Equal(n.x(0), y), to=1))
     hit_updates = n.cached("hit_updates", lambda: b.Cast(b.Equal(n.x(2), gather(y)), to=1))
     share = n.cached("share", lambda: b.Div(g, scatter(hit_data(), hit_updates(), reduction="add")))
-    return (lambda: b.Mul(share(), hit_data()), None, lambda: b.Mul(gather(share()), hit_updates()))
+    return (lambda: b.Mul(share(), hit_data()), None, lambda: b.Mul(gather(share(), bool(n.lead)), hit_updates()))
 
 
 def _scatter_product(n, g, scatter, gather):
@@ -98,7 +116,7 @@ def _scatter_product(n, g, scatter, gather):
         return b.Where(b.Equal(b.Sub(gather(zeros()), is_zero), b.f32(0.0)), b.Div(gather(products()), nonzero),
                        b.f32(0.0))
     return (lambda: b.Mul(g, b.Where(b.Equal(zeros(), b.f32(0.0)), products(), b.f32(0.0))), None,
-            lambda: b.Mul(gather(b.Mul(g, n.x(0))), others()))
+            lambda: b.Mul(gather(b.Mul(g, n.x(0)), bool(n.lead)), others()))
 
 
 def one_hot(n, g):
@@ -132,8 +150,11 @@ def max_unpool(n, g):
     """y[indices[j]] = x[j] (flat indices over the whole tensor): ĝ_x = ĝ_y read at the indices."""
     b = n.b
     flat = b.i64([-1])   # (an explicit output_shape only sizes y: the indices are flat indices into it)
-    return (lambda: b.Reshape(b.Gather(b.Reshape(g, flat), b.Reshape(n.raw(1), flat)), b.Shape(n.raw(0))),
-            None, None)
+
+    def grad():   # a K axis of ĝ stays: each K slice is flattened and read alone
+        rows = b.Reshape(g, b.Concat(n.k_shape, flat, axis=0) if n.lead else flat)
+        return b.Reshape(b.Gather(rows, b.Reshape(n.raw(1), flat), axis=n.lead), n.grad_shape(0))
+    return (grad, None, None)
 
 
 def compress(n, g):
@@ -143,10 +164,12 @@ def compress(n, g):
 
     def grad():
         picked = b.Reshape(b.NonZero(n.raw(1)), b.i64([-1]))
-        if axis is None:
+        if axis is None:   # over the flattened x: each K slice of ĝ flattened and scattered alone
             flat = b.i64([-1])
-            zeros = n.zeros_like(b.Shape(b.Reshape(n.raw(0), flat)))
-            return b.Reshape(b.ScatterElements(zeros, picked, b.Reshape(g, flat), axis=0), b.Shape(n.raw(0)))
+            rows = b.Reshape(g, b.Concat(n.k_shape, flat, axis=0) if n.lead else flat)
+            zeros = b.Reshape(n.grad_zeros(0), b.Concat(n.k_shape, flat, axis=0) if n.lead else flat)
+            index = b.Expand(picked, b.Shape(rows)) if n.lead else picked
+            return b.Reshape(b.ScatterElements(zeros, index, rows, axis=n.lead), n.grad_shape(0))
         r = n.rank(0)
         if r is None:
             refuse(n, "input rank unknown")

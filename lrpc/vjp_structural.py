@@ -6,7 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lrpc.errors import LrpcError
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import forward_dims, refuse
+from lrpc.vjp_scatter import k_indices
 
 
 def concat(n, g):
@@ -134,9 +135,10 @@ def gather(n, g):
                  [b.Shape(flat_idx)] + [b.Shape(n.raw(0), start=axis + 1)]
         return b.Reshape(g, b.Concat(*pieces, axis=0))
 
-    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k
+    def scatter_rows():  # axis 0 needs no rank: ScatterND adds whole slices x[idx_k] += ĝ_k (per K slice)
         idx = flat()
-        return b.ScatterND(n.grad_zeros(0), b.Unsqueeze(idx, b.i64([-1])), rows(idx), reduction="add")
+        tuples = b.Unsqueeze(idx, b.i64([-1]))
+        return b.ScatterND(n.grad_zeros(0), k_indices(n, tuples) if n.lead else tuples, rows(idx), reduction="add")
 
     def scatter_elements():
         if r is None:
@@ -146,7 +148,7 @@ def gather(n, g):
         at = n.grad_axis(axis)
         index = b.Expand(b.Reshape(idx, b.i64([1] * at + [-1] + [1] * (r - axis - 1))), b.Shape(g_r))
         return b.ScatterElements(n.grad_zeros(0), index, g_r, axis=at, reduction="add")
-    return (scatter_rows if axis == 0 and not n.lead else scatter_elements, None)
+    return (scatter_rows if axis == 0 else scatter_elements, None)
 
 
 def gather_elements(n, g):
@@ -162,10 +164,8 @@ def gather_nd(n, g):
     if n.attr("batch_dims", 0) != 0:
         raise LrpcError(f"node '{n.node.name}' (GatherND): batch_dims ≠ 0 on a relevance-carrying tensor is not "
                         "supported")
-    if n.lead:
-        raise LrpcError(f"node '{n.node.name}' (GatherND) on a relevance-carrying tensor is not supported with "
-                        "--targets; compile without it and explain one target per run")
-    return (lambda: b.ScatterND(n.grad_zeros(0), b.Cast(n.raw(1), to=7), g, reduction="add"), None)
+    index = (lambda: k_indices(n, n.raw(1))) if n.lead else (lambda: b.Cast(n.raw(1), to=7))   # per K slice
+    return (lambda: b.ScatterND(n.grad_zeros(0), index(), g, reduction="add"), None)
 
 
 def where(n, g):
@@ -183,20 +183,26 @@ def tile(n, g):
 
     def grad():
         column = b.i64([-1, 1])
-        pairs = b.Concat(b.Reshape(b.Cast(n.raw(1), to=7), column), b.Reshape(b.Shape(n.raw(0)), column), axis=1)
-        return b.ReduceSum(b.Reshape(g, b.Reshape(pairs, b.i64([-1]))), b.i64(list(range(0, 2 * r, 2))), keepdims=0)
+        pairs = b.Reshape(b.Concat(b.Reshape(b.Cast(n.raw(1), to=7), column), b.Reshape(b.Shape(n.raw(0)), column),
+                                   axis=1), b.i64([-1]))
+        if n.lead:   # the K axis stays in front of the pairs
+            pairs = b.Concat(n.k_shape, pairs, axis=0)
+        return b.ReduceSum(b.Reshape(g, pairs), b.i64(list(range(n.lead, n.lead + 2 * r, 2))), keepdims=0)
     return (grad, None)
 
 
 def _unpermute(n, g, dims, inner, perm):
-    """ĝ of x → Reshape(inner) → Transpose(perm) → Reshape: the steps undone on ĝ_y, in reverse."""
-    permuted = [inner[p] for p in perm]
-    return (lambda: n.b.Reshape(n.b.Transpose(n.b.Reshape(g, n.b.i64(permuted)), perm=list(np.argsort(perm))),
-                                n.b.i64(dims)),)
+    """ĝ of x → Reshape(inner) → Transpose(perm) → Reshape: the steps undone on ĝ_y, in reverse (a K axis
+    of ĝ stays in front, its size read at run time)."""
+    permuted, lead = [inner[p] for p in perm], [-1] * n.lead
+    back = n.grad_perm([int(p) for p in np.argsort(perm)])
+    return (lambda: n.b.Reshape(n.b.Transpose(n.b.Reshape(g, n.b.i64(lead + permuted)), perm=back),
+                                n.b.i64(lead + dims)),)
 
 
 def _static_dims(n):
-    dims = n.dims(0)
+    """The input's forward dims (without ĝ's K axis), known at compile time."""
+    dims = forward_dims(n)
     if dims is None or not all(isinstance(d, int) for d in dims):
         refuse(n, "the input's dims must be known at compile time")
     return dims
@@ -231,15 +237,29 @@ def pad(n, g):
     if mode != "constant":
         refuse(n, f"mode={mode} is not supported")
     axes = n.raw(3) if len(n.inputs) > 3 and n.inputs[3] is not None else None
+    if n.lead:   # ĝ's K axis is not padded: name the padded axes, all of x's when the node names none
+        if axes is None and n.rank(0) is None:
+            refuse(n, "input rank unknown (needed with --targets)")
+        axes = n.grad_axes(b.Cast(axes, to=7)) if axes is not None else b.i64(list(range(1, n.rank(0) + 1)))
     grad_x = n.cached("x", lambda: b.Pad(g, b.Neg(b.Cast(n.raw(1), to=7)), None, axes, mode="constant"))
-    return (grad_x, None,
-            lambda: b.Sub(b.ReduceSum(g, keepdims=0), b.ReduceSum(grad_x(), keepdims=0)), None)
+    # per K slice: everything ĝ_y has outside x
+    total = (lambda v: b.ReduceSum(b.Reshape(v, b.Concat(n.k_shape, b.i64([-1]), axis=0)), b.i64([1]), keepdims=0)) \
+        if n.lead else (lambda v: b.ReduceSum(v, keepdims=0))
+    return (grad_x, None, lambda: b.Sub(total(g), total(grad_x())), None)
 
 
 def reverse_sequence(n, g):
-    """Self-transposing: the same reversal maps ĝ_y back."""
-    return (lambda: n.b.ReverseSequence(g, n.raw(1), batch_axis=n.grad_axis(n.attr("batch_axis", 1)),
-                                        time_axis=n.grad_axis(n.attr("time_axis", 0))), None)
+    """Self-transposing: the same reversal maps ĝ_y back. onnxruntime takes only axes 0 and 1, so a K axis
+    of ĝ is moved behind x's axes for it."""
+    b, axes = n.b, dict(batch_axis=n.attr("batch_axis", 1), time_axis=n.attr("time_axis", 0))
+    if not n.lead:
+        return (lambda: b.ReverseSequence(g, n.raw(1), **axes), None)
+    r = n.rank(0)
+    if r is None:
+        refuse(n, "input rank unknown (needed with --targets)")
+    behind = list(range(1, r + 1)) + [0]
+    return (lambda: b.Transpose(b.ReverseSequence(b.Transpose(g, perm=behind), n.raw(1), **axes),
+                                perm=[r] + list(range(r))), None)
 
 
 def center_crop_pad(n, g):
@@ -248,6 +268,10 @@ def center_crop_pad(n, g):
     def grad():
         axes, shape = n.attr("axes"), n.b.Shape(n.raw(0))
         dims = shape if axes is None else n.b.Gather(shape, n.b.i64(list(axes)))
+        if axes is None and n.lead:   # all of x's axes, behind ĝ's K axis
+            if n.rank(0) is None:
+                refuse(n, "input rank unknown (needed with --targets)")
+            axes = range(n.rank(0))
         return n.b.CenterCropPad(g, dims, axes=None if axes is None else [n.grad_axis(a) for a in axes])
     return (grad, None)
 

@@ -21,10 +21,7 @@ FAMILIES = ("llama", "gpt2", "qwen3", "bert", "hf-vit")
 # more sequence models, where the K rows are compacted (lrpc/rows.py): the decoder axis of an
 # encoder–decoder, a mixture of experts; under the presets only, to keep the suite quick
 MORE_FAMILIES = ("gemma3", "t5", "qwen3-moe")
-MOE_LEGACY = pytest.mark.xfail(strict=True, reason="known: the legacy-exported MoE's relevance pass under --targets "
-                               "fails at run time (a Reshape of the batched-expert ĝ); the dynamo export works")
-CASES = [pytest.param(name, exporter, preset, id=f"{name}-{exporter}-{preset}",
-                      marks=MOE_LEGACY if (name, exporter) == ("qwen3-moe", "legacy") else ())
+CASES = [pytest.param(name, exporter, preset, id=f"{name}-{exporter}-{preset}")
          for families, presets in ((FAMILIES, ("attnlrp", "cp-lrp", "gxi")), (MORE_FAMILIES, ("attnlrp", "cp-lrp")))
          for name in families for exporter in models.get(name).exporters for preset in presets]
 
@@ -60,6 +57,35 @@ def test_each_row_equals_the_single_target_explainer(name, exporter, preset, zoo
         for attributed, expected in ref.items():
             assert got.relevance[attributed].shape == expected.shape
             assert relative_error(got.relevance[attributed], expected) <= 1e-5, (attributed, k)
+
+
+# every other zoo family, both exporters: attnlrp and cp-lrp, K = 3 and K = 1 through one dynamic-K explainer,
+# a short sequence to keep the suite quick (batch 2: each row its own targets)
+REST = [pytest.param(name, exporter, id=f"{name}-{exporter}") for name in models.names()
+        if name not in FAMILIES + MORE_FAMILIES for exporter in models.get(name).exporters]
+
+
+@pytest.mark.parametrize("name,exporter", REST)
+def test_every_family_rows_equal_the_single_target_explainer(name, exporter, zoo_export):
+    entry = models.get(name)
+    _, proto = zoo_export(name, exporter)
+    inputs = _inputs(entry, 5, seed=3)
+    for preset in ("attnlrp", "cp-lrp"):
+        single = lrpc.Explainer(lrpc.compile(proto, preset=preset))
+        many = lrpc.Explainer(lrpc.compile(proto, preset=preset, targets="dynamic"))
+        classes = single.forward(inputs)[entry.output_name].shape[-1]
+        ranked = many.meta["rank"] == 3
+        runs = (([[classes - 1, 0, 2], [3, 3, 1]], [[-1, 1, -1], [2, -1, 0]]), ([[1], [4]], [[-2], [-1]]))
+        for target, position in runs:
+            target = np.array(target) % classes
+            position = np.array(position) if ranked else None
+            got = many.explain(inputs, target=target, position=position)
+            ref = _single_rows(single, inputs, target, position)
+            tolerance = 1e-6 if target.shape[1] == 1 else 1e-5
+            for attributed, expected in ref.items():
+                assert got.relevance[attributed].shape == expected.shape
+                assert np.abs(expected).max() > 0, (preset, attributed)
+                assert relative_error(got.relevance[attributed], expected) <= tolerance, (preset, attributed, target)
 
 
 @pytest.mark.parametrize("name", ("llama", "bert"))
