@@ -126,9 +126,9 @@ def _is_scalar(value: ir.Value) -> bool:
 
 def rewrite(graph: ir.Graph, blocks: int = BLOCKS) -> list[str]:
     """Replace every causal-shaped self-attention of `graph` by its row-block form; returns the names of the
-    masks the guard checks (none: nothing was rewritten). The new forward nodes are named after the ones they replace (plans and errors still point
-    at them) and their outputs get shapes with one symbolic dim per block, so the relevance rules see the
-    same structure as in the plain graph (softmax → its attention product)."""
+    masks the guard checks (none: nothing was rewritten). The new forward nodes are named after the ones
+    they replace (plans and errors still point at them) and their outputs get shapes with one symbolic dim
+    per block, so the relevance rules see the structure of the plain graph (softmax → its product)."""
     attentions = [a for a in find(graph) if any(_both(m) for m in a.masks)]
     masks = mask_sources(attentions)
     if not masks:
