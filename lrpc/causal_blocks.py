@@ -29,7 +29,7 @@ BLOCKS = 8              # query blocks: (8 + 1)/16 = 56 % of the [T, T] work
 MIN_TOKENS = 512        # shorter sequences run the plain graph (the per-block kernels cost more than they save)
 MASKED = -1e30          # a skipped mask entry must be at most this (−inf, or the dtype's minimum −3.4e38) …
 KEPT = -1e20            # … and every query row must keep an entry at least this, so exp(skipped − max) == 0
-                        # for any score below 1e29 in size (not checked: such a model's forward is broken)
+                        # for any score below 1e29 in size (not checked in the graph)
 
 # elementwise steps between the score product and the softmax; their other inputs are scalars, but for the
 # additive mask of the last step
