@@ -13,9 +13,12 @@ F32 = ir.DataType.FLOAT
 
 
 def cumsum(n, g):
-    """The transpose of a (reverse, exclusive) running sum is the running sum the other way."""
-    return (lambda: n.b.CumSum(g, n.raw(1), exclusive=n.attr("exclusive", 0), reverse=1 - n.attr("reverse", 0)),
-            None)
+    """The transpose of a (reverse, exclusive) running sum is the running sum the other way (along the same
+    axis of ĝ, which is one further under --targets)."""
+    def grad():
+        axis = n.grad_axes(n.b.Cast(n.raw(1), to=7)) if n.lead else n.raw(1)
+        return n.b.CumSum(g, axis, exclusive=n.attr("exclusive", 0), reverse=1 - n.attr("reverse", 0))
+    return (grad, None)
 
 
 PRODUCT_LIMIT = 1 << 26   # floats in CumProd's [L, *x] table of partial products: beyond it the op is refused
