@@ -263,18 +263,17 @@ def seed_matrix(value, batch: int, k: int | None, classes: int | None) -> np.nda
     return seed
 
 
-def conditions_option(value: str) -> dict[str, int]:
+def conditions_option(value: str, selectors: list[str]) -> dict[str, int]:
     """`lrpc explain --conditions mlp.3=17[,heads.1=2…]` → {"mlp.3": 17, …}: CRP's conditional relevance
-    through those units (`Explainer.explain(condition=…)`); whether the layer and unit exist is the
-    explainer's to say (it knows its components)."""
-    from lrpc.components import SELECTORS
+    through those units (`Explainer.explain(condition=…)`), the components among `selectors`
+    (lrpc.components.SELECTORS); whether the layer and unit exist is the explainer's to say."""
     condition: dict[str, int] = {}
     for part in (p.strip() for p in value.split(",")):
         component, equals, unit = part.partition("=")
         kind, dot, layer = component.strip().partition(".")
-        if not (equals and dot and kind in SELECTORS and layer.isdigit() and unit.strip().isdigit()):
+        if not (equals and dot and kind in selectors and layer.isdigit() and unit.strip().isdigit()):
             raise LrpcError(f"--conditions {part!r}: give COMPONENT.LAYER=UNIT (e.g. mlp.3=17; components "
-                            f"{', '.join(SELECTORS)}; several: comma-separated)")
+                            f"{', '.join(selectors)}; several: comma-separated)")
         if component.strip() in condition:
             raise LrpcError(f"--conditions names {component.strip()} twice: give one unit per component")
         condition[component.strip()] = int(unit)

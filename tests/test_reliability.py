@@ -391,7 +391,7 @@ def test_the_checks_leave_valid_results_bit_identical(name, zoo_export, monkeypa
     entry = models.get(name)
     _, proto = zoo_export(name, "dynamo", None)
     checked = lrpc.compile(proto)
-    monkeypatch.setattr(contract, "checked", lambda b, value, ok, test: value)
+    monkeypatch.setattr(contract, "checked", lambda b, value, ok, test, subject=None: value)
     unchecked = lrpc.compile(proto)
     assert not any(n.name.startswith("lrp_check_") for n in all_nodes(unchecked.graph))
     feed = {k: v.numpy() for k, v in entry.inputs(2, entry.example_shape[1] + 2, seed=9).items()}

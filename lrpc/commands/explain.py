@@ -91,7 +91,11 @@ def run(args) -> int:
         raise LrpcError("--top-k explains the K best classes: drop --target, or drop --top-k")
     check_counts(args, "top_k", "batch_size", "generate")
     from lrpc import corpus_run, validate
-    args.condition = None if args.conditions is None else validate.conditions_option(args.conditions)
+    if args.conditions is not None:
+        from lrpc.components import SELECTORS
+        args.condition = validate.conditions_option(args.conditions, SELECTORS)
+    else:
+        args.condition = None
     if args.condition and (args.generate is not None or args.file or similarity or corpus_run.wanted(args)):
         raise LrpcError("--conditions explains --text, --image or --input inputs: drop --generate, --file, "
                         "--similar-to and the corpus options (--out, …)")
