@@ -39,21 +39,24 @@ def test_a_killed_actor_loses_nothing(bert, local_ray, tmp_path):
     from ray._private.state import actors   # the GCS actor table (the state API needs the dashboard)
     corpus = mixed_corpus(tmp_path / "corpus.jsonl", 500)
     run(bert, corpus, tmp_path / "local.parquet", batch_size=4, window=8)
-    killed = []
+    killed, finished = [], threading.Event()
 
-    def kill_one_actor():
-        for _ in range(600):
+    def kill_one_actor():   # polls until the run ends (Ray's start-up alone can take half a minute under load)
+        while not finished.is_set():
             alive = [a["Pid"] for a in actors(actor_state_name="ALIVE").values() if "MapWorker" in a["ActorClassName"]]
             if alive and list((tmp_path / "ray.parquet.partial").glob("part-*")):
                 os.kill(alive[0], signal.SIGKILL)
                 killed.append(alive[0])
                 return
-            threading.Event().wait(0.05)
+            finished.wait(0.05)
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
-    run(bert, corpus, tmp_path / "ray.parquet", batch_size=4, window=8, engine="ray", workers=2)
-    killer.join()
+    try:
+        run(bert, corpus, tmp_path / "ray.parquet", batch_size=4, window=8, engine="ray", workers=2)
+    finally:
+        finished.set()
+        killer.join()
     assert killed, "no actor was killed: the run ended before the first window came back"
     local, distributed = read_output(tmp_path / "local.parquet"), read_output(tmp_path / "ray.parquet")
     assert distributed["line"].to_pylist() == local["line"].to_pylist()    # each row once, in order
