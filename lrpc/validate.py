@@ -180,7 +180,7 @@ def causal_blocks_option(blocks, min_tokens) -> tuple[int, int]:
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise LrpcError(f"{name}={value!r}: give a whole number ≥ {low}")
+            raise LrpcError(f"--{name.replace('_', '-')} {value!r} ({name}=): give a whole number ≥ {low}")
     blocks, min_tokens = int(blocks), int(min_tokens)
     if blocks == 1 or blocks > 64:
         raise LrpcError(f"--causal-blocks {blocks}: give 0 (off) or 2 … 64 query-row blocks")
