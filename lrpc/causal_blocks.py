@@ -125,21 +125,30 @@ def _is_scalar(value: ir.Value) -> bool:
     return array is not None and array.size == 1
 
 
-def rewrite(graph: ir.Graph, blocks: int = BLOCKS) -> list[str]:
-    """Replace every causal-shaped self-attention of `graph` by its row-block form; returns the names of the
-    masks the guard checks (none: nothing was rewritten). The new forward nodes are named after the ones
-    they replace (plans and errors still point at them) and their outputs get shapes with one symbolic dim
-    per block, so the relevance rules see the structure of the plain graph (softmax → its product)."""
-    attentions = [a for a in find(graph) if any(_both(m) for m in a.masks)]
-    masks = mask_sources(attentions)
-    if not masks:
+def causal_masks(graph: ir.Graph, blocks: int = BLOCKS) -> list[str]:
+    """The names of the masks the guard would check if `rewrite` cut `graph`'s attention into blocks; none
+    when there is nothing to cut, a mask's cone does real work, or the masks fail the unpadded probe (the
+    blocked graph would never run). Only reads the graph."""
+    masks = mask_sources(_causal_attentions(graph))
+    if not masks or causal_unpadded(graph, [m.name for m in masks], blocks) is False:
         return []
+    return [m.name for m in masks]
+
+
+def rewrite(graph: ir.Graph, blocks: int = BLOCKS) -> None:
+    """Replace every causal-shaped self-attention of `graph` (one `causal_masks` accepts) by its row-block
+    form. The new forward nodes are named after the ones they replace (plans and errors still point at
+    them) and their outputs get shapes with one symbolic dim per block, so the relevance rules see the
+    structure of the plain graph (softmax → its product)."""
     b = Builder(graph, prefix="causal_")
     cut = _Blocks(b, blocks)
-    for a in attentions:
+    for a in _causal_attentions(graph):
         _rewrite_one(graph, cut, a)
     graph.sort()
-    return [m.name for m in masks]
+
+
+def _causal_attentions(graph: ir.Graph) -> list[Attention]:
+    return [a for a in find(graph) if any(_both(m) for m in a.masks)]
 
 
 def _both(mask: ir.Value) -> bool:

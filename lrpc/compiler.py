@@ -151,18 +151,21 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
 def with_causal_blocks(prepared, blocks: int | None, min_tokens: int, **settings) -> ir.Model:
     """build_explainer(prepared(), **settings), joined by a run-time guard to the same explainer compiled on
     the row-block form of its causal self-attention (lrpc/causal_blocks.py) when it has one. `prepared`
-    gives a fresh copy of the loaded model each call; blocks 0 / None: the plain explainer alone."""
+    gives a fresh copy of the loaded model each call (a second only for a model that gets blocks);
+    blocks 0 / None: the plain explainer alone."""
     from lrpc import causal_blocks
     from lrpc.components import parse
-    plain = build_explainer(prepared(), **settings)
-    if not blocks or any("heads" in parse(settings.get(k)) for k in ("components", "intervene", "conditions")):
-        return plain   # (a head's unit is the attention product the blocks cut apart)
-    model = prepared()
-    if untouched.needed(model.graph, settings.get("forward_mode", "auto")):
-        return plain   # the outputs come from the untouched forward: nothing to gain, one more graph to hold
-    masks = causal_blocks.rewrite(model.graph, blocks)
-    if not masks or causal_blocks.causal_unpadded(model.graph, masks, blocks) is False:
+    first = prepared()
+    # not where a head is a unit (the blocks cut its product apart) or the untouched copy gives the outputs
+    served = not any("heads" in parse(settings.get(k)) for k in ("components", "intervene", "conditions")) \
+        and not untouched.needed(first.graph, settings.get("forward_mode", "auto"))
+    # read before build_explainer changes the graph, so a model without causal masks is loaded only once
+    masks = causal_blocks.causal_masks(first.graph, blocks) if blocks and served else []
+    plain = build_explainer(first, **settings)
+    if not masks:
         return plain
+    model = prepared()
+    causal_blocks.rewrite(model.graph, blocks)
     latent = contract.read_metadata(plain.metadata_props)["latent"]   # the same tensors, not their block copies
     if settings.get("latent"):
         present = {v.name for node in model.graph for v in node.outputs}

@@ -121,8 +121,9 @@ def test_bidirectional_models_are_not_rewritten(zoo_export):
     from lrpc.compiler import load
     for name, causal in (("bert", False), ("hf-vit", False), ("llama", True)):
         model = load(zoo_export(name, "dynamo")[1])
-        masks = causal_blocks.rewrite(model.graph, 4)
+        masks = [m.name for m in causal_blocks.mask_sources(causal_blocks.find(model.graph))]
         assert masks and causal_blocks.causal_unpadded(model.graph, masks, 4) is causal
+        assert bool(causal_blocks.causal_masks(model.graph, 4)) == causal
     _, proto = zoo_export("bert", "dynamo")
     assert not any(n.op_type == "If" for n in lrpc.compile(proto, causal_min_tokens=4).graph.node)
     assert causal_blocks.causal_unpadded(load(masked_attention_model()).graph, ["mask"], 4) is None   # a float mask
