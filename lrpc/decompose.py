@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from lrpc import ops
+from lrpc import ops, untouched
 from lrpc.fused_common import MS, PROTECTED_DOMAIN, Inserter, fail, float_type, used
 
 # Default-domain op names that only onnxruntime knows (registered by ORT in the ONNX domain): the registry's
@@ -94,9 +94,13 @@ def _decompose(node: ir.Node, handler, b: Inserter, ctx: _Context) -> bool:
         # what onnxruntime's kernel gives); its decomposition, read by nothing in the forward, carries the
         # relevance (ops.ALIAS).
         node.meta[ops.ALIAS] = replacements
-        return True
+        _typed_like_decomposition([node])   # (now: a later node of this round may read its rank, as QAttention
+        return True                         # reads QEmbedLayerNormalization's mask_index)
     # onnxruntime's contrib ops (whose outputs onnx cannot type) and other domains' ops (optimizer steps, which
-    # onnxruntime cannot run) are replaced by their decomposition
+    # onnxruntime cannot run) are replaced by their decomposition; an untouched copy of the forward runs the
+    # contrib op itself again (untouched.remember)
+    if node.domain == MS:
+        untouched.remember(b.graph, node, replacements)
     for old, new in zip(node.outputs, replacements):
         if not used(old):
             continue

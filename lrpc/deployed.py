@@ -11,15 +11,29 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-KINDS = ("dynamic", "qdq", "qoperator", "dynamic-fused", "qdq-fused", "fp16")
+KINDS = ("dynamic", "qdq", "qoperator", "dynamic-fused", "qdq-fused", "optimized-dynamic", "fp16")
 
 
 def dynamic(src: str | Path, dst: str | Path) -> Path:
     """onnxruntime.quantization.quantize_dynamic: int8 weights, DynamicQuantizeLinear + MatMulInteger /
-    ConvInteger on the activations, embedding tables Gather-then-DequantizeLinear."""
+    ConvInteger on the activations, embedding tables Gather-then-DequantizeLinear; onnxruntime's fused
+    EmbedLayerNormalization / Attention become QEmbedLayerNormalization / QAttention (their outputs, which
+    onnx cannot type, are float)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return Path(dst)
+
+
+def optimized_dynamic(src: str | Path, dst: str | Path, num_heads: int, hidden_size: int) -> Path:
+    """A BERT-like encoder (a legacy-exporter graph) as onnxruntime.transformers.optimizer fuses it
+    (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu; it needs the head count and width to
+    find the attention), then quantize_dynamic: QEmbedLayerNormalization and QAttention."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    staged = Path(dst).with_suffix(".optimized.onnx")
+    optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1,
+                   use_gpu=False).save_model_to_file(str(staged))
+    return dynamic(staged, dst)
 
 
 def qdq(src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]], fmt: str = "QDQ") -> Path:
@@ -59,8 +73,12 @@ def fp16(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def make(kind: str, src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]]) -> Path:
-    """The `kind` variant (one of KINDS) of the float model at `src`, written to `dst`."""
+def make(kind: str, src: str | Path, dst: str | Path, calibration: list[dict[str, np.ndarray]],
+         num_heads: int = 0, hidden_size: int = 0) -> Path:
+    """The `kind` variant (one of KINDS) of the float model at `src`, written to `dst` (optimized-dynamic: of a
+    model with `num_heads` heads of total width `hidden_size`)."""
+    if kind == "optimized-dynamic":
+        return optimized_dynamic(src, dst, num_heads, hidden_size)
     if kind in ("qdq", "qoperator"):
         return qdq(src, dst, calibration, "QDQ" if kind == "qdq" else "QOperator")
     if kind.endswith("-fused"):   # (the quantized model, then what onnxruntime's optimiser makes of it)

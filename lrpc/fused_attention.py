@@ -20,9 +20,10 @@ def _merge_heads(b, ctx_bnsh):
     return b.Reshape(b.Transpose(ctx_bnsh, perm=[0, 2, 1, 3]), b.i64([0, 0, -1]))
 
 
-def _ort_mask(node, b, mask, query, key, causal: bool, filter_value: float):
+def _ort_mask(node, b, mask, query, key, causal: bool, filter_value: float, k_axis=1, offset=None):
     """The additive mask onnxruntime's CPU attention builds (PrepareMask): key positions a mask hides get
-    mask_filter_value; with unidirectional=1 the future gets the float32 lowest (it overrides the mask).
+    mask_filter_value; with unidirectional=1 the future gets the float32 lowest (it overrides the mask). The
+    keys lie along `k_axis` of `key`; `offset`: the length of a past cache before the queries.
     Returns a tensor broadcastable to [B, N, S, T] (or None)."""
     zero, hidden = b.scalar(0.0), b.scalar(filter_value)
     additive = None
@@ -31,7 +32,7 @@ def _ort_mask(node, b, mask, query, key, causal: bool, filter_value: float):
         if r is None:
             raise fail(node, "a mask of unknown rank")
         if r == 1:
-            t = b.dim_scalar(key, 1)
+            t = b.dim_scalar(key, k_axis)
             positions = b.Unsqueeze(b.Range(b.i64(0), t, b.i64(1)), b.i64([0]))      # [1, T]
             m = b.Cast(mask, to=ir.DataType.INT64)
             batch_dim, mask_dim = b.dim(query, 0), b.dim(mask, 0)
@@ -54,7 +55,7 @@ def _ort_mask(node, b, mask, query, key, causal: bool, filter_value: float):
             raise fail(node, f"a {r}-D mask_index")
         additive = b.Where(allowed, zero, hidden)
     if causal:
-        future_ok = _causal_allowed(b, query, key)
+        future_ok = _causal_allowed(b, query, key, k_axis=k_axis, offset=offset)
         additive = b.Where(future_ok, additive if additive is not None else zero, b.scalar(LOWEST))
     return additive
 
@@ -112,20 +113,20 @@ def _head_size(node, hidden: int, num_heads: int) -> int:
 
 
 def ms_attention(node, b, ctx):
-    """com.microsoft Attention (no past): QKV = X·W (+ bias), per-head softmax(Q·Kᵀ·scale + mask (+ bias))·V."""
-    for i, name in ((4, "past"), (6, "past_sequence_length")):
-        if optional_input(node, i) is not None:
-            raise fail(node, f"input '{name}' (key/value cache)")
-    return self_attention(node, b, *(optional_input(node, i) for i in (0, 1, 2, 3, 5)))
+    """com.microsoft Attention: QKV = X·W (+ bias), per-head softmax(Q·Kᵀ·scale + mask (+ bias))·V, after a past
+    key/value state."""
+    if optional_input(node, 6) is not None:
+        raise fail(node, "input 'past_sequence_length' (a shared key/value buffer)")
+    return self_attention(node, b, *(optional_input(node, i) for i in (0, 1, 2, 3, 5, 4)))
 
 
-def self_attention(node, b, x, w, bias, mask, attn_bias):
+def self_attention(node, b, x, w, bias, mask, attn_bias, past=None):
     """com.microsoft Attention's computation (also QAttention's, on its dequantized input and weight; the
-    attributes are the node's)."""
+    attributes are the node's). A past state [2, B, N, P, h] goes before this step's keys and values (present is
+    both, [2, B, N, P + S, h]); the queries are positions P…P+S−1 for the causal mask."""
     for name in ("do_rotary", "past_present_share_buffer"):
         if attr(node, name, 0):
             raise fail(node, f"attribute {name}=1")
-    require_unused(node, (1,), ("present",))
     n = int(attr(node, "num_heads"))
     sizes = _qkv_sizes(node, b, w)
     head = _head_size(node, sizes[0], n)
@@ -135,11 +136,22 @@ def self_attention(node, b, x, w, bias, mask, attn_bias):
     if bias is not None:
         qkv = b.Add(qkv, bias)
     q, k, v = b.Split(qkv, b.i64(sizes), axis=-1, _outputs=3)
-    additive = _ort_mask(node, b, mask, x, x, bool(attr(node, "unidirectional", 0)),
-                         float(attr(node, "mask_filter_value", -10000.0)))
-    out = _attend(b, _heads(b, q, n, [0, 2, 1, 3]), _heads(b, k, n, [0, 2, 3, 1]), _heads(b, v, n, [0, 2, 1, 3]),
-                  scale, additive, attn_bias)
-    return [_merge_heads(b, out)]
+    causal, filter_value = bool(attr(node, "unidirectional", 0)), float(attr(node, "mask_filter_value", -10000.0))
+    present = None
+    if past is None and not output_used(node, 1):
+        kt, v = _heads(b, k, n, [0, 2, 3, 1]), _heads(b, v, n, [0, 2, 1, 3])
+        additive = _ort_mask(node, b, mask, x, x, causal, filter_value)
+    else:
+        k, v = _heads(b, k, n, [0, 2, 1, 3]), _heads(b, v, n, [0, 2, 1, 3])
+        if past is not None:
+            past_k, past_v = (b.Squeeze(half, b.i64([0])) for half in b.Split(past, num_outputs=2, axis=0, _outputs=2))
+            k, v = b.Concat(past_k, k, axis=2), b.Concat(past_v, v, axis=2)
+        present = b.Concat(b.Unsqueeze(k, b.i64([0])), b.Unsqueeze(v, b.i64([0])), axis=0)
+        kt = b.Transpose(k, perm=[0, 1, 3, 2])
+        additive = _ort_mask(node, b, mask, x, k, causal, filter_value, k_axis=2,
+                             offset=None if past is None else b.dim_scalar(past, 3))
+    out = _attend(b, _heads(b, q, n, [0, 2, 1, 3]), kt, v, scale, additive, attn_bias)
+    return [_merge_heads(b, out), present]
 
 
 def ms_multi_head_attention(node, b, ctx):

@@ -76,15 +76,23 @@ def embed_layer_norm(node, b, ctx):
     """com.microsoft EmbedLayerNormalization: s = word[ids] + pos[position_ids or 0..S-1] (+ segment[seg]);
     output = LayerNormalization(s, γ, β); mask_index = #(mask == 1) per row (int32, zeros without a mask);
     embedding_sum = s."""
-    ids, seg_ids, word, pos, seg = (optional_input(node, i) for i in range(5))
-    gamma, beta, mask, position_ids = optional_input(node, 5), optional_input(node, 6), optional_input(node, 7), optional_input(node, 8)
-    s = b.Gather(word, ids)
+    def value(i, indices=None):
+        return node.inputs[i] if indices is None else b.Gather(node.inputs[i], indices)
+    return embedding_layer_norm(node, b, value, optional_input(node, 8))
+
+
+def embedding_layer_norm(node, b, value, position_ids=None):
+    """EmbedLayerNormalization's computation (also QEmbedLayerNormalization's), its inputs at the same places:
+    ids 0, segment ids 1, the word / position / segment tables 2 / 3 / 4, γ 5, β 6, mask 7. `value(i, indices)`
+    is input i's float rows at `indices` (its float value without), so the quantized op dequantizes there."""
+    ids, seg_ids, seg, mask = node.inputs[0], optional_input(node, 1), optional_input(node, 4), optional_input(node, 7)
+    s = value(2, ids)
     if position_ids is None:
         position_ids = b.Range(b.i64(0), b.dim_scalar(ids, 1), b.i64(1))
-    s = b.Add(s, b.Gather(pos, position_ids))
+    s = b.Add(s, value(3, position_ids))
     if seg is not None and seg_ids is not None:
-        s = b.Add(s, b.Gather(seg, seg_ids))
-    y = b.LayerNormalization(s, gamma, beta, axis=-1, epsilon=float(attr(node, "epsilon", 1e-12)))
+        s = b.Add(s, value(4, seg_ids))
+    y = b.LayerNormalization(s, value(5), value(6), axis=-1, epsilon=float(attr(node, "epsilon", 1e-12)))
     if mask is not None:
         mask_index = b.ReduceSum(b.Cast(b.Equal(mask, b.const(np.asarray(1, dtype=mask.dtype.numpy()
                                                                              if mask.dtype else np.int32))),

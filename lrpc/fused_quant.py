@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from lrpc.fused_attention import self_attention
 from lrpc.fused_common import fail, optional_input
+from lrpc.fused_norms import embedding_layer_norm
 from lrpc.graph import attr
 
 
@@ -102,8 +103,20 @@ def qgemm(node, b, ctx):
 
 def qattention(node, b, ctx):
     """com.microsoft QAttention (quantize_dynamic of a model with fused Attention): Attention on DQ(input) (its
-    scale input 3, zero point 6) and DQ(weight) (scale 4, per tensor or per column; zero point 7)."""
-    if optional_input(node, 8) is not None:
-        raise fail(node, "input 'past' (key/value cache)")
+    scale input 3, zero point 6) and DQ(weight) (scale 4, per tensor or per column; zero point 7), after a float
+    past state (input 8; output 1 present)."""
     x, w = _dequantize(b, node, 0, scale=3, zero=6), _dequantize(b, node, 1, axis=1, scale=4, zero=7)
-    return self_attention(node, b, x, w, optional_input(node, 2), optional_input(node, 5), None)
+    return self_attention(node, b, x, w, optional_input(node, 2), optional_input(node, 5), None,
+                          optional_input(node, 8))
+
+
+def qembed_layer_norm(node, b, ctx):
+    """com.microsoft QEmbedLayerNormalization (quantize_dynamic of a model whose embeddings onnxruntime's
+    transformer optimiser fused): EmbedLayerNormalization on the dequantized tables, γ and β (each input i of
+    2…6 has its scale at i + 6 and its zero point at i + 11). A table is looked up, then its rows dequantized:
+    the quantized-embedding form lrpc.analysis finds, so relevance reaches the token ids."""
+    def value(i, indices=None):
+        rows = node.inputs[i] if indices is None else b.Gather(node.inputs[i], indices)
+        zero = optional_input(node, i + 11)
+        return b.DequantizeLinear(rows, node.inputs[i + 6], *([zero] if zero is not None else []))
+    return embedding_layer_norm(node, b, value)[:2]

@@ -158,10 +158,9 @@ QUANTIZATION: dict[str, Op] = {
     f"{MS}::QLinearWhere": quantized_fused(fq.qlinear_where, (1, 4)),
     f"{MS}::QGemm": quantized_fused(fq.qgemm, (0, 3)),
     f"{MS}::QAttention": quantized_fused(fq.qattention),
+    f"{MS}::QEmbedLayerNormalization": quantized_fused(fq.qembed_layer_norm),
 }
 QUANTIZED_REFUSED = {   # onnxruntime's quantized fusions of whole blocks (quantize_dynamic of an optimised model)
-    f"{MS}::QEmbedLayerNormalization": refused("QEmbedLayerNormalization (quantized fused embedding): quantize the "
-                                               "model before onnxruntime.transformers.optimizer fuses it"),
     f"{MS}::DynamicQuantizeLSTM": refused("DynamicQuantizeLSTM: quantize the model with op_types_to_quantize "
                                           "without LSTM"),
 }

@@ -14,7 +14,8 @@ through `Where(x == x, x, x)` (the value itself, bit for bit, NaN included; `x |
 onnxruntime's Where lacks, `x or x` for bool), which no onnxruntime rewrite
 removes, so its nodes can never be merged with the other forward's (common-subexpression elimination),
 except the constant ones, which are the same either way; its float16 / bfloat16 weights are its own
-(`_own_weight`). It costs one more forward per run, so by default only quantized and float16 / bfloat16 models get it
+(`_own_weight`); and where lrpc replaced an onnxruntime contrib op (SkipLayerNormalization, BiasGelu, …) by its
+decomposition, the copy runs the contrib op again (`remember`), as the model does. It costs one more forward per run, so by default only quantized and float16 / bfloat16 models get it
 (`needed`); float32 models get it with `lrpc compile --forward copy`. A model with subgraphs (If, Loop, Scan)
 is not copied.
 """
@@ -28,6 +29,16 @@ from lrpc.graph import Builder
 
 REDUCED = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 PREFIX = "lrp_forward."
+REPLACED = "lrpc.replaced"   # graph.meta key: the contrib nodes lrpc.decompose replaced (`remember`)
+
+
+def remember(graph: ir.Graph, node: ir.Node, replacements: list[ir.Value | None]) -> None:
+    """Record a contrib node that lrpc.decompose replaces by its decomposition (`replacements`, one per output),
+    so that the untouched copy runs the node itself: its decomposition is within float32 rounding of it, and at
+    onnxruntime's basic level (which fuses nothing back) the outputs would be an ulp off."""
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    graph.meta.setdefault(REPLACED, []).append(
+        (node.domain, node.op_type, node.version, node.name, attributes, list(node.inputs), list(replacements)))
 
 
 def needed(graph: ir.Graph, mode: str = "auto") -> bool:
@@ -104,12 +115,36 @@ def attach(graph: ir.Graph, forward: list[ir.Node], model_outputs: list[ir.Value
             if old.dtype is not None:   # (a custom op's output may have no known type)
                 new.dtype, new.shape = old.dtype, old.shape
             copies[old] = new
+    copied = set(copies.values())
+    _replaced_back(graph, copies)
     for i, value in enumerate(list(graph.outputs)):
         if value in model_outputs and value.producer() is not None:   # (a model input passed through stays)
             name, copy = value.name, copies[value]
             value.name, copy.name = PREFIX + name, name
             graph.outputs[i] = copy
+    for node in reversed(list(graph)):   # copied decompositions no copy reads any more (`_replaced_back`)
+        if any(o in copied for o in node.outputs) and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)
     graph.sort()
+
+
+def _replaced_back(graph: ir.Graph, copies: dict[ir.Value, ir.Value]) -> None:
+    """In the copy, each remembered contrib node takes its decomposition's place (the copies of its replacements
+    are read from the node instead; `attach` drops the copied decomposition left unread). A node whose inputs or
+    replacements the copy no longer has (lrpc.optimise merged them) keeps its decomposition."""
+    for domain, op_type, version, name, attributes, inputs, replacements in graph.meta.get(REPLACED, ()):
+        if not all(v is None or v in copies or v.is_initializer() for v in inputs) \
+                or not any(v in copies for v in replacements if v is not None):
+            continue
+        node = ir.Node(domain, op_type, [None if v is None else copies.get(v, v) for v in inputs], attributes,
+                       num_outputs=len(replacements), version=version, name=PREFIX + (name or ""))
+        graph.append(node)
+        for new, out in zip(replacements, node.outputs):
+            if new in copies:
+                name, copies[new].name = copies[new].name, None
+                out.name, out.dtype, out.shape = name, copies[new].dtype, copies[new].shape
+                copies[new].replace_all_uses_with(out)
+                copies[new] = out
 
 
 def _own_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:

@@ -484,7 +484,7 @@ def test_embed_layer_norm(variant):
     check_decomposition(model, feeds, [layer_norm(total, w, b, 1e-12), mask_index, total])
 
 
-@pytest.mark.parametrize("case", ["gqa", "attention-past"])
+@pytest.mark.parametrize("case", ["gqa", "attention-shared-buffer"])
 def test_unsupported_fused_ops_are_named(case):
     if case == "gqa":
         node = helper.make_node("GroupQueryAttention", ["x", "", "", "", "", "sl", "tl"], ["y", "pk", "pv"],
@@ -493,9 +493,10 @@ def test_unsupported_fused_ops_are_named(case):
                   vi("tl", TensorProto.INT32, [1])]
         inits = []
     else:
-        node = helper.make_node("Attention", ["x", "w", "", "", "past"], ["y", "present"], domain=MS,
-                                num_heads=2, name="attn_node")
-        inputs = [vi("x", TensorProto.FLOAT, [1, 3, 8]), vi("past", TensorProto.FLOAT, [2, 1, 2, 4, 4])]
+        node = helper.make_node("Attention", ["x", "w", "", "", "past", "", "past_length"], ["y", "present"],
+                                domain=MS, num_heads=2, past_present_share_buffer=1, name="attn_node")
+        inputs = [vi("x", TensorProto.FLOAT, [1, 3, 8]), vi("past", TensorProto.FLOAT, [2, 1, 2, 4, 4]),
+                  vi("past_length", TensorProto.INT32, [1])]
         inits = [("w", f32(8, 24))]
     model = make_model([node], inputs, [vi("y", TensorProto.FLOAT, None)], inits)
     with pytest.raises(lrpc.LrpcError, match=f"{node.name}.*{node.op_type}"):
