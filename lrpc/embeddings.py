@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lrpc.analysis import Attribution, embedding_lookups
+from lrpc import ops
+from lrpc.analysis import ID_PATH_OPS, Attribution, embedding_lookups
 from lrpc.errors import LrpcError
 from lrpc.graph import all_names, is_float
 
@@ -64,6 +65,7 @@ def expose(graph: ir.Graph, attribute: list[str] | None) -> tuple[dict[str, str]
         gather = looked_up.producer()
         if not looked_up.uses() and not looked_up.is_graph_output():
             graph.remove(gather, safe=True)
+        _decompose_kept_readers(graph, ids)
         exposed[name] = ids.name
     if not exposed:
         raise LrpcError("--embeddings-input: no attributed input is token ids feeding an embedding table "
@@ -72,6 +74,26 @@ def expose(graph: ir.Graph, attribute: list[str] | None) -> tuple[dict[str, str]
         back = {v: k for k, v in exposed.items()}
         attribute = [back.get(n, n) for n in attribute]
     return exposed, attribute
+
+
+def _decompose_kept_readers(graph: ir.Graph, ids: ir.Value) -> None:
+    """A fused node kept for the forward that reads the ids (QEmbedLayerNormalization: lrpc.decompose, ops.ALIAS)
+    computes the embedding inside the op, so the new input would reach its decomposition alone: its outputs
+    become its decomposition's, and the model's outputs follow the fed embedding."""
+    path, frontier = {ids}, [ids]
+    while frontier:   # the ids and the tensors carrying them unchanged (as embedding_lookups walks them)
+        for node, index in frontier.pop().uses():
+            if node.op_type in ID_PATH_OPS and index == 0 and node.domain in ("", "ai.onnx") \
+                    and node.outputs[0] not in path:
+                path.add(node.outputs[0])
+                frontier.append(node.outputs[0])
+    for node in [n for n in graph if ops.ALIAS in n.meta and any(v in path for v in n.inputs)]:
+        for old, new in zip(node.outputs, node.meta[ops.ALIAS]):
+            if new is not None:
+                name, old.name = old.name, None
+                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+                new.name = name
+        graph.remove(node, safe=True)
 
 
 def as_token_attributions(graph: ir.Graph, attributions: list[Attribution],

@@ -134,7 +134,8 @@ def _replaced_back(graph: ir.Graph, copies: dict[ir.Value, ir.Value]) -> None:
     replacements the copy no longer has (lrpc.optimise merged them) keeps its decomposition."""
     for domain, op_type, version, name, attributes, inputs, replacements in graph.meta.get(REPLACED, ()):
         if not all(v is None or v in copies or v.is_initializer() for v in inputs) \
-                or not any(v in copies for v in replacements if v is not None):
+                or not any(v in copies for v in replacements if v is not None) \
+                or not _reads_only(replacements, inputs):
             continue
         node = ir.Node(domain, op_type, [None if v is None else copies.get(v, v) for v in inputs], attributes,
                        num_outputs=len(replacements), version=version, name=PREFIX + (name or ""))
@@ -145,6 +146,23 @@ def _replaced_back(graph: ir.Graph, copies: dict[ir.Value, ir.Value]) -> None:
                 out.name, out.dtype, out.shape = name, copies[new].dtype, copies[new].shape
                 copies[new].replace_all_uses_with(out)
                 copies[new] = out
+
+
+def _reads_only(replacements: list[ir.Value | None], inputs: list[ir.Value | None]) -> bool:
+    """Whether the decomposition still computes its outputs from the node's inputs (and constants) alone: not
+    where --embeddings-input put a model input in place of its lookup (lrpc.embeddings)."""
+    bound, seen = {v for v in inputs if v is not None}, set()
+    stack = [v for v in replacements if v is not None]
+    while stack:
+        value = stack.pop()
+        if value in bound or value in seen or value.is_initializer():
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if producer is None:   # a model input the node does not read
+            return False
+        stack.extend(v for v in producer.inputs if v is not None)
+    return True
 
 
 def _own_weight(graph: ir.Graph, value: ir.Value) -> ir.Value:

@@ -612,6 +612,18 @@ def test_bert_fused_by_onnxruntimes_transformer_optimiser_then_quantized(zoo_exp
     _check_against_float(tmp_path / "explainer.onnx", float_path, feeds[0], 0.999)
     _assert_forward_bit_for_bit(variant, tmp_path / "explainer.onnx", feeds)
 
+    # --embeddings-input: the op looks the ids up itself, so the outputs must follow the fed rows instead (fed the
+    # dequantized rows of other ids, they are the model's outputs for those ids)
+    model = onnx.load(variant)
+    embed = next(node for node in model.graph.node if node.op_type == "QEmbedLayerNormalization")
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    table, scale, zero = (init[embed.input[i]] for i in (2, 8, 13))
+    rows = ((table.astype(np.float32) - zero) * scale)[feeds[1]["input_ids"]]
+    got = lrpc.Explainer(lrpc.compile(variant, embeddings_input=True)).explain(
+        {**feeds[0], "inputs_embeds.input_ids": rows}, target=np.array([0, 1])).outputs["logits"]
+    want = _outputs(variant, {**feeds[0], "input_ids": feeds[1]["input_ids"]})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
 
 def _assert_forward_bit_for_bit(model_path, explainer_path, feeds):
     """Every output of the explainer equals the model's bit for bit, as onnxruntime runs the model at each
