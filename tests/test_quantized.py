@@ -396,6 +396,13 @@ def test_quantized_fused_attention_with_a_past_state(variant, tmp_path):
             want = _central_differences(float_proto, feeds, name)
             assert np.abs(result.relevance[name] - want).max() <= 2e-3 * np.abs(want).max(), name
     assert lrpc.plan_model(proto).summary() == {"softmax": 1, "uniform": 2}
+    one, many = lrpc.Explainer(lrpc.compile(proto)), lrpc.Explainer(lrpc.compile(proto, targets=2))
+    targets, positions = np.array([TARGET, TARGET[::-1]]).T, np.array([POSITION, [0, 2]]).T
+    rows = many.explain(feeds, target=targets, position=positions).relevance   # (--targets: each row the single one)
+    for k in range(2):
+        single = one.explain(feeds, target=targets[:, k], position=positions[:, k]).relevance
+        for name in feeds:
+            assert np.abs(rows[name][:, k] - single[name]).max() <= 1e-5 * np.abs(single[name]).max(), name
 
 
 VOCAB_ROWS = CLASSES + 6
