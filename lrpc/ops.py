@@ -312,6 +312,8 @@ OPS: dict[str, Op] = {
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
         "Range", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
+    # a constant table: ONNX floors its float band edges to DFT bins, so it is piecewise constant in them
+    "MelWeightMatrix": Op(NON_DIFFERENTIABLE, why="its band edges are floored to DFT bins: zero derivative"),
     # control flow
     "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
     "Loop": control_flow(cf.unroll_loop, "a compile-time iteration count: the body is unrolled"),
