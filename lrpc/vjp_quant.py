@@ -41,7 +41,8 @@ def _blocks(n, i: int, data: int = 0):
     k // block_size = j."""
     b = n.b
     axis = n.attr("axis", 1) % n.rank(data)
-    count = lambda v: b.Range(b.i64(0), b.Reshape(b.Shape(v, start=axis, end=axis + 1), b.i64([])), b.i64(1))  # noqa: E731
+    def count(v):   # Range(v's length along the axis)
+        return b.Range(b.i64(0), b.Reshape(b.Shape(v, start=axis, end=axis + 1), b.i64([])), b.i64(1))
     owner = b.Div(count(n.raw(data)), b.i64(int(n.attr("block_size"))))
     return b.Cast(b.Equal(b.Unsqueeze(owner, b.i64([1])), b.Unsqueeze(count(n.raw(i)), b.i64([0]))), to=1)
 

@@ -336,8 +336,8 @@ def roi_align_rois(n, g):
     y = y₁·s − ½ + (ph + (i + ½)/G)/PH · (y₂ − y₁)·s (x alike; no −½ with output_half_pixel, where a roi shorter
     than 1 counts as 1), each through its four bilinear terms w_y·w_x·X[row, column] with onnxruntime's rules:
     all 0 beyond [−1, H], y ≤ 0 read at 0, y past H − 1 at H − 1 (w_y = 1 − l_y at the low row, l_y at the high
-    one, l_y = y − y_low, held 0 where y is clamped). mode=avg averages the bin's G²·4 terms; mode=max takes the
-    largest (onnxruntime's), its ĝ split evenly among ties. ∂term/∂y = ±w_x·X (0 clamped or outside), and
+    one, l_y = y − y_low, held 0 where y is clamped). mode=avg averages the bin's G² samples (each the sum of its
+    terms); mode=max takes the bin's largest term (onnxruntime's), its ĝ split evenly among ties. ∂term/∂y = ±w_x·X (0 clamped or outside), and
     ∂y/∂y₁ = s·(1 − u), ∂y/∂y₂ = s·u, u the sample's fraction of the roi."""
     b = n.b
     _, _, height, width = n.raw(0).shape

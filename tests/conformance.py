@@ -163,7 +163,8 @@ def own_cases() -> list[Case]:
     ops with no float32 node test (GlobalLpPool), zeros in CumProd, Attention's qk_matmul_output modes with a
     mask and a softcap (the node tests have mode 1 only without a mask), and forms whose node tests sit on a
     kink or hold their coordinates constant: 3-D GridSample's grid, RoiAlign's rois in max mode, cubic Resize's
-    tf_crop_and_resize roi."""
+    tf_crop_and_resize roi; a blocked DequantizeLinear at an opset onnxruntime runs (its node test's is newer); a
+    float Range whose count is not on a step (the node tests' are)."""
     from onnx.reference import ReferenceEvaluator
     rng = np.random.default_rng(18)
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -210,6 +211,12 @@ def own_cases() -> list[Case]:
               ("tf_crop_and_resize_one_axis_kept", [0, 0, 0.2, 0.3, 1, 1, 0.7, 0.9], [1, 1, 5, 3],
                "tf_crop_and_resize", {}),
               ("half_pixel_roi_unread", [0, 0, 0.2, 0.3, 1, 1, 0.7, 0.9], [1, 1, 7, 4], "half_pixel", {}))),
+        *((f"range_float_{name}", "Range", 21, {k: np.array(v, np.float32) for k, v in zip(("start", "limit", "delta"),
+                                                                                           values)}, 1, {})
+          for name, values in (("up", (1.25, 5.5, 0.75)), ("down", (3.0, -2.3, -1.3)))),
+        ("dequantizelinear_blocked_scale", "DequantizeLinear", 21,
+         {"x": rng.integers(0, 256, (2, 5)).astype(np.uint8), "x_scale": rng.uniform(0.5, 2, (2, 3)).astype(np.float32),
+          "x_zero_point": rng.integers(0, 256, (2, 3)).astype(np.uint8)}, 1, {"axis": 1, "block_size": 2}),
     ]
     cases = []
     for name, op, opset, inputs, outputs, attributes in specs:

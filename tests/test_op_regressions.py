@@ -77,8 +77,8 @@ def test_mel_weight_matrix_is_a_constant_table_not_refused():
     edges = [helper.make_tensor_value_info(k, F, []) for k in ("low", "high")]
     inits = [("bins", np.array(4)), ("dft", np.array(16)), ("rate", np.array(8000))]
     model = _model([mel, helper.make_node("MatMul", ["x", "w"], ["y"])],
-                   [helper.make_tensor_value_info("x", F, [1, 9]), *edges], [helper.make_tensor_value_info("y", F, None)],
-                   inits)
+                   [helper.make_tensor_value_info("x", F, [1, 9]), *edges],
+                   [helper.make_tensor_value_info("y", F, None)], inits)
     x, low, high = np.random.default_rng(0).standard_normal((1, 9)).astype(np.float32), np.array(100, np.float32), \
         np.array(3000, np.float32)
     r, _ = _relevance(model, {"x": x, "low": low, "high": high}, ["x", "low"])

@@ -158,20 +158,27 @@ def test_roi_align_rois_is_finite_differences(mode, scale, pooling):
     check_central_differences(got, s, inputs)
 
 
-def _resize_crop(axes, extrapolation=0.5):
-    return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear", axes=axes,
-                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation)
+def _resize_crop(axes, extrapolation=0.5, mode="linear", **extra):
+    return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode=mode, axes=axes,
+                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation,
+                            **extra)
 
 
-@pytest.mark.parametrize("roi, axes, sizes", [([0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4]),
-                                             ([-0.2, 0.3, 1.3, 0.6], [3, 2], [3, 6]),
-                                             ([0.0, 0.0, -0.15, 0.3, 1.0, 1.0, 0.85, 1.4], None, [1, 1, 3, 4])])
-def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
-    # relevance into tf_crop_and_resize's roi (boxes partly outside the image: extrapolated outputs), against
-    # central differences of ONNX's reference evaluator in float64 (onnxruntime computes the same here)
+@pytest.mark.parametrize("mode, roi, axes, sizes, extra", [
+    ("linear", [0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4], {}),
+    ("linear", [-0.2, 0.3, 1.3, 0.6], [3, 2], [3, 6], {}),
+    ("linear", [0.0, 0.0, -0.15, 0.3, 1.0, 1.0, 0.85, 1.4], None, [1, 1, 3, 4], {}),
+    ("cubic", [0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4], {}),
+    ("cubic", [-0.2, 0.15, 0.75, 1.3], [2, 3], [4, 3], {"extrapolation": 2.0}),
+    ("cubic", [0.05, 0.3, 0.9, 0.95], [2, 3], [3, 7], {"exclude_outside": 1, "cubic_coeff_a": -0.5})])
+def test_resize_crop_roi_is_finite_differences(mode, roi, axes, sizes, extra):
+    # relevance into X and tf_crop_and_resize's roi (boxes partly outside the image: extrapolated outputs), against
+    # central differences of ONNX's reference evaluator in float64 (onnxruntime computes the same here); its cubic
+    # rounds the roi to float32, so the step is 2.5e-4 there, the tolerance that of the rounding and of O(step²)
     from onnx.reference import ReferenceEvaluator
-    x, roi, sizes = rand(1, 1, 4, 5), np.array(roi, np.float32), np.array(sizes)
-    node = _resize_crop(axes)
+    # (every resized size changes; no sample on a pixel, a kink)
+    x, roi, sizes = rand(1, 1, *((4, 5) if mode == "linear" else (5, 6))), np.array(roi, np.float32), np.array(sizes)
+    node = _resize_crop(axes, mode=mode, **extra)
     got, w = relevance(node, {"x": x, "roi": roi}, {"sizes": sizes})
     double = helper.make_model(helper.make_graph(
         [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "roi")],
@@ -180,30 +187,7 @@ def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
     evaluator = ReferenceEvaluator(double)
     inputs = {"x": x.astype(np.float64), "roi": roi.astype(np.float64)}
     s = lambda feed: float(np.sum(w * evaluator.run(None, feed)[0]))  # noqa: E731
-    check_central_differences(got, s, inputs)
-
-
-@pytest.mark.parametrize("roi, sizes, extra", [
-    ([0.1, 0.2, 0.7, 0.9], [3, 4], {}),
-    ([-0.2, 0.15, 0.75, 1.3], [4, 3], {"extrapolation_value": 2.0}),
-    ([0.05, 0.3, 0.9, 0.95], [3, 7], {"exclude_outside": 1, "cubic_coeff_a": -0.5})])
-def test_resize_cubic_crop_roi_is_finite_differences(roi, sizes, extra):
-    # cubic tf_crop_and_resize: relevance into X and the roi, against central differences of ONNX's reference
-    # evaluator in float64 (onnxruntime computes the same here); the reference rounds the roi to float32, so the
-    # step is 1e-3, and the tolerance that of its O(step²) error
-    from onnx.reference import ReferenceEvaluator
-    x, roi, sizes = rand(1, 1, 5, 6), np.array(roi, np.float32), np.array(sizes)
-    node = helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="cubic", axes=[2, 3],
-                            coordinate_transformation_mode="tf_crop_and_resize", **extra)
-    got, w = relevance(node, {"x": x, "roi": roi}, {"sizes": sizes})
-    double = helper.make_model(helper.make_graph(
-        [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "roi")],
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], [numpy_helper.from_array(sizes, "sizes")]),
-        opset_imports=[helper.make_opsetid("", 21)])
-    evaluator = ReferenceEvaluator(double)
-    inputs = {"x": x.astype(np.float64), "roi": roi.astype(np.float64)}
-    s = lambda feed: float(np.sum(w * evaluator.run(None, feed)[0]))  # noqa: E731
-    check_central_differences(got, s, inputs, step=1e-3, rtol=1e-3)
+    check_central_differences(got, s, inputs, **({"step": 2.5e-4, "rtol": 1e-3} if mode == "cubic" else {}))
 
 
 def test_resize_crop_roi_of_an_unresized_axis_gets_nothing():
