@@ -266,6 +266,7 @@ OPS: dict[str, Op] = {
     "Slice": structural(st.slice_, rows.slice_),
     "Gather": structural(st.gather),
     "GatherElements": structural(st.gather_elements),
+    "Unique": structural(st.unique),
     "GatherND": structural(st.gather_nd),
     "Tile": structural(st.tile),
     "Pad": structural(st.pad, differentiable=(0, 2)),

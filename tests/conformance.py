@@ -164,7 +164,7 @@ def own_cases() -> list[Case]:
     mask and a softcap (the node tests have mode 1 only without a mask), and forms whose node tests sit on a
     kink or hold their coordinates constant: 3-D GridSample's grid, RoiAlign's rois in max mode, cubic Resize's
     tf_crop_and_resize roi; a blocked DequantizeLinear at an opset onnxruntime runs (its node test's is newer); a
-    float Range whose count is not on a step (the node tests' are)."""
+    float Range whose count is not on a step (the node tests' are); Unique of distinct values (the node tests tie)."""
     from onnx.reference import ReferenceEvaluator
     rng = np.random.default_rng(18)
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -214,6 +214,9 @@ def own_cases() -> list[Case]:
         *((f"range_float_{name}", "Range", 21, {k: np.array(v, np.float32) for k, v in zip(("start", "limit", "delta"),
                                                                                            values)}, 1, {})
           for name, values in (("up", (1.25, 5.5, 0.75)), ("down", (3.0, -2.3, -1.3)))),
+        *((f"unique_{name}", "Unique", 21, {"x": normal(*shape)}, outputs, attributes)
+          for name, shape, outputs, attributes in (("sorted", (2, 3), 1, {}), ("not_sorted", (5,), 1, {"sorted": 0}),
+                                                   ("axis", (3, 2), 1, {"axis": 0}))),
         ("dequantizelinear_blocked_scale", "DequantizeLinear", 21,
          {"x": rng.integers(0, 256, (2, 5)).astype(np.uint8), "x_scale": rng.uniform(0.5, 2, (2, 3)).astype(np.float32),
           "x_zero_point": rng.integers(0, 256, (2, 3)).astype(np.uint8)}, 1, {"axis": 1, "block_size": 2}),

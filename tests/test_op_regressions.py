@@ -424,3 +424,17 @@ def test_dequantize_blocked_with_a_scale_that_carries_relevance():
     centred = q.astype(np.float32) - np.repeat(zp, 2, axis=1)[:, :5]
     want = s * np.stack([centred[:, 0:2].sum(1), centred[:, 2:4].sum(1), centred[:, 4:5].sum(1)], axis=1)
     np.testing.assert_allclose(r["s"], want, rtol=1e-6)
+
+
+def test_unique_reads_its_own_inverse_indices_and_counts():
+    # every output requested (sorted=0): ĝ_x is ĝ_Y read back through the node's own inverse indices; against the
+    # conformance harness's finite differences (distinct values)
+    import conformance
+    x = np.random.default_rng(5).standard_normal(5).astype(np.float32)
+    names = ["Y", "indices", "inverse", "counts"]
+    model = _model([helper.make_node("Unique", ["x"], names, sorted=0)], [helper.make_tensor_value_info("x", F, [5])],
+                   [helper.make_tensor_value_info(k, F if k == "Y" else I64, None) for k in names])
+    outputs = dict(zip(names, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})))
+    outcome = conformance.run_case(conformance.Case("unique_all_outputs", "Unique", model.SerializeToString(), {"x": x},
+                                                    outputs))
+    assert (outcome.status, outcome.attnlrp, outcome.attributed) == ("exact", "", ["x"]), outcome.detail

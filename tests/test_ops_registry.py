@@ -195,6 +195,10 @@ RECIPES["Range"] = ([n("Slice", ["x", "zero3", "pair_end", "axes3"], "first"), n
                      "pair": np.array([2]), "index0": np.array(0), "index1": np.array(1), "tenth": np.array(0.1),
                      "one": np.array(1.0), "span": np.array(3.5), "zero": np.array([0]), "four": np.array([4]),
                      "last": np.array([2])})
+# the distinct values, sorted, of x + 0.01·(0, 1, 2, …) (distinct for x = 0 too), read as [B, S, D]
+RECIPES["Unique"] = ([n("Add", ["x", "apart"], "spread"), n("Unique", ["spread"], "values"),
+                      n("Reshape", ["values", "back"], "o")],
+                     {"apart": 0.01 * np.arange(B * S * D).reshape(B, S, D), "back": np.array([B, S, D])})
 RECIPES["Squeeze"] = RECIPES["Unsqueeze"]
 RECIPES["Optional"] = RECIPES["OptionalGetElement"]
 
