@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lrpc.graph import attr, checked, const_array, subgraphs
+from lrpc.graph import attr, checked, const_array, static_value, subgraphs
 
 
 def inline_static_if(node: ir.Node, b, ctx) -> list[ir.Value] | None:
     """The taken branch's outputs, its nodes copied before the If (None: the condition is known only at run
     time, or the branch holds control flow of its own)."""
-    condition = const_array(node.inputs[0])
+    condition = static_value(node.inputs[0])   # a constant, or computed from static dims
     if condition is None:
         return None
     branch = node.attributes["then_branch" if bool(np.asarray(condition).reshape(-1)[0]) else "else_branch"].value

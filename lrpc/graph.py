@@ -54,7 +54,7 @@ def weight_array(value: ir.Value | None) -> np.ndarray | None:
 def static_value(value: ir.Value | None, depth: int = 16) -> np.ndarray | None:
     """The value of a small tensor that is constant in fact though computed at run time, as TorchScript
     exports compute slice bounds and reshape targets (Shape → Gather → Div → Unsqueeze), else None.
-    Evaluates integer shape arithmetic over static dims; never a tensor of more than 64 elements."""
+    Evaluates integer shape arithmetic (and Size, Equal) over static dims; never a tensor of more than 64 elements."""
     array = const_array(value)
     if array is not None or value is None or depth == 0:
         return array if array is None or array.size <= 64 else None
@@ -64,6 +64,9 @@ def static_value(value: ir.Value | None, depth: int = 16) -> np.ndarray | None:
     if node.op_type == "Shape":
         dims = static_dims(node.inputs[0], attr(node, "start", 0), attr(node, "end"))
         return None if dims is None else np.asarray(dims, np.int64)
+    if node.op_type == "Size":   # (a function body's test of its input's rank: AffineGrid's If)
+        dims = static_dims(node.inputs[0])
+        return None if dims is None else np.asarray(int(np.prod(dims)), np.int64)
     shape_of = node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None
     if shape_of is not None and shape_of.op_type == "Shape" and shape_of.inputs[0].shape is not None:
         # static dims picked out of a partly symbolic shape: Gather(Shape(x), 3) of x [batch, 8, seq, 64]
@@ -104,6 +107,8 @@ def _evaluate(node: ir.Node, args: list) -> np.ndarray | None:
     if op in ("Add", "Sub", "Mul", "Max", "Min"):
         return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum,
                 "Min": np.minimum}[op](*args).astype(args[0].dtype)
+    if op == "Equal":
+        return np.equal(*args)
     if op == "Div":  # ONNX integer division truncates toward zero
         return (np.sign(args[0]) * np.sign(args[1]) * (np.abs(args[0]) // np.abs(args[1]))).astype(args[0].dtype)
     return None

@@ -239,6 +239,7 @@ OPS: dict[str, Op] = {
     "GridSample": Op(LINEAR, smp.grid_sample),
     "RoiAlign": Op(LINEAR, smp.roi_align),   # (max mode: piecewise linear)
     "Det": Op(LINEAR, lin.det),   # multilinear in A's rows
+    "Range": Op(LINEAR, lin.arange, differentiable=(0, 2)),   # (float) linear in start and delta
     "DFT": Op(LINEAR, spectral.dft, differentiable=(0,)),
     "STFT": Op(LINEAR, spectral.stft, differentiable=(0, 2)),   # linear in the signal and in the window
     "Einsum": Op(LINEAR, lin.einsum),
@@ -264,6 +265,7 @@ OPS: dict[str, Op] = {
     "Slice": structural(st.slice_, rows.slice_),
     "Gather": structural(st.gather),
     "GatherElements": structural(st.gather_elements),
+    "Unique": structural(st.unique),
     "GatherND": structural(st.gather_nd),
     "Tile": structural(st.tile),
     "Pad": structural(st.pad, differentiable=(0, 2)),
@@ -310,7 +312,9 @@ OPS: dict[str, Op] = {
         "Shape", "Size", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "IsNaN", "IsInf", "Sign",
         "Floor", "Ceil", "Round", "ArgMax", "ArgMin", "NonZero", "RandomNormal", "RandomUniform",
         "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "EyeLike", "ConstantOfShape",
-        "Range", "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
+        "Not", "And", "Or", "Xor", "BitShift", "BitwiseAnd", "Hardmax", "ai.onnx.ml::Binarizer")},
+    # a constant table: ONNX floors its float band edges to DFT bins, so it is piecewise constant in them
+    "MelWeightMatrix": Op(NON_DIFFERENTIABLE, why="its band edges are floored to DFT bins: zero derivative"),
     # control flow
     "If": control_flow(cf.inline_static_if, "a static condition: the taken branch is inlined"),
     "Loop": control_flow(cf.unroll_loop, "a compile-time iteration count: the body is unrolled"),

@@ -95,3 +95,13 @@ def stabilised(b, z, eps: float):
     elementwise arithmetic only (onnxruntime's broadcasting Where is several times slower on CPU)."""
     step = b.Cast(b.GreaterOrEqual(z, b.f32(0.0)), to=1)
     return b.Add(z, b.Sub(b.Mul(step, b.f32(2 * np.float32(eps))), b.f32(eps)))
+
+
+def along_axis(b, t, axis: int, rank: int, matrix):
+    """t [..., d_axis, ...] times matrix [d_axis, e] along `axis`: [..., e, ...]."""
+    last = rank - 1
+    swap = list(range(rank))
+    swap[axis], swap[last] = last, axis
+    moved = t if axis == last else b.Transpose(t, perm=swap)
+    product = b.MatMul(moved, matrix)
+    return product if axis == last else b.Transpose(product, perm=swap)

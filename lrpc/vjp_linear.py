@@ -1,4 +1,5 @@
-"""VJPs of the linear contractions: MatMul, Gemm, Conv, Einsum (docs/design.md, "Relevance semantics")."""
+"""VJPs of the linear contractions: MatMul, Gemm, Conv, Einsum, and of Range, linear in its start and delta
+(docs/design.md, "Relevance semantics")."""
 
 from __future__ import annotations
 
@@ -222,3 +223,12 @@ def det(n, g):
         signs = np.fromfunction(lambda i, j: (-1.0) ** (i + j), (m, m)).astype(np.float32)
         return b.Mul(spread, b.Mul(cofactors, b.f32(signs)))
     return (grad,)
+
+
+def arange(n, g):
+    """Range y_i = start + i·delta (float): ĝ_start = Σ_i ĝ_i, ĝ_delta = Σ_i i·ĝ_i; the limit only sets the count,
+    a step function of it (no ĝ)."""
+    b = n.b
+    index = b.Range(b.f32(0.0), b.Cast(b.Size(n.raw_out(0)), to=1), b.f32(1.0))
+    return (lambda: b.ReduceSum(g, b.i64([-1]), keepdims=0), None,
+            lambda: b.ReduceSum(b.Mul(g, index), b.i64([-1]), keepdims=0))

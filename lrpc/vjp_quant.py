@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lrpc import vjp_linear as lin
 from lrpc.graph import DECOMPOSITION
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import along_axis, refuse
 
 
 def _safe(n, scale):
@@ -22,18 +22,29 @@ def _safe(n, scale):
 
 def _along(n, i: int, data: int = 0):
     """Input i (a scale or zero point) shaped to broadcast against input `data`: per-tensor as it is,
-    per-axis [C] reshaped to [C, 1, …] at the op's `axis` (default 1). Blocked quantization is refused."""
+    per-axis [C] reshaped to [C, 1, …] at the op's `axis` (default 1), blocked [.., B, ..] repeated block_size
+    times along `axis` (`_blocks`)."""
     value = n.x(i)
     if n.rank(i) == 0:
         return value
-    if n.attr("block_size", 0):
-        refuse(n, "blocked quantization of a relevance-carrying tensor is not supported; quantize activations "
-                  "per tensor")
     r = n.rank(data)
     if r is None:
         refuse(n, "a per-axis scale on a tensor of unknown rank; re-export the model with static ranks")
     axis = n.attr("axis", 1) % r
+    if n.attr("block_size", 0):
+        return along_axis(n.b, value, axis, r, n.b.Transpose(_blocks(n, i, data), perm=[1, 0]))
     return n.b.Reshape(value, n.b.i64([-1] + [1] * (r - axis - 1)))
+
+
+def _blocks(n, i: int, data: int = 0):
+    """[d, B]: 1 where element k of input `data`'s quantized axis (d long) lies in block j of input i's (B long),
+    k // block_size = j."""
+    b = n.b
+    axis = n.attr("axis", 1) % n.rank(data)
+    def count(v):   # Range(v's length along the axis)
+        return b.Range(b.i64(0), b.Reshape(b.Shape(v, start=axis, end=axis + 1), b.i64([])), b.i64(1))
+    owner = b.Div(count(n.raw(data)), b.i64(int(n.attr("block_size"))))
+    return b.Cast(b.Equal(b.Unsqueeze(owner, b.i64([1])), b.Unsqueeze(count(n.raw(i)), b.i64([0]))), to=1)
 
 
 def _centred(n, i: int, zero_point: int, channels_first: bool = False):
@@ -94,10 +105,11 @@ def dequantize(n, g):
         rank, lead = n.rank(0), 1 if n.lead else 0
         if rank is None:
             refuse(n, "a relevance-carrying scale on a tensor of unknown rank")
-        own = [] if n.rank(1) == 0 else [n.grad_axis(n.attr("axis", 1) % rank)]
-        _along(n, 1)   # (refuses blocked quantization)
-        return b.ReduceSum(b.Mul(g, centred), b.i64([a for a in range(lead, lead + rank) if a not in own]),
-                           keepdims=0)
+        own = n.grad_axis(n.attr("axis", 1) % rank)
+        if n.attr("block_size", 0):   # each block's sum along the axis
+            return along_axis(b, b.Mul(g, centred), own, lead + rank, _blocks(n, 1))
+        return b.ReduceSum(b.Mul(g, centred), b.i64([a for a in range(lead, lead + rank)
+                                                     if n.rank(1) == 0 or a != own]), keepdims=0)
     producer = n.node.inputs[0].producer()
     if producer is not None and producer.op_type == "QuantizeLinear" and _paired(producer):
         return (lambda: g, scale)

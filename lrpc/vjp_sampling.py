@@ -4,12 +4,15 @@ and its VJP is the transposed map."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
-from lrpc.vjp_common import refuse
+from lrpc.vjp_common import along_axis, refuse
 
 F32 = ir.DataType.FLOAT
+CUBIC_A = -0.75   # the cubic convolution constant: GridSample's (fixed by the spec), Resize's default cubic_coeff_a
 RESIZE_ATTRS = ("mode", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside", "nearest_mode",
                 "antialias")
 
@@ -96,7 +99,7 @@ def resize(n, g):
             if j == skip or policy == "stretch" and _identity_axis(n, j, a, use_scales, cropping):
                 continue
             matrix = probe(j, a) if policy == "stretch" else probe_all(j, a)
-            grad = _along(b, grad, n.grad_axis(a), r + n.lead, b.Transpose(matrix, perm=[1, 0]))
+            grad = along_axis(b, grad, n.grad_axis(a), r + n.lead, b.Transpose(matrix, perm=[1, 0]))
         return grad
 
     grads = [lambda: back(g)] + [None] * (len(n.inputs) - 1)
@@ -105,56 +108,58 @@ def resize(n, g):
     return tuple(grads)
 
 
-def _along(b, t, axis: int, rank: int, matrix):
-    """t [..., d_axis, ...] times matrix [d_axis, e] along `axis`: [..., e, ...]."""
-    last = rank - 1
-    swap = list(range(rank))
-    swap[axis], swap[last] = last, axis
-    moved = t if axis == last else b.Transpose(t, perm=swap)
-    product = b.MatMul(moved, matrix)
-    return product if axis == last else b.Transpose(product, perm=swap)
-
-
 def resize_roi(n, g, axes, back):
-    """ĝ of tf_crop_and_resize's roi, linear mode (nearest: 0). Along axis a the output o reads
-    x_a(o) = start·(in − 1) + o·(end − start)·(in − 1)/(out − 1) (out = 1: the middle) by linear interpolation
-    of the pixels x₁ = min(⌊x_a⌋, in − 1), x₂ = min(x₁ + 1, in − 1), and the extrapolation value outside
-    [0, in − 1], as the spec and onnxruntime do: ∂y/∂x_a = X[x₂] − X[x₁] inside (the matrix D_a, applied along a,
-    the other axes resized as the node does). ĝ_start = Σ_o c(o)·(in − 1)(1 − o/(out − 1)), ĝ_end =
-    Σ_o c(o)·(in − 1)·o/(out − 1), c(o) = Σ over the other axes of (ĝ_y resized back along them) ⊙ (D_a x)."""
+    """ĝ of tf_crop_and_resize's roi, linear and cubic modes (nearest: 0). Along axis a the output o reads
+    x_a(o) = start·(in − 1) + o·(end − start)·(in − 1)/(out − 1) (out = 1: the middle) as Σ_i w_i(t)·X[x₀ + i],
+    x₀ = ⌊x_a⌋, t = x_a − x₀, the pixel indices clamped to [0, in − 1] (linear: i = 0, 1; cubic: −1 … 2, the node's
+    cubic_coeff_a, with exclude_outside the weights of pixels outside the image dropped and the rest renormalised),
+    and the extrapolation value outside [0, in − 1], as the spec and onnxruntime do: ∂y/∂x_a = Σ_i w_i′(t)·X[x₀ + i]
+    inside (the matrix D_a, applied along a, the other axes resized as the node does). ĝ_start =
+    Σ_o c(o)·(in − 1)(1 − o/(out − 1)), ĝ_end = Σ_o c(o)·(in − 1)·o/(out − 1), c(o) = Σ over the other axes of
+    (ĝ_y resized back along them) ⊙ (D_a x)."""
     b, r, lead = n.b, n.rank(0), n.lead
     mode = n.attr("mode", "nearest")
     if n.attr("coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize" or mode == "nearest":
         return n.grad_zeros(1)   # the roi unread, or piecewise constant
-    if mode != "linear" or n.attr("antialias", 0):
-        refuse(n, f"relevance into roi with mode={mode}{' and antialias' * bool(n.attr('antialias', 0))} is not "
-                  "supported (linear only)")
+    if n.attr("antialias", 0):
+        refuse(n, f"relevance into roi with mode={mode} and antialias is not supported")
+    a, exclude = float(n.attr("cubic_coeff_a", CUBIC_A)), n.attr("exclude_outside", 0) and mode == "cubic"
     k, roi = len(axes), n.x(1)
     starts, ends = [], []
-    for j, a in enumerate(axes):
-        size = b.Cast(b.Shape(n.raw(0), start=a, end=a + 1), to=1)                                  # [1] in_a
-        out = b.Cast(b.Shape(n.raw_out(0), start=a, end=a + 1), to=1)                              # [1] out_a
+    for j, a_axis in enumerate(axes):
+        size = b.Cast(b.Shape(n.raw(0), start=a_axis, end=a_axis + 1), to=1)                     # [1] in_a
+        out = b.Cast(b.Shape(n.raw_out(0), start=a_axis, end=a_axis + 1), to=1)                 # [1] out_a
         span = b.Sub(size, b.f32(1.0))
         start, end = b.Slice(roi, b.i64([j]), b.i64([j + 1])), b.Slice(roi, b.i64([j + k]), b.i64([j + k + 1]))
         steps = b.Range(b.f32(0.0), b.Reshape(out, b.i64([])), b.f32(1.0))                          # [out_a] o
         many = b.Greater(out, b.f32(1.0))
         fraction = b.Where(many, b.Div(steps, b.Max(b.Sub(out, b.f32(1.0)), b.f32(1.0))), b.f32(0.5))   # o/(out−1)
         place = b.Add(b.Mul(start, span), b.Mul(b.Mul(fraction, b.Sub(end, start)), span))          # x_a(o)
-        first = b.Min(b.Floor(place), span)
-        second = b.Min(b.Add(first, b.f32(1.0)), span)
+        first = b.Floor(place)
         inside = b.Cast(b.And(b.GreaterOrEqual(place, b.f32(0.0)), b.LessOrEqual(place, span)), to=1)
         pixels = b.Range(b.f32(0.0), b.Reshape(size, b.i64([])), b.f32(1.0))                         # [in_a]
         column = b.Unsqueeze(pixels, b.i64([1]))
+        taps = [(i, b.f32(d) if isinstance(d, float) else d)
+                for i, d in _weight_derivatives(b, b.Sub(place, first), "cubic" if mode == "cubic" else "linear", a)]
+        if exclude:   # w_i = c_i m_i / S: w_i′ = (c_i′ m_i − w_i S′) / S
+            kept = [b.Cast(b.And(b.GreaterOrEqual(b.Add(first, b.f32(i)), b.f32(0.0)),
+                                 b.LessOrEqual(b.Add(first, b.f32(i)), span)), to=1) for i, _ in taps]
+            weights = [b.Mul(c, m) for c, m in zip(_cubic_weights(b, b.Sub(place, first), a), kept)]
+            total, slope_total = (functools.reduce(b.Add, terms) for terms in
+                                  (weights, [b.Mul(d, m) for (_, d), m in zip(taps, kept)]))
+            taps = [(i, b.Div(b.Sub(b.Mul(d, m), b.Mul(b.Div(w, total), slope_total)), total))
+                    for (i, d), m, w in zip(taps, kept, weights)]
         onehot = lambda at: b.Cast(b.Equal(column, b.Unsqueeze(at, b.i64([0]))), to=1)  # noqa: E731
-        difference = b.Mul(b.Sub(onehot(second), onehot(first)), inside)                           # D_aᵀ [in_a, out_a]
-        slope = _along(b, n.x(0), a, r, difference)                                                 # D_a x
-        others = [i + lead for i in range(r) if i != a]
+        at = lambda i: b.Min(b.Max(b.Add(first, b.f32(i)), b.f32(0.0)), span)  # noqa: E731   clamped x₀ + i
+        difference = b.Mul(functools.reduce(b.Add, [b.Mul(onehot(at(i)), d) for i, d in taps]), inside)  # D_aᵀ
+        slope = along_axis(b, n.x(0), a_axis, r, difference)                                            # D_a x
+        others = [i + lead for i in range(r) if i != a_axis]
         c = b.ReduceSum(b.Mul(back(g, skip=j), slope), b.i64(others), keepdims=0)                  # [(K,) out_a]
         # onnxruntime leaves an axis whose size does not change uncropped, whatever its roi
         cropped = b.Mul(span, b.Cast(b.Not(b.Equal(out, size)), to=1))
-        weights = lambda w: b.ReduceSum(b.Mul(c, b.Mul(w, cropped)), b.i64([-1]), keepdims=1)  # noqa: E731
-        starts.append(weights(b.Sub(b.f32(1.0), fraction)))
-        ends.append(weights(fraction))
+        weights_of = lambda w: b.ReduceSum(b.Mul(c, b.Mul(w, cropped)), b.i64([-1]), keepdims=1)  # noqa: E731
+        starts.append(weights_of(b.Sub(b.f32(1.0), fraction)))
+        ends.append(weights_of(fraction))
     return b.Concat(*starts, *ends, axis=-1)                                                        # [(K,) 2k]
 
 
@@ -204,60 +209,70 @@ def grid_sample(n, g):
     return (grad, (lambda: grid_sample_grid(n, g)) if n.carries(1) else None)
 
 
-CUBIC_A = -0.75   # GridSample's cubic convolution constant (fixed by the spec)
-
-
 def grid_sample_grid(n, g):
-    """ĝ of the grid of a 2-D GridSample. Along x (y alike) the output is Σ_i w_i(t) P(x₀ + i), t = ix − ⌊ix⌋,
-    ix the unnormalised coordinate, P the image column with the node's own padding applied per pixel (as the
-    spec and onnxruntime do), w the linear or cubic weights; nearest is piecewise constant (ĝ 0). So
-    ∂y/∂ix = Σ_i w_i′(t) Q_i, where Q_i = GridSample at the integer x₀ + i (every x weight but one is 0 there,
-    so Q_i is P(x₀ + i) interpolated along y only, with the node's padding), and ∂ix/∂gx = (W − 1)/2 with
-    align_corners, else W/2. ĝ_grid[n, h, w, axis] = Σ_c ĝ_y[n, c, h, w] ∂y/∂g_axis."""
+    """ĝ of the grid of a 2-D or 3-D GridSample. Along x (y, z alike) the output is Σ_i w_i(t) P(x₀ + i),
+    t = ix − ⌊ix⌋, ix the unnormalised coordinate, P the image column with the node's own padding applied per
+    pixel (as the spec and onnxruntime do), w the linear or cubic weights; nearest is piecewise constant (ĝ 0).
+    So ∂y/∂ix = Σ_i w_i′(t) Q_i, where Q_i = GridSample at the integer x₀ + i (every x weight but one is 0 there,
+    so Q_i is P(x₀ + i) interpolated along the other axes only, with the node's padding), and ∂ix/∂gx =
+    (W − 1)/2 with align_corners, else W/2. ĝ_grid[n, *p, axis] = Σ_c ĝ_y[n, c, *p] ∂y/∂g_axis."""
     b = n.b
     x = n.raw(0).shape
-    if x is None or len(x) != 4 or not all(isinstance(d, int) for d in x[2:]):
-        refuse(n, "relevance into the grid needs a 2-D GridSample with static spatial dims")
+    if x is None or len(x) not in (4, 5) or not all(isinstance(d, int) for d in x[2:]):
+        refuse(n, "relevance into the grid needs a 2-D or 3-D GridSample with static spatial dims")
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(n.attr("mode", "bilinear"), n.attr("mode", "bilinear"))
     if mode == "nearest":
         return n.grad_zeros(1)
     corners = n.attr("align_corners", 0)
     settings = {k: n.attr(k) for k in ("align_corners", "mode", "padding_mode") if n.attr(k) is not None}
-    grid, shift = n.x(1), 0.0 if corners else 0.5
+    grid, shift, d = n.x(1), 0.0 if corners else 0.5, len(x) - 2
+    components = [b.Gather(grid, b.i64([c]), axis=d + 1) for c in range(d)]               # [N, *out, 1] each
     parts = []
-    for axis, size in ((0, x[3]), (1, x[2])):   # the grid's last axis holds (x, y)
+    for axis in range(d):   # the grid's last axis holds (x, y[, z]): x along the last spatial dim
+        size = x[-1 - axis]
         scale = (size - 1) / 2 if corners else size / 2
         if scale == 0:   # one pixel with align_corners: ix = 0 whatever the grid
             parts.append(b.Mul(b.ReduceSum(g, b.i64([n.grad_axis(1)]), keepdims=1), b.f32(0.0)))
             continue
-        pixel = b.Sub(b.Mul(b.Add(b.Gather(grid, b.i64(axis), axis=3), b.f32(1.0)), b.f32(scale)), b.f32(shift))
-        floor = b.Floor(pixel)                                                              # [N, H_out, W_out]
-        other = b.Gather(grid, b.i64([1 - axis]), axis=3)
+        pixel = b.Sub(b.Mul(b.Add(b.Gather(grid, b.i64(axis), axis=d + 1), b.f32(1.0)), b.f32(scale)),
+                      b.f32(shift))
+        floor = b.Floor(pixel)                                                              # [N, *out]
         slope = None
         for i, weight in _weight_derivatives(b, b.Sub(pixel, floor), mode):
             at = b.Unsqueeze(b.Sub(b.Div(b.Add(floor, b.f32(i + shift)), b.f32(scale)), b.f32(1.0)),
-                             b.i64([3]))                                                    # x₀ + i, normalised
-            sampled = b.GridSample(n.x(0), b.Concat(*((at, other) if axis == 0 else (other, at)), axis=3), **settings)
+                             b.i64([d + 1]))                                                # x₀ + i, normalised
+            moved = components[:axis] + [at] + components[axis + 1:]
+            sampled = b.GridSample(n.x(0), b.Concat(*moved, axis=d + 1), **settings)
             term = b.Mul(sampled, b.f32(weight) if isinstance(weight, float) else b.Unsqueeze(weight, b.i64([1])))
-            slope = term if slope is None else b.Add(slope, term)                           # [N, C, H_out, W_out]
+            slope = term if slope is None else b.Add(slope, term)                           # [N, C, *out]
         parts.append(b.ReduceSum(b.Mul(g, b.Mul(slope, b.f32(scale))), b.i64([n.grad_axis(1)]), keepdims=1))
-    return b.Transpose(b.Concat(*parts, axis=n.grad_axis(1)), perm=n.grad_perm([0, 2, 3, 1]))   # [(K,) N, H, W, 2]
+    # [(K,) N, d, *out] → [(K,) N, *out, d]
+    return b.Transpose(b.Concat(*parts, axis=n.grad_axis(1)), perm=n.grad_perm([0, *range(2, d + 2), 1]))
 
 
-def _weight_derivatives(b, t, mode):
-    """(i, w_i′(t)) for the interpolation weights of the pixels ⌊ix⌋ + i: i = 0, 1 (linear) or −1 … 2 (cubic,
-    the spec's cubic convolution with A = −0.75)."""
+def _weight_derivatives(b, t, mode, a=CUBIC_A):
+    """(i, w_i′(t)) for the interpolation weights of the pixels ⌊x⌋ + i: i = 0, 1 (linear) or −1 … 2 (cubic,
+    the spec's cubic convolution with constant a; a constant derivative as a float)."""
     if mode == "linear":
         return [(0, -1.0), (1, 1.0)]
-    a = CUBIC_A
 
-    def outer(s):   # d/ds of A s³ − 5A s² + 8A s − 4A (1 ≤ s ≤ 2)
+    def outer(s):   # d/ds of a s³ − 5a s² + 8a s − 4a (1 ≤ s ≤ 2)
         return b.Add(b.Mul(b.Sub(b.Mul(s, b.f32(3 * a)), b.f32(10 * a)), s), b.f32(8 * a))
 
-    def inner(s):   # d/ds of (A + 2) s³ − (A + 3) s² + 1 (0 ≤ s ≤ 1)
+    def inner(s):   # d/ds of (a + 2) s³ − (a + 3) s² + 1 (0 ≤ s ≤ 1)
         return b.Mul(b.Sub(b.Mul(s, b.f32(3 * (a + 2))), b.f32(2 * (a + 3))), s)
     return [(-1, outer(b.Add(t, b.f32(1.0)))), (0, inner(t)), (1, b.Neg(inner(b.Sub(b.f32(1.0), t)))),
             (2, b.Neg(outer(b.Sub(b.f32(2.0), t))))]
+
+
+def _cubic_weights(b, t, a):
+    """The cubic convolution weights w_i(t) of the pixels ⌊x⌋ − 1 … ⌊x⌋ + 2, as _weight_derivatives orders them."""
+    def outer(s):   # a s³ − 5a s² + 8a s − 4a
+        return b.Sub(b.Mul(b.Add(b.Mul(b.Sub(b.Mul(s, b.f32(a)), b.f32(5 * a)), s), b.f32(8 * a)), s), b.f32(4 * a))
+
+    def inner(s):   # (a + 2) s³ − (a + 3) s² + 1
+        return b.Add(b.Mul(b.Mul(b.Sub(b.Mul(s, b.f32(a + 2)), b.f32(a + 3)), s), s), b.f32(1.0))
+    return [outer(b.Add(t, b.f32(1.0))), inner(t), inner(b.Sub(b.f32(1.0), t)), outer(b.Sub(b.f32(2.0), t))]
 
 
 ROI_ALIGN_ATTRS = ("coordinate_transformation_mode", "mode", "output_height", "output_width", "sampling_ratio",
@@ -317,16 +332,18 @@ def roi_align(n, g):
 
 
 def roi_align_rois(n, g):
-    """ĝ of the rois of RoiAlign's avg mode with a fixed sampling_ratio G. Bin (ph, pw) averages the G×G samples
-    at y = y₁·s − ½ + (ph + (i + ½)/G)/PH · (y₂ − y₁)·s (x alike; no −½ with output_half_pixel, where a roi
-    shorter than 1 counts as 1), each bilinear with onnxruntime's rules: 0 beyond [−1, H], y ≤ 0 read at 0, y
-    past H − 1 at H − 1. So ∂sample/∂y = Σ over its two columns of their x weight × (X[y_high] − X[y_low]),
-    0 where y is clamped or outside, and ∂y/∂y₁ = s·(1 − u), ∂y/∂y₂ = s·u, u the sample's fraction of the roi."""
+    """ĝ of the rois of RoiAlign with a fixed sampling_ratio G. Bin (ph, pw) reads the G×G samples at
+    y = y₁·s − ½ + (ph + (i + ½)/G)/PH · (y₂ − y₁)·s (x alike; no −½ with output_half_pixel, where a roi shorter
+    than 1 counts as 1), each through its four bilinear terms w_y·w_x·X[row, column] with onnxruntime's rules:
+    all 0 beyond [−1, H], y ≤ 0 read at 0, y past H − 1 at H − 1 (w_y = 1 − l_y at the low row, l_y at the high
+    one, l_y = y − y_low, held 0 where y is clamped). mode=avg averages the bin's G² samples (each the sum of its
+    terms); mode=max takes the bin's largest term (onnxruntime's), its ĝ split evenly among ties. ∂term/∂y = ±w_x·X (0 clamped or outside), and
+    ∂y/∂y₁ = s·(1 − u), ∂y/∂y₂ = s·u, u the sample's fraction of the roi."""
     b = n.b
     _, _, height, width = n.raw(0).shape
     ratio, mode = int(n.attr("sampling_ratio", 0)), n.attr("mode", "avg")
-    if mode != "avg" or ratio <= 0:
-        refuse(n, "relevance into the rois needs mode=avg and a fixed sampling_ratio")
+    if ratio <= 0:
+        refuse(n, "relevance into the rois needs a fixed sampling_ratio (an adaptive one depends on the roi)")
     half = n.attr("coordinate_transformation_mode", "half_pixel") == "half_pixel"
     scale = float(n.attr("spatial_scale", 1.0))
     bins = int(n.attr("output_height", 1)), int(n.attr("output_width", 1))
@@ -347,20 +364,20 @@ def roi_align_rois(n, g):
         by_end = b.Mul(b.Mul(fraction, b.f32(scale)), stretched)
         return place, b.Sub(b.f32(scale), by_end), by_end
 
-    def corners(place, size: int):
-        """(low index, high index, weight of high, not clamped, inside) of onnxruntime's bilinear sampling."""
-        inside = b.And(b.GreaterOrEqual(place, b.f32(-1.0)), b.LessOrEqual(place, b.f32(float(size))))
+    def terms(place, size: int, dim: int):
+        """[(index, w, ∂w/∂place)] of the low and the high pixel along one axis, onnxruntime's bilinear rules,
+        0 outside; w spread to [R, 1, S, 1] (dim 2) or [R, 1, 1, S] (dim 3)."""
+        spread = lambda v: b.Unsqueeze(b.Cast(v, to=1), b.i64([1, 5 - dim]))  # noqa: E731
+        inside = spread(b.And(b.GreaterOrEqual(place, b.f32(-1.0)), b.LessOrEqual(place, b.f32(float(size)))))
         clamped = b.Max(place, b.f32(0.0))
         low = b.Floor(clamped)
         free = b.And(b.Greater(place, b.f32(0.0)), b.Less(low, b.f32(size - 1.0)))
         low = b.Min(low, b.f32(size - 1.0))
         high = b.Min(b.Add(low, b.f32(1.0)), b.f32(size - 1.0))
-        weight = b.Where(free, b.Sub(clamped, low), b.f32(0.0))
-        return b.Cast(low, to=7), b.Cast(high, to=7), weight, b.Cast(free, to=1), b.Cast(inside, to=1)
-
-    ys, dy1, dy2 = coordinates(1, bins[0])                                                  # [R, PH·G]
-    xs, dx1, dx2 = coordinates(0, bins[1])                                                  # [R, PW·G]
-    rows, columns = corners(ys, height), corners(xs, width)
+        weight = spread(b.Where(free, b.Sub(clamped, low), b.f32(0.0)))
+        slope = b.Mul(spread(free), inside)
+        return [(b.Cast(low, to=7), b.Mul(b.Sub(b.f32(1.0), weight), inside), b.Neg(slope)),
+                (b.Cast(high, to=7), b.Mul(weight, inside), slope)]
 
     def pixels(row, column):   # X[b_r, c, row, column] for every sample: [R, C, PH·G, PW·G]
         at = b.Add(b.Mul(b.Unsqueeze(row, b.i64([2])), b.i64(width)), b.Unsqueeze(column, b.i64([1])))
@@ -370,24 +387,33 @@ def roi_align_rois(n, g):
         return b.Reshape(picked, b.Concat(b.Shape(images, end=2), b.Shape(row, start=1), b.Shape(column, start=1),
                                           axis=0))
 
-    def slope(along, across, along_axis: int):
-        """∂sample/∂(its coordinate along `along`) [R, C, PH·G, PW·G]."""
-        low, high, _, free, inside = along
-        o_low, o_high, o_weight, _, o_inside = across
-        pick = (lambda a, o: pixels(a, o)) if along_axis == 0 else (lambda a, o: pixels(o, a))  # noqa: E731
-        spread = lambda v, dim: b.Unsqueeze(v, b.i64([1, 5 - dim]))  # noqa: E731   [R, S] → [R, 1, S, 1] or [R, 1, 1, S]
-        o_weight, o_inside = spread(o_weight, 3 - along_axis), spread(o_inside, 3 - along_axis)
-        difference = b.Add(b.Mul(b.Sub(pick(high, o_low), pick(low, o_low)), b.Sub(b.f32(1.0), o_weight)),
-                           b.Mul(b.Sub(pick(high, o_high), pick(low, o_high)), o_weight))
-        return b.Mul(difference, b.Mul(b.Mul(spread(free, 2 + along_axis), spread(inside, 2 + along_axis)), o_inside))
+    ys, dy1, dy2 = coordinates(1, bins[0])                                                  # [R, PH·G]
+    xs, dx1, dx2 = coordinates(0, bins[1])                                                  # [R, PW·G]
+    # each sample's four terms: (value, ∂/∂y, ∂/∂x), [R, C, PH·G, PW·G]
+    four = [(b.Mul(b.Mul(wy, wx), p), b.Mul(b.Mul(dwy, wx), p), b.Mul(b.Mul(wy, dwx), p))
+            for row, wy, dwy in terms(ys, height, 2) for column, wx, dwx in terms(xs, width, 3)
+            for p in [pixels(row, column)]]
 
+    def per_bin(t, reduce):
+        """`reduce` (ReduceMax / ReduceSum) over each bin's G×G samples, spread back over them."""
+        blocks = b.Reshape(t, b.Concat(b.Shape(t, end=2), b.i64([bins[0], ratio, bins[1], ratio]), axis=0))
+        return b.Reshape(b.Expand(reduce(blocks, b.i64([3, 5]), keepdims=1), b.Shape(blocks)), b.Shape(t))
+
+    if mode == "avg":
+        shares = [b.f32(1.0 / ratio ** 2)] * 4
+    else:   # the winning terms: equal to the bin's largest term (computed here, the same way for all)
+        largest = per_bin(functools.reduce(b.Max, [value for value, _, _ in four]), b.ReduceMax)
+        hits = [b.Cast(b.Equal(value, largest), to=1) for value, _, _ in four]
+        count = per_bin(functools.reduce(b.Add, hits), b.ReduceSum)
+        shares = [b.Div(hit, count) for hit in hits]
     lead = n.lead
     pooled = b.Reshape(g, b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0], 1, bins[1], 1]), axis=0))
     spread_g = b.Reshape(b.Expand(pooled, b.Concat(b.Shape(g, end=lead + 2),
                                                    b.i64([bins[0], ratio, bins[1], ratio]), axis=0)),
                          b.Concat(b.Shape(g, end=lead + 2), b.i64([bins[0] * ratio, bins[1] * ratio]), axis=0))
-    weighted = lambda d: b.Mul(spread_g, b.Mul(d, b.f32(1.0 / ratio ** 2)))  # noqa: E731   ĝ per sample
-    by_y = b.ReduceSum(weighted(slope(rows, columns, 0)), b.i64([lead + 1, lead + 3]), keepdims=0)   # [(K,) R, PH·G]
-    by_x = b.ReduceSum(weighted(slope(columns, rows, 1)), b.i64([lead + 1, lead + 2]), keepdims=0)   # [(K,) R, PW·G]
+    by = [functools.reduce(b.Add, [b.Mul(share, slopes[k]) for share, (_, *slopes) in zip(shares, four)])
+          for k in (0, 1)]                                                                  # ∂(bin)/∂(y, x)
+    by_y = b.ReduceSum(b.Mul(spread_g, by[0]), b.i64([lead + 1, lead + 3]), keepdims=0)    # [(K,) R, PH·G]
+    by_x = b.ReduceSum(b.Mul(spread_g, by[1]), b.i64([lead + 1, lead + 2]), keepdims=0)    # [(K,) R, PW·G]
     total = lambda v, d: b.ReduceSum(b.Mul(v, d), b.i64([-1]), keepdims=1)  # noqa: E731
     return b.Concat(total(by_x, dx1), total(by_y, dy1), total(by_x, dx2), total(by_y, dy2), axis=-1)   # [(K,) R, 4]

@@ -151,6 +151,27 @@ def gather(n, g):
     return (scatter_rows if axis == 0 else scatter_elements, None)
 
 
+def unique(n, g):
+    """Unique's Y selects x's distinct values (or slices along `axis`): ĝ_x = ĝ_Y read back at each element's
+    inverse index, split evenly among equal ones (counts), as a tie splits ĝ elsewhere. The inverse indices and
+    counts are the node's own outputs, or a second Unique's when the node leaves them out."""
+    b = n.b
+    axis = n.attr("axis")
+    outputs = list(n.node.outputs) + [None] * (4 - len(n.node.outputs))
+
+    def grad():
+        if outputs[2] is None or not outputs[2].name or outputs[3] is None or not outputs[3].name:
+            settings = {k: n.attr(k) for k in ("axis", "sorted") if n.attr(k) is not None}
+            outputs[2:] = b.Unique(n.raw(0), _outputs=4, **settings)[2:]
+        at = -1 if axis is None else n.grad_axis(axis % n.rank(0))
+        counts = b.Cast(outputs[3], to=1)
+        if axis is not None:   # [U] along the axis of a ĝ_Y [(K,) …, U, …]
+            counts = b.Reshape(counts, b.i64([-1] + [1] * (n.rank(0) - 1 - axis % n.rank(0))))
+        shared = b.Gather(b.Div(g, counts), outputs[2], axis=at)
+        return shared if axis is not None else b.Reshape(shared, n.grad_shape(0))
+    return (grad,)
+
+
 def gather_elements(n, g):
     b = n.b
     index = lambda: b.Expand(n.raw(1), b.Shape(g)) if n.lead else n.raw(1)  # noqa: E731  (one per K slice)

@@ -30,8 +30,9 @@ def _relevance(model, feed, attribute, preset="gxi", seed_vector=None):
     return {a: outs["relevance." + a] for a in attribute}, outs
 
 
-def _if_model(condition_is_static: bool):
-    """y = 2x + If(c){4x}else{0}: the then branch reads x from the outer graph."""
+def _if_model(condition_is_static: bool, from_dims: bool = False):
+    """y = 2x + If(c){4x}else{0}: the then branch reads x from the outer graph. from_dims: c = (Size(s) == 4)
+    for a run-time int64 input s of static shape [4] (a function body's rank test, as AffineGrid's)."""
     then = helper.make_graph([helper.make_node("Mul", ["x", "four"], ["t"])], "then", [],
                              [helper.make_tensor_value_info("t", F, [1, 1])],
                              [numpy_helper.from_array(np.float32([[4.0]]), "four")])
@@ -40,11 +41,16 @@ def _if_model(condition_is_static: bool):
                               [numpy_helper.from_array(np.float32([[0.0]]), "zero")])
     inputs = [helper.make_tensor_value_info("x", F, [1, 1])]
     inits = [("two", np.float32([[2.0]]))]
-    if condition_is_static:
+    rank_test = []
+    if from_dims:
+        inputs.append(helper.make_tensor_value_info("s", I64, [4]))
+        inits.append(("rank", np.array(4)))
+        rank_test = [helper.make_node("Size", ["s"], ["n"]), helper.make_node("Equal", ["n", "rank"], ["c"])]
+    elif condition_is_static:
         inits.append(("c", np.array(True)))
     else:
         inputs.append(helper.make_tensor_value_info("c", BOOL, []))
-    return _model([helper.make_node("Mul", ["x", "two"], ["a"]),
+    return _model([*rank_test, helper.make_node("Mul", ["x", "two"], ["a"]),
                    helper.make_node("If", ["c"], ["b"], then_branch=then, else_branch=other),
                    helper.make_node("Add", ["a", "b"], ["y"])],
                   inputs, [helper.make_tensor_value_info("y", F, [1, 1])], inits)
@@ -55,6 +61,31 @@ def test_if_with_a_static_condition_passes_relevance_through_the_taken_branch(pr
     # ∂y/∂x = 2 + 4 = 6, so R = 6 at x = 1 (the branch read as a constant would give 2)
     r, outs = _relevance(_if_model(True), {"x": np.float32([[1.0]])}, ["x"], preset=preset)
     np.testing.assert_allclose(r["x"], [[6.0]], rtol=1e-6)
+
+
+def test_if_with_a_condition_computed_from_static_dims_is_inlined():
+    # c = (Size(s) == 4) holds for every s of the declared shape [4]: the then branch is taken, R = 6 at x = 1
+    r, _ = _relevance(_if_model(False, from_dims=True), {"x": np.float32([[1.0]]), "s": np.arange(4)}, ["x"])
+    np.testing.assert_allclose(r["x"], [[6.0]], rtol=1e-6)
+
+
+def test_mel_weight_matrix_is_a_constant_table_not_refused():
+    # its band edges are floored to DFT bins (zero derivative): a carrying edge passes no relevance and is not
+    # refused; y = x · W, so R_x = x ⊙ W[:, 0] for target 0, W from ONNX's reference evaluator
+    from onnx.reference import ReferenceEvaluator
+    mel = helper.make_node("MelWeightMatrix", ["bins", "dft", "rate", "low", "high"], ["w"])
+    edges = [helper.make_tensor_value_info(k, F, []) for k in ("low", "high")]
+    inits = [("bins", np.array(4)), ("dft", np.array(16)), ("rate", np.array(8000))]
+    model = _model([mel, helper.make_node("MatMul", ["x", "w"], ["y"])],
+                   [helper.make_tensor_value_info("x", F, [1, 9]), *edges],
+                   [helper.make_tensor_value_info("y", F, None)], inits)
+    x, low, high = np.random.default_rng(0).standard_normal((1, 9)).astype(np.float32), np.array(100, np.float32), \
+        np.array(3000, np.float32)
+    r, _ = _relevance(model, {"x": x, "low": low, "high": high}, ["x", "low"])
+    table = ReferenceEvaluator(_model([mel], edges, [helper.make_tensor_value_info("w", F, None)], inits)).run(
+        None, {"low": low, "high": high})[0]
+    np.testing.assert_allclose(r["x"], x * table[:, 0], rtol=1e-6)
+    assert r["low"] == 0
 
 
 def test_if_with_a_run_time_condition_capturing_a_carrying_tensor_is_refused():
@@ -379,3 +410,31 @@ def test_dequantize_with_a_scale_that_carries_relevance():
     r, _ = _relevance(model, {"s": s}, ["s"], seed_vector=np.ones((2, 3), np.float32))
     np.testing.assert_allclose(r["s"], s * np.float32([(1 - 2) + (3 - 2), (5 - 4) + (7 - 4), (9 - 6) + (2 - 6)]),
                                rtol=1e-6)
+
+
+def test_dequantize_blocked_with_a_scale_that_carries_relevance():
+    # blocks of 2 along axis 1 (the last block short): y[i, k] = (q[i, k] − zp[i, k // 2]) · s[i, k // 2], so
+    # R_s[i, j] = s[i, j] · Σ_{k in block j} (q[i, k] − zp[i, j]) (seed: every output)
+    q, zp = np.array([[1, 5, 9, 4, 8], [3, 7, 2, 6, 0]], np.uint8), np.array([[2, 4, 6], [1, 3, 5]], np.uint8)
+    model = _model([helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"], axis=1, block_size=2)],
+                   [helper.make_tensor_value_info("s", F, [2, 3])], [helper.make_tensor_value_info("y", F, [2, 5])],
+                   [("q", q), ("zp", zp)])
+    s = np.float32([[0.5, -2.0, 0.25], [1.5, 0.75, -1.0]])
+    r, _ = _relevance(model, {"s": s}, ["s"], seed_vector=np.ones((2, 5), np.float32))
+    centred = q.astype(np.float32) - np.repeat(zp, 2, axis=1)[:, :5]
+    want = s * np.stack([centred[:, 0:2].sum(1), centred[:, 2:4].sum(1), centred[:, 4:5].sum(1)], axis=1)
+    np.testing.assert_allclose(r["s"], want, rtol=1e-6)
+
+
+def test_unique_reads_its_own_inverse_indices_and_counts():
+    # every output requested (sorted=0): ĝ_x is ĝ_Y read back through the node's own inverse indices; against the
+    # conformance harness's finite differences (distinct values)
+    import conformance
+    x = np.random.default_rng(5).standard_normal(5).astype(np.float32)
+    names = ["Y", "indices", "inverse", "counts"]
+    model = _model([helper.make_node("Unique", ["x"], names, sorted=0)], [helper.make_tensor_value_info("x", F, [5])],
+                   [helper.make_tensor_value_info(k, F if k == "Y" else I64, None) for k in names])
+    outputs = dict(zip(names, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})))
+    outcome = conformance.run_case(conformance.Case("unique_all_outputs", "Unique", model.SerializeToString(), {"x": x},
+                                                    outputs))
+    assert (outcome.status, outcome.attnlrp, outcome.attributed) == ("exact", "", ["x"]), outcome.detail

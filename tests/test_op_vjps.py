@@ -123,7 +123,7 @@ def test_resize_keeping_the_aspect_ratio_is_torch_interpolate(policy, sizes, sca
                                    recompute_scale_factor=False), {"sizes": np.array(sizes)})
 
 
-def check_central_differences(got: dict[str, np.ndarray], s, inputs: dict[str, np.ndarray], step=1e-6):
+def check_central_differences(got: dict[str, np.ndarray], s, inputs: dict[str, np.ndarray], step=1e-6, rtol=1e-4):
     """`got` against x ⊙ ∂s/∂x of every input by central differences of s (float64 inputs)."""
     for name, value in inputs.items():
         want = np.zeros_like(value)
@@ -132,18 +132,20 @@ def check_central_differences(got: dict[str, np.ndarray], s, inputs: dict[str, n
             up[i] += step
             down[i] -= step
             want[i] = value[i] * (s({**inputs, name: up}) - s({**inputs, name: down})) / (2 * step)
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+        np.testing.assert_allclose(got[name], want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=name)
 
 
-@pytest.mark.parametrize("mode, scale", [("half_pixel", 1.0), ("output_half_pixel", 0.5)])
-def test_roi_align_rois_is_finite_differences(mode, scale):
+@pytest.mark.parametrize("mode, scale, pooling", [("half_pixel", 1.0, "avg"), ("output_half_pixel", 0.5, "avg"),
+                                                  ("half_pixel", 1.0, "max"), ("output_half_pixel", 0.5, "max")])
+def test_roi_align_rois_is_finite_differences(mode, scale, pooling):
     # relevance into X and into the rois (one partly outside the image, one shorter than a pixel), against
-    # central differences of onnxruntime's own RoiAlign in float64
+    # central differences of onnxruntime's own RoiAlign in float64; max mode: the largest weighted pixel per bin
+    # (no two samples of a bin symmetric about a pixel: their equal weights would tie, a kink)
     x = rand(2, 3, 5, 6)
-    rois = np.array([[0.63, 1.3, 4.27, 3.9], [-1.6, 0.7, 3.1, 9.4], [2.3, 2.2, 2.9, 2.6]], np.float32) / scale
+    rois = np.array([[0.63, 1.3, 4.27, 3.9], [-1.6, 0.7, 3.1, 9.4], [2.3, 2.15, 2.9, 2.65]], np.float32) / scale
     batch = np.array([1, 0, 1])
     settings = dict(coordinate_transformation_mode=mode, output_height=2, output_width=3, sampling_ratio=2,
-                    spatial_scale=scale)
+                    spatial_scale=scale, mode=pooling)
     node = helper.make_node("RoiAlign", ["x", "rois", "batch"], ["y"], **settings)
     got, w = relevance(node, {"x": x, "rois": rois}, indices={"batch": batch}, opset=16)
     double = helper.make_model(helper.make_graph(
@@ -156,20 +158,27 @@ def test_roi_align_rois_is_finite_differences(mode, scale):
     check_central_differences(got, s, inputs)
 
 
-def _resize_crop(axes, extrapolation=0.5):
-    return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear", axes=axes,
-                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation)
+def _resize_crop(axes, extrapolation=0.5, mode="linear", **extra):
+    return helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode=mode, axes=axes,
+                            coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=extrapolation,
+                            **extra)
 
 
-@pytest.mark.parametrize("roi, axes, sizes", [([0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4]),
-                                             ([-0.2, 0.3, 1.3, 0.6], [3, 2], [3, 6]),
-                                             ([0.0, 0.0, -0.15, 0.3, 1.0, 1.0, 0.85, 1.4], None, [1, 1, 3, 4])])
-def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
-    # relevance into tf_crop_and_resize's roi (boxes partly outside the image: extrapolated outputs), against
-    # central differences of ONNX's reference evaluator in float64 (onnxruntime computes the same here)
+@pytest.mark.parametrize("mode, roi, axes, sizes, extra", [
+    ("linear", [0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4], {}),
+    ("linear", [-0.2, 0.3, 1.3, 0.6], [3, 2], [3, 6], {}),
+    ("linear", [0.0, 0.0, -0.15, 0.3, 1.0, 1.0, 0.85, 1.4], None, [1, 1, 3, 4], {}),
+    ("cubic", [0.1, 0.2, 0.7, 0.9], [2, 3], [3, 4], {}),
+    ("cubic", [-0.2, 0.15, 0.75, 1.3], [2, 3], [4, 3], {"extrapolation": 2.0}),
+    ("cubic", [0.05, 0.3, 0.9, 0.95], [2, 3], [3, 7], {"exclude_outside": 1, "cubic_coeff_a": -0.5})])
+def test_resize_crop_roi_is_finite_differences(mode, roi, axes, sizes, extra):
+    # relevance into X and tf_crop_and_resize's roi (boxes partly outside the image: extrapolated outputs), against
+    # central differences of ONNX's reference evaluator in float64 (onnxruntime computes the same here); its cubic
+    # rounds the roi to float32, so the step is 2.5e-4 there, the tolerance that of the rounding and of O(step²)
     from onnx.reference import ReferenceEvaluator
-    x, roi, sizes = rand(1, 1, 4, 5), np.array(roi, np.float32), np.array(sizes)
-    node = _resize_crop(axes)
+    # (every resized size changes; no sample on a pixel, a kink)
+    x, roi, sizes = rand(1, 1, *((4, 5) if mode == "linear" else (5, 6))), np.array(roi, np.float32), np.array(sizes)
+    node = _resize_crop(axes, mode=mode, **extra)
     got, w = relevance(node, {"x": x, "roi": roi}, {"sizes": sizes})
     double = helper.make_model(helper.make_graph(
         [node], "double", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, None) for k in ("x", "roi")],
@@ -178,7 +187,7 @@ def test_resize_crop_roi_is_finite_differences(roi, axes, sizes):
     evaluator = ReferenceEvaluator(double)
     inputs = {"x": x.astype(np.float64), "roi": roi.astype(np.float64)}
     s = lambda feed: float(np.sum(w * evaluator.run(None, feed)[0]))  # noqa: E731
-    check_central_differences(got, s, inputs)
+    check_central_differences(got, s, inputs, **({"step": 2.5e-4, "rtol": 1e-3} if mode == "cubic" else {}))
 
 
 def test_resize_crop_roi_of_an_unresized_axis_gets_nothing():
@@ -257,6 +266,17 @@ def test_grid_sample_grid_is_torch_grid_sample(mode, padding, align):
     torch_mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)
     check(node, {"x": x, "grid": grid}, lambda x, grid: tf.grid_sample(x, grid, mode=torch_mode, padding_mode=padding,
                                                                        align_corners=bool(align)))
+
+
+@pytest.mark.parametrize("mode, padding, align", [("linear", "zeros", 0), ("linear", "border", 1),
+                                                  ("linear", "reflection", 0), ("nearest", "zeros", 1)])
+def test_grid_sample_3d_grid_is_torch_grid_sample(mode, padding, align):
+    # 3-D sampling (opset 20): relevance into the volume and into its (x, y, z) coordinates
+    x, grid = rand(2, 2, 3, 4, 5), RNG.uniform(-1.2, 1.2, (2, 2, 3, 2, 3)).astype(np.float32)
+    node = helper.make_node("GridSample", ["x", "grid"], ["y"], mode=mode, padding_mode=padding, align_corners=align)
+    check(node, {"x": x, "grid": grid}, lambda x, grid: tf.grid_sample(
+        x, grid, mode="bilinear" if mode == "linear" else mode, padding_mode=padding, align_corners=bool(align)),
+          opset=20)
 
 
 @pytest.mark.parametrize("inverse, onesided, length", [(0, 0, None), (0, 1, 6), (1, 0, 3), (1, 1, None)])

@@ -184,6 +184,21 @@ RECIPES["ai.onnx.ml::ArrayFeatureExtractor"] = ([n("ArrayFeatureExtractor", ["x"
                                                {"cols": np.array([4, 0, 4, 2])})
 # the opset that has the op (in the form the rule reads)
 OPSET = {"Swish": 24, "GroupNormalization": 21, "TensorScatter": 24, "CumProd": 26}
+# x[..., :4] ⊙ Range(start, start + 3.5, delta): start = x[0, 0, 0], delta = 1 + 0.1·tanh(x[0, 0, 1]) (always 4 values)
+RECIPES["Range"] = ([n("Slice", ["x", "zero3", "pair_end", "axes3"], "first"), n("Reshape", ["first", "pair"], "two"),
+                     n("Gather", ["two", "index0"], "start"), n("Gather", ["two", "index1"], "raw"),
+                     n("Tanh", ["raw"], "bent"), n("Mul", ["bent", "tenth"], "small"),
+                     n("Add", ["small", "one"], "delta"),
+                     n("Add", ["start", "span"], "limit"), n("Range", ["start", "limit", "delta"], "ramp"),
+                     n("Slice", ["x", "zero", "four", "last"], "head"), n("Mul", ["head", "ramp"], "o")],
+                    {"zero3": np.array([0, 0, 0]), "pair_end": np.array([1, 1, 2]), "axes3": np.array([0, 1, 2]),
+                     "pair": np.array([2]), "index0": np.array(0), "index1": np.array(1), "tenth": np.array(0.1),
+                     "one": np.array(1.0), "span": np.array(3.5), "zero": np.array([0]), "four": np.array([4]),
+                     "last": np.array([2])})
+# the distinct values, sorted, of x + 0.01·(0, 1, 2, …) (distinct for x = 0 too), read as [B, S, D]
+RECIPES["Unique"] = ([n("Add", ["x", "apart"], "spread"), n("Unique", ["spread"], "values"),
+                      n("Reshape", ["values", "back"], "o")],
+                     {"apart": 0.01 * np.arange(B * S * D).reshape(B, S, D), "back": np.array([B, S, D])})
 RECIPES["Squeeze"] = RECIPES["Unsqueeze"]
 RECIPES["Optional"] = RECIPES["OptionalGetElement"]
 
