@@ -13,6 +13,10 @@ The reverse pass of a transformer is mostly ĝ·Wᵀ products, emitted as `Resha
 - `pads_to_concat`:  Pad(b, after=D−k) + Pad(a, before=k) + rest  →  Concat(b, a) + rest
   (ĝ of two complementary slices, as in rotary embeddings' rotate_half: one write instead of two padded
   copies and a three-way sum).
+- `rotary_swap`:  Concat(a₂, −a₁) + ĝ·c, a = ĝ·s  →  swap(ĝ·ŝ) + ĝ·c, ŝ = Concat(−s₁, s₂)
+  (rotate_halfᵀ(ĝ·sin) + ĝ·cos, the reverse of a rotary embedding; ₁ ₂ the halves of the last axis): the sign
+  goes into the forward's sin once, and the halves are exchanged by one strided copy (a Slice with step −1
+  over a [.., 2, D/2] view) instead of a Split, a Neg and a Concat of the K-wide ĝ. Bit for bit the same.
 
 With a K axis (`--targets`) one more, since there ĝ is K times the size of the forward values it meets:
 
@@ -30,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc.graph import PREFIX, Builder, attr, const_array
+from lrpc.graph import PREFIX, Builder, attr, const_array, rank, static_dims, static_value
 
 
 def optimise(model: ir.Model, seeds: tuple[str, ...] = ()) -> None:
@@ -42,6 +46,7 @@ def optimise(model: ir.Model, seeds: tuple[str, ...] = ()) -> None:
     scale_into_gemm(graph)
     accumulate_in_gemm(graph, b)
     pads_to_concat(graph, b)
+    rotary_swap(graph, b)
     if seeds:
         factors_once(graph, b, [v for v in graph.inputs if v.name in seeds])
     graph.sort()
@@ -173,13 +178,84 @@ def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
                      and h[1] == 0 and t[2] == 0 and t[1] == h[3] - h[2]), None)
         if pair is None:
             continue
-        head, tail = pair
-        joined = b.Concat(head.producer().inputs[0], tail.producer().inputs[0], axis=pads[head][0])
+        head, tail = pair   # (the axis counted from the end, as rotary_swap reads it)
+        joined = b.Concat(head.producer().inputs[0], tail.producer().inputs[0],
+                          axis=pads[head][0] - head.shape.rank())
         _replace_sum(graph, b, node, joined, [head, tail])
         graph.remove([head.producer(), tail.producer()], safe=True)
         done += 1
     return done
 
+
+def _last_axis_half(value: ir.Value) -> tuple[ir.Node, int, int] | None:
+    """(Split, which half, half width) when `value` is output 0 or 1 of a Split of its input's last axis
+    into two halves of one static width."""
+    split = value.producer()
+    if not _ours(split) or split.op_type != "Split" or len(split.outputs) != 2 or len(split.inputs) != 2:
+        return None
+    sizes = static_value(split.inputs[1])
+    axis, r = attr(split, "axis", 0), rank(split.inputs[0])
+    if sizes is None or sizes.tolist() != [sizes[0]] * 2 or not (axis == -1 or (r is not None and axis == r - 1)):
+        return None
+    return split, list(split.outputs).index(value), int(sizes[0])
+
+
+def _swapped_halves(value: ir.Value, consumer: ir.Node) -> tuple[ir.Node, int] | None:
+    """(Split, half width) when `value` = Concat(a₂, Neg(a₁)) along the last axis, read by `consumer` alone,
+    with a₁, a₂ the halves of a Split read by that Concat and Neg alone."""
+    cat = value.producer()
+    if not _ours(cat) or cat.op_type != "Concat" or len(cat.inputs) != 2 or not _only_consumer(value, consumer):
+        return None
+    second, negated = cat.inputs
+    neg = negated.producer()
+    if not _ours(neg) or neg.op_type != "Neg" or not _only_consumer(negated, cat):
+        return None
+    h2, h1 = _last_axis_half(second), _last_axis_half(neg.inputs[0])
+    if h1 is None or h2 is None or h1[0] is not h2[0] or (h1[1], h2[1]) != (0, 1) \
+            or not _only_consumer(second, cat) or not _only_consumer(neg.inputs[0], neg):
+        return None
+    axis, r = attr(cat, "axis"), rank(h1[0].inputs[0])
+    if not (axis == -1 or (r is not None and axis == r - 1)):
+        return None
+    return h1[0], h1[2]
+
+
+def rotary_swap(graph: ir.Graph, b: Builder) -> int:
+    """Sum(Concat(a₂, −a₁), Mul(ĝ, c)), a = Mul(ĝ, s) split in halves of width d along the last axis
+    → Add(swap(Mul(ĝ, ŝ)), Mul(ĝ, c)) with ŝ = Concat(−s₁, s₂) made once per s, where s's last axis is 2d wide."""
+    signed: dict[ir.Value, ir.Value] = {}
+    done = 0
+    for node in list(graph):
+        if not _ours(node) or node.op_type != "Sum" or len(node.inputs) < 2 or node.outputs[0].is_graph_output():
+            continue
+        for rotated in node.inputs:
+            found = _swapped_halves(rotated, node) if list(node.inputs).count(rotated) == 1 else None
+            product = found[0].inputs[0].producer() if found is not None else None
+            if not _ours(product) or product.op_type != "Mul" or not _only_consumer(product.outputs[0], found[0]):
+                continue
+            split, d = found
+            for i in (0, 1):   # a = ĝ·s; the other addend is ĝ·c
+                g, s = product.inputs[i], product.inputs[1 - i]
+                cosine = next((v for v in node.inputs if v is not rotated and list(node.inputs).count(v) == 1
+                               and _ours(v.producer()) and v.producer().op_type == "Mul"
+                               and g in v.producer().inputs and s not in v.producer().inputs), None)
+                if cosine is not None and static_dims(s, -1) == [2 * d]:
+                    break
+            else:
+                continue
+            if s not in signed:
+                first, second = b.Split(s, split.inputs[1], axis=-1, _outputs=2)
+                signed[s] = b.Concat(b.Neg(first), second, axis=-1)
+            product.replace_input_with(1 - i, signed[s])
+            halves = b.Reshape(product.outputs[0], b.i64([-1, 2, d]))
+            swapped = b.Slice(halves, b.i64([-1]), b.i64([np.iinfo(np.int64).min]), b.i64([1]), b.i64([-1]))
+            combined = b.Add(b.Reshape(swapped, b.Shape(product.outputs[0])), cosine)
+            neg = rotated.producer().inputs[1].producer()
+            _replace_sum(graph, b, node, combined, [rotated, cosine])
+            graph.remove([rotated.producer(), neg, split], safe=True)
+            done += 1
+            break
+    return done
 
 
 def _computed_from(sources: list[ir.Value]) -> set[ir.Value]:
