@@ -23,6 +23,9 @@ With a K axis (`--targets`) one more, since there ĝ is K times the size of the 
 - `factors_once`:  (ĝ · a) · c  →  ĝ · (a · c)  for forward values a, c
   (a norm's weight and 1/σ, a gated MLP's other branch and σ(x)): the factor is made once at the forward's
   size, and ĝ is multiplied once instead of twice.
+- `stacked_pair`:  Gemm(ĝ·b, W_b, C = Gemm(ĝ·a, W_a))  →  Gemm([ĝ·a, ĝ·b], [W_a; W_b])  for forward values a, b
+  (a gated MLP's ĝ into gate and up): one broadcast product reads ĝ once and writes both factors side by
+  side, and one Gemm over the stacked weights (a constant onnxruntime folds) replaces two and the copy of C.
 
 Each applies only to relevance nodes (named `lrp_…`): the forward graph stays exactly as exported, so the
 explainer's outputs equal the model's.
@@ -34,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lrpc.graph import PREFIX, Builder, attr, const_array, rank, static_dims, static_value
+from lrpc.graph import PREFIX, Builder, attr, const_array, rank, same_dim, static_dims, static_value
 
 
 def optimise(model: ir.Model, seeds: tuple[str, ...] = ()) -> None:
@@ -48,7 +51,9 @@ def optimise(model: ir.Model, seeds: tuple[str, ...] = ()) -> None:
     pads_to_concat(graph, b)
     rotary_swap(graph, b)
     if seeds:
-        factors_once(graph, b, [v for v in graph.inputs if v.name in seeds])
+        grads = _computed_from([v for v in graph.inputs if v.name in seeds])
+        factors_once(graph, b, grads)
+        stacked_pair(graph, b, grads)
     graph.sort()
     common_passes.RemoveUnusedNodesPass()(model)
 
@@ -270,10 +275,10 @@ def _computed_from(sources: list[ir.Value]) -> set[ir.Value]:
     return found
 
 
-def factors_once(graph: ir.Graph, b: Builder, seeds: list[ir.Value]) -> int:
-    """Mul(Mul(ĝ, a), c) → Mul(ĝ, Mul(a, c)) where ĝ is computed from the seed inputs and a, c are not, and
-    the inner product is read by the outer one alone. A chain ĝ·a·c·d folds in turn (nodes in order)."""
-    grads = _computed_from(seeds)
+def factors_once(graph: ir.Graph, b: Builder, grads: set[ir.Value]) -> int:
+    """Mul(Mul(ĝ, a), c) → Mul(ĝ, Mul(a, c)) where ĝ is computed from the seed inputs (is in `grads`) and a, c
+    are not, and the inner product is read by the outer one alone. A chain ĝ·a·c·d folds in turn (nodes in
+    order)."""
     done = 0
     for node in list(graph):
         if not _ours(node) or node.op_type != "Mul" or node.outputs[0].is_graph_output():
@@ -292,4 +297,66 @@ def factors_once(graph: ir.Graph, b: Builder, seeds: list[ir.Value]) -> int:
             graph.remove(inner, safe=True)
             done += 1
             break
+    return done
+
+
+def _scaled_rows(gemm: ir.Node, grads: set[ir.Value]) -> tuple[ir.Value, ir.Value, ir.Node, ir.Node] | None:
+    """(ĝ, a, Reshape, Mul) when the Gemm's A = Reshape(Mul(ĝ, a)), each read by the next alone, with ĝ in
+    `grads` and a not."""
+    reshape = gemm.inputs[0].producer()
+    if not _ours(reshape) or reshape.op_type != "Reshape" or not _only_consumer(gemm.inputs[0], gemm):
+        return None
+    mul = reshape.inputs[0].producer()
+    if not _ours(mul) or mul.op_type != "Mul" or not _only_consumer(reshape.inputs[0], reshape):
+        return None
+    carried = [i for i in (0, 1) if mul.inputs[i] in grads]
+    if len(carried) != 1 or mul.inputs[1 - carried[0]] in grads:
+        return None
+    return mul.inputs[carried[0]], mul.inputs[1 - carried[0]], reshape, mul
+
+
+def _dims(value: ir.Value) -> list | None:
+    """value's dims, or those of a product of two values of one known shape (a factor factors_once made)."""
+    if value.shape is not None:
+        return list(value.shape)
+    mul = value.producer()
+    if mul is None or mul.op_type != "Mul" or any(v.shape is None for v in mul.inputs):
+        return None
+    x, y = (list(v.shape) for v in mul.inputs)
+    return x if len(x) == len(y) and all(same_dim(p, q) for p, q in zip(x, y)) else None
+
+
+def stacked_pair(graph: ir.Graph, b: Builder, grads: set[ir.Value]) -> int:
+    """Gemm(Reshape(ĝ·b, [-1, N]), W_b, C = Gemm(Reshape(ĝ·a, [-1, N]), W_a)), both Gemms alike (α, transB, no
+    transA) with weights of one static shape and a, b of one shape → Gemm(Reshape(ĝ[.., None, :]·[a; b],
+    [-1, 2N]), Concat(W_a, W_b)) (stacked along the contracted axis)."""
+    done = 0
+    for outer in list(graph):
+        if not _ours(outer) or outer.op_type != "Gemm" or len(outer.inputs) != 3:
+            continue
+        inner = outer.inputs[2].producer()
+        if not _ours(inner) or inner.op_type != "Gemm" or len(inner.inputs) != 2 \
+                or not _only_consumer(outer.inputs[2], outer) \
+                or any(attr(g, "transA", 0) for g in (inner, outer)) \
+                or attr(inner, "transB", 0) != attr(outer, "transB", 0) \
+                or attr(inner, "alpha", 1.0) != attr(outer, "alpha", 1.0) or attr(outer, "beta", 1.0) != 1.0:
+            continue
+        first, second = _scaled_rows(inner, grads), _scaled_rows(outer, grads)
+        if first is None or second is None or first[0] is not second[0] or first[2].inputs[1] is not second[2].inputs[1]:
+            continue
+        g, a, b_ = first[0], first[1], second[1]
+        shape, w_a, w_b = static_value(first[2].inputs[1]), static_dims(inner.inputs[1]), static_dims(outer.inputs[1])
+        n = w_a[1 if attr(outer, "transB", 0) else 0] if w_a is not None and len(w_a) == 2 else None
+        dims_a, dims_b = _dims(a), _dims(b_)
+        if shape is None or shape.tolist() != [-1, n] or w_a != w_b or dims_a is None or dims_b is None \
+                or len(dims_a) != len(dims_b) or not all(same_dim(x, y) for x, y in zip(dims_a, dims_b)):
+            continue
+        stacked = b.Concat(b.Unsqueeze(a, b.i64([-2])), b.Unsqueeze(b_, b.i64([-2])), axis=-2)
+        rows = b.Reshape(b.Mul(b.Unsqueeze(g, b.i64([-2])), stacked), b.i64([-1, 2 * n]))
+        weights = b.Concat(inner.inputs[1], outer.inputs[1], axis=1 if attr(outer, "transB", 0) else 0)
+        outer.resize_inputs(2)
+        outer.replace_input_with(0, rows)
+        outer.replace_input_with(1, weights)
+        graph.remove([inner, first[2], first[3], second[2], second[3]], safe=True)
+        done += 1
     return done

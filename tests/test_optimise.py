@@ -203,6 +203,58 @@ def test_factors_made_once_under_targets(tmp_path, zoo_export, monkeypatch):
     assert _seed_muls(fast) < _seed_muls(plain)
 
 
+def test_stacked_pair_is_the_two_products():
+    """optimise.stacked_pair: (ĝ·a)·W_aᵀ + (ĝ·b)·W_bᵀ as one Gemm over [ĝ·a, ĝ·b] and the stacked weights equals
+    numpy's sum of the two products; ĝ is read by one Mul, and one Gemm is left."""
+    from onnx import TensorProto, helper
+    k, seq, n, m = 3, 5, 8, 6
+    rng = np.random.default_rng(5)
+    w_a, w_b = rng.standard_normal((m, n), np.float32), rng.standard_normal((m, n), np.float32)
+    nodes = [helper.make_node("Mul", ["g", "a"], ["ga"], name="lrp_Mul_a"),
+             helper.make_node("Reshape", ["ga", "lrp_rows"], ["ra"], name="lrp_Reshape_a"),
+             helper.make_node("Gemm", ["ra", "w_a"], ["pa"], transB=1, alpha=0.5, name="lrp_Gemm_a"),
+             helper.make_node("Mul", ["b", "g"], ["gb"], name="lrp_Mul_b"),
+             helper.make_node("Reshape", ["gb", "lrp_rows"], ["rb"], name="lrp_Reshape_b"),
+             helper.make_node("Gemm", ["rb", "w_b", "pa"], ["s"], transB=1, alpha=0.5, name="lrp_Gemm_b"),
+             helper.make_node("Identity", ["s"], ["y"], name="lrp_Identity")]
+    inputs = [helper.make_tensor_value_info("g", TensorProto.FLOAT, [k, 1, seq, n]),
+              helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, seq, n]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, seq, n])]
+    inits = [numpy_helper.from_array(w_a, "w_a"), numpy_helper.from_array(w_b, "w_b"),
+             numpy_helper.from_array(np.array([-1, n]), "lrp_rows")]
+    graph = helper.make_graph(nodes, "pair", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    feed = {"g": rng.standard_normal((k, 1, seq, n), np.float32),
+            "a": rng.standard_normal((1, seq, n), np.float32), "b": rng.standard_normal((1, seq, n), np.float32)}
+    grads = optimise._computed_from([model.graph.inputs[0]])
+    assert optimise.stacked_pair(model.graph, Builder(model.graph), grads) == 1
+    model.graph.sort()
+    got = _run_ir(model, feed)
+    g = feed["g"].reshape(-1, n).astype(np.float64)
+    expected = 0.5 * ((g * np.tile(feed["a"][0], (k, 1))) @ w_a.T + (g * np.tile(feed["b"][0], (k, 1))) @ w_b.T)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    assert [node.op_type for node in model.graph].count("Gemm") == 1
+    assert [node.op_type for node in model.graph if model.graph.inputs[0] in node.inputs] == ["Unsqueeze"]
+
+
+def test_stacked_pair_found_under_targets(tmp_path, zoo_export, monkeypatch):
+    """--targets on a gated MLP (llama): gate and up ĝ come from one Gemm over stacked weights, and the
+    relevance is the one without the rewrite."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama", "dynamo", None)
+    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
+    found, rewrite = [], optimise.stacked_pair
+    monkeypatch.setattr(optimise, "stacked_pair", lambda *a: found.append(rewrite(*a)) or found[-1])
+    lrpc.compile(proto, output=fast, targets="dynamic", causal_blocks=0)
+    monkeypatch.setattr(optimise, "stacked_pair", lambda *a: 0)
+    lrpc.compile(proto, output=plain, targets="dynamic", causal_blocks=0)
+    assert found and found[0] >= 1   # (the last layer's MLP runs on K rows, a shape of its own)
+    inputs = {k: v.numpy() for k, v in entry.inputs(2, 11, seed=4).items()}
+    kw = dict(target=np.array([[1, 5, 2], [0, 3, 3]]), position=np.array([[-1, 3, 0], [5, -2, -1]]))
+    a, b = (Explainer(p).explain(inputs, **kw).relevance["input_ids"] for p in (fast, plain))
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
+
+
 @pytest.mark.parametrize("preset", ["attnlrp", "cp-lrp"])
 def test_one_row_attention_equals_whole_rows(preset, tmp_path, zoo_export, monkeypatch):
     """ĝ kept as one sequence row through the last attention block (the query side) gives the relevance a
