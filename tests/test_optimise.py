@@ -74,12 +74,12 @@ def _ops(path):
 
 def test_peepholes_keep_relevance_and_remove_ops(tmp_path, zoo_export, monkeypatch):
     """With and without lrpc.optimise's peepholes (scale into Gemm α, sums into Gemm C, complementary pads
-    into a Concat): the same relevance, and the ops they remove are gone."""
+    into a Concat, the rotary reverse's halves swapped): the same relevance, and the ops they remove are gone."""
     entry = models.get("llama")
     _, proto = zoo_export("llama", "dynamo", None)
     fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
     lrpc.compile(proto, output=fast, causal_blocks=0)   # (the plain graph's ops, not inside an If)
-    for name in ("scale_into_gemm", "accumulate_in_gemm", "pads_to_concat"):
+    for name in ("scale_into_gemm", "accumulate_in_gemm", "pads_to_concat", "rotary_swap"):
         monkeypatch.setattr(optimise, name, lambda *a: 0)
     lrpc.compile(proto, output=plain, causal_blocks=0)
     a, b = _run(fast, entry), _run(plain, entry)
@@ -89,9 +89,88 @@ def test_peepholes_keep_relevance_and_remove_ops(tmp_path, zoo_export, monkeypat
     fast_ops, plain_ops = _ops(fast), _ops(plain)
     assert fast_ops.count("Pad") == 0 < plain_ops.count("Pad")          # rotary rotate_half: Concat instead
     assert fast_ops.count("Sum") < plain_ops.count("Sum")               # q/k/v and gate/up ĝ summed in Gemm C
+    assert fast_ops.count("Neg") < plain_ops.count("Neg") and "Slice" in fast_ops   # rotary: halves swapped
     graph = onnx.load(str(fast), load_external_data=False).graph
     assert any(n.op_type == "Gemm" and len(n.input) == 3 for n in graph.node)
     assert any(n.op_type == "Gemm" and any(a.name == "alpha" and a.f == 0.5 for a in n.attribute) for n in graph.node)
+
+
+def _rotary_reverse(k=3, heads=2, seq=5, dim=8):
+    """ĝ of q' = q·cos + rotate_half(q)·sin as lrpc emits it: Sum(Concat(a₂, −a₁), ĝ·cos) with a = ĝ·sin split
+    in halves. Returns the graph, its ĝ / sin / cos inputs and the reverse's output."""
+    from onnx import TensorProto, helper
+    half = helper.make_tensor("lrp_half", TensorProto.INT64, [2], [dim // 2] * 2)
+    nodes = [helper.make_node("Mul", ["g", "sin"], ["a"], name="lrp_Mul_sin"),
+             helper.make_node("Split", ["a", "lrp_half"], ["a1", "a2"], axis=-1, name="lrp_Split"),
+             helper.make_node("Neg", ["a1"], ["n1"], name="lrp_Neg"),
+             helper.make_node("Concat", ["a2", "n1"], ["r"], axis=-1, name="lrp_Concat"),
+             helper.make_node("Mul", ["g", "cos"], ["c"], name="lrp_Mul_cos"),
+             helper.make_node("Sum", ["r", "c"], ["s"], name="lrp_Sum"),
+             helper.make_node("Identity", ["s"], ["y"], name="lrp_Identity")]   # (a graph output is kept as is)
+    inputs = [helper.make_tensor_value_info("g", TensorProto.FLOAT, [k, 1, heads, seq, dim]),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 1, seq, dim]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 1, seq, dim])]
+    graph = helper.make_graph(nodes, "rotary", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [half])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def _run_ir(model, feed):
+    import onnxruntime as ort
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_rotary_swap_is_the_rotary_reverse_bit_for_bit():
+    """optimise.rotary_swap: swap(ĝ·ŝ) + ĝ·cos, ŝ = Concat(−sin₁, sin₂), gives the emitted rotate_halfᵀ(ĝ·sin) +
+    ĝ·cos bit for bit, and torch autograd's gradient of q·cos + rotate_half(q)·sin; the K-wide ĝ meets no
+    Split, Neg or Concat any more (those run on sin, once)."""
+    import torch
+    rng = np.random.default_rng(3)
+    feed = {"g": rng.standard_normal((3, 1, 2, 5, 8), np.float32),
+            "sin": rng.standard_normal((1, 1, 5, 8), np.float32), "cos": rng.standard_normal((1, 1, 5, 8), np.float32)}
+    model = _rotary_reverse()
+    before = _run_ir(model, feed)
+    assert optimise.rotary_swap(model.graph, Builder(model.graph)) == 1
+    model.graph.sort()
+    after = _run_ir(model, feed)
+    assert np.array_equal(after, before)
+
+    q = torch.zeros(3, 1, 2, 5, 8, requires_grad=True)
+    sin, cos = torch.from_numpy(feed["sin"]), torch.from_numpy(feed["cos"])
+    rotate_half = torch.cat([-q[..., 4:], q[..., :4]], dim=-1)   # (HF's rotate_half)
+    (q * cos + rotate_half * sin).backward(torch.from_numpy(feed["g"]))
+    assert np.abs(after - q.grad.numpy()).max() <= 1e-6 * np.abs(q.grad.numpy()).max()
+
+    reads_g = {node.op_type for node in model.graph if model.graph.inputs[0] in node.inputs}
+    assert reads_g == {"Mul"}
+    assert {node.inputs[0].name for node in model.graph if node.op_type == "Split"} == {"sin"}
+
+
+def test_rotary_swap_leaves_other_shapes():
+    """A sin as wide as one half (broadcast) is no rotary embedding's: no rewrite."""
+    model = _rotary_reverse()
+    model.graph.inputs[1].shape = ir.Shape([1, 1, 5, 1])
+    assert optimise.rotary_swap(model.graph, Builder(model.graph)) == 0
+
+
+@pytest.mark.parametrize("name,exporter", [("llama", "legacy"), ("phi3", "dynamo"), ("qwen3", "dynamo")])
+def test_rotary_swap_found_on_exports(name, exporter, tmp_path, zoo_export, monkeypatch):
+    """Each attention layer's q and k rotary reverse is rewritten, in TorchScript and dynamo exports of
+    several rotary families, and the relevance is the one without the rewrite, bit for bit."""
+    entry = models.get(name)
+    _, proto = zoo_export(name, exporter, None)
+    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
+    found, rewrite = [], optimise.rotary_swap
+    monkeypatch.setattr(optimise, "rotary_swap", lambda *a: found.append(rewrite(*a)) or found[-1])
+    lrpc.compile(proto, output=fast, causal_blocks=0)
+    monkeypatch.setattr(optimise, "rotary_swap", lambda *a: 0)
+    lrpc.compile(proto, output=plain, causal_blocks=0)
+    layers = sum(n.op_type == "Softmax" for n in onnx.load(str(plain), load_external_data=False).graph.node
+                 if not n.name.startswith("lrp_"))
+    assert found == [2 * layers]
+    a, b = _run(fast, entry), _run(plain, entry)
+    assert np.array_equal(a.relevance["input_ids"], b.relevance["input_ids"])
 
 
 def _seed_muls(path) -> int:
@@ -122,6 +201,58 @@ def test_factors_made_once_under_targets(tmp_path, zoo_export, monkeypatch):
     a, b = (Explainer(p).explain(inputs, **kw).relevance["input_ids"] for p in (fast, plain))
     assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
     assert _seed_muls(fast) < _seed_muls(plain)
+
+
+def test_stacked_pair_is_the_two_products():
+    """optimise.stacked_pair: (ĝ·a)·W_aᵀ + (ĝ·b)·W_bᵀ as one Gemm over [ĝ·a, ĝ·b] and the stacked weights equals
+    numpy's sum of the two products; ĝ is read by one Mul, and one Gemm is left."""
+    from onnx import TensorProto, helper
+    k, seq, n, m = 3, 5, 8, 6
+    rng = np.random.default_rng(5)
+    w_a, w_b = rng.standard_normal((m, n), np.float32), rng.standard_normal((m, n), np.float32)
+    nodes = [helper.make_node("Mul", ["g", "a"], ["ga"], name="lrp_Mul_a"),
+             helper.make_node("Reshape", ["ga", "lrp_rows"], ["ra"], name="lrp_Reshape_a"),
+             helper.make_node("Gemm", ["ra", "w_a"], ["pa"], transB=1, alpha=0.5, name="lrp_Gemm_a"),
+             helper.make_node("Mul", ["b", "g"], ["gb"], name="lrp_Mul_b"),
+             helper.make_node("Reshape", ["gb", "lrp_rows"], ["rb"], name="lrp_Reshape_b"),
+             helper.make_node("Gemm", ["rb", "w_b", "pa"], ["s"], transB=1, alpha=0.5, name="lrp_Gemm_b"),
+             helper.make_node("Identity", ["s"], ["y"], name="lrp_Identity")]
+    inputs = [helper.make_tensor_value_info("g", TensorProto.FLOAT, [k, 1, seq, n]),
+              helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, seq, n]),
+              helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, seq, n])]
+    inits = [numpy_helper.from_array(w_a, "w_a"), numpy_helper.from_array(w_b, "w_b"),
+             numpy_helper.from_array(np.array([-1, n]), "lrp_rows")]
+    graph = helper.make_graph(nodes, "pair", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    feed = {"g": rng.standard_normal((k, 1, seq, n), np.float32),
+            "a": rng.standard_normal((1, seq, n), np.float32), "b": rng.standard_normal((1, seq, n), np.float32)}
+    grads = optimise._computed_from([model.graph.inputs[0]])
+    assert optimise.stacked_pair(model.graph, Builder(model.graph), grads) == 1
+    model.graph.sort()
+    got = _run_ir(model, feed)
+    g = feed["g"].reshape(-1, n).astype(np.float64)
+    expected = 0.5 * ((g * np.tile(feed["a"][0], (k, 1))) @ w_a.T + (g * np.tile(feed["b"][0], (k, 1))) @ w_b.T)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    assert [node.op_type for node in model.graph].count("Gemm") == 1
+    assert [node.op_type for node in model.graph if model.graph.inputs[0] in node.inputs] == ["Unsqueeze"]
+
+
+def test_stacked_pair_found_under_targets(tmp_path, zoo_export, monkeypatch):
+    """--targets on a gated MLP (llama): gate and up ĝ come from one Gemm over stacked weights, and the
+    relevance is the one without the rewrite."""
+    entry = models.get("llama")
+    _, proto = zoo_export("llama", "dynamo", None)
+    fast, plain = tmp_path / "fast.onnx", tmp_path / "plain.onnx"
+    found, rewrite = [], optimise.stacked_pair
+    monkeypatch.setattr(optimise, "stacked_pair", lambda *a: found.append(rewrite(*a)) or found[-1])
+    lrpc.compile(proto, output=fast, targets="dynamic", causal_blocks=0)
+    monkeypatch.setattr(optimise, "stacked_pair", lambda *a: 0)
+    lrpc.compile(proto, output=plain, targets="dynamic", causal_blocks=0)
+    assert found and found[0] >= 1   # (the last layer's MLP runs on K rows, a shape of its own)
+    inputs = {k: v.numpy() for k, v in entry.inputs(2, 11, seed=4).items()}
+    kw = dict(target=np.array([[1, 5, 2], [0, 3, 3]]), position=np.array([[-1, 3, 0], [5, -2, -1]]))
+    a, b = (Explainer(p).explain(inputs, **kw).relevance["input_ids"] for p in (fast, plain))
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
 
 
 @pytest.mark.parametrize("preset", ["attnlrp", "cp-lrp"])
