@@ -110,11 +110,19 @@ class Rows:
         if key not in self._masks:  # the [(K,) batch, seq] one-hot, with seq at `axis` of a rank-`rank_` tensor
             self._masks[key] = self.b.Unsqueeze(self._seq[3], self.b.i64([a + lead for a in range(1, rank_)
                                                                           if a != axis]))
-        if lead:   # the stacked rows [1, batch, …, K, …] → [K, batch, …, 1, …]: target k's row in its K slice
-            perm = list(range(rank_ + 1))
-            perm[0], perm[axis + 1] = axis + 1, 0
-            grad = self.b.Transpose(grad, perm=perm)
+        if lead:
+            grad = self.apart(grad, axis, rank_)
         return self.b.Mul(grad, self._masks[key])
+
+    def apart(self, rows: ir.Value, axis: int, rank_: int, grad: bool = True) -> ir.Value:
+        """Under --targets, stacked rows with each target's row moved to its own K slice: a ĝ [1, batch, …, K, …]
+        (a forward row [batch, …, K, …] when not `grad`; the K rows at `axis` of a rank-`rank_` tensor) →
+        [K, batch, …, 1, …], a whole ĝ's layout with the row's sequence dim 1."""
+        if not grad:
+            rows = self.b.Unsqueeze(rows, self.b.i64([0]))
+        perm = list(range(rank_ + 1))
+        perm[0], perm[axis + 1] = axis + 1, 0
+        return self.b.Transpose(rows, perm=perm)
 
     def row_dims(self, dims: list, axis: int) -> list:
         """The dims of a one-row ĝ of a tensor with forward dims `dims` (its sequence at `axis`)."""
@@ -252,9 +260,7 @@ def matmul(m: Match) -> RowPlan | None:
     if m.axis != m.rank - 2 or a.shape is None or a.shape.rank() != m.rank:
         return None
     m.same_row(a) if m.carries(a) else m.read(a)
-    if m.carries(w):
-        if m.rows.stacked is not None:   # a_rowᵀ·ĝ over stacked rows would sum the K targets' ĝ_b
-            return None
+    if m.carries(w):   # ĝ_b = a_rowᵀ·ĝ whole: under --targets one outer product per target (Context.apart)
         m.plan.grads[w] = None
     return m.plan
 
