@@ -10,8 +10,9 @@ position p_k, so its ĝ is nonzero only in row p_k: the K rows are kept *stacked
 — ĝ [1, batch, …, K, …] with the leading K axis of size 1 and row k (target k's) in place of the sequence
 — and the forward rows read are gathered at the K positions, [batch, …, K, …]. Row-local rules never mix
 rows, so each target's row meets only its own forward row, and the forward values keep their rank. A rule
-that would make a whole ĝ from the rows (a @ b with b carrying) would sum the K targets: such ĝ are
-widened first (to [K, batch, …, seq, …]).
+that makes a whole ĝ from the rows (a @ b with b carrying: ĝ_b = a_rowᵀ·ĝ_row) would sum the K targets over
+the stacked rows: it first moves each target's row into its own K slice (Rows.apart, [K, batch, …, 1, …]),
+so ĝ_b is each target's own outer product and the query side of the last attention stays K rows.
 
 Which rules can run on a row is a *row form*, one function below per shape of argument; the op registry
 (lrpc.ops) and the rule table (lrpc.rules) name each op's and each rule's form.

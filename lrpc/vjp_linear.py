@@ -39,29 +39,34 @@ def matmul(n, g):
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
     if rb == 2 and ra is not None and ra >= 2 and not n.carries(1):
         return (lambda: matmul_weight_grad(n, g), None)
-    # only the batch dims (all but the last two) can have been broadcast. ĝ_b from a one-row ĝ (lrpc.rows.matmul)
-    # is a_rowᵀ·ĝ_row; under --targets each target's own (n.apart: K rows into the K axis, so a·ĝ's inner dim is 1)
+    # only the batch dims (all but the last two) can have been broadcast. ĝ_b from a one-row ĝ
+    # (lrpc.rows.matmul) is a_rowᵀ·ĝ_row; under --targets each target's own (n.apart: K rows into the K axis)
     row_a = lambda: n.apart(n.x(0), 0)  # noqa: E731
     grad_a = lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2)  # noqa: E731
     shared = _shared_heads(n) if n.carries(1) else None
     if shared is not None:   # grouped-query attention: ĝ of the shared keys / values, summed over each group
         kv, groups, swapped = shared
+
         def fold(v, lead):   # [lead…, B, G·r, rows, ·] → [lead…, B, G, r·rows, ·]
-            scaled = v.producer()
-            if scaled is not None and scaled.op_type == "Mul" and static_value(scaled.inputs[1]) is not None \
-                    and static_value(scaled.inputs[1]).size == 1:   # ĝ·c: c stays next to the product, where
-                return b.Mul(fold(scaled.inputs[0], lead), scaled.inputs[1])   # onnxruntime fuses it in
             return b.Reshape(v, b.i64([0] * (lead + 1) + [groups, -1, 0]))
+
+        def fold_grad():   # ĝ·c (the uniform rule's ½) folded as fold(ĝ)·c: c stays next to the product,
+            scaled = g.producer()   # where onnxruntime fuses it in
+            c = static_value(scaled.inputs[1]) if scaled is not None and scaled.op_type == "Mul" else None
+            if c is not None and c.size == 1 and not n.stacked:
+                return b.Mul(fold(scaled.inputs[0], n.lead), scaled.inputs[1])
+            return fold(n.apart(g), n.lead)
         a_lead = 1 if n.stacked else 0   # n.apart gives a forward row a K axis
         if swapped:   # b = kᵀ: ĝ_k = Σ_h ĝ_hᵀ·a_h over the group's heads h, one product over [h·rows]
-            grad_kv = lambda: b.MatMul(_swap_last(n, fold(n.apart(g), n.lead), 4, grad=True),  # noqa: E731
-                                       fold(row_a(), a_lead))
+            def grad_kv():
+                return b.MatMul(_swap_last(n, fold_grad(), 4, grad=True), fold(row_a(), a_lead))
         else:         # b = v: ĝ_v = Σ_h a_hᵀ·ĝ_h
-            grad_kv = lambda: b.MatMul(_swap_last(n, fold(row_a(), a_lead), 4, grad=n.stacked),  # noqa: E731
-                                       fold(n.apart(g), n.lead))
+            def grad_kv():
+                return b.MatMul(_swap_last(n, fold(row_a(), a_lead), 4, grad=n.stacked), fold_grad())
         return {n.raw(0): grad_a, kv: grad_kv}
     if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
-        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, n.apart(g), rb, grad=True), row_a()), rb, grad=True)  # noqa: E731
+        grad_b = lambda: _swap_last(  # noqa: E731
+            n, b.MatMul(_swap_last(n, n.apart(g), rb, grad=True), row_a()), rb, grad=True)
     else:
         grad_b = lambda: n.unbroadcast(  # noqa: E731
             b.MatMul(_swap_last(n, row_a(), known(ra, 0), grad=n.stacked), n.apart(g)), 1, core=2)
