@@ -62,6 +62,23 @@ class Context:
         GatherND of the float16 tensor would make it round there, and the model's outputs move by an ulp)."""
         return self._walk.rows.row(self._walk.as_f32(value), axis)
 
+    @property
+    def stacked(self) -> bool:
+        """ĝ is the K targets' rows stacked along the sequence axis (--targets; lrpc.rows)."""
+        return self.compact is not None and self._walk.rows.stacked is not None
+
+    def apart(self, value: ir.Value, i: int | None = None) -> ir.Value:
+        """Under --targets, a one-row ĝ of this rule (`i` None) or input i's forward row with each target's row in
+        its own K slice, [K, batch, …, 1, …] (lrpc.rows.Rows.apart): a product of two such rows is each target's
+        own outer product, where the stacked rows would sum the K targets. As it stands otherwise."""
+        rows = self._walk.rows
+        if not self.stacked:
+            return value
+        if i is None:
+            return rows.apart(value, self.compact.axis, self.compact.rank)
+        v = self.node.inputs[i]
+        return rows.apart(value, self.compact.rows[v], v.shape.rank(), grad=False)
+
     def attr(self, name: str, default=None):
         return attr(self.node, name, default)
 
@@ -170,6 +187,11 @@ class Context:
         """Another node (or the node of that name) as a rule would see it, without ĝ of its own."""
         node = self._walk.nodes[node] if isinstance(node, str) else node
         return self if node is self.node else Context(self._walk, node, [None])
+
+    def passes_through(self, value: ir.Value) -> bool:
+        """Whether `value` only hands ĝ on to its producer (one forward reader, not an output, not asked for,
+        no condition), so this rule may send ĝ past it."""
+        return self._walk.passes_through(value)
 
     def accumulated(self, value: ir.Value) -> ir.Value | None:
         """The ĝ the walk has summed for `value` (a tensor after this node, all of whose readers ran), in

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from lrpc import ops, rules
 from lrpc.context import Context
 from lrpc.errors import LrpcError
-from lrpc.graph import Builder, rank, same_dim
+from lrpc.graph import PREFIX, Builder, rank, same_dim
 from lrpc.plan import Plan
 from lrpc.rows import Rows
 
@@ -36,6 +36,7 @@ class Emitter:
         # condition (nodes computed from the tensor, those nodes' outputs and the tensor, the bypass factor)
         self.masks: dict[ir.Value, ir.Value] = {}
         self.gates: list[tuple[set[ir.Node], set[ir.Value], ir.Value]] = []
+        self._wanted: set[ir.Value] = set()
 
     def with_targets(self, seed: ir.Value, k_dim) -> None:
         """Give every ĝ of this walk a leading K axis, sized like the seed's first axis."""
@@ -122,6 +123,12 @@ class Emitter:
         record = self.plan.get(node)
         return record.rule if record is not None else None
 
+    def passes_through(self, value: ir.Value) -> bool:
+        """value only hands ĝ on to its producer: one forward reader, no graph output, not asked for, and no
+        condition in this walk (a rule may then send ĝ past it)."""
+        readers = [node for node, _ in value.uses() if not node.name.startswith(PREFIX)]
+        return len(readers) == 1 and not value.is_graph_output() and value not in self._wanted and not self.masks
+
     def accumulated(self, value: ir.Value, compact) -> ir.Value | None:
         """ĝ of `value` summed so far, in the layout of a rule whose ĝ is one row (`compact`, a RowPlan) or
         whole (None); None when there is none, or it cannot be had in that layout."""
@@ -154,7 +161,7 @@ class Emitter:
         """Walk the forward nodes backwards from the seeds; return ĝ for every wanted tensor it reaches."""
         pending: dict[ir.Value, list[ir.Value]] = {v: [g] for v, g in seeds.items()}
         found: dict[ir.Value, ir.Value] = {}
-        rows = self.rows
+        rows, self._wanted = self.rows, wanted
         if len(seeds) == 1:  # row compaction: one row per seed (per target under --targets)
             (y, full), = seeds.items()
             row = rows.start(y, full, None if self.k_shape is None else self.k_dim)

@@ -10,8 +10,9 @@ position p_k, so its ĝ is nonzero only in row p_k: the K rows are kept *stacked
 — ĝ [1, batch, …, K, …] with the leading K axis of size 1 and row k (target k's) in place of the sequence
 — and the forward rows read are gathered at the K positions, [batch, …, K, …]. Row-local rules never mix
 rows, so each target's row meets only its own forward row, and the forward values keep their rank. A rule
-that would make a whole ĝ from the rows (a @ b with b carrying) would sum the K targets: such ĝ are
-widened first (to [K, batch, …, seq, …]).
+that makes a whole ĝ from the rows (a @ b with b carrying: ĝ_b = a_rowᵀ·ĝ_row) would sum the K targets over
+the stacked rows: it first moves each target's row into its own K slice (Rows.apart, [K, batch, …, 1, …]),
+so ĝ_b is each target's own outer product and the query side of the last attention stays K rows.
 
 Which rules can run on a row is a *row form*, one function below per shape of argument; the op registry
 (lrpc.ops) and the rule table (lrpc.rules) name each op's and each rule's form.
@@ -110,11 +111,19 @@ class Rows:
         if key not in self._masks:  # the [(K,) batch, seq] one-hot, with seq at `axis` of a rank-`rank_` tensor
             self._masks[key] = self.b.Unsqueeze(self._seq[3], self.b.i64([a + lead for a in range(1, rank_)
                                                                           if a != axis]))
-        if lead:   # the stacked rows [1, batch, …, K, …] → [K, batch, …, 1, …]: target k's row in its K slice
-            perm = list(range(rank_ + 1))
-            perm[0], perm[axis + 1] = axis + 1, 0
-            grad = self.b.Transpose(grad, perm=perm)
+        if lead:
+            grad = self.apart(grad, axis, rank_)
         return self.b.Mul(grad, self._masks[key])
+
+    def apart(self, rows: ir.Value, axis: int, rank_: int, grad: bool = True) -> ir.Value:
+        """Under --targets, stacked rows with each target's row moved to its own K slice: a ĝ [1, batch, …, K, …]
+        (a forward row [batch, …, K, …] when not `grad`; the K rows at `axis` of a rank-`rank_` tensor) →
+        [K, batch, …, 1, …], a whole ĝ's layout with the row's sequence dim 1."""
+        if not grad:
+            rows = self.b.Unsqueeze(rows, self.b.i64([0]))
+        perm = list(range(rank_ + 1))
+        perm[0], perm[axis + 1] = axis + 1, 0
+        return self.b.Transpose(rows, perm=perm)
 
     def row_dims(self, dims: list, axis: int) -> list:
         """The dims of a one-row ĝ of a tensor with forward dims `dims` (its sequence at `axis`)."""
@@ -252,9 +261,7 @@ def matmul(m: Match) -> RowPlan | None:
     if m.axis != m.rank - 2 or a.shape is None or a.shape.rank() != m.rank:
         return None
     m.same_row(a) if m.carries(a) else m.read(a)
-    if m.carries(w):
-        if m.rows.stacked is not None:   # a_rowᵀ·ĝ over stacked rows would sum the K targets' ĝ_b
-            return None
+    if m.carries(w):   # ĝ_b = a_rowᵀ·ĝ whole: under --targets one outer product per target (Context.apart)
         m.plan.grads[w] = None
     return m.plan
 

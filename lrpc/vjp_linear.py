@@ -8,7 +8,7 @@ import onnx_ir as ir
 
 from lrpc import vjp_conv as conv_family
 from lrpc.errors import LrpcError
-from lrpc.graph import attr as node_attr, same_dim
+from lrpc.graph import attr as node_attr, same_dim, static_value
 
 
 def _swap_last(n, v, r, grad=False):
@@ -40,12 +40,67 @@ def matmul(n, g):
                 lambda: b.Mul(b.Unsqueeze(n.x(0), b.i64([-1])), b.Unsqueeze(g, b.i64([-2]))))
     if rb == 2 and ra is not None and ra >= 2 and not n.carries(1):
         return (lambda: matmul_weight_grad(n, g), None)
-    # only the batch dims (all but the last two) can have been broadcast
+    # only the batch dims (all but the last two) can have been broadcast. ĝ_b from a one-row ĝ
+    # (lrpc.rows.matmul) is a_rowᵀ·ĝ_row; under --targets each target's own (n.apart: K rows into the K axis)
+    row_a = lambda: n.apart(n.x(0), 0)  # noqa: E731
+    grad_a = lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2)  # noqa: E731
+    shared = _shared_heads(n) if n.carries(1) else None
+    if shared is not None:   # grouped-query attention: ĝ of the shared keys / values, summed over each group
+        kv, groups, swapped = shared
+
+        def fold(v, lead):   # [lead…, B, G·r, rows, ·] → [lead…, B, G, r·rows, ·]
+            return b.Reshape(v, b.i64([0] * (lead + 1) + [groups, -1, 0]))
+
+        def fold_grad():   # ĝ·c (the uniform rule's ½) folded as fold(ĝ)·c: c stays next to the product,
+            scaled = g.producer()   # where onnxruntime fuses it in
+            c = static_value(scaled.inputs[1]) if scaled is not None and scaled.op_type == "Mul" else None
+            if c is not None and c.size == 1 and not n.stacked:
+                return b.Mul(fold(scaled.inputs[0], n.lead), scaled.inputs[1])
+            return fold(n.apart(g), n.lead)
+        a_lead = 1 if n.stacked else 0   # n.apart gives a forward row a K axis
+        if swapped:   # b = kᵀ: ĝ_k = Σ_h ĝ_hᵀ·a_h over the group's heads h, one product over [h·rows]
+            def grad_kv():
+                return b.MatMul(_swap_last(n, fold_grad(), 4, grad=True), fold(row_a(), a_lead))
+        else:         # b = v: ĝ_v = Σ_h a_hᵀ·ĝ_h
+            def grad_kv():
+                return b.MatMul(_swap_last(n, fold(row_a(), a_lead), 4, grad=n.stacked), fold_grad())
+        return {n.raw(0): grad_a, kv: grad_kv}
     if _is_swap_of_full_batch(n, 1):  # b = kᵀ (attention scores q·kᵀ): ĝ_k = ĝᵀ·a directly, as (ĝᵀ·a)ᵀᵀ
-        grad_b = lambda: _swap_last(n, b.MatMul(_swap_last(n, g, rb, grad=True), n.x(0)), rb, grad=True)  # noqa: E731
+        grad_b = lambda: _swap_last(  # noqa: E731
+            n, b.MatMul(_swap_last(n, n.apart(g), rb, grad=True), row_a()), rb, grad=True)
     else:
-        grad_b = lambda: n.unbroadcast(b.MatMul(_swap_last(n, n.x(0), known(ra, 0)), g), 1, core=2)  # noqa: E731
-    return (lambda: n.unbroadcast(b.MatMul(g, _swap_last(n, n.x(1), known(rb, 1))), 0, core=2), grad_b)
+        grad_b = lambda: n.unbroadcast(  # noqa: E731
+            b.MatMul(_swap_last(n, row_a(), known(ra, 0), grad=n.stacked), n.apart(g)), 1, core=2)
+    return (grad_a, grad_b)
+
+
+def _shared_heads(n):
+    """(kv, G, swapped) when MatMul operand b is kv [B, G, T, D] with each of its G heads repeated r times
+    along the head axis — grouped-query attention's Unsqueeze(axis 2) → Expand → Reshape, in both exporters —
+    perhaps with its last two axes then swapped (b = kᵀ), operand a [B, G·r, rows, ·], and each step between
+    only handing ĝ on. Then Σ_h a_hᵀ·ĝ_h over a group's heads h is one product: a and ĝ [.., G·r, rows, ·]
+    read as [.., G, r·rows, ·] (a free Reshape), instead of a product per head, a Reshape and a ReduceSum."""
+    v, swapped = n.raw(1), False
+    node = v.producer()
+    if node is not None and node.op_type == "Transpose" and list(node_attr(node, "perm") or []) == [0, 1, 3, 2]:
+        v, swapped = node.inputs[0], True
+        node = v.producer()
+    expand = node.inputs[0].producer() if node is not None and node.op_type == "Reshape" else None
+    unsqueeze = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or n.rank(0) != 4:
+        return None
+    kv, axes = unsqueeze.inputs[0], static_value(unsqueeze.inputs[1])
+    steps = [n.raw(1), v, expand.outputs[0], unsqueeze.outputs[0]][0 if swapped else 1:]
+    shapes = [x.shape for x in (kv, expand.outputs[0], v, n.raw(0))]
+    if axes is None or [int(a) % 5 for a in np.ravel(axes)] != [2] or any(s is None for s in shapes) \
+            or [s.rank() for s in shapes] != [4, 5, 4, 4] or not all(map(n.passes_through, steps)):
+        return None
+    (batch, groups, seq, width), repeated, heads = list(shapes[0]), list(shapes[1]), list(shapes[2])
+    if not (isinstance(groups, int) and isinstance(repeated[2], int) and heads[1] == groups * repeated[2]
+            and shapes[3][1] == heads[1] and all(map(same_dim, (batch, groups, seq, width), repeated[:2] + repeated[3:]))
+            and all(map(same_dim, (batch, seq, width), heads[:1] + heads[2:]))):
+        return None
+    return kv, groups, swapped
 
 
 def _is_swap_of_full_batch(n, i: int) -> bool:

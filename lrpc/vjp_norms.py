@@ -54,20 +54,27 @@ def _attention_reader(n):
 def _centred_attention_grad(n, g, o, v, scale, grad_o):
     """ĝ_y − Σ_j ĝ_y[i, j]·y[i, j] without a pass over the [.., T, T] scores for the row sums: they are
     c·Σ_d ĝ_o[i, d]·o[i, d] (as FlashAttention's backward reads them off the output). On whole rows the
-    subtraction goes into the product that makes ĝ_y, one column wider: [c·ĝ_o, −sums] @ [v, 1]ᵀ, so no
+    subtraction goes into the product that makes ĝ_y, one column wider: [ĝ_o, −sums] @ [c·v, 1]ᵀ, so no
     [T, T] tensor is read and written again for it (ĝ_y itself, left unread, is dead code)."""
     b, width = n.b, o.shape[-1]
     products = b.Mul(grad_o, n.f32(o))
-    if isinstance(width, int):  # the scaled row sum as one product with a constant column (no extra kernel)
-        sums = b.MatMul(products, b.f32(np.full((width, 1), -scale, np.float32)))
-    else:
-        sums = b.Mul(b.ReduceSum(products, b.i64([-1]), keepdims=1), b.f32(-scale))
     rv = v.shape.rank() if v.shape is not None else None
     if n.compact is not None or rv is None or rv < 2:   # one row: the [1, T] subtraction is cheap
-        return b.Add(g, sums)
-    with_ones = b.Pad(n.f32(v), b.i64([0] * (2 * rv - 1) + [1]), b.f32(1.0))   # [v, 1]: one column of ones
-    left = b.Concat(grad_o if scale == 1.0 else b.Mul(grad_o, b.f32(scale)), sums, axis=-1)
+        return b.Add(g, _row_sums(b, products, width, -scale))
+    # c goes into the forward's [v, 1] (made once), not into the K-wide ĝ_o: [ĝ_o, −sums] @ [c·v, 1]ᵀ
+    # (c is ½ or 1, so either way is exact)
+    with_ones = b.Pad(n.f32(v) if scale == 1.0 else b.Mul(n.f32(v), b.f32(scale)),
+                      b.i64([0] * (2 * rv - 1) + [1]), b.f32(1.0))   # one column of ones
+    left = b.Concat(grad_o, _row_sums(b, products, width, -scale), axis=-1)
     return b.MatMul(left, b.Transpose(with_ones, perm=list(range(rv - 2)) + [rv - 1, rv - 2]))
+
+
+def _row_sums(b, products, width, scale: float):
+    """scale·Σ over the last axis, keeping it: one product with a constant column where the width is static
+    (no extra kernel)."""
+    if isinstance(width, int):
+        return b.MatMul(products, b.f32(np.full((width, 1), scale, np.float32)))
+    return b.Mul(b.ReduceSum(products, b.i64([-1]), keepdims=1), b.f32(scale))
 
 
 def log_softmax(n, g):

@@ -325,8 +325,14 @@ def qwen3_moe_attnlrp():
     renormalisation of the chosen weights) keeps its exact gradient, as LXT leaves it unpatched."""
     from transformers.models.qwen3_moe import modeling_qwen3_moe as qm
 
-    patches = [(qm.Qwen3MoeRMSNorm, "forward", _rms_norm_frozen), (qm, "eager_attention_forward", _attention),
-               (qm.Qwen3MoeExperts, "forward", _experts)]
+    with _patched([(qm.Qwen3MoeRMSNorm, "forward", _rms_norm_frozen), (qm, "eager_attention_forward", _attention),
+                   (qm.Qwen3MoeExperts, "forward", _experts)]):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(patches):
+    """setattr(owner, name, fn) for each (owner, name, fn) within the block, restored after."""
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, fn in patches:
@@ -335,3 +341,40 @@ def qwen3_moe_attnlrp():
     finally:
         for owner, name, fn in saved:
             setattr(owner, name, fn)
+
+
+def _llama_mlp(self, x):
+    """LlamaMLP: down(SiLU(gate) ⊙ up), identity rule on the SiLU, uniform rule on the gating product."""
+    return self.down_proj(mul(silu(self.gate_proj(x), True), self.up_proj(x), True))
+
+
+@contextlib.contextmanager
+def llama_attnlrp():
+    """Within the block, transformers' Llama runs with the AttnLRP rules: RMSNorm with a frozen rms, attention
+    with uniform Q·Kᵀ and A·V and a plain softmax (grouped K/V heads repeated by repeat_interleave, not by the
+    model's own repeat_kv), the gated MLP as above."""
+    from transformers.models.llama import modeling_llama as lm
+
+    with _patched([(lm.LlamaRMSNorm, "forward", _rms_norm_frozen), (lm, "eager_attention_forward", _attention),
+                   (lm.LlamaMLP, "forward", _llama_mlp)]):
+        yield
+
+
+def embedding_relevance(module, inputs: dict, target, position, rules):
+    """Σ_hidden E ⊙ ĝ_E of a zoo Hugging Face model's embedding output, run within `rules` (a context manager
+    above, e.g. llama_attnlrp()), for y[b, position[b], target[b]] of every row b."""
+    captured = {}
+
+    def keep(_mod, _args, output):
+        output.retain_grad()
+        captured["E"] = output
+    handle = module.hf_model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        with rules:
+            y = module(**inputs)
+        rows = torch.arange(y.shape[0])
+        y[rows, torch.as_tensor(position), torch.as_tensor(target)].sum().backward()
+    finally:
+        handle.remove()
+    E = captured["E"]
+    return (E * E.grad).sum(-1).detach().numpy()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import lrpc
 from lrpc import models
@@ -21,21 +20,7 @@ TOL_LXT = 1e-3  # issue 16: attnlrp vs the LXT-equivalent reference
 
 def _reference_relevance(module, inputs, target, position) -> np.ndarray:
     """Σ_hidden E ⊙ ĝ_E of the embedding output with the reference's AttnLRP rules patched in."""
-    captured = {}
-
-    def keep(_mod, _args, output):
-        output.retain_grad()
-        captured["E"] = output
-    handle = module.hf_model.get_input_embeddings().register_forward_hook(keep)
-    try:
-        with ref.qwen3_moe_attnlrp():
-            y = module(**inputs)
-        rows = torch.arange(y.shape[0])
-        y[rows, torch.as_tensor(position), torch.as_tensor(target)].sum().backward()
-    finally:
-        handle.remove()
-    E = captured["E"]
-    return (E * E.grad).sum(-1).detach().numpy()
+    return ref.embedding_relevance(module, inputs, target, position, ref.qwen3_moe_attnlrp())
 
 
 def _attnlrp_vs_reference(module, proto, tmp_path):
