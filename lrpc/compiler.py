@@ -19,6 +19,8 @@ from lrpc.decompose import decompose_fused, protect_nonstandard_ops
 from lrpc.emitter import Emitter
 from lrpc.errors import LrpcError
 from lrpc.graph import Builder
+from lrpc.k_chunks import CHUNK as TARGET_CHUNK
+from lrpc.k_chunks import chunk_targets
 from lrpc.loading import check_writable, read_proto, save_model, to_ir
 from lrpc.optimise import optimise
 from lrpc.plan import Plan
@@ -82,10 +84,14 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
                     checkpoint: int | str | None = None, targets: int | str | None = None,
                     components: str | list[str] | None = None, per_position: bool = False,
                     intervene: str | list[str] | None = None, conditions: str | list[str] | None = None,
-                    forward_mode: str = "auto") -> ir.Model:
+                    forward_mode: str = "auto", target_chunk: int = 0) -> ir.Model:
     graph = ir_model.graph
     if targets is not None and checkpoint:
         raise LrpcError("--targets with --checkpoint is not supported yet: drop one of them")
+    fixed_k = targets if isinstance(targets, int) else None
+    chunked = targets is not None and target_chunk > 0 and (fixed_k is None or fixed_k > target_chunk)
+    if chunked and fixed_k is not None:   # the loop's body sees a chunk of K: emitted for any K, fixed after
+        targets = "dynamic"
     y = contract.explained_output(graph, output_name)
     exposed = {}
     if embeddings_input:  # the embedding lookup's output becomes a model input (lrpc/embeddings.py)
@@ -128,6 +134,9 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         from lrpc.checkpoint import rematerialise
         remat = rematerialise(graph, carrying, y, emitter.totals, b, checkpoint)
     optimise(ir_model, seeds=(contract.TARGET, contract.SEED) if targets is not None else ())
+    if chunked:   # the relevance pass in a Loop over chunks of targets (lrpc/k_chunks.py)
+        chunk_targets(graph, target_chunk, fixed_k)
+        targets = fixed_k or targets
     contract.write_metadata(ir_model, {
         "lrpc_version": __version__, "preset": preset, "output": y.name, "seed": seed,
         "rank": y.shape.rank(), "attributed": {a.input.name: a.kind for a in attributions},
@@ -136,6 +145,7 @@ def build_explainer(ir_model: ir.Model, *, preset: str = "attnlrp", output_name:
         "options": {k: v for k, v in vars(options).items() if v not in (None, {})},
         **({"checkpoint": {"requested": checkpoint, **remat}} if remat is not None else {}),
         **({"targets": targets} if targets is not None else {}),
+        **({"target_chunk": target_chunk} if chunked else {}),
         **({"unsafe_optimizers": unsafe} if (unsafe := contract.unsafe_optimizers(graph)) else {}),
         **({"untouched_forward": True} if forward is not None else {}),
         **({"components": [c.describe() for c in explained_components], "per_position": per_position}
@@ -212,7 +222,7 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
             components_per_position: bool = False, intervene: str | list[str] | None = None,
             conditions: str | list[str] | None = None, forward: str = "auto",
             causal_blocks: int | None = CAUSAL_BLOCKS, causal_min_tokens: int = CAUSAL_MIN_TOKENS,
-            **frontend_options) -> onnx.ModelProto:
+            target_chunk: int = TARGET_CHUNK, **frontend_options) -> onnx.ModelProto:
     """Compile a model into an explainer (an onnx.ModelProto); with `output=`, also write it atomically.
 
     `model` is an ONNX path, an onnx.ModelProto, or a torch.nn.Module with `example_inputs` (a dict of
@@ -233,11 +243,14 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     `causal_blocks=N` (default 8; 0 turns it off) also compiles the model's causal self-attention cut into N
     query-row blocks that skip the masked upper triangle, used for runs of at least `causal_min_tokens`
     tokens whose masks are causal (checked in the graph per run; lrpc/causal_blocks.py).
+    `target_chunk=C` (with `targets`; default 4; 0: off) runs the relevance pass in a Loop over chunks of
+    at most C targets after one forward (lrpc/k_chunks.py): faster and smaller than all K at once.
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "
                         "apply to (per-layer relevance: lrpc.Attributor(model, layers=True))")
     targets = validate.targets_option(targets)
+    target_chunk = validate.target_chunk_option(target_chunk)
     validate.forward_option(forward)
     causal_blocks, causal_min_tokens = validate.causal_blocks_option(causal_blocks, causal_min_tokens)
     validate.components_options(components, components_per_position)
@@ -252,7 +265,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
                                   output_name=output_name, attribute=attribute, seed=seed, latent=latent,
                                   options=options, embeddings_input=embeddings_input, checkpoint=checkpoint,
                                   targets=targets, components=components, per_position=components_per_position,
-                                  intervene=intervene, conditions=conditions, forward_mode=forward)
+                                  intervene=intervene, conditions=conditions, forward_mode=forward,
+                                  target_chunk=target_chunk)
     if output is not None:
         save_model(ir_model, output, force=force, reuse_weights=reuse_weights, inputs=sources)
     return ir.to_proto(ir_model)

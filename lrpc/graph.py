@@ -301,6 +301,11 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
     return graphs + [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.value]
 
 
+def is_input_check(node: ir.Node | None) -> bool:
+    """contract's check of an explainer input: a Reshape named lrp_check_… that passes its input through."""
+    return node is not None and node.op_type == "Reshape" and (node.name or "").startswith(PREFIX + INPUT_CHECK)
+
+
 def checked(b: Builder, value: ir.Value, ok: ir.Value, test: str, subject: str | None = None) -> ir.Value:
     """`value` itself, read through a Reshape to its own shape plus `bad` (1 if any entry fails `ok`, else
     0): a no-op when every entry passes, an impossible shape (more elements) otherwise, so the run fails

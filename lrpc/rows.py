@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from lrpc.graph import FLOAT_TYPES, INPUT_CHECK, PREFIX, Builder, attr, same_dim, static_value
+from lrpc.graph import FLOAT_TYPES, Builder, attr, is_input_check, same_dim, static_value
 
 
 class NotRowLocal(Exception):
@@ -86,7 +86,7 @@ class Rows:
         if onehot is None or onehot.op_type != "OneHot" or row is None or row.op_type != "Unsqueeze":
             return None
         position = source = onehot.inputs[0]
-        while source is not None and _is_input_check(source.producer()):   # contract's in-graph range checks
+        while source is not None and is_input_check(source.producer()):   # contract's in-graph range checks
             source = source.producer().inputs[0]
         if source is None or source not in self.graph.inputs:
             return None
@@ -322,8 +322,3 @@ def identity_region(m: Match) -> RowPlan | None:
         if v is not None and v is not u:
             m.read(v)
     return m.plan
-
-
-def _is_input_check(node: ir.Node | None) -> bool:
-    """contract's check of an explainer input: a Reshape named lrp_check_… that passes its input through."""
-    return node is not None and node.op_type == "Reshape" and (node.name or "").startswith(PREFIX + INPUT_CHECK)

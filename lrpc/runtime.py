@@ -93,7 +93,8 @@ class Explainer:
         onnxruntime session config entries (e.g. {"session.intra_op.allow_spinning": "0"}). target_chunk:
         a `--targets dynamic` explainer explains at most this many targets per row in one run (more are
         split into runs of this many, each repeating the forward; None: all at once), which bounds the
-        memory of the K-wide relevance pass."""
+        memory of the K-wide relevance pass; not for one compiled with a target_chunk, which loops over
+        chunks of K in its graph after one forward."""
         self.target_chunk = None if target_chunk is None else validate.at_least_one(target_chunk, "target_chunk")
         if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():   # (a FIFO would hang the read)
             raise LrpcError(f"{model} {'is not a regular file' if Path(model).exists() else 'does not exist'}: give "
@@ -291,7 +292,8 @@ class Explainer:
             raise LrpcError(f"output '{self.explained}' has no sequence axis: drop the position")
         feed = self.with_scales(feed, scales, condition)
         target, position, seed = None if vector else target, position if rank == 3 else None, seed if vector else None
-        if k is not None or self.target_chunk is None or width <= self.target_chunk:
+        # an explainer that loops over chunks of K in its graph (compile's target_chunk) runs the forward once
+        if k is not None or self.target_chunk is None or width <= self.target_chunk or self.meta.get("target_chunk"):
             return self._explanation(feed, target, position, seed)
         parts = []   # runs of target_chunk targets, joined along K
         for cut in (slice(s, s + self.target_chunk) for s in range(0, width, self.target_chunk)):

@@ -198,6 +198,15 @@ def targets_option(value) -> int | str | None:
     return int(value)
 
 
+def target_chunk_option(value) -> int:
+    """--target-chunk C: targets per iteration of the in-graph loop over K (0: no loop)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise LrpcError(f"--target-chunk {value!r} (target_chunk=): give a whole number ≥ 0 (0: no loop)")
+    return int(value)
+
+
 def index_matrix(name: str, value, batch: int, k: int | None, size: int | None, *,
                  negative: bool = False) -> np.ndarray:
     """K integer indices per batch row, [batch, K] (one row's [K] when the batch is one row: a [batch]

@@ -244,12 +244,16 @@ def test_lrpc_explain_refuses_a_k_explainer_in_one_line(llama_k):
     assert run.returncode == 2 and "--targets" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
-def test_k_chunks_equal_one_run_and_split_the_runs(llama_k):
-    """target_chunk splits K into runs of at most that many targets (each repeats the forward)."""
+def test_k_chunks_equal_one_run_and_split_the_runs(zoo_export, tmp_path):
+    """target_chunk splits K into runs of at most that many targets (each repeats the forward), for an
+    explainer compiled without the in-graph loop over K (tests/test_k_chunks.py: one with it runs once)."""
+    _, proto = zoo_export("llama")
+    unlooped = tmp_path / "k.onnx"
+    lrpc.compile(proto, targets="dynamic", target_chunk=0, output=unlooped)
     inputs = _inputs(models.get("llama"), 6)
     target, position = np.array([[1, 5, 9, 2, 7], [3, 3, 0, 8, 4]]), np.array([[-1, 2, 0, -2, 5], [1, 1, -1, 3, 0]])
-    whole = lrpc.Explainer(llama_k, target_chunk=None).explain(inputs, target=target, position=position)
-    chunked = lrpc.Explainer(llama_k, target_chunk=2)
+    whole = lrpc.Explainer(unlooped, target_chunk=None).explain(inputs, target=target, position=position)
+    chunked = lrpc.Explainer(unlooped, target_chunk=2)
     runs = []
     run = chunked._run
     chunked._run = lambda names, feed: runs.append(feed["lrp_target"].shape) or run(names, feed)
@@ -260,7 +264,7 @@ def test_k_chunks_equal_one_run_and_split_the_runs(llama_k):
         assert relative_error(got.relevance[name], expected) <= 1e-6
     np.testing.assert_allclose(got.logit, whole.logit, rtol=1e-6)
     with pytest.raises(LrpcError, match="target_chunk 0 must be at least 1"):
-        lrpc.Explainer(llama_k, target_chunk=0)
+        lrpc.Explainer(unlooped, target_chunk=0)
 
 
 @pytest.mark.parametrize("op", ("TopK", "Compress"))

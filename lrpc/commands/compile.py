@@ -6,6 +6,7 @@ from lrpc import validate
 from lrpc.causal_blocks import BLOCKS as CAUSAL_BLOCKS
 from lrpc.causal_blocks import MIN_TOKENS as CAUSAL_MIN_TOKENS
 from lrpc.commands.common import add_force_option, add_rule_options, model_source, rule_options
+from lrpc.k_chunks import CHUNK as TARGET_CHUNK
 
 HELP = "turn a model into an explainer"
 EXAMPLES = """examples:
@@ -27,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", metavar="K|dynamic", help="explain K targets per input row in one run: "
                    "lrp_target / lrp_position become [batch, K] and each relevance.<name> gains a K axis after "
                    "batch (dynamic: K chosen per run)")
+    p.add_argument("--target-chunk", metavar="C", type=int, default=TARGET_CHUNK, help="with --targets: run the "
+                   "relevance pass in an in-graph loop over chunks of at most C targets after one forward (faster "
+                   f"and smaller than all K at once); 0: no loop (default {TARGET_CHUNK})")
     p.add_argument("--latent", metavar="REGEX", help="also output relevance.<tensor> for matching tensors")
     p.add_argument("--components-per-position", action="store_true", help="relevance.<component>.<layer> per "
                    "position ([batch, positions, units]) instead of summed over positions")
@@ -76,6 +80,6 @@ def run(args) -> int:
                  checkpoint=args.checkpoint, targets=args.targets, components=args.components,
                  components_per_position=args.components_per_position, intervene=args.intervene,
                  conditions=args.conditions, forward=args.forward, causal_blocks=args.causal_blocks,
-                 causal_min_tokens=args.causal_min_tokens)
+                 causal_min_tokens=args.causal_min_tokens, target_chunk=args.target_chunk)
     print(f"wrote {args.out} (preset {args.preset})")
     return 0
