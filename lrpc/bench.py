@@ -172,16 +172,16 @@ def peak_rss_mb(kind: str, path: str, seq: int, batch: int, threads: int, zoo: s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child_peak(kind, path, seq, batch, threads, zoo, targets=None, chunk=None):
+def _child_peak(kind, path, seq, batch, threads, zoo, targets=None):
     """kind "targets": a `--targets dynamic` explainer explaining `targets` targets per row through
-    lrpc.Explainer (so its target_chunk applies)."""
+    lrpc.Explainer (so its target_chunk applies to an explainer without an in-graph loop)."""
     entry = None
     if zoo:
         from lrpc import models
         entry = models.get(zoo)
     inputs = token_inputs(entry, batch, seq, path)
     if kind == "targets":
-        _k_run(path, inputs, targets, threads, chunk)()
+        _k_run(path, inputs, targets, threads)()
         return _vm_hwm_mb()
     s = _session(path, threads)
     feed = _feeds(inputs, s, _target(entry)) if kind == "explainer" else inputs
@@ -189,11 +189,11 @@ def _child_peak(kind, path, seq, batch, threads, zoo, targets=None, chunk=None):
     return _vm_hwm_mb()
 
 
-def _k_run(path, inputs: dict, k: int, threads: int, chunk):
+def _k_run(path, inputs: dict, k: int, threads: int):
     """One explanation of k targets per row (the next-token logits of classes 1..k at the last k positions)
     by the K explainer at `path`: a function to time."""
     from lrpc.runtime import Explainer
-    explainer = Explainer(path, ["CPUExecutionProvider"], threads, target_chunk=chunk,
+    explainer = Explainer(path, ["CPUExecutionProvider"], threads,
                           session_config={"session.intra_op.allow_spinning": "0"})
     batch, seq = inputs["input_ids"].shape
     target = np.broadcast_to(1 + np.arange(k) % 64, (batch, k))
@@ -318,7 +318,7 @@ def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1
     """Many targets per input, side by side in one process: one run of a `--targets dynamic`
     explainer for K targets against K single-target explainer runs and K torch autograd Input×Gradient
     passes, for each K in `targets`; and the K run in forward passes. chunk: the K explainer's
-    target_chunk (None: lrpc.Explainer's default)."""
+    in-graph chunk (compile's target_chunk; None: its default; 0: no loop, lrpc.Explainer's chunks)."""
     if workdir is not None:
         safeio.folder(workdir, "--workdir")
         return _bench_targets(model, targets, Path(workdir), seq, batch, threads, repeats, chunk, memory, layers,
@@ -330,14 +330,14 @@ def bench_targets(model: str, targets: list[int], seq: int = 256, batch: int = 1
 def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, chunk, memory, layers,
                    force) -> dict:
     import lrpc
-    from lrpc.runtime import TARGET_CHUNK
-    chunk = TARGET_CHUNK if chunk is None else chunk
+    from lrpc.k_chunks import CHUNK
+    chunk = CHUNK if chunk is None else chunk
     entry, module, path, explainer, compile_s, _ = prepare(model, workdir, None, layers, force)
     many = workdir / (path.stem + ".explainer-targets.onnx")
-    lrpc.compile(str(path), output=many, force=force, targets="dynamic")
+    lrpc.compile(str(path), output=many, force=force, targets="dynamic", target_chunk=chunk)
     inputs = token_inputs(entry, batch, seq, path)
     _, fns = _methods(path, explainer, module, entry, inputs, threads)
-    fns.update({f"K={k}": _k_run(many, inputs, k, threads, chunk) for k in targets})
+    fns.update({f"K={k}": _k_run(many, inputs, k, threads) for k in targets})
     load = os.getloadavg()[0]
     cpu = {}
     # one run of each per repetition, whatever its length: every method gets as many tries at its minimum
@@ -362,7 +362,7 @@ def _bench_targets(model, targets, workdir: Path, seq, batch, threads, repeats, 
         zoo = entry.name if entry is not None and entry.name in _zoo_names() else None
         result["peak_rss_mb"] = {"explainer": peak_rss_mb("explainer", str(explainer), seq, batch, threads, zoo)}
         for k in targets:
-            result["peak_rss_mb"][f"K={k}"] = peak_rss_mb("targets", str(many), seq, batch, threads, zoo, k, chunk)
+            result["peak_rss_mb"][f"K={k}"] = peak_rss_mb("targets", str(many), seq, batch, threads, zoo, k)
     return result
 
 
@@ -373,9 +373,14 @@ def _forward_cost(k_run: float, forward: float, k: int) -> dict:
     return {"K run in forwards (cpu)": k_run / forward, "forward constant (cpu)": (k_run / forward - 1) / k}
 
 
+def _chunking(chunk: int) -> str:
+    from lrpc.runtime import TARGET_CHUNK
+    return f"in-graph chunks of {chunk}" if chunk else f"without a loop (runs of {TARGET_CHUNK} targets)"
+
+
 def format_targets(r: dict) -> str:
     lines = [f"lrpc bench {r['model']} --targets  seq {r['seq']}  batch {r['batch']}  threads {r['threads']}  "
-             f"({r['repeats']} interleaved repetitions; K explainer chunk {r['chunk']}; load {r['load'][0]:.1f} → "
+             f"({r['repeats']} interleaved repetitions; K explainer {_chunking(r['chunk'])}; load {r['load'][0]:.1f} → "
              f"{r['load'][1]:.1f})",
              "  wall medians: " + "  ".join(f"{k} {v:.1f} ms" for k, v in r["ms"].items() if not k.startswith("K=")),
              "  CPU minima:   " + "  ".join(f"{k} {v:.1f} ms" for k, v in r["cpu_ms"].items() if not k.startswith("K=")),

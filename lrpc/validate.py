@@ -198,12 +198,13 @@ def targets_option(value) -> int | str | None:
     return int(value)
 
 
-def target_chunk_option(value) -> int:
-    """--target-chunk C: targets per iteration of the in-graph loop over K (0: no loop)."""
+def target_chunk_option(value, flag: str = "--target-chunk {value!r} (target_chunk=)") -> int:
+    """--target-chunk C: targets per iteration of the in-graph loop over K (0: no loop). flag: how the
+    error names the option."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise LrpcError(f"--target-chunk {value!r} (target_chunk=): give a whole number ≥ 0 (0: no loop)")
+        raise LrpcError(f"{flag.format(value=value)}: give a whole number ≥ 0 (0: no loop)")
     return int(value)
 
 

@@ -172,7 +172,8 @@ def test_bench_targets_cli_smoke(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [(["--targets", "0"], "--targets 0 must be at least 1"),
                                           (["--targets", "2,x"], "--targets 'x' must be a whole number"),
                                           (["--seq", "8,0"], "--seq 0 must be at least 1"),
-                                          (["--chunk", "2"], "give --targets")])
+                                          (["--chunk", "2"], "give --targets"),
+                                          (["--targets", "2", "--chunk", "-1"], "--chunk -1: give a whole number ≥ 0")])
 def test_bench_targets_bad_options(args, message, capsys):
     assert main(["bench", "llama", *args]) == 2
     assert message in capsys.readouterr().err

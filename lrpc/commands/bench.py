@@ -35,8 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--force", action="store_true", help="replace an explainer already in --workdir")
     p.add_argument("--targets", type=_counts, metavar="K[,K…]", help="compare one run of a --targets explainer "
                    "for K targets with K single-target runs and K torch autograd passes, for each K")
-    p.add_argument("--chunk", type=int, metavar="C", help="with --targets: targets per run of the K explainer "
-                   "(default: lrpc.Explainer's)")
+    p.add_argument("--chunk", type=int, metavar="C", help="with --targets: the K explainer's in-graph chunk "
+                   "(compile's --target-chunk; 0: no loop)")
     p.add_argument("--compare-blocks", action="store_true", help="also time the explainer compiled without "
                    "causal blocks (--causal-blocks 0), side by side")
     p.add_argument("--json", action="store_true")
@@ -57,12 +57,14 @@ def run(args) -> int:
     if args.layers is not None:
         raise LrpcError(f"--layers N is now --depth N in `lrpc bench` (--layers means per-layer relevance in "
                         f"`lrpc explain`): give --depth {args.layers}")
-    check_counts(args, "batch", "threads", "repeats", "depth", "chunk")
+    check_counts(args, "batch", "threads", "repeats", "depth")
+    if args.chunk is not None:
+        validate.target_chunk_option(args.chunk, "--chunk {value}")
     for flag in ("seq", "targets"):
         for value in getattr(args, flag) or ():
             validate.at_least_one(value, f"--{flag}")
     if args.targets is None and (args.chunk is not None):
-        raise LrpcError("--chunk splits the targets of --targets: give --targets, or drop --chunk")
+        raise LrpcError("--chunk is the --targets explainer's in-graph chunk: give --targets, or drop --chunk")
     if args.targets is not None and args.compare_blocks:
         raise LrpcError("--compare-blocks times the --seq curve, not --targets: drop one of them")
     if args.targets is not None and args.checkpoint:
