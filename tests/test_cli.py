@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import lrpc
 from lrpc.cli import main
@@ -102,11 +102,15 @@ def test_missing_and_truncated_external_data(tmp_path):
 
 def test_op_without_rule(tmp_path):
     model = token_model()
-    model.graph.node[2].op_type = "Unique"  # Tanh → a real ONNX op with no rule and no function body
-    path = tmp_path / "unique.onnx"
+    node = model.graph.node[2]   # Tanh → a real ONNX op with no rule and no function body
+    node.op_type = "MaxRoiPool"
+    node.input.append("rois")
+    node.attribute.append(helper.make_attribute("pooled_shape", [1, 1]))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 5), np.float32), "rois"))
+    path = tmp_path / "maxroipool.onnx"
     onnx.save(model, path)
     rc, _, err = run_cli("compile", path, "-o", tmp_path / "o.onnx", "--preset", "gxi")
-    assert_one_line_error(rc, err, "Unique", "lrpc ops")
+    assert_one_line_error(rc, err, "MaxRoiPool", "lrpc ops")
     assert not (tmp_path / "o.onnx").exists()
 
 
