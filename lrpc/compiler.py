@@ -244,7 +244,8 @@ def compile(model, example_inputs=None, *, preset: str = "attnlrp", output: str 
     query-row blocks that skip the masked upper triangle, used for runs of at least `causal_min_tokens`
     tokens whose masks are causal (checked in the graph per run; lrpc/causal_blocks.py).
     `target_chunk=C` (with `targets`; default 4; 0: off) runs the relevance pass in a Loop over chunks of
-    at most C targets after one forward (lrpc/k_chunks.py): faster and smaller than all K at once.
+    at most C targets after one forward (lrpc/k_chunks.py): memory bounded whatever K, without repeating
+    the forward per chunk (faster than all K at once under load; the same on a quiet machine).
     """
     if "layers" in frontend_options:   # the old name: `layers` now means per-layer relevance (Attributor)
         raise LrpcError("compile(layers=REGEX) is now compile(rule_nodes=REGEX): the nodes --epsilon / --gamma-* "

@@ -64,9 +64,9 @@ def chunk_targets(graph: ir.Graph, chunk: int, fixed_k: int | None = None) -> No
     body.inputs.extend([iteration, cond_in])
     inner = Builder(body, prefix=PREFIX)
     inner.taken, inner.const = b.taken, b.const    # one namespace; constants live in the outer graph
-    start = inner.Mul(iteration, inner.Squeeze(size, b.i64([0])))
-    index = inner.Min(inner.Range(start, inner.Add(start, inner.Squeeze(size, b.i64([0]))), b.i64(1)),
-                      inner.Squeeze(last, b.i64([0])))
+    width = inner.Squeeze(size, b.i64([0]))
+    start = inner.Mul(iteration, width)
+    index = inner.Min(inner.Range(start, inner.Add(start, width), b.i64(1)), inner.Squeeze(last, b.i64([0])))
     read = {v for n in [*shared, *body_nodes] for v in [*n.inputs, *outer_captures(n)] if v is not None}
     renamed = {value: inner.Gather(value, index, axis=1) for value in sorted(read & columns, key=lambda v: v.name)}
     for node in [n for n in nodes if n in shared]:

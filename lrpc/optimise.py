@@ -192,6 +192,12 @@ def pads_to_concat(graph: ir.Graph, b: Builder) -> int:
     return done
 
 
+def _last_axis(axis: int, value: ir.Value) -> bool:
+    """`axis` names the last axis of `value` (−1, or rank − 1 where the rank is known)."""
+    r = rank(value)
+    return axis == -1 or (r is not None and axis == r - 1)
+
+
 def _last_axis_half(value: ir.Value) -> tuple[ir.Node, int, int] | None:
     """(Split, which half, half width) when `value` is output 0 or 1 of a Split of its input's last axis
     into two halves of one static width."""
@@ -199,8 +205,7 @@ def _last_axis_half(value: ir.Value) -> tuple[ir.Node, int, int] | None:
     if not _ours(split) or split.op_type != "Split" or len(split.outputs) != 2 or len(split.inputs) != 2:
         return None
     sizes = static_value(split.inputs[1])
-    axis, r = attr(split, "axis", 0), rank(split.inputs[0])
-    if sizes is None or sizes.tolist() != [sizes[0]] * 2 or not (axis == -1 or (r is not None and axis == r - 1)):
+    if sizes is None or sizes.tolist() != [sizes[0]] * 2 or not _last_axis(attr(split, "axis", 0), split.inputs[0]):
         return None
     return split, list(split.outputs).index(value), int(sizes[0])
 
@@ -219,8 +224,7 @@ def _swapped_halves(value: ir.Value, consumer: ir.Node) -> tuple[ir.Node, int] |
     if h1 is None or h2 is None or h1[0] is not h2[0] or (h1[1], h2[1]) != (0, 1) \
             or not _only_consumer(second, cat) or not _only_consumer(neg.inputs[0], neg):
         return None
-    axis, r = attr(cat, "axis"), rank(h1[0].inputs[0])
-    if not (axis == -1 or (r is not None and axis == r - 1)):
+    if not _last_axis(attr(cat, "axis"), h1[0].inputs[0]):
         return None
     return h1[0], h1[2]
 
